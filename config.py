@@ -1,0 +1,342 @@
+"""Settings of ponte: every setting declared once, read once from the environment.
+
+Owns: the `SETTINGS` declarations (name, default, unit, help), `load_settings()` that builds one
+frozen `Settings`, the rules that enable each bridge, and the masking of secrets.
+Must not: import any other module of ponte, touch the network or the database.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+VERSION = "0.1.0"
+APP_NAME = "ponte"
+
+# Values users copy from the seed README and forget to change; they count as missing.
+_PLACEHOLDER_PATTERN = re.compile(
+    r"^(seu|sua|your|xxx+|changeme|change_me|<.*>|example|exemplo|preencha|token_aqui)", re.I
+)
+
+
+class ConfigError(Exception):
+    """Raised with every configuration problem at once, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("configuração inválida: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, default, type, unit and help text (pt-BR)."""
+
+    name: str
+    default: Any
+    kind: str  # "str" | "int" | "float" | "bool" | "url" | "choice"
+    help: str
+    unit: str = ""
+    secret: bool = False
+    group: str = "geral"
+    choices: tuple[str, ...] = ()
+
+    @property
+    def attr(self) -> str:
+        return self.name.lower()
+
+
+def _s(name, default, kind, help, **kw) -> Setting:
+    return Setting(name=name, default=default, kind=kind, help=help, **kw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- service -----------------------------------------------------------------------------
+    _s("HOST", "0.0.0.0", "str", "Endereço em que o servidor web escuta."),
+    _s("PORT", 8000, "int", "Porta HTTP do servidor web.", unit="porta"),
+    _s("DEBUG", False, "bool", "Modo de depuração (logs DEBUG, respostas de erro detalhadas)."),
+    _s("ENVIRONMENT", "production", "choice", "Ambiente: production, development, demo ou test.",
+       choices=("production", "development", "demo", "test")),
+    _s("DATABASE_PATH", "data/ponte.db", "str", "Arquivo SQLite com todo o estado (use um volume)."),
+    _s("LOG_DIR", "logs", "str", "Pasta dos logs diários app-AAAAMMDD.log."),
+    _s("LOG_LEVEL", "INFO", "choice", "Nível de log: DEBUG, INFO, WARNING ou ERROR.",
+       choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    _s("LOG_RETENTION_DAYS", 14, "int", "Quantos dias de arquivos de log manter.", unit="dias"),
+    _s("ADMIN_TOKEN", "", "str", "Token Bearer para /config, /bot/* e páginas de administração.",
+       secret=True),
+    _s("PUBLIC_BASE_URL", "", "url", "URL pública do ponte (ex.: https://ponte.seudominio.com.br)."),
+    _s("WEB_WORKERS", 2, "int", "Processos Gunicorn do servidor web.", unit="processos"),
+    _s("MAX_BODY_BYTES", 1_048_576, "int", "Tamanho máximo do corpo de uma requisição.", unit="bytes"),
+    _s("JOB_LEASE_SECONDS", 120, "int", "Tempo após o qual um job em execução de um worker morto "
+       "é retomado.", unit="segundos"),
+    _s("JOB_MAX_ATTEMPTS", 12, "int", "Tentativas máximas de um job antes de ir para 'dead'.",
+       unit="tentativas"),
+    _s("JOB_MAX_AGE_SECONDS", 86_400, "int", "Idade máxima de um job com falhas antes de ir para "
+       "'dead'.", unit="segundos"),
+    _s("JOB_RETENTION_DAYS", 7, "int", "Dias que jobs concluídos ficam guardados.", unit="dias"),
+    _s("POLLER_HEARTBEAT_MAX_AGE_SECONDS", 30, "int", "Idade máxima do heartbeat do poller para "
+       "/health responder 200.", unit="segundos"),
+    # --- bridge A: Kommo / n8n ---------------------------------------------------------------
+    _s("KOMMO_BASE_URL", "", "url", "URL da sua conta Kommo (https://SUBDOMINIO.kommo.com).",
+       group="kommo"),
+    _s("KOMMO_ACCESS_TOKEN", "", "str", "Token de longa duração da integração privada.",
+       secret=True, group="kommo"),
+    _s("KOMMO_CLIENT_ID", "", "str", "ID da integração (OAuth).", group="kommo"),
+    _s("KOMMO_CLIENT_SECRET", "", "str", "Chave secreta da integração (OAuth).", secret=True,
+       group="kommo"),
+    _s("KOMMO_REDIRECT_URI", "", "url", "URL de redirecionamento OAuth "
+       "(PUBLIC_BASE_URL/oauth/callback).", group="kommo"),
+    _s("KOMMO_ACCOUNT_ID", "", "str", "ID da conta Kommo; webhooks de outra conta são recusados.",
+       group="kommo"),
+    _s("KOMMO_WEBHOOK_SECRET", "", "str", "Segredo longo e aleatório na URL do webhook do Kommo.",
+       secret=True, group="kommo"),
+    _s("KOMMO_REPLY_MODE", "talk", "choice", "Como a resposta volta ao WhatsApp: talk (Chats API) "
+       "ou salesbot.", choices=("talk", "salesbot"), group="kommo"),
+    _s("KOMMO_SALESBOT_ID", "", "str", "ID do Salesbot que envia {{lead.cf.CAMPO}} (modo salesbot).",
+       group="kommo"),
+    _s("KOMMO_REPLY_FIELD_ID", "", "str", "ID do campo de texto do lead que recebe a resposta "
+       "(modo salesbot).", group="kommo"),
+    _s("KOMMO_MAX_RPS", 5.0, "float", "Máximo de requisições por segundo ao Kommo (bloqueia acima "
+       "de 7).", unit="req/s", group="kommo"),
+    _s("N8N_WEBHOOK_URL", "", "url", "URL do Webhook do seu fluxo n8n.", group="kommo"),
+    _s("N8N_API_KEY", "", "str", "Chave compartilhada com o n8n (Bearer nos dois sentidos).",
+       secret=True, group="kommo"),
+    _s("N8N_TIMEOUT_SECONDS", 60.0, "float", "Tempo máximo de espera pela resposta do n8n.",
+       unit="segundos", group="kommo"),
+    _s("BOT_DEBOUNCE_SECONDS", 3.0, "float", "Junta mensagens seguidas do cliente nesta janela "
+       "(0 desliga).", unit="segundos", group="kommo"),
+    _s("BOT_DEBOUNCE_MAX_SECONDS", 15.0, "float", "Janela máxima de agrupamento de mensagens.",
+       unit="segundos", group="kommo"),
+    _s("BOT_AUTO_RESUME_HOURS", 0.0, "float", "Reativa o bot sozinho após N horas pausado "
+       "(0 = nunca).", unit="horas", group="kommo"),
+    _s("BOT_PAUSE_ON_HUMAN_REPLY", False, "bool", "Pausa o bot quando um usuário do Kommo escreve "
+       "no chat.", group="kommo"),
+    _s("BOT_FALLBACK_MESSAGE", "", "str", "Texto enviado uma vez ao cliente quando o assistente "
+       "não responde (vazio = não envia).", group="kommo"),
+    # --- bridge B: Mercado Livre / Chatwoot ---------------------------------------------------
+    _s("ML_CLIENT_ID", "", "str", "App ID do aplicativo no Mercado Livre.", group="mercadolivre"),
+    _s("ML_CLIENT_SECRET", "", "str", "Secret Key do aplicativo no Mercado Livre.", secret=True,
+       group="mercadolivre"),
+    _s("ML_REDIRECT_URI", "", "url", "URI de redirecionamento "
+       "(PUBLIC_BASE_URL/oauth/mercadolivre/callback).", group="mercadolivre"),
+    _s("ML_SELLER_ID", "", "str", "ID do usuário vendedor no Mercado Livre.", group="mercadolivre"),
+    _s("ML_SITE_ID", "MLB", "str", "Site do Mercado Livre (MLB = Brasil).", group="mercadolivre"),
+    _s("ML_API_BASE_URL", "https://api.mercadolibre.com", "url", "API do Mercado Livre.",
+       group="mercadolivre"),
+    _s("ML_AUTH_BASE_URL", "", "url", "Página de autorização (padrão por site; MLB: "
+       "https://auth.mercadolivre.com.br).", group="mercadolivre"),
+    _s("ML_USE_PKCE", False, "bool", "Usa PKCE no OAuth (ative se o app exigir).",
+       group="mercadolivre"),
+    _s("ML_ACCESS_TOKEN", "", "str", "Access token inicial (opcional; o OAuth preenche).",
+       secret=True, group="mercadolivre"),
+    _s("ML_REFRESH_TOKEN", "", "str", "Refresh token inicial (opcional; o OAuth preenche).",
+       secret=True, group="mercadolivre"),
+    _s("ML_POLL_QUESTIONS_SECONDS", 60, "int", "Intervalo de busca de perguntas.",
+       unit="segundos", group="mercadolivre"),
+    _s("ML_POLL_MESSAGES_SECONDS", 60, "int", "Intervalo de busca de mensagens pós-venda.",
+       unit="segundos", group="mercadolivre"),
+    _s("CHATWOOT_BASE_URL", "", "url", "URL do seu Chatwoot.", group="chatwoot"),
+    _s("CHATWOOT_API_TOKEN", "", "str", "Token de acesso (Perfil → Token de acesso).", secret=True,
+       group="chatwoot"),
+    _s("CHATWOOT_ACCOUNT_ID", "", "str", "ID da conta no Chatwoot.", group="chatwoot"),
+    _s("CHATWOOT_QUESTIONS_INBOX_ID", "", "str", "Caixa (API) das perguntas de pré-venda.",
+       group="chatwoot"),
+    _s("CHATWOOT_SALES_INBOX_ID", "", "str", "Caixa (API) das mensagens pós-venda.",
+       group="chatwoot"),
+    _s("CHATWOOT_WEBHOOK_SECRET", "", "str", "Segredo HMAC do webhook da caixa API.", secret=True,
+       group="chatwoot"),
+    _s("CHATWOOT_WEBHOOK_TOKEN", "", "str", "Token na URL do webhook (Chatwoot sem assinatura).",
+       secret=True, group="chatwoot"),
+    _s("CHATWOOT_RESOLVE_ANSWERED", False, "bool", "Resolve a conversa quando a pergunta é "
+       "respondida.", group="chatwoot"),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+# Which keys make a bridge usable. A bridge with none of them set is simply off; a bridge with
+# some set but not all is a configuration error (one line listing every missing key).
+BRIDGE_REQUIRED = {
+    "whatsapp": ("KOMMO_BASE_URL", "KOMMO_WEBHOOK_SECRET", "N8N_WEBHOOK_URL", "N8N_API_KEY"),
+    "mercadolivre": ("ML_CLIENT_ID", "ML_CLIENT_SECRET", "ML_SELLER_ID", "CHATWOOT_BASE_URL",
+                     "CHATWOOT_API_TOKEN", "CHATWOOT_ACCOUNT_ID", "CHATWOOT_QUESTIONS_INBOX_ID",
+                     "CHATWOOT_SALES_INBOX_ID"),
+}
+
+_TRUE = {"1", "true", "yes", "on", "sim", "s"}
+_FALSE = {"0", "false", "no", "off", "nao", "não", "n", ""}
+
+
+def is_placeholder(value: str) -> bool:
+    """True for empty values and the seed README's placeholders (`seu_client_id`, ...)."""
+    return not value.strip() or bool(_PLACEHOLDER_PATTERN.match(value.strip()))
+
+
+def _convert(setting: Setting, raw: str) -> Any:
+    raw = raw.strip()
+    if setting.kind == "int":
+        return int(raw)
+    if setting.kind == "float":
+        return float(raw)
+    if setting.kind == "bool":
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError("use true ou false")
+    if setting.kind == "choice":
+        for choice in setting.choices:
+            if raw.lower() == choice.lower():
+                return choice
+        raise ValueError("use " + ", ".join(setting.choices))
+    if setting.kind == "url":
+        if raw and not re.match(r"^https?://[^\s/]+", raw):
+            raise ValueError("precisa começar com http:// ou https://")
+        return raw.rstrip("/")
+    return raw
+
+
+def mask(value: Any) -> str:
+    """The redacted form of a secret: never any of its characters."""
+    return "***" if value not in ("", None) else ""
+
+
+def _settings_repr(self) -> str:
+    parts = []
+    for s in SETTINGS:
+        value = getattr(self, s.attr)
+        parts.append(f"{s.attr}={mask(value) if s.secret else value!r}")
+    return "Settings(" + ", ".join(parts) + ")"
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(s.attr, Any, field(default=s.default)) for s in SETTINGS]
+    + [("enabled_bridges", tuple, field(default=()))],
+    frozen=True,
+    namespace={
+        "__repr__": _settings_repr,
+        "__str__": _settings_repr,
+        "__doc__": "All settings of ponte, frozen. Build it with `load_settings()`.",
+        "bridge_enabled": lambda self, name: name in self.enabled_bridges,
+        "redacted": lambda self: redacted_settings(self),
+        "replace": lambda self, **changes: dataclasses.replace(self, **changes),
+    },
+)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> "Settings":
+    """Build `Settings` from `environ` (default: `os.environ`, after loading `.env` if present).
+
+    Raises `ConfigError` listing every invalid value and every half-configured bridge at once.
+    """
+    if environ is None:
+        if dotenv:
+            _load_dotenv()
+        environ = os.environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for s in SETTINGS:
+        raw = environ.get(s.name)
+        if raw is None or (s.kind in ("str", "url") and is_placeholder(raw)):
+            values[s.attr] = s.default
+            continue
+        try:
+            values[s.attr] = _convert(s, raw)
+        except ValueError as exc:
+            problems.append(f"{s.name} inválido ({exc})")
+            values[s.attr] = s.default
+    enabled = []
+    for bridge, keys in BRIDGE_REQUIRED.items():
+        missing = [k for k in keys if values[k.lower()] in ("", None)]
+        invalid = [p for p in problems if p.split(" ", 1)[0] in keys]
+        if len(missing) == len(keys) and not invalid:
+            continue  # bridge not configured at all: off, not an error
+        if missing:
+            problems.append(f"ponte '{bridge}' incompleta, faltam: {', '.join(missing)}")
+        elif not invalid:
+            enabled.append(bridge)
+    if "whatsapp" in enabled and not values["kommo_access_token"] and not (
+            values["kommo_client_id"] and values["kommo_client_secret"]):
+        problems.append("ponte 'whatsapp' sem credencial do Kommo: defina KOMMO_ACCESS_TOKEN ou "
+                        "KOMMO_CLIENT_ID + KOMMO_CLIENT_SECRET")
+    if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in enabled:
+        missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
+        if missing:
+            problems.append("KOMMO_REPLY_MODE=salesbot exige: " + ", ".join(missing))
+    for name in ("PORT", "WEB_WORKERS", "MAX_BODY_BYTES", "JOB_LEASE_SECONDS", "JOB_MAX_ATTEMPTS"):
+        if isinstance(values[name.lower()], int) and values[name.lower()] <= 0:
+            problems.append(f"{name} inválido (precisa ser maior que zero)")
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values, enabled_bridges=tuple(enabled))
+
+
+def redacted_settings(settings: "Settings") -> dict[str, Any]:
+    """Every setting by its environment name, secrets masked: what `/config` shows."""
+    out = {}
+    for s in SETTINGS:
+        value = getattr(settings, s.attr)
+        out[s.name] = mask(value) if s.secret else value
+    return out
+
+
+def secret_values(settings: "Settings") -> list[str]:
+    """The raw secret values, so the log formatter can scrub them from any text."""
+    return [str(getattr(settings, s.attr)) for s in SETTINGS
+            if s.secret and len(str(getattr(settings, s.attr))) >= 4]
+
+
+def _load_dotenv() -> None:
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - dotenv is in requirements
+        return
+    load_dotenv(os.environ.get("PONTE_ENV_FILE", ".env"), override=False)
+
+
+def env_example() -> str:
+    """The text of `env.example`, generated from `SETTINGS` so the two cannot drift."""
+    lines = ["# ponte — configuração. Copie para .env e preencha.",
+             "# Gerado a partir de config.py (python config.py --env-example).", ""]
+    group = None
+    for s in SETTINGS:
+        if s.group != group:
+            group = s.group
+            lines += ["", f"# ===== {group} ====="]
+        unit = f" [{s.unit}]" if s.unit else ""
+        lines.append(f"# {s.help}{unit}" + (" (segredo)" if s.secret else ""))
+        default = s.default
+        if isinstance(default, bool):
+            default = "true" if default else "false"
+        lines.append(f"{s.name}={default}")
+    return "\n".join(lines).strip() + "\n"
+
+
+def settings_table_markdown() -> str:
+    """The README's configuration table, generated from `SETTINGS`."""
+    rows = ["| variável | padrão | unidade | descrição |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = s.default
+        if isinstance(default, bool):
+            default = "true" if default else "false"
+        default = f"`{default}`" if default != "" else "—"
+        help_text = s.help + (" **Segredo.**" if s.secret else "")
+        rows.append(f"| `{s.name}` | {default} | {s.unit or '—'} | {help_text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - helper for maintainers
+    import sys
+
+    if "--env-example" in sys.argv:
+        sys.stdout.write(env_example())
+    elif "--table" in sys.argv:
+        print(settings_table_markdown())
+    else:
+        try:
+            print(load_settings())
+        except ConfigError as exc:
+            print("\n".join(exc.problems))
+            sys.exit(1)

@@ -1,0 +1,502 @@
+"""The state database: every SQL statement of ponte lives here.
+
+Owns: connections (WAL, busy timeout, foreign keys), numbered migrations (`PRAGMA user_version`),
+`transaction()` (BEGIN IMMEDIATE), the inbound event log, the job outbox (enqueue / claim with a
+lease / complete / fail with backoff / dead letters / retry / prune), ordering per conversation,
+heartbeats, cross-process locks, key-value mappings, tokens and bot states.
+Must not: call a peer, import flask or a peer module. Times are UTC epoch seconds (REAL, because
+debounce windows and wake-up latency are sub-second).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+BUSY_TIMEOUT_MS = 10_000
+BACKOFF_BASE_SECONDS = 2.0
+BACKOFF_CAP_SECONDS = 900.0
+
+MIGRATIONS: list[str] = [
+    # 1: the spine — events, jobs, heartbeats, locks, mappings, tokens
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        event_type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        request_id TEXT,
+        summary TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_received ON events(received_at);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        ordering_key TEXT,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER,
+        available_at REAL NOT NULL,
+        locked_until REAL,
+        locked_by TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        last_error TEXT,
+        result TEXT
+    );
+    CREATE INDEX jobs_ready ON jobs(status, available_at);
+    CREATE INDEX jobs_open_by_order ON jobs(ordering_key, id)
+        WHERE ordering_key IS NOT NULL AND status IN ('pending', 'running');
+    CREATE TABLE heartbeats (
+        process TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        beat_at REAL NOT NULL,
+        info TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE locks (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        locked_until REAL NOT NULL
+    );
+    CREATE TABLE mappings (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE TABLE tokens (
+        provider TEXT PRIMARY KEY,
+        access_token TEXT NOT NULL DEFAULT '',
+        refresh_token TEXT NOT NULL DEFAULT '',
+        expires_at REAL,
+        status TEXT NOT NULL DEFAULT 'ok',
+        detail TEXT NOT NULL DEFAULT '',
+        updated_at REAL NOT NULL
+    );
+    """,
+]
+
+
+class DatabaseError(Exception):
+    """The state database cannot be opened or used."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One claimed outbox job. `attempt` counts this run (1 for the first)."""
+
+    id: int
+    kind: str
+    dedupe_key: str
+    ordering_key: str | None
+    payload: dict[str, Any]
+    attempt: int
+    max_attempts: int | None
+    created_at: float
+    lease_token: str
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A job to enqueue in the same transaction that completes its parent."""
+
+    kind: str
+    dedupe_key: str
+    payload: dict[str, Any]
+    available_at: float | None = None
+    ordering_key: str | None = None
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open the database (creating its folder), in WAL mode with a busy timeout and foreign keys.
+
+    The connection is in autocommit mode: writes go through `transaction()`.
+    """
+    try:
+        if path != ":memory:" and not path.startswith("file:"):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False, uri=path.startswith("file:"))
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+    except (sqlite3.Error, OSError) as exc:
+        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction taken with BEGIN IMMEDIATE (the write lock up front, so two writers
+    never deadlock on an upgrade); commits on success, rolls back on any exception."""
+    if conn.in_transaction:  # nested use joins the outer transaction
+        yield conn
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The number of migrations applied."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; safe when web and poller call it at the same moment (each step
+    runs under the write lock and re-reads the version inside it). Returns the final version."""
+    while True:
+        with transaction(conn):
+            version = schema_version(conn)
+            if version >= len(MIGRATIONS):
+                return version
+            for statement in _split_sql(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+
+
+def _split_sql(script: str) -> list[str]:
+    # executescript() would COMMIT our transaction; run statement by statement instead.
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+# --- inbound events -----------------------------------------------------------------------------
+
+def record_event(conn: sqlite3.Connection, source: str, dedupe_key: str, event_type: str,
+                 status: str, summary: dict | None = None, request_id: str | None = None,
+                 now: float | None = None) -> bool:
+    """Record one inbound event; False when the same `dedupe_key` was recorded before."""
+    cur = conn.execute(
+        "INSERT INTO events (source, dedupe_key, event_type, status, received_at, request_id,"
+        " summary) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dedupe_key) DO NOTHING",
+        (source, dedupe_key, event_type, status, now or time.time(), request_id,
+         _dumps(summary or {})))
+    return cur.rowcount == 1
+
+
+def count_events(conn: sqlite3.Connection, source: str | None = None,
+                 status: str | None = None) -> int:
+    """How many inbound events were recorded (optionally of one source and status)."""
+    sql, args = "SELECT COUNT(*) FROM events WHERE 1=1", []
+    if source:
+        sql, args = sql + " AND source = ?", args + [source]
+    if status:
+        sql, args = sql + " AND status = ?", args + [status]
+    return conn.execute(sql, args).fetchone()[0]
+
+
+# --- job outbox ---------------------------------------------------------------------------------
+
+def enqueue_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: dict,
+                available_at: float | None = None, ordering_key: str | None = None,
+                max_attempts: int | None = None, now: float | None = None) -> int | None:
+    """Add a job unless one with `dedupe_key` exists (then nothing changes). Returns the new
+    job id, or None for a duplicate."""
+    now = now or time.time()
+    cur = conn.execute(
+        "INSERT INTO jobs (kind, dedupe_key, ordering_key, payload, status, max_attempts,"
+        " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
+        " ON CONFLICT(dedupe_key) DO NOTHING",
+        (kind, dedupe_key, ordering_key, _dumps(payload), max_attempts,
+         available_at if available_at is not None else now, now, now))
+    return cur.lastrowid if cur.rowcount == 1 else None
+
+
+def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
+                   worker: str | None = None) -> Job | None:
+    """Claim the next runnable job: pending and due, or running with an expired lease (its
+    worker died). A job with an `ordering_key` waits while an earlier job with the same key is
+    still pending or running, so one conversation's jobs run in order."""
+    with transaction(conn):
+        row = conn.execute(
+            """SELECT * FROM jobs AS j
+               WHERE ((j.status = 'pending' AND j.available_at <= :now)
+                      OR (j.status = 'running' AND j.locked_until <= :now))
+                 AND (j.ordering_key IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM jobs AS e
+                      WHERE e.ordering_key = j.ordering_key AND e.id < j.id
+                        AND e.status IN ('pending', 'running')))
+               ORDER BY j.available_at, j.id LIMIT 1""", {"now": now}).fetchone()
+        if row is None:
+            return None
+        token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
+        conn.execute(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
+            " locked_by = ?, updated_at = ? WHERE id = ?",
+            (now + lease_seconds, token, now, row["id"]))
+    return Job(id=row["id"], kind=row["kind"], dedupe_key=row["dedupe_key"],
+               ordering_key=row["ordering_key"], payload=json.loads(row["payload"]),
+               attempt=row["attempts"] + 1, max_attempts=row["max_attempts"],
+               created_at=row["created_at"], lease_token=token)
+
+
+def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
+                 follow_ups: list[FollowUp] | tuple = (), now: float | None = None) -> bool:
+    """Mark `job` done and enqueue its follow-ups atomically. False (and nothing written) when
+    this worker lost its lease to another one."""
+    now = now or time.time()
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE jobs SET status = 'done', finished_at = ?, updated_at = ?, locked_until = NULL,"
+            " result = ?, last_error = NULL WHERE id = ? AND locked_by = ? AND status = 'running'",
+            (now, now, _dumps(result) if result is not None else None, job.id, job.lease_token))
+        if cur.rowcount != 1:
+            return False
+        for f in follow_ups:
+            enqueue_job(conn, f.kind, f.dedupe_key, f.payload, available_at=f.available_at,
+                        ordering_key=f.ordering_key, now=now)
+    return True
+
+
+def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
+    """Delay before retry number `attempt` (1-based): exponential from 2 s, capped at 15 min,
+    with jitter in [50 %, 100 %] so a peer coming back is not hit by every job at once."""
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * (2 ** max(0, attempt - 1)))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, now: float,
+             max_attempts: int, max_age_seconds: float, retry_after_seconds: float | None = None,
+             rng: random.Random | None = None) -> str:
+    """Record a failed run. Returns the new status: 'pending' (retry later), 'dead' (not
+    retryable, out of attempts or too old) or 'lost' (this worker no longer holds the lease)."""
+    limit = job.max_attempts or max_attempts
+    dead = (not retryable or job.attempt >= limit or now - job.created_at >= max_age_seconds)
+    with transaction(conn):
+        if dead:
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
+                " locked_until = NULL, last_error = ? WHERE id = ? AND locked_by = ?"
+                " AND status = 'running'", (now, now, error[:2000], job.id, job.lease_token))
+        else:
+            delay = max(backoff_seconds(job.attempt, rng), retry_after_seconds or 0)
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'pending', available_at = ?, updated_at = ?,"
+                " locked_until = NULL, last_error = ? WHERE id = ? AND locked_by = ?"
+                " AND status = 'running'", (now + delay, now, error[:2000], job.id,
+                                            job.lease_token))
+    if cur.rowcount != 1:
+        return "lost"
+    return "dead" if dead else "pending"
+
+
+def retry_dead_job(conn: sqlite3.Connection, job_id: int, now: float | None = None) -> bool:
+    """Put a dead job back in the queue with a fresh attempt budget. False if not dead."""
+    now = now or time.time()
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE jobs SET status = 'pending', attempts = 0, available_at = ?, created_at = ?,"
+            " updated_at = ?, finished_at = NULL WHERE id = ? AND status = 'dead'",
+            (now, now, now, job_id))
+    return cur.rowcount == 1
+
+
+def release_job(conn: sqlite3.Connection, job: Job, available_at: float) -> bool:
+    """Give a claimed job back without counting the attempt (e.g. it must wait longer)."""
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, available_at = ?,"
+            " locked_until = NULL, updated_at = ? WHERE id = ? AND locked_by = ?"
+            " AND status = 'running'", (available_at, time.time(), job.id, job.lease_token))
+    return cur.rowcount == 1
+
+
+def reschedule_pending_job(conn: sqlite3.Connection, dedupe_key: str, available_at: float,
+                           payload: dict | None = None) -> bool:
+    """Move a still-pending job (e.g. a debounce window being extended); False if it already
+    started or finished."""
+    sql = "UPDATE jobs SET available_at = ?, updated_at = ?"
+    args: list[Any] = [available_at, time.time()]
+    if payload is not None:
+        sql += ", payload = ?"
+        args.append(_dumps(payload))
+    cur = conn.execute(sql + " WHERE dedupe_key = ? AND status = 'pending'", args + [dedupe_key])
+    return cur.rowcount == 1
+
+
+def get_job(conn: sqlite3.Connection, job_id: int | None = None,
+            dedupe_key: str | None = None) -> dict | None:
+    """One job as a dict (payload decoded), by id or dedupe key."""
+    if job_id is not None:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    else:
+        row = conn.execute("SELECT * FROM jobs WHERE dedupe_key = ?", (dedupe_key,)).fetchone()
+    return _job_dict(row) if row else None
+
+
+def list_jobs(conn: sqlite3.Connection, status: str | None = None, kind: str | None = None,
+              limit: int = 100) -> list[dict]:
+    """Jobs, newest first, optionally filtered by status and kind."""
+    sql, args = "SELECT * FROM jobs WHERE 1=1", []
+    if status:
+        sql, args = sql + " AND status = ?", args + [status]
+    if kind:
+        sql, args = sql + " AND kind = ?", args + [kind]
+    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
+    return [_job_dict(r) for r in rows]
+
+
+def _job_dict(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d["payload"] = json.loads(d["payload"])
+    d["result"] = json.loads(d["result"]) if d["result"] else None
+    return d
+
+
+def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
+    """Counts per status, how many are due now, and the age of the oldest due job."""
+    now = now or time.time()
+    counts = {s: 0 for s in ("pending", "running", "done", "dead")}
+    for row in conn.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"):
+        counts[row["status"]] = row["n"]
+    due = conn.execute("SELECT COUNT(*), MIN(available_at) FROM jobs WHERE status = 'pending'"
+                       " AND available_at <= ?", (now,)).fetchone()
+    counts["due"] = due[0]
+    counts["oldest_due_seconds"] = round(now - due[1], 3) if due[1] else 0.0
+    return counts
+
+
+def next_job_due_at(conn: sqlite3.Connection) -> float | None:
+    """When the next pending job becomes due (or a running lease expires), if any."""
+    row = conn.execute(
+        "SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM jobs WHERE status = 'pending'"
+        " UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running')").fetchone()
+    return row[0]
+
+
+def prune_jobs(conn: sqlite3.Connection, older_than: float) -> int:
+    """Delete done jobs finished before `older_than`; dead jobs stay for an operator."""
+    with transaction(conn):
+        cur = conn.execute("DELETE FROM jobs WHERE status = 'done' AND finished_at < ?",
+                           (older_than,))
+        conn.execute("DELETE FROM events WHERE received_at < ?", (older_than,))
+    return cur.rowcount
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """Changes when another connection commits: a cheap way to notice new jobs."""
+    return conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+# --- heartbeats and locks -----------------------------------------------------------------------
+
+def beat(conn: sqlite3.Connection, process: str, now: float | None = None,
+         info: dict | None = None) -> None:
+    """Record that `process` is alive."""
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO heartbeats (process, pid, beat_at, info) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(process) DO UPDATE SET pid = excluded.pid, beat_at = excluded.beat_at,"
+            " info = excluded.info", (process, os.getpid(), now or time.time(), _dumps(info or {})))
+
+
+def last_beat(conn: sqlite3.Connection, process: str) -> dict | None:
+    """The last heartbeat of `process` (`pid`, `beat_at`, `info`), if any."""
+    row = conn.execute("SELECT * FROM heartbeats WHERE process = ?", (process,)).fetchone()
+    if not row:
+        return None
+    d = dict(row)
+    d["info"] = json.loads(d["info"])
+    return d
+
+
+def acquire_lock(conn: sqlite3.Connection, name: str, owner: str, ttl_seconds: float,
+                 now: float | None = None) -> bool:
+    """Take the named cross-process lock if it is free or expired. Held for at most
+    `ttl_seconds`, so a crashed holder cannot block the others forever."""
+    now = now or time.time()
+    with transaction(conn):
+        cur = conn.execute(
+            "INSERT INTO locks (name, owner, locked_until) VALUES (?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET owner = excluded.owner,"
+            " locked_until = excluded.locked_until WHERE locks.locked_until <= ?"
+            " OR locks.owner = excluded.owner", (name, owner, now + ttl_seconds, now))
+    return cur.rowcount == 1
+
+
+def release_lock(conn: sqlite3.Connection, name: str, owner: str) -> None:
+    """Free the lock if `owner` still holds it."""
+    with transaction(conn):
+        conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
+
+
+# --- mappings (external id ↔ our ids, watermarks) -----------------------------------------------
+
+def mapping_get(conn: sqlite3.Connection, namespace: str, key: str) -> Any:
+    """The JSON value stored under (namespace, key), or None."""
+    row = conn.execute("SELECT value FROM mappings WHERE namespace = ? AND key = ?",
+                       (namespace, str(key))).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def mapping_put(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
+                now: float | None = None) -> None:
+    """Store (replace) a JSON value under (namespace, key)."""
+    conn.execute(
+        "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value,"
+        " updated_at = excluded.updated_at", (namespace, str(key), _dumps(value), now or time.time()))
+
+
+def mapping_add(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
+                now: float | None = None) -> bool:
+    """Store a value only if the key is new; False when it already existed."""
+    cur = conn.execute(
+        "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(namespace, key) DO NOTHING", (namespace, str(key), _dumps(value),
+                                                    now or time.time()))
+    return cur.rowcount == 1
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+def token_get(conn: sqlite3.Connection, provider: str) -> dict | None:
+    """The stored token pair of `provider` (`access_token`, `refresh_token`, `expires_at`,
+    `status`, `detail`), or None."""
+    row = conn.execute("SELECT * FROM tokens WHERE provider = ?", (provider,)).fetchone()
+    return dict(row) if row else None
+
+
+def token_put(conn: sqlite3.Connection, provider: str, access_token: str, refresh_token: str,
+              expires_at: float | None, status: str = "ok", detail: str = "",
+              now: float | None = None) -> None:
+    """Store the token pair atomically (single-use refresh tokens must be saved before use)."""
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO tokens (provider, access_token, refresh_token, expires_at, status, detail,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(provider) DO UPDATE SET"
+            " access_token = excluded.access_token, refresh_token = excluded.refresh_token,"
+            " expires_at = excluded.expires_at, status = excluded.status,"
+            " detail = excluded.detail, updated_at = excluded.updated_at",
+            (provider, access_token, refresh_token, expires_at, status, detail, now or time.time()))
+
+
+def token_set_status(conn: sqlite3.Connection, provider: str, status: str, detail: str = "",
+                     now: float | None = None) -> None:
+    """Mark a provider's tokens (e.g. 'disconnected' after invalid_grant)."""
+    with transaction(conn):
+        conn.execute("UPDATE tokens SET status = ?, detail = ?, updated_at = ? WHERE provider = ?",
+                     (status, detail, now or time.time(), provider))
