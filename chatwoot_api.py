@@ -72,7 +72,7 @@ class ChatwootClient(PeerClient):
     def find_contact_by_identifier(self, identifier: str) -> dict | None:
         """Exact lookup by identifier (contacts/filter), or None."""
         body = {"payload": [{"attribute_key": "identifier", "filter_operator": "equal_to",
-                             "values": [identifier], "query_operator": None}]}
+                             "values": [identifier]}]}
         answer = self._request("POST", self._acct("/contacts/filter"), json=body) or {}
         for contact in answer.get("payload") or []:
             if str(contact.get("identifier") or "").lower() == identifier.lower():
