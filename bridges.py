@@ -1,0 +1,72 @@
+"""The catalogue of bridges: which modules give each bridge its routes, job handlers and
+periodic tasks. webhook_server and poller read it; nothing else does.
+
+Owns: `BRIDGES` and the functions that collect their parts.
+Must not: contain bridge logic.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BridgeModules:
+    """Names of the modules of one bridge. The routes module exposes `blueprint`; the jobs
+    module exposes `HANDLERS`, and optionally `ON_DEAD` and `SCHEDULES`
+    (a list of `(interval_seconds_from_settings, task(ctx))`)."""
+
+    name: str
+    routes: str
+    jobs: str
+
+
+BRIDGES: tuple[BridgeModules, ...] = (
+    BridgeModules("whatsapp", routes="kommo_routes", jobs="whatsapp_jobs"),
+    BridgeModules("mercadolivre", routes="meli_routes", jobs="meli_jobs"),
+)
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:  # bridge not built yet in this checkout
+            return None
+        raise
+
+
+def blueprints(settings) -> list:
+    """Flask blueprints of the enabled bridges."""
+    out = []
+    for bridge in BRIDGES:
+        if settings.bridge_enabled(bridge.name):
+            module = _module(bridge.routes)
+            if module is not None:
+                out.append(module.blueprint)
+    return out
+
+
+def handlers() -> tuple[dict, dict]:
+    """(HANDLERS, ON_DEAD) of every bridge: jobs already queued must run even if their bridge's
+    schedules are off."""
+    all_handlers, all_on_dead = {}, {}
+    for bridge in BRIDGES:
+        module = _module(bridge.jobs)
+        if module is None:
+            continue
+        all_handlers.update(module.HANDLERS)
+        all_on_dead.update(getattr(module, "ON_DEAD", {}))
+    return all_handlers, all_on_dead
+
+
+def schedules(settings) -> list[tuple]:
+    """(interval_seconds, task) pairs of the enabled bridges."""
+    out = []
+    for bridge in BRIDGES:
+        if settings.bridge_enabled(bridge.name):
+            module = _module(bridge.jobs)
+            if module is not None:
+                for interval, task in getattr(module, "SCHEDULES", []):
+                    out.append((interval(settings) if callable(interval) else interval, task))
+    return out

@@ -1,0 +1,38 @@
+"""Gunicorn settings for the web process, read from ponte's own settings (and `.env`).
+
+Owns: bind address, workers, timeouts, and an access log that never shows a credential (the
+Kommo webhook secret travels in the URL path).
+"""
+# Gunicorn reads every public module-level name as one of its settings (and it has a setting
+# called `config`), so our imports are private names.
+import config as _ponte_config
+import ponte_logging as _ponte_logging
+from gunicorn.glogging import Logger as _Logger
+
+_settings = _ponte_config.load_settings()
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.web_workers
+worker_class = "sync"
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+forwarded_allow_ips = "*"
+
+
+class _ScrubbingLogger(_Logger):
+    """Gunicorn's logger with URL-borne secrets removed from every access-log line."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        secrets = _ponte_config.secret_values(_settings)
+        for key in ("r", "U", "q", "f", "{raw_uri}e"):
+            if isinstance(atoms.get(key), str):
+                atoms[key] = _ponte_logging.scrub(atoms[key], secrets)
+        return atoms
+
+
+logger_class = _ScrubbingLogger

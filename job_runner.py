@@ -1,0 +1,152 @@
+"""Running outbox jobs: the context handed to job handlers and the claim → run → complete/fail
+cycle.
+
+Owns: `JobContext`, `Clients` (peer clients built lazily from settings), `JobFailed`,
+`run_next_job()`.
+Must not: know what any job does (that is the bridges' handlers) or schedule anything (poller).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sqlite3
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import db_manager
+import ponte_logging
+from db_manager import FollowUp, Job
+from peer_http import PeerError
+
+log = logging.getLogger("ponte.jobs")
+
+
+class JobFailed(Exception):
+    """Raised by a handler for a failure that is not a peer's HTTP error."""
+
+    def __init__(self, detail: str, retryable: bool = True,
+                 retry_after_seconds: float | None = None):
+        self.detail = detail
+        self.retryable = retryable
+        self.retry_after_seconds = retry_after_seconds
+        super().__init__(detail)
+
+
+class Clients:
+    """The peer clients of one process, each built on first use from the settings."""
+
+    def __init__(self, settings, conn: sqlite3.Connection, now: Callable[[], float]):
+        self.settings = settings
+        self.conn = conn
+        self.now = now
+
+    @functools.cached_property
+    def kommo(self):
+        import kommo_api
+        import kommo_auth
+        s = self.settings
+        return kommo_api.KommoClient(s.kommo_base_url, kommo_auth.TokenSource(s, self.conn,
+                                                                              self.now),
+                                     max_rps=s.kommo_max_rps)
+
+    @functools.cached_property
+    def n8n(self):
+        import n8n_api
+        s = self.settings
+        return n8n_api.N8nClient(s.n8n_webhook_url, s.n8n_api_key,
+                                 timeout_seconds=s.n8n_timeout_seconds)
+
+
+@dataclass
+class JobContext:
+    """What a handler may use: settings, the database, peer clients and the clock."""
+
+    settings: Any
+    conn: sqlite3.Connection
+    now: Callable[[], float] = time.time
+    clients: Clients | None = None
+
+    def __post_init__(self):
+        if self.clients is None:
+            self.clients = Clients(self.settings, self.conn, self.now)
+
+
+Handler = Callable[[JobContext, Job], Any]
+DeadHandler = Callable[[JobContext, Job, str], list]
+
+
+def _split_result(outcome: Any) -> tuple[dict | None, list[FollowUp]]:
+    if outcome is None:
+        return None, []
+    if isinstance(outcome, tuple):
+        result, follow_ups = outcome
+        return result, list(follow_ups or [])
+    if isinstance(outcome, list):
+        return None, outcome
+    return outcome, []
+
+
+def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
+                 on_dead: dict[str, DeadHandler] | None = None,
+                 worker: str | None = None) -> Job | None:
+    """Claim one due job and run it to completion or failure. Returns the job, or None when
+    nothing was due."""
+    s = ctx.settings
+    job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
+                                    worker=worker or f"poller-{os.getpid()}")
+    if job is None:
+        return None
+    token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,
+                                               "attempt": job.attempt})
+    started = time.monotonic()
+    try:
+        handler = handlers.get(job.kind)
+        if handler is None:
+            raise JobFailed(f"no handler for kind {job.kind}", retryable=False)
+        result, follow_ups = _split_result(handler(ctx, job))
+        if db_manager.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+            log.info("job_done", extra={"elapsed_ms": _ms(started),
+                                        "follow_ups": len(follow_ups)})
+        else:
+            log.warning("job_lease_lost", extra={"elapsed_ms": _ms(started)})
+    except Exception as exc:  # every failure is recorded on the job, never raised to the loop
+        _fail(ctx, job, exc, on_dead or {}, started)
+    finally:
+        ponte_logging.job_context_var.reset(token)
+    return job
+
+
+def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: float) -> None:
+    if isinstance(exc, (PeerError, JobFailed)):
+        retryable, retry_after = exc.retryable, exc.retry_after_seconds
+        detail = str(exc)
+        extra = {"peer": getattr(exc, "peer", None), "status": getattr(exc, "status", None)}
+    elif isinstance(exc, sqlite3.OperationalError):
+        raise exc  # the database itself is unusable: let the poller exit and be restarted
+    else:
+        retryable, retry_after = True, None
+        detail = f"{type(exc).__name__}: {exc}"
+        extra = {"traceback": traceback.format_exc(limit=6)}
+    s = ctx.settings
+    status = db_manager.fail_job(ctx.conn, job, detail, retryable, ctx.now(), s.job_max_attempts,
+                                 s.job_max_age_seconds, retry_after_seconds=retry_after)
+    level = logging.ERROR if status == "dead" else logging.WARNING
+    log.log(level, "job_failed", extra={**extra, "error": detail[:300], "new_status": status,
+                                        "elapsed_ms": _ms(started)})
+    if status == "dead" and job.kind in on_dead:
+        try:
+            follow_ups = on_dead[job.kind](ctx, job, detail) or []
+            with db_manager.transaction(ctx.conn):
+                for f in follow_ups:
+                    db_manager.enqueue_job(ctx.conn, f.kind, f.dedupe_key, f.payload,
+                                           available_at=f.available_at,
+                                           ordering_key=f.ordering_key, now=ctx.now())
+        except Exception:
+            log.exception("job_dead_handler_failed")
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)

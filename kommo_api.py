@@ -1,0 +1,282 @@
+"""Everything about Kommo's wire format, both ways.
+
+Owns: `KommoClient` (REST v4: send into a talk, notes, lead fields, Salesbot runs, lead lookup,
+custom-field creation, OAuth token exchange), `KommoError`, and the pure parser of Kommo's
+form-encoded account webhooks (`parse_kommo_webhook`) with the small event dataclasses it returns.
+Must not: import db_manager, flask or another peer module. Tokens come from a `token_source`
+object (see kommo_auth) so this module never stores anything.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from peer_http import PeerClient, PeerError
+
+
+class KommoError(PeerError):
+    """A failed Kommo call."""
+
+    peer = "kommo"
+
+
+# 402: add-on quota / tariff, 422: talk closed, 403: scope or account blocked. Retrying cannot
+# fix any of them; the seller must act.
+_NOT_RETRYABLE = {400, 402, 403, 404, 405, 422}
+
+
+class KommoClient(PeerClient):
+    """Kommo REST v4 client. `token_source.access_token()` gives the current token and
+    `token_source.refresh_after_401()` one refresh when Kommo says 401."""
+
+    peer = "kommo"
+    error_class = KommoError
+
+    def __init__(self, base_url: str, token_source, max_rps: float = 5.0, timeout_seconds=15.0,
+                 session=None):
+        super().__init__(base_url, timeout_seconds=timeout_seconds, max_rps=max_rps,
+                         session=session)
+        self.token_source = token_source
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token_source.access_token()}"}
+
+    def _error_from_response(self, response) -> PeerError:
+        error = super()._error_from_response(response)
+        if response.status_code in _NOT_RETRYABLE:
+            error.retryable = False
+        if response.status_code == 429 and error.retry_after_seconds is None:
+            body = error.body if isinstance(error.body, dict) else {}
+            error.retry_after_seconds = float(body.get("retry_after") or 2)
+        return error
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        """One authenticated call; on 401 refreshes the token once and tries again."""
+        try:
+            return self._request(method, path, **kwargs)
+        except KommoError as exc:
+            if exc.status != 401 or not self.token_source.refresh_after_401():
+                raise
+            return self._request(method, path, **kwargs)
+
+    def send_talk_message(self, talk_id: str | int, text: str) -> dict:
+        """Send text into an open WhatsApp talk (Chats API add-on). 202 → `{"id": ...}`."""
+        return self.call("POST", f"/api/v4/talks/{int(talk_id)}/send_message",
+                         json={"text": text}) or {}
+
+    def add_lead_note(self, lead_id: str | int, text: str) -> Any:
+        """Add a common (internal) note to a lead; never reaches the customer."""
+        return self.call("POST", f"/api/v4/leads/{int(lead_id)}/notes",
+                         json=[{"note_type": "common", "params": {"text": text}}])
+
+    def set_lead_text_field(self, lead_id: str | int, field_id: str | int, text: str) -> Any:
+        """Write `text` into a textarea custom field of a lead."""
+        return self.call("PATCH", f"/api/v4/leads/{int(lead_id)}", json={
+            "custom_fields_values": [{"field_id": int(field_id), "values": [{"value": text}]}]})
+
+    def run_salesbot(self, bot_id: str | int, lead_id: str | int) -> Any:
+        """Launch a Salesbot for a lead (202 = queued)."""
+        return self.call("POST", f"/api/v4/bots/{int(bot_id)}/run",
+                         json={"entity_id": int(lead_id), "entity_type": "leads"},
+                         expect_json=False)
+
+    def get_lead(self, lead_id: str | int) -> dict:
+        """A lead with its contacts (`_embedded.contacts[]`)."""
+        return self.call("GET", f"/api/v4/leads/{int(lead_id)}", params={"with": "contacts"}) or {}
+
+    def create_lead_textarea_field(self, name: str) -> dict:
+        """Create a lead custom field of type textarea (for KOMMO_REPLY_MODE=salesbot)."""
+        answer = self.call("POST", "/api/v4/leads/custom_fields",
+                           json=[{"type": "textarea", "name": name}]) or {}
+        fields = (answer.get("_embedded") or {}).get("custom_fields") or [answer]
+        return fields[0]
+
+    def exchange_token(self, payload: dict) -> dict:
+        """POST /oauth2/access_token (authorization_code or refresh_token grant)."""
+        return self._request("POST", "/oauth2/access_token", json=payload, auth=False) or {}
+
+
+def main_contact_id(lead: dict) -> str | None:
+    """The main contact id of a lead returned by `get_lead`."""
+    contacts = (lead.get("_embedded") or {}).get("contacts") or []
+    for contact in contacts:
+        if contact.get("is_main"):
+            return str(contact["id"])
+    return str(contacts[0]["id"]) if contacts else None
+
+
+# --- inbound webhook parsing ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KommoAttachment:
+    type: str
+    link: str
+    file_name: str = ""
+
+
+@dataclass(frozen=True)
+class KommoMessage:
+    """A chat message from `message[add]` or `outgoing_message[add]`."""
+
+    message_id: str
+    direction: str  # "incoming" | "outgoing"
+    author_type: str  # "external" (customer) | "internal" (Kommo user) | "bot" | ...
+    author_name: str
+    author_user_id: str
+    contact_id: str
+    lead_id: str
+    talk_id: str
+    chat_id: str
+    text: str
+    created_at: int
+    origin: str
+    message_type: str
+    attachments: tuple[KommoAttachment, ...] = ()
+
+    @property
+    def from_customer(self) -> bool:
+        return self.direction == "incoming" and self.author_type == "external"
+
+
+@dataclass(frozen=True)
+class KommoNote:
+    """A note added to a lead (`leads[note]`)."""
+
+    note_id: str
+    lead_id: str
+    text: str
+    note_type: str
+    created_by: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class KommoIgnored:
+    """A part of the webhook we do not act on (recorded so operators can see it)."""
+
+    key: str
+    reason: str
+
+
+@dataclass
+class KommoWebhook:
+    account_id: str
+    account_subdomain: str
+    messages: list[KommoMessage] = field(default_factory=list)
+    notes: list[KommoNote] = field(default_factory=list)
+    ignored: list[KommoIgnored] = field(default_factory=list)
+
+
+class KommoParseError(ValueError):
+    """The body is not a Kommo account webhook."""
+
+
+_KEY = re.compile(r"^([A-Za-z_]+)((?:\[[^\[\]]*\])*)$")
+
+
+def nest_form(pairs: Iterable[tuple[str, str]]) -> dict:
+    """Turn PHP-style flat keys (`message[add][0][text]`) into nested dicts. Raises
+    KommoParseError on keys that are not of that shape or that contradict each other."""
+    root: dict = {}
+    for key, value in pairs:
+        match = _KEY.match(key)
+        if not match:
+            raise KommoParseError(f"malformed key {key[:60]!r}")
+        parts = [match.group(1)] + re.findall(r"\[([^\[\]]*)\]", match.group(2))
+        node = root
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise KommoParseError(f"conflicting key {key[:60]!r}")
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise KommoParseError(f"conflicting key {key[:60]!r}")
+        node[parts[-1]] = value
+    return root
+
+
+def _indexed(block: Any) -> list[tuple[str, dict]]:
+    if not isinstance(block, dict):
+        return []
+    items = [(k, v) for k, v in block.items() if isinstance(v, dict)]
+    return sorted(items, key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return 0
+
+
+def _message(item: dict, default_direction: str) -> KommoMessage:
+    author = item.get("author") if isinstance(item.get("author"), dict) else {}
+    attachments = []
+    att = item.get("attachment")
+    if isinstance(att, dict) and att.get("link"):
+        attachments.append(KommoAttachment(type=att.get("type", "file"), link=att["link"],
+                                           file_name=att.get("file_name") or att.get("name", "")))
+    lead_id = ""
+    if item.get("entity_type", "lead") in ("lead", "leads", "") or item.get("element_type") == "2":
+        lead_id = str(item.get("entity_id") or item.get("element_id") or "")
+    return KommoMessage(
+        message_id=str(item.get("id", "")), direction=item.get("type") or default_direction,
+        author_type=author.get("type", ""), author_name=author.get("name", ""),
+        author_user_id=str(author.get("user_id", "")), contact_id=str(item.get("contact_id", "")),
+        lead_id=lead_id, talk_id=str(item.get("talk_id", "")), chat_id=str(item.get("chat_id", "")),
+        text=item.get("text", "") or "", created_at=_int(item.get("created_at")),
+        origin=item.get("origin", ""), message_type=item.get("message_type", "") or
+        (attachments[0].type if attachments else "text"), attachments=tuple(attachments))
+
+
+def parse_kommo_webhook(pairs: Iterable[tuple[str, str]]) -> KommoWebhook:
+    """Parse a Kommo account webhook body (form pairs, as `request.form.items(multi=True)`).
+
+    Returns every chat message (`message[add]`, Kommo's documented variant without the `message`
+    wrapper, and `outgoing_message[add]`), every lead note, and what was ignored. Raises
+    KommoParseError when the body is not a Kommo webhook at all.
+    """
+    data = nest_form(pairs)
+    if not data:
+        raise KommoParseError("empty body")
+    account = data.get("account") if isinstance(data.get("account"), dict) else {}
+    hook = KommoWebhook(account_id=str(account.get("id", "")),
+                        account_subdomain=str(account.get("subdomain", "")))
+    for entity, block in data.items():
+        if entity == "account":
+            continue
+        if not isinstance(block, dict):
+            hook.ignored.append(KommoIgnored(entity, "not an entity block"))
+            continue
+        if entity in ("message", "outgoing_message") or (entity == "add" and _looks_like_message(block)):
+            actions = {"add": block} if entity == "add" else block
+            direction = "outgoing" if entity == "outgoing_message" else "incoming"
+            for action, items in actions.items():
+                if action != "add":
+                    hook.ignored.append(KommoIgnored(f"{entity}[{action}]", "action not handled"))
+                    continue
+                for _, item in _indexed(items):
+                    hook.messages.append(_message(item, direction))
+            continue
+        if entity == "leads" and "note" in block:
+            for _, wrapper in _indexed(block["note"]):
+                note = wrapper.get("note") if isinstance(wrapper.get("note"), dict) else wrapper
+                hook.notes.append(KommoNote(
+                    note_id=str(note.get("id", "")), lead_id=str(note.get("element_id", "")),
+                    text=note.get("text", "") or "", note_type=str(note.get("note_type", "")),
+                    created_by=str(note.get("created_by", "")),
+                    created_at=_int(note.get("created_at"))))
+            for action in block:
+                if action != "note":
+                    hook.ignored.append(KommoIgnored(f"leads[{action}]", "event not handled"))
+            continue
+        for action in block:
+            hook.ignored.append(KommoIgnored(f"{entity}[{action}]", "event not handled"))
+    if not account and not hook.messages and not hook.notes:
+        raise KommoParseError("no account block and no message")
+    return hook
+
+
+def _looks_like_message(block: dict) -> bool:
+    return any(isinstance(v, dict) and "chat_id" in v for v in block.values())

@@ -1,0 +1,111 @@
+"""Shared fixtures: settings on a temporary database, an injectable clock, and real local HTTP
+servers for the stand-in peers."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+PAYLOADS = SHARED / "payloads"
+sys.path.insert(0, str(ROOT))
+
+import config  # noqa: E402
+import db_manager  # noqa: E402
+
+
+class FakeClock:
+    """A clock tests move by hand: `clock()` → epoch seconds, `clock.advance(s)`."""
+
+    def __init__(self, start: float = 1_790_000_000.0):
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> float:
+        self.t += seconds
+        return self.t
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    """Build Settings from an environment dict on top of test defaults (temporary DB and logs)."""
+
+    def build(**env):
+        base = {"DATABASE_PATH": str(tmp_path / "ponte.db"), "LOG_DIR": str(tmp_path / "logs"),
+                "ENVIRONMENT": "test", "ADMIN_TOKEN": "admin-token-for-tests-123"}
+        base.update({k: str(v) for k, v in env.items()})
+        return config.load_settings(base)
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings()
+
+
+@pytest.fixture
+def db(settings):
+    conn = db_manager.connect(settings.database_path)
+    db_manager.migrate(conn)
+    yield conn
+    conn.close()
+
+
+class ServedApp:
+    """A WSGI app served on a free loopback port in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve():
+    """`serve(app)` → ServedApp with `.url`; every server is stopped at teardown."""
+    served: list[ServedApp] = []
+
+    def start(app) -> ServedApp:
+        s = ServedApp(app)
+        served.append(s)
+        return s
+
+    yield start
+    for s in served:
+        s.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def venv_bin() -> Path:
+    """The bin/ folder of the interpreter running the tests (where gunicorn etc. live)."""
+    return Path(sys.executable).parent
+
+
+def payload_text(relative: str) -> str:
+    return (PAYLOADS / relative).read_text(encoding="utf-8")

@@ -1,0 +1,75 @@
+"""Settings: one declaration per setting, every problem reported at once, secrets masked."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_need_no_configuration():
+    s = config.load_settings({})
+    assert s.port == 8000 and s.database_path == "data/ponte.db" and s.log_dir == "logs"
+    assert s.enabled_bridges == ()
+
+
+def test_config_error_lists_every_problem_at_once():
+    env = {"PORT": "abc", "DEBUG": "talvez", "KOMMO_BASE_URL": "minhaloja.kommo.com",
+           "N8N_WEBHOOK_URL": "http://127.0.0.1:5678/webhook/ponte", "ML_CLIENT_ID": "123"}
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings(env)
+    text = "\n".join(err.value.problems)
+    assert "PORT inválido" in text and "DEBUG inválido" in text
+    assert "KOMMO_BASE_URL inválido" in text
+    assert "ponte 'mercadolivre' incompleta" in text and "ML_CLIENT_SECRET" in text
+    assert "CHATWOOT_SALES_INBOX_ID" in text
+    assert len(err.value.problems) >= 4
+
+
+def test_placeholders_from_the_seed_readme_count_as_missing():
+    env = {"KOMMO_BASE_URL": "https://minhaloja.kommo.com", "KOMMO_WEBHOOK_SECRET": "s" * 20,
+           "N8N_WEBHOOK_URL": "https://n8n.exemplo.com.br/webhook/x", "N8N_API_KEY": "seu_token",
+           "KOMMO_CLIENT_ID": "seu_client_id"}
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings(env)
+    assert "N8N_API_KEY" in str(err.value)
+
+
+def test_bridge_enabled_only_when_complete():
+    env = {"KOMMO_BASE_URL": "https://minhaloja.kommo.com", "KOMMO_WEBHOOK_SECRET": "s" * 20,
+           "N8N_WEBHOOK_URL": "https://n8n.example.org/webhook/x", "N8N_API_KEY": "k" * 20,
+           "KOMMO_ACCESS_TOKEN": "t" * 40}
+    s = config.load_settings(env)
+    assert s.bridge_enabled("whatsapp") and not s.bridge_enabled("mercadolivre")
+
+
+def test_secrets_are_masked_in_repr_and_redacted_view():
+    env = {"ADMIN_TOKEN": "admin-super-secret-1", "KOMMO_ACCESS_TOKEN": "kommo-secret-token-2",
+           "CHATWOOT_WEBHOOK_SECRET": "hmac-secret-3"}
+    s = config.load_settings(env)
+    for text in (repr(s), str(s), str(config.redacted_settings(s))):
+        for secret in env.values():
+            assert secret not in text
+    assert config.redacted_settings(s)["ADMIN_TOKEN"] == "***"
+
+
+def test_env_example_is_generated_from_the_declarations():
+    text = (ROOT / "env.example").read_text(encoding="utf-8")
+    assert text == config.env_example(), "run: python config.py --env-example > env.example"
+    names = set(re.findall(r"^([A-Z0-9_]+)=", text, re.M))
+    assert names == {s.name for s in config.SETTINGS}
+
+
+def test_readme_configuration_table_matches_the_declarations():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert config.settings_table_markdown() in readme, "run: python config.py --table"
+
+
+def test_every_setting_has_help_and_a_unique_name():
+    names = [s.name for s in config.SETTINGS]
+    assert len(names) == len(set(names))
+    assert all(s.help for s in config.SETTINGS)

@@ -1,0 +1,233 @@
+"""The job outbox: nothing lost, nothing doubled, in order, with backoff and dead letters."""
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sqlite3
+
+import pytest
+
+import db_manager
+from db_manager import FollowUp
+from job_runner import JobContext, JobFailed, run_next_job
+from kommo_api import KommoError  # any PeerError subclass
+
+LEASE = 30
+
+
+def test_duplicate_enqueue_is_a_noop(db, clock):
+    first = db_manager.enqueue_job(db, "n8n.forward_message", "kommo-msg:abc", {"text": "oi"},
+                                   now=clock())
+    second = db_manager.enqueue_job(db, "n8n.forward_message", "kommo-msg:abc",
+                                    {"text": "changed"}, now=clock())
+    assert first is not None and second is None
+    jobs = db_manager.list_jobs(db)
+    assert len(jobs) == 1 and jobs[0]["payload"] == {"text": "oi"}
+
+
+def test_claim_marks_running_and_nothing_else_is_claimable(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    job = db_manager.claim_next_job(db, clock(), LEASE)
+    assert job.attempt == 1
+    assert db_manager.claim_next_job(db, clock(), LEASE) is None
+    assert db_manager.get_job(db, job.id)["status"] == "running"
+
+
+def test_job_of_a_dead_worker_is_run_again_and_completes_once(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {"n": 1}, now=clock())
+    first = db_manager.claim_next_job(db, clock(), LEASE, worker="w1")
+    # worker w1 "dies": it never completes. Before the lease ends nobody may take the job.
+    clock.advance(LEASE - 1)
+    assert db_manager.claim_next_job(db, clock(), LEASE, worker="w2") is None
+    clock.advance(2)
+    second = db_manager.claim_next_job(db, clock(), LEASE, worker="w2")
+    assert second is not None and second.id == first.id and second.attempt == 2
+    assert db_manager.complete_job(db, second, {"ok": True}, now=clock()) is True
+    # the old worker wakes up late: its completion must not count again
+    assert db_manager.complete_job(db, first, {"ok": "late"}, now=clock()) is False
+    row = db_manager.get_job(db, first.id)
+    assert row["status"] == "done" and row["result"] == {"ok": True} and row["attempts"] == 2
+
+
+def test_backoff_grows_exponentially_with_jitter_and_caps():
+    rng = random.Random(7)
+    for attempt in range(1, 15):
+        ceiling = min(db_manager.BACKOFF_CAP_SECONDS, 2.0 * 2 ** (attempt - 1))
+        delays = [db_manager.backoff_seconds(attempt, rng) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len({round(d, 6) for d in delays}) > 1  # jitter spreads retries
+    assert db_manager.backoff_seconds(30, rng) <= 900
+
+
+def test_failures_retry_with_backoff_then_dead_letter(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    scheduled = []
+    for attempt in range(1, 4):
+        job = db_manager.claim_next_job(db, clock(), LEASE)
+        assert job is not None and job.attempt == attempt
+        status = db_manager.fail_job(db, job, "boom", True, clock(), max_attempts=3,
+                                     max_age_seconds=86400, rng=random.Random(1))
+        row = db_manager.get_job(db, job.id)
+        if attempt < 3:
+            assert status == "pending"
+            delay = row["available_at"] - clock()
+            scheduled.append(delay)
+            # not claimable before its time
+            assert db_manager.claim_next_job(db, clock(), LEASE) is None
+            clock.advance(delay)
+        else:
+            assert status == "dead" and row["status"] == "dead" and row["last_error"] == "boom"
+    assert scheduled[1] > scheduled[0]
+    assert db_manager.claim_next_job(db, clock.advance(10_000), LEASE) is None
+
+
+def test_non_retryable_error_goes_straight_to_dead_and_can_be_retried(db, clock):
+    job_id = db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    job = db_manager.claim_next_job(db, clock(), LEASE)
+    assert db_manager.fail_job(db, job, "422 closed", False, clock(), 10, 86400) == "dead"
+    assert db_manager.queue_stats(db, clock())["dead"] == 1
+    assert db_manager.retry_dead_job(db, job_id, clock()) is True
+    again = db_manager.claim_next_job(db, clock(), LEASE)
+    assert again.id == job_id and again.attempt == 1
+    assert db_manager.retry_dead_job(db, job_id, clock()) is False  # running, not dead
+
+
+def test_job_too_old_is_dead_even_with_attempts_left(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    clock.advance(100)
+    job = db_manager.claim_next_job(db, clock(), LEASE)
+    assert db_manager.fail_job(db, job, "x", True, clock(), 10, max_age_seconds=50) == "dead"
+
+
+def test_retry_after_from_the_peer_is_honoured(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    job = db_manager.claim_next_job(db, clock(), LEASE)
+    db_manager.fail_job(db, job, "429", True, clock(), 10, 86400, retry_after_seconds=120)
+    assert db_manager.get_job(db, job.id)["available_at"] >= clock() + 120
+
+
+def test_ordering_key_runs_jobs_of_one_conversation_in_order(db, clock):
+    for i in range(3):
+        db_manager.enqueue_job(db, "k", f"c1-{i}", {"i": i}, ordering_key="contact:1",
+                               now=clock())
+    db_manager.enqueue_job(db, "k", "c2-0", {"i": 0}, ordering_key="contact:2", now=clock())
+    a = db_manager.claim_next_job(db, clock(), LEASE)
+    b = db_manager.claim_next_job(db, clock(), LEASE)
+    assert (a.dedupe_key, b.dedupe_key) == ("c1-0", "c2-0")  # other contact is not blocked
+    assert db_manager.claim_next_job(db, clock(), LEASE) is None  # c1-1 waits for c1-0
+    # c1-0 fails and is retried later: c1-1 must still wait (no overtaking)
+    db_manager.fail_job(db, a, "down", True, clock(), 10, 86400)
+    assert db_manager.claim_next_job(db, clock(), LEASE) is None
+    clock.advance(10)
+    a2 = db_manager.claim_next_job(db, clock(), LEASE)
+    assert a2.dedupe_key == "c1-0"
+    db_manager.complete_job(db, a2, now=clock())
+    assert db_manager.claim_next_job(db, clock(), LEASE).dedupe_key == "c1-1"
+
+
+def test_complete_enqueues_follow_ups_atomically(db, clock):
+    db_manager.enqueue_job(db, "parent", "p", {}, now=clock())
+    job = db_manager.claim_next_job(db, clock(), LEASE)
+    db_manager.complete_job(db, job, follow_ups=[FollowUp("child", "c", {"x": 1})], now=clock())
+    assert db_manager.get_job(db, dedupe_key="c")["status"] == "pending"
+
+
+def test_follow_up_is_not_written_when_completion_is_lost(db, clock):
+    db_manager.enqueue_job(db, "parent", "p", {}, now=clock())
+    job = db_manager.claim_next_job(db, clock(), LEASE, worker="w1")
+    clock.advance(LEASE + 1)
+    db_manager.claim_next_job(db, clock(), LEASE, worker="w2")
+    assert db_manager.complete_job(db, job, follow_ups=[FollowUp("child", "c", {})],
+                                   now=clock()) is False
+    assert db_manager.get_job(db, dedupe_key="c") is None
+
+
+def test_prune_removes_old_done_jobs_but_keeps_dead_ones(db, clock):
+    for key in ("old", "dead"):
+        db_manager.enqueue_job(db, "k", key, {}, now=clock())
+    done = db_manager.claim_next_job(db, clock(), LEASE)
+    db_manager.complete_job(db, done, now=clock())
+    dead = db_manager.claim_next_job(db, clock(), LEASE)
+    db_manager.fail_job(db, dead, "x", False, clock(), 1, 1)
+    assert db_manager.prune_jobs(db, clock() + 1) == 1
+    assert [j["status"] for j in db_manager.list_jobs(db)] == ["dead"]
+
+
+def test_run_next_job_maps_handler_outcomes(settings, db, clock):
+    calls = []
+
+    def ok(ctx, job):
+        calls.append(job.payload)
+        return {"sent": True}, [FollowUp("after", "after-1", {})]
+
+    def peer_down(ctx, job):
+        raise KommoError(503, "unavailable", True)
+
+    def rejected(ctx, job):
+        raise JobFailed("talk closed", retryable=False)
+
+    dead_notes = []
+    ctx = JobContext(settings, db, now=clock)
+    handlers = {"ok": ok, "down": peer_down, "rejected": rejected,
+                "after": lambda c, j: None, "note": lambda c, j: {"noted": j.payload["why"]}}
+    on_dead = {"rejected": lambda c, j, err: dead_notes.append(err) or
+               [FollowUp("note", "note-1", {"why": err})]}
+    for kind in ("ok", "down", "rejected", "unknown"):
+        db_manager.enqueue_job(db, kind, kind, {"k": kind}, now=clock())
+    while run_next_job(ctx, handlers, on_dead):
+        pass
+    assert calls == [{"k": "ok"}]
+    status = {j["dedupe_key"]: j["status"] for j in db_manager.list_jobs(db)}
+    assert status["ok"] == "done" and status["after-1"] == "done"
+    assert status["down"] == "pending" and status["rejected"] == "dead"
+    assert status["unknown"] == "dead" and status["note-1"] == "done"
+    assert dead_notes and "talk closed" in dead_notes[0]
+
+
+def _migrate_in_process(path: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        conn = db_manager.connect(path)
+        results.put(("ok", db_manager.migrate(conn)))
+    except Exception as exc:  # reported to the parent
+        results.put(("error", repr(exc)))
+
+
+def test_migrations_run_concurrently_from_two_processes(tmp_path):
+    path = str(tmp_path / "race.db")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_migrate_in_process, args=(path, barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    outcomes = [results.get(timeout=5) for _ in procs]
+    assert outcomes == [("ok", len(db_manager.MIGRATIONS))] * 2
+    conn = db_manager.connect(path)
+    assert db_manager.schema_version(conn) == len(db_manager.MIGRATIONS)
+    assert db_manager.migrate(conn) == len(db_manager.MIGRATIONS)  # idempotent
+
+
+def test_connect_uses_wal_and_foreign_keys(db):
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+
+
+def test_transaction_rolls_back_everything_on_error(db, clock):
+    with pytest.raises(RuntimeError):
+        with db_manager.transaction(db):
+            db_manager.enqueue_job(db, "k", "x", {}, now=clock())
+            raise RuntimeError("half-way")
+    assert db_manager.get_job(db, dedupe_key="x") is None
+
+
+def test_cross_process_lock_is_exclusive_until_expiry(db, clock):
+    assert db_manager.acquire_lock(db, "refresh:kommo", "a", 30, now=clock())
+    assert not db_manager.acquire_lock(db, "refresh:kommo", "b", 30, now=clock())
+    clock.advance(31)
+    assert db_manager.acquire_lock(db, "refresh:kommo", "b", 30, now=clock())
+    db_manager.release_lock(db, "refresh:kommo", "b")
+    assert db_manager.acquire_lock(db, "refresh:kommo", "a", 30, now=clock())

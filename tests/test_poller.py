@@ -1,0 +1,102 @@
+"""The poller daemon: drains the outbox, wakes up fast on new work, stops warmly, and exits
+non-zero when the database is unusable."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import db_manager
+from poller import Poller
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_drain_runs_every_due_job_and_run_once_beats(settings, db, clock):
+    seen = []
+    poller = Poller(settings, db, clock=clock, handlers={"t.x": lambda c, j: seen.append(
+        j.payload["n"])}, on_dead={})
+    for n in range(5):
+        db_manager.enqueue_job(db, "t.x", f"k{n}", {"n": n}, now=clock())
+    db_manager.enqueue_job(db, "t.x", "later", {"n": 99}, available_at=clock() + 60, now=clock())
+    assert poller.drain() == 5 and seen == [0, 1, 2, 3, 4]
+    assert poller.drain(max_jobs=3) == 0
+    clock.advance(61)
+    assert poller.drain() == 1 and seen[-1] == 99
+    poller.heartbeat()
+    assert db_manager.last_beat(db, "poller")["beat_at"] == clock()
+
+
+def test_run_forever_picks_up_a_job_written_by_another_connection(settings, db):
+    done = threading.Event()
+    poller = Poller(settings, db_manager.connect(settings.database_path),
+                    handlers={"t.x": lambda c, j: done.set()}, on_dead={})
+    thread = threading.Thread(target=poller.run_forever, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.2)  # let the loop go idle first: the point is waking from idle
+        other = db_manager.connect(settings.database_path)
+        with db_manager.transaction(other):
+            db_manager.enqueue_job(other, "t.x", "from-web", {})
+        assert done.wait(10), "the idle poller never picked up the job"
+    finally:
+        poller.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+SLOW_POLLER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    import config, db_manager
+    from poller import Poller
+    import signal
+    s = config.load_settings({{"DATABASE_PATH": {db!r}, "LOG_DIR": {logs!r}}})
+    conn = db_manager.connect(s.database_path); db_manager.migrate(conn)
+    def slow(ctx, job):
+        print("started", flush=True)
+        time.sleep(1.5)
+        return {{"finished": True}}
+    db_manager.enqueue_job(conn, "t.slow", "slow-1", {{}})
+    db_manager.enqueue_job(conn, "t.slow", "slow-2", {{}})
+    p = Poller(s, conn, handlers={{"t.slow": slow}}, on_dead={{}})
+    signal.signal(signal.SIGTERM, p.request_stop)
+    p.run_forever()
+""")
+
+
+def test_sigterm_lets_the_current_job_finish_and_starts_no_other(tmp_path):
+    db = str(tmp_path / "p.db")
+    script = SLOW_POLLER.format(root=str(ROOT), db=db, logs=str(tmp_path / "logs"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    conn = db_manager.connect(db)
+    status = {j["dedupe_key"]: j["status"] for j in db_manager.list_jobs(conn)}
+    assert status == {"slow-1": "done", "slow-2": "pending"}
+
+
+def test_poller_exits_non_zero_when_the_database_is_unusable(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    env = {**os.environ, "DATABASE_PATH": str(blocker / "ponte.db"),
+           "LOG_DIR": str(tmp_path / "logs"), "PONTE_ENV_FILE": str(tmp_path / "none.env")}
+    result = subprocess.run([sys.executable, "poller.py"], cwd=ROOT, env=env, timeout=30,
+                            capture_output=True, text=True)
+    assert result.returncode == 3
+    assert "poller_database_failure" in result.stdout
+
+
+def test_poller_refuses_to_start_with_a_broken_configuration(tmp_path):
+    env = {**os.environ, "PORT": "nope", "ML_CLIENT_ID": "1", "LOG_DIR": str(tmp_path),
+           "PONTE_ENV_FILE": str(tmp_path / "none.env")}
+    result = subprocess.run([sys.executable, "poller.py"], cwd=ROOT, env=env, timeout=30,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "PORT inválido" in result.stderr and "ML_CLIENT_SECRET" in result.stderr

@@ -1,0 +1,83 @@
+"""Request-time helpers shared by every blueprint: the database connection of this worker, the
+settings, the clock, JSON errors and bearer-token checks.
+
+Owns: `get_db()`, `settings()`, `now()`, `json_error()`, `require_bearer()`, `bearer_token()`.
+Must not: hold routes or bridge logic.
+"""
+from __future__ import annotations
+
+import functools
+import hmac
+import threading
+
+from flask import current_app, jsonify, request
+
+_local = threading.local()
+
+
+def settings():
+    """The `Settings` of the running app."""
+    return current_app.config["PONTE_SETTINGS"]
+
+
+def now() -> float:
+    """The app's clock (injectable in tests)."""
+    return current_app.config["PONTE_CLOCK"]()
+
+
+def get_db():
+    """This worker thread's SQLite connection (opened once, reused across requests)."""
+    import db_manager
+
+    path = settings().database_path
+    conns = getattr(_local, "conns", None)
+    if conns is None:
+        conns = _local.conns = {}
+    conn = conns.get(path)
+    if conn is None:
+        conn = conns[path] = db_manager.connect(path)
+    return conn
+
+
+def json_error(status: int, code: str, message: str, **extra):
+    """A JSON error answer: `{"error": code, "message": message, "request_id": ...}`."""
+    from ponte_logging import request_id_var
+
+    body = {"error": code, "message": message, "request_id": request_id_var.get(), **extra}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def bearer_token() -> str:
+    """The token of an `Authorization: Bearer ...` header, or ''."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def token_matches(given: str, *accepted: str) -> bool:
+    """Constant-time comparison against every non-empty accepted token."""
+    return bool(given) and any(a and hmac.compare_digest(given.encode(), a.encode())
+                               for a in accepted)
+
+
+def require_bearer(*setting_names: str):
+    """Decorator: the request needs `Authorization: Bearer <one of these settings>`."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            s = settings()
+            accepted = [getattr(s, name) for name in setting_names]
+            if not any(accepted):
+                return json_error(401, "auth_not_configured",
+                                  "Defina " + " ou ".join(n.upper() for n in setting_names)
+                                  + " para usar esta rota.")
+            if not token_matches(bearer_token(), *accepted):
+                return json_error(401, "unauthorized", "Token ausente ou inválido.")
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator

@@ -1,0 +1,192 @@
+"""The web process: inbound webhooks and the operators' API, served by Gunicorn.
+
+Owns: `create_app()`, the operator routes (`/`, `/health`, `/config`, `/metrics`, `/admin/jobs`),
+request ids, body limits and JSON error answers. Bridge routes come from `bridges.blueprints()`.
+Must not: call a peer inside a webhook request, or do work at import time (no module-level app).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import bridges
+import config
+import db_manager
+import ponte_logging
+import web_common
+from web_common import json_error, require_bearer
+
+log = logging.getLogger("ponte.web")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{6,128}$")
+
+_ERROR_TEXT = {
+    400: ("bad_request", "Requisição inválida."),
+    401: ("unauthorized", "Não autorizado."),
+    404: ("not_found", "Rota não encontrada."),
+    405: ("method_not_allowed", "Método não permitido nesta rota."),
+    413: ("payload_too_large", "Corpo da requisição grande demais."),
+    415: ("unsupported_media_type", "Tipo de conteúdo não suportado."),
+    500: ("internal_error", "Erro interno; o evento não foi perdido se já tinha sido aceito."),
+}
+
+
+def create_app(settings=None, clock=None) -> Flask:
+    """Build the Flask app. `settings` defaults to `config.load_settings()`; `clock` (a
+    function returning epoch seconds) lets tests move time."""
+    settings = settings or config.load_settings()
+    ponte_logging.setup_logging(settings, "web")
+    app = Flask("ponte")
+    app.config.update(PONTE_SETTINGS=settings, PONTE_CLOCK=clock or time.time,
+                      MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False)
+    app.json.ensure_ascii = False
+    try:
+        db_manager.migrate(db_manager.connect(settings.database_path))
+    except Exception as exc:  # /health will say why; the web must still answer
+        log.error("db_migrate_failed", extra={"error": str(exc)})
+
+    _install_request_hooks(app)
+    _install_error_handlers(app)
+    _install_operator_routes(app)
+    for blueprint in bridges.blueprints(settings):
+        app.register_blueprint(blueprint)
+    log.info("web_started", extra={"bridges": list(settings.enabled_bridges),
+                                   "version": config.VERSION})
+    return app
+
+
+def _install_request_hooks(app: Flask) -> None:
+    @app.before_request
+    def assign_request_id():
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.request_token = ponte_logging.request_id_var.set(g.request_id)
+        g.started = time.monotonic()
+        limit = web_common.settings().max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return json_error(413, *_ERROR_TEXT[413])
+
+    @app.after_request
+    def stamp_request_id(response):
+        response.headers["X-Request-Id"] = getattr(g, "request_id", "")
+        return response
+
+    @app.teardown_request
+    def forget_request_id(_exc):
+        token = g.pop("request_token", None)
+        if token is not None:
+            ponte_logging.request_id_var.reset(token)
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code, message = _ERROR_TEXT.get(exc.code, ("http_error", exc.description or ""))
+        if exc.code == 400 and exc.description and "browser" not in exc.description:
+            message = exc.description
+        return json_error(exc.code or 500, code, message)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        log.exception("unhandled_error", extra={"path": request.path})
+        code, message = _ERROR_TEXT[500]
+        return json_error(500, code, message)
+
+
+def _install_operator_routes(app: Flask) -> None:
+    @app.get("/")
+    def index():
+        s = web_common.settings()
+        return jsonify(name=config.APP_NAME, version=config.VERSION,
+                       environment=s.environment,
+                       bridges={name: s.bridge_enabled(name) for name in config.BRIDGE_REQUIRED})
+
+    @app.get("/health")
+    def health():
+        report, healthy = health_report(web_common.settings(), web_common.now())
+        return jsonify(report), 200 if healthy else 503
+
+    @app.get("/config")
+    @require_bearer("admin_token")
+    def show_config():
+        s = web_common.settings()
+        return jsonify(settings=config.redacted_settings(s), enabled_bridges=list(s.enabled_bridges))
+
+    @app.get("/metrics")
+    def metrics():
+        conn = web_common.get_db()
+        stats = db_manager.queue_stats(conn, web_common.now())
+        lines = ["# TYPE ponte_jobs gauge"]
+        lines += [f'ponte_jobs{{status="{k}"}} {v}' for k, v in stats.items()
+                  if k in ("pending", "running", "done", "dead", "due")]
+        lines += ["# TYPE ponte_oldest_due_job_seconds gauge",
+                  f"ponte_oldest_due_job_seconds {stats['oldest_due_seconds']}"]
+        beat = db_manager.last_beat(conn, "poller")
+        age = web_common.now() - beat["beat_at"] if beat else -1
+        lines += ["# TYPE ponte_poller_heartbeat_age_seconds gauge",
+                  f"ponte_poller_heartbeat_age_seconds {age:.3f}"]
+        return "\n".join(lines) + "\n", 200, {"Content-Type": "text/plain; version=0.0.4"}
+
+    @app.get("/admin/jobs")
+    @require_bearer("admin_token")
+    def list_jobs():
+        status = request.args.get("status") or None
+        if status not in (None, "pending", "running", "done", "dead"):
+            return json_error(400, "bad_status", "status deve ser pending, running, done ou dead.")
+        jobs = db_manager.list_jobs(web_common.get_db(), status=status,
+                                    kind=request.args.get("kind") or None)
+        return jsonify(jobs=jobs)
+
+    @app.post("/admin/jobs/<int:job_id>/retry")
+    @require_bearer("admin_token")
+    def retry_job(job_id: int):
+        if not db_manager.retry_dead_job(web_common.get_db(), job_id, web_common.now()):
+            return json_error(404, "not_dead", "Job inexistente ou não está em 'dead'.")
+        return jsonify(ok=True, job_id=job_id, status="pending"), 202
+
+
+def health_report(settings, now: float) -> tuple[dict, bool]:
+    """The /health body and whether ponte is healthy: the database opens and answers, and the
+    poller's heartbeat is fresh. Also reports queue depth, dead jobs and disconnected accounts."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    report: dict = {"status": "ok", "version": config.VERSION}
+    try:
+        conn = web_common.get_db()
+        conn.execute("SELECT 1").fetchone()
+        stats = db_manager.queue_stats(conn, now)
+        report["queue"] = {"pending": stats["pending"], "running": stats["running"],
+                           "due": stats["due"], "dead": stats["dead"],
+                           "oldest_due_seconds": stats["oldest_due_seconds"]}
+        beat = db_manager.last_beat(conn, "poller")
+        if beat is None:
+            problems.append("poller sem heartbeat (não iniciou?)")
+        else:
+            age = round(now - beat["beat_at"], 1)
+            report["poller"] = {"heartbeat_age_seconds": age, "pid": beat["pid"]}
+            if age > settings.poller_heartbeat_max_age_seconds:
+                problems.append(f"heartbeat do poller atrasado ({age}s)")
+        accounts = {}
+        for provider in ("kommo", "mercadolivre"):
+            token = db_manager.token_get(conn, provider)
+            if token:
+                accounts[provider] = token["status"]
+                if token["status"] != "ok":
+                    # Reported, not fatal: restarting the container cannot reconnect an account.
+                    warnings.append(f"conta {provider} {token['status']}: {token['detail']}")
+        if accounts:
+            report["accounts"] = accounts
+    except Exception as exc:
+        problems.append(f"banco de dados indisponível: {type(exc).__name__}")
+    if warnings:
+        report["status"] = "degraded"
+        report["warnings"] = warnings
+    if problems:
+        report["status"] = "unhealthy"
+        report["problems"] = problems
+    return report, not problems
