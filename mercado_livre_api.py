@@ -280,6 +280,15 @@ class MercadoLivreClient(PeerClient):
                                  expect_json=False, timeout_seconds=max(self.timeout_seconds, 60))
         return response.content, response.headers.get("Content-Type", "")
 
+    def download_public(self, url: str, max_bytes: int = 2 * 1024 * 1024) -> tuple[bytes, str]:
+        """A public file (item thumbnail) without our token; refuses files over `max_bytes`."""
+        response = super()._request("GET", url, auth=False, expect_json=False, stream=True)
+        data = response.raw.read(max_bytes + 1, decode_content=True)
+        response.close()
+        if len(data) > max_bytes:
+            raise MercadoLivreError(413, "public file too large", False)
+        return data, response.headers.get("Content-Type", "")
+
     # --- OAuth ----------------------------------------------------------------------------------
 
     def exchange_code(self, code: str, redirect_uri: str, code_verifier: str = "") -> dict:
