@@ -1,0 +1,226 @@
+"""Pre-sale questions: Mercado Livre question → Chatwoot conversation, agent reply → answer.
+Everything crosses real loopback HTTP to the stand-ins; time is the injected clock."""
+from __future__ import annotations
+
+import base64
+
+import requests
+
+import db_manager
+import meli_jobs
+from tests.meli_support import (QUESTIONS_INBOX, Bridge, PNG_BYTES, bridge,  # noqa: F401
+                                messages_of)
+
+
+def _only_conversation(b: Bridge) -> dict:
+    conversations = b.conversations(QUESTIONS_INBOX)
+    assert len(conversations) == 1, conversations
+    return conversations[0]
+
+
+def test_new_question_becomes_one_conversation_with_item_context(bridge):
+    # GIVEN a buyer asked about an item
+    qid = bridge.ask("Serve no modelo 2019? Tem pronta entrega?", price=1234.5)
+    # WHEN the poller runs
+    bridge.poll()
+    # THEN one conversation in the questions inbox, contact meli:<buyer> named by nickname
+    conv = _only_conversation(bridge)
+    assert conv["custom_attributes"]["meli_question_id"] == str(qid)
+    assert conv["custom_attributes"]["meli_item_id"] == "MLB3737188005"
+    contact = bridge.cw_state()["contacts"][0]
+    assert contact["identifier"] == "meli:1944693439"
+    assert contact["name"] == "COMPRADOR1944693439"
+    (message,) = messages_of(conv)
+    assert message["message_type_name"] == "incoming" and message["private"] is False
+    assert message["source_id"] == f"meli:question:{qid}"
+    text = message["content"]
+    assert text.startswith("Serve no modelo 2019? Tem pronta entrega?")
+    assert "Espaçador E Nivelador Para Piso" in text and "R$ 1.234,50" in text
+    assert "https://produto.mercadolivre.com.br/MLB3737188005" in text
+    assert message["attachments"][0]["file_type"] == "image"  # the item's thumbnail
+    bridge.assert_spec_clean()
+
+
+def test_same_question_by_poll_and_notification_twice_across_restart_is_one_message(bridge):
+    qid = bridge.ask("Qual a voltagem?")
+    # GIVEN the notification arrives twice (same id) and once more with another id
+    for nid in ("n1", "n1", "n2"):
+        assert bridge.notify_ml("questions", f"/questions/{qid}", nid).status_code == 200
+    bridge.poll()
+    # WHEN ponte restarts and sees the question again by poll and by notification
+    bridge.restart()
+    assert bridge.notify_ml("questions", f"/questions/{qid}", "n3").status_code == 200
+    bridge.poll()
+    bridge.poll()
+    # THEN one conversation, one message
+    conv = _only_conversation(bridge)
+    assert len(messages_of(conv)) == 1
+    assert len(bridge.cw_state()["contacts"]) == 1
+
+
+def test_idle_poll_cycle_costs_two_api_calls(bridge):
+    bridge.poll()
+    requests.post(f"{bridge.ml.url}/_standin/calls/clear")
+    bridge.poll()
+    calls = [c["path"] for c in bridge.ml_state()["calls"]]
+    assert calls == ["/questions/search", "/messages/unread"]
+
+
+def test_agent_reply_answers_the_question_and_marks_the_conversation(make_settings, serve,
+                                                                     clock):
+    b = Bridge(make_settings, serve, clock, CHATWOOT_RESOLVE_ANSWERED="true")
+    qid = b.ask("Tem na cor azul?")
+    b.poll()
+    conv = _only_conversation(b)
+    # WHEN the agent replies (markdown in Chatwoot's editor)
+    hook = b.agent_replies(conv["id"], "**Temos sim!** Envio hoje.")
+    assert hook["delivered_status"] == 200
+    b.drain()
+    # THEN the answer is on Mercado Livre as plain text
+    state = b.ml_state()
+    assert [a["text"] for a in state["answers"]] == ["Temos sim! Envio hoje."]
+    assert state["questions"][str(qid)]["status"] == "ANSWERED"
+    conv = _only_conversation(b)
+    assert "respondida" in conv["labels"]
+    assert conv["custom_attributes"]["meli_answered"] is True
+    assert conv["custom_attributes"]["meli_question_id"] == str(qid)  # merged, not replaced
+    assert conv["status"] == "resolved"
+    reply = [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]
+    assert reply["status"] == "delivered"
+    b.assert_spec_clean()
+
+
+def test_same_chatwoot_delivery_twice_gives_one_answer(bridge):
+    bridge.ask("Aceita troca?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    hook = bridge.agent_replies(conv["id"], "Aceitamos em até 7 dias.")
+    assert bridge.redeliver(hook).status_code == 200
+    bridge.drain()
+    assert bridge.redeliver(hook).status_code == 200
+    bridge.restart()
+    bridge.drain()
+    assert len(bridge.ml_state()["answers"]) == 1
+
+
+def test_second_reply_to_an_answered_question_is_refused_with_a_note(bridge):
+    bridge.ask("Tem garantia?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.agent_replies(conv["id"], "Sim, 90 dias.")
+    bridge.drain()
+    second = bridge.agent_replies(conv["id"], "Esqueci: e nota fiscal também.")
+    bridge.drain()
+    assert len(bridge.ml_state()["answers"]) == 1
+    messages = messages_of(_only_conversation(bridge))
+    notes = [m for m in messages if m["private"]]
+    assert any("já foi respondida" in n["content"] for n in notes)
+    assert [m for m in messages if m["id"] == second["message_id"]][0]["status"] == "failed"
+
+
+def test_too_long_answer_is_refused_with_a_note_and_never_retried(bridge):
+    bridge.ask("Qual o tamanho?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    hook = bridge.agent_replies(conv["id"], "a" * 2001)
+    bridge.drain()
+    assert bridge.ml_state()["answers"] == []
+    messages = messages_of(_only_conversation(bridge))
+    assert any(m["private"] and "2.001 caracteres" not in m["content"]
+               and "2001 caracteres" in m["content"] for m in messages)
+    assert [m for m in messages if m["id"] == hook["message_id"]][0]["status"] == "failed"
+    assert bridge.jobs(status="pending") == [] and bridge.jobs(status="dead") == []
+
+
+def test_deleted_question_gives_a_note_in_portuguese(bridge):
+    qid = bridge.ask("Ainda tem?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.ml_post(f"/_standin/questions/{qid}", {"status": "DELETED"})
+    hook = bridge.agent_replies(conv["id"], "Tem sim!")
+    bridge.drain()
+    messages = messages_of(_only_conversation(bridge))
+    assert any(m["private"] and "excluída" in m["content"] for m in messages)
+    assert [m for m in messages if m["id"] == hook["message_id"]][0]["status"] == "failed"
+
+
+def test_closed_item_gives_a_note(bridge):
+    bridge.ask("Chega até sexta?", item_id="MLB999")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.ml_post("/_standin/items", [{"id": "MLB999", "status": "closed"}])
+    bridge.agent_replies(conv["id"], "Chega sim.")
+    bridge.drain()
+    messages = messages_of(_only_conversation(bridge))
+    assert any(m["private"] and "pausado ou encerrado" in m["content"] for m in messages)
+    assert bridge.ml_state()["answers"] == []
+
+
+def test_answer_typed_on_mercado_livre_is_mirrored_and_never_sent_back(bridge):
+    qid = bridge.ask("Faz entrega no sábado?")
+    bridge.poll()
+    bridge.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Fazemos sim."})
+    bridge.notify_ml("questions", f"/questions/{qid}", "answered-1")
+    bridge.drain()
+    conv = _only_conversation(bridge)
+    mirrored = [m for m in messages_of(conv) if m["source_id"] == f"meli:answer:{qid}"]
+    assert len(mirrored) == 1 and mirrored[0]["message_type_name"] == "outgoing"
+    assert mirrored[0]["content"] == "Fazemos sim."
+    # Chatwoot echoes the mirrored message as an outgoing "agent" message: not forwarded
+    echo = bridge.echo_of(mirrored[0]["id"])
+    assert echo["delivered_status"] == 200
+    bridge.drain()
+    assert bridge.ml_state()["answers"] == []
+    assert "respondida-no-ml" in conv["labels"]
+
+
+def test_answer_with_attachment_sends_text_and_notes_the_attachment(bridge):
+    bridge.ask("Tem foto da etiqueta?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.agent_replies(conv["id"], "Tem sim, veja a foto.",
+                         attachments=[("etiqueta.png", PNG_BYTES, "image/png")])
+    bridge.drain()
+    assert [a["text"] for a in bridge.ml_state()["answers"]] == ["Tem sim, veja a foto."]
+    notes = [m for m in messages_of(_only_conversation(bridge)) if m["private"]]
+    assert any("não aceitam anexos" in n["content"] and "etiqueta.png" in n["content"]
+               for n in notes)
+
+
+def test_questions_of_same_buyer_and_item_get_own_conversations_that_cite_each_other(bridge):
+    first = bridge.ask("Tem em 110v?")
+    bridge.poll()
+    second = bridge.ask("E em 220v?")
+    bridge.poll()
+    conversations = sorted(bridge.conversations(QUESTIONS_INBOX), key=lambda c: c["id"])
+    assert [c["custom_attributes"]["meli_question_id"] for c in conversations] == [
+        str(first), str(second)]
+    assert f"conversa #{conversations[0]['id']}" in messages_of(conversations[1])[0]["content"]
+    assert len(bridge.cw_state()["contacts"]) == 1
+
+
+def test_polling_pages_through_many_questions_oldest_first(bridge):
+    bridge.ml_post("/_standin/items", [{"id": "MLB1", "title": "Item"}])
+    bridge.ml_post("/_standin/questions", [
+        {"text": f"pergunta {n}", "item_id": "MLB1", "buyer_id": 1000 + n,
+         "date_created": f"2026-03-10T10:{n // 60:02d}:{n % 60:02d}.000-04:00"}
+        for n in range(120)])
+    result = meli_jobs.poll_questions(bridge.ctx)
+    assert result == {"enqueued": 120, "pages": 3}
+    jobs = sorted(bridge.jobs(kind="ml.import_question", status="pending", limit=500), key=lambda j: j["id"])
+    assert [j["payload"]["question"]["text"] for j in jobs[:2]] == ["pergunta 0", "pergunta 1"]
+
+
+def test_question_import_survives_chatwoot_failure_without_duplicates(bridge):
+    bridge.ask("Tem estoque?")
+    requests.post(f"{bridge.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations/42/messages",
+                        "status": 500, "count": 1})
+    bridge.poll()
+    (job,) = bridge.jobs(kind="ml.import_question")
+    assert job["status"] == "pending" and job["attempts"] == 1
+    bridge.clock.advance(3600)
+    bridge.drain()
+    conv = _only_conversation(bridge)
+    assert len(messages_of(conv)) == 1
+    assert db_manager.get_job(bridge.conn, job_id=job["id"])["status"] == "done"
