@@ -86,6 +86,47 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # 2: bridge A (WhatsApp via Kommo ⇄ n8n) — conversations, customer messages, bot states
+    """
+    CREATE TABLE kommo_conversations (
+        kommo_contact_id TEXT PRIMARY KEY,
+        kommo_lead_id TEXT NOT NULL DEFAULT '',
+        kommo_talk_id TEXT NOT NULL DEFAULT '',
+        kommo_chat_id TEXT NOT NULL DEFAULT '',
+        contact_name TEXT NOT NULL DEFAULT '',
+        origin TEXT NOT NULL DEFAULT '',
+        open_batch_key TEXT,
+        batch_started_at REAL,
+        last_message_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX kommo_conversations_lead ON kommo_conversations(kommo_lead_id);
+    CREATE INDEX kommo_conversations_talk ON kommo_conversations(kommo_talk_id);
+    CREATE TABLE kommo_messages (
+        kommo_message_id TEXT PRIMARY KEY,
+        kommo_contact_id TEXT NOT NULL,
+        text TEXT NOT NULL,
+        message_type TEXT NOT NULL DEFAULT 'text',
+        attachments TEXT NOT NULL DEFAULT '[]',
+        sent_at REAL NOT NULL,
+        received_at REAL NOT NULL,
+        status TEXT NOT NULL,
+        batch_key TEXT
+    );
+    CREATE INDEX kommo_messages_batch ON kommo_messages(batch_key);
+    CREATE TABLE bot_states (
+        kommo_contact_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('active', 'paused')),
+        paused_by TEXT NOT NULL DEFAULT '',
+        paused_by_kind TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '',
+        since_at REAL,
+        until_at REAL,
+        pause_count INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX bot_states_until ON bot_states(until_at) WHERE status = 'paused';
+    """,
 ]
 
 

@@ -35,6 +35,15 @@ class JobFailed(Exception):
         super().__init__(detail)
 
 
+class JobDeferred(Exception):
+    """Raised by a handler that cannot run yet (e.g. Kommo still running the previous Salesbot
+    on that lead): the job goes back to the queue until `available_at`, attempt not counted."""
+
+    def __init__(self, available_at: float):
+        self.available_at = available_at
+        super().__init__(f"deferred until {available_at}")
+
+
 class Clients:
     """The peer clients of one process, each built on first use from the settings."""
 
@@ -112,6 +121,9 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
                                         "follow_ups": len(follow_ups)})
         else:
             log.warning("job_lease_lost", extra={"elapsed_ms": _ms(started)})
+    except JobDeferred as deferred:
+        db_manager.release_job(ctx.conn, job, deferred.available_at)
+        log.info("job_deferred", extra={"until": deferred.available_at})
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
         _fail(ctx, job, exc, on_dead or {}, started)
     finally:

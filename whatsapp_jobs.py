@@ -1,1 +1,239 @@
-HANDLERS = {}
+"""Jobs of bridge A, run by the poller: forward a burst to n8n, deliver answers into the
+WhatsApp chat, confirm commands on the lead, auto-resume paused bots.
+
+Owns: `HANDLERS`, `ON_DEAD`, `SCHEDULES` of bridge A.
+Must not: parse webhooks (kommo_api) or hold SQL (whatsapp_store, db_manager).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import bot_control
+import db_manager
+import kommo_api
+import kommo_auth
+import whatsapp_store
+from db_manager import FollowUp, Job
+from job_runner import JobContext, JobDeferred, JobFailed
+from n8n_api import extract_answer
+from whatsapp_intake import (ADD_NOTE, BOT_COMMAND, FORWARD, SEND_REPLY, correlation_for,
+                             ordering_key, reply_follow_ups)
+
+log = logging.getLogger("ponte.whatsapp")
+
+WHATSAPP_ORIGINS = {"waba", "whatsapp", "com.amocrm.amocrmwa", "wa", "whatsapp_business"}
+SALESBOT_SPACING_SECONDS = 8  # Kommo runs one bot per lead at a time; give the last one room
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, bot_control.BRT).isoformat(timespec="seconds")
+
+
+def chat_type(origin: str) -> str:
+    """`whatsapp` for WhatsApp origins (what existing workflows test for), else the origin."""
+    low = (origin or "").lower()
+    return "whatsapp" if low in WHATSAPP_ORIGINS or "whatsapp" in low or "wa" == low else (
+        low or "unknown")
+
+
+def build_n8n_request(conversation: dict, messages: list[dict], correlation_id: str) -> dict:
+    """The JSON the seller's workflow receives. Keeps the seed's field names
+    (`conversation_id`, `contact_id`, `message_text`, `timestamp`, `chat_type`)."""
+    last = messages[-1]
+    attachments = [a for m in messages for a in m["attachments"]]
+    return {
+        "conversation_id": conversation["kommo_talk_id"] or f"contact-{conversation['kommo_contact_id']}",
+        "contact_id": conversation["kommo_contact_id"],
+        "message_text": "\n".join(m["text"] for m in messages if m["text"]),
+        "timestamp": _iso(last["sent_at"]),
+        "chat_type": chat_type(conversation["origin"]),
+        "lead_id": conversation["kommo_lead_id"] or None,
+        "talk_id": conversation["kommo_talk_id"] or None,
+        "chat_id": conversation["kommo_chat_id"] or None,
+        "contact_name": conversation["contact_name"],
+        "message_id": last["kommo_message_id"],
+        "messages": [{"message_id": m["kommo_message_id"], "text": m["text"],
+                      "message_type": m["message_type"], "timestamp": _iso(m["sent_at"]),
+                      "attachments": m["attachments"]} for m in messages],
+        "attachments": attachments,
+        "origin": conversation["origin"],
+        "correlation_id": correlation_id,
+        "bridge_correlation_id": correlation_id,
+        "source": "kommo",
+    }
+
+
+def forward_message(ctx: JobContext, job: Job):
+    """Send a burst of customer messages to n8n; a synchronous answer becomes reply jobs."""
+    contact_id = job.payload["contact_id"]
+    conn = ctx.conn
+    with db_manager.transaction(conn):
+        conversation = whatsapp_store.get_conversation(conn, contact_id=contact_id)
+        # Close the burst: later messages open a new job.
+        if conversation and conversation["open_batch_key"] == job.dedupe_key:
+            whatsapp_store.set_open_batch(conn, contact_id, None, None)
+    messages = whatsapp_store.batch_messages(conn, job.dedupe_key)
+    state = whatsapp_store.get_bot_state(conn, contact_id)
+    if state["status"] == "paused":
+        with db_manager.transaction(conn):
+            whatsapp_store.set_batch_status(conn, job.dedupe_key, "skipped_paused")
+        log.info("n8n_forward_skipped_paused", extra={"contact_id": contact_id})
+        return {"skipped": "paused", "messages": len(messages)}
+    if not messages or conversation is None:
+        return {"skipped": "no messages"}
+    correlation = correlation_for(job.dedupe_key)
+    with db_manager.transaction(conn):
+        db_manager.mapping_put(conn, "n8n-correlation", correlation,
+                               {"contact_id": contact_id, "pause_count": state["pause_count"],
+                                "batch_key": job.dedupe_key}, now=ctx.now())
+    body = build_n8n_request(conversation, messages, correlation)
+    answer = ctx.clients.n8n.send(body)
+    texts = extract_answer(answer) or []
+    log.info("n8n_forwarded", extra={"peer": "n8n", "contact_id": contact_id,
+                                     "messages": len(messages), "answers": len(texts),
+                                     "correlation_id": correlation})
+    with db_manager.transaction(conn):
+        whatsapp_store.set_batch_status(conn, job.dedupe_key, "forwarded")
+    follow_ups = reply_follow_ups(contact_id, conversation, texts, correlation,
+                                  state["pause_count"], "n8n-sync")
+    return {"messages": len(messages), "answers": len(texts), "correlation_id": correlation}, \
+        follow_ups
+
+
+def send_reply(ctx: JobContext, job: Job):
+    """Deliver one answer into the customer's WhatsApp chat, unless a seller paused the bot
+    since the question was sent to n8n."""
+    p = job.payload
+    state = whatsapp_store.get_bot_state(ctx.conn, p["contact_id"])
+    if p.get("source") != "fallback" and (
+            state["status"] == "paused" or state["pause_count"] != p.get("pause_count", 0)):
+        log.warning("reply_suppressed_paused", extra={"contact_id": p["contact_id"],
+                                                      "correlation_id": p.get("correlation_id")})
+        return {"suppressed": "paused"}
+    s = ctx.settings
+    kommo = ctx.clients.kommo
+    if s.kommo_reply_mode == "salesbot":
+        if not p.get("lead_id"):
+            raise JobFailed("modo salesbot sem lead para este contato", retryable=False)
+        key = f"salesbot-last-run:{p['lead_id']}"
+        last = db_manager.mapping_get(ctx.conn, "kommo", key)
+        if last and ctx.now() - last < SALESBOT_SPACING_SECONDS:
+            raise JobDeferred(last + SALESBOT_SPACING_SECONDS)
+        kommo.set_lead_text_field(p["lead_id"], s.kommo_reply_field_id, p["text"])
+        kommo.run_salesbot(s.kommo_salesbot_id, p["lead_id"])
+        with db_manager.transaction(ctx.conn):
+            db_manager.mapping_put(ctx.conn, "kommo", key, ctx.now())
+        return {"sent": "salesbot"}
+    if not p.get("talk_id"):
+        raise JobFailed("conversa sem talk_id: não há como responder pelo Chats API",
+                        retryable=False)
+    answer = kommo.send_talk_message(p["talk_id"], p["text"])
+    return {"sent": "talk", "kommo_message_id": (answer or {}).get("id")}
+
+
+def add_note(ctx: JobContext, job: Job):
+    """Write a note on the lead (where the seller reads; never reaches the customer)."""
+    lead_id = job.payload.get("lead_id")
+    if not lead_id and job.payload.get("contact_id"):
+        conversation = whatsapp_store.get_conversation(ctx.conn,
+                                                       contact_id=job.payload["contact_id"])
+        lead_id = conversation and conversation["kommo_lead_id"]
+    if not lead_id:
+        log.warning("note_without_lead", extra={"text_chars": len(job.payload["text"])})
+        return {"skipped": "no lead"}
+    ctx.clients.kommo.add_lead_note(lead_id, job.payload["text"])
+    return {"noted": lead_id}
+
+
+def bot_command(ctx: JobContext, job: Job):
+    """Confirm a seller command on the lead; first find the contact of the lead (and apply the
+    command) when the webhook did not know it."""
+    p = dict(job.payload)
+    contact_id = p.get("contact_id")
+    if not contact_id:
+        lead = ctx.clients.kommo.get_lead(p["lead_id"])
+        contact_id = kommo_api.main_contact_id(lead)
+        if not contact_id:
+            return None, [FollowUp(ADD_NOTE, f"note:{job.dedupe_key}", {
+                "lead_id": p["lead_id"],
+                "text": "🤖 Não encontrei o contato deste lead; comando ignorado."})]
+    confirmation = p.get("confirmation")
+    if confirmation is None:
+        with db_manager.transaction(ctx.conn):
+            whatsapp_store.upsert_conversation(ctx.conn, contact_id, p.get("lead_id") or "", "",
+                                               "", "", "", ctx.now())
+            command = bot_control.Command(p["command"], p.get("word", ""), p.get("reason", ""))
+            confirmation = bot_control.apply_command(ctx.conn, contact_id, command, p["by"],
+                                                     p["by_kind"], ctx.now(),
+                                                     ctx.settings.bot_auto_resume_hours)
+    if p["command"] == "pause" and p["by_kind"] == "ai":
+        confirmation = "🤖 O assistente pediu um humano: bot pausado. Vendedor, assuma a conversa."
+    if p["command"] == "pause" and p["by_kind"] == "human_reply":
+        confirmation = ("🤖 Bot pausado porque um vendedor respondeu no chat. "
+                        "Escreva #voltar numa nota para reativar.")
+    return {"contact_id": contact_id}, [FollowUp(ADD_NOTE, f"note:{job.dedupe_key}", {
+        "lead_id": p.get("lead_id"), "contact_id": contact_id, "text": confirmation},
+        ordering_key=ordering_key(contact_id))]
+
+
+def forward_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
+    """n8n never answered: tell the seller on the lead, and the customer once if configured."""
+    contact_id = job.payload["contact_id"]
+    with db_manager.transaction(ctx.conn):
+        whatsapp_store.set_batch_status(ctx.conn, job.dedupe_key, "failed")
+    conversation = whatsapp_store.get_conversation(ctx.conn, contact_id=contact_id) or {}
+    follow = [FollowUp(ADD_NOTE, f"note:n8n-dead:{job.dedupe_key}", {
+        "contact_id": contact_id, "lead_id": conversation.get("kommo_lead_id"),
+        "text": "⚠️ O assistente de IA não respondeu a esta conversa depois de várias "
+                f"tentativas. Responda o cliente manualmente.\nDetalhe: {error[:200]}"})]
+    if ctx.settings.bot_fallback_message and conversation:
+        follow.append(FollowUp(SEND_REPLY, f"fallback:{job.dedupe_key}", {
+            "contact_id": contact_id, "talk_id": conversation.get("kommo_talk_id"),
+            "lead_id": conversation.get("kommo_lead_id"),
+            "text": ctx.settings.bot_fallback_message, "source": "fallback"},
+            ordering_key=ordering_key(contact_id)))
+    return follow
+
+
+def reply_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
+    """An answer could not be delivered (closed talk, quota...): say so on the lead."""
+    p = job.payload
+    return [FollowUp(ADD_NOTE, f"note:reply-dead:{job.dedupe_key}", {
+        "contact_id": p.get("contact_id"), "lead_id": p.get("lead_id"),
+        "text": "⚠️ Não consegui entregar a resposta do assistente no WhatsApp.\n"
+                f"Motivo: {_reason_pt(error)}\nResposta: {p['text'][:1000]}"})]
+
+
+def _reason_pt(error: str) -> str:
+    if " 402" in error or "402:" in error:
+        return "limite/cota do Chats API do Kommo atingido (402)."
+    if " 422" in error or "422:" in error:
+        return "a conversa está fechada no Kommo (422)."
+    if " 403" in error or "403:" in error:
+        return "o token não tem permissão (403)."
+    return error[:200]
+
+
+def auto_resume(ctx: JobContext) -> int:
+    """Poller task: reactivate bots whose pause reached `BOT_AUTO_RESUME_HOURS`."""
+    resumed = 0
+    for state in whatsapp_store.due_auto_resumes(ctx.conn, ctx.now()):
+        contact_id = state["kommo_contact_id"]
+        with db_manager.transaction(ctx.conn):
+            whatsapp_store.set_active(ctx.conn, contact_id, "auto", ctx.now())
+            db_manager.enqueue_job(ctx.conn, ADD_NOTE, f"auto-resume:{contact_id}:"
+                                   f"{state['pause_count']}", {
+                                       "contact_id": contact_id,
+                                       "text": bot_control.TEXT_RESUMED +
+                                       " (reativação automática)"},
+                                   ordering_key=ordering_key(contact_id), now=ctx.now())
+        resumed += 1
+        log.info("bot_auto_resumed", extra={"contact_id": contact_id})
+    return resumed
+
+
+HANDLERS = {FORWARD: forward_message, SEND_REPLY: send_reply, ADD_NOTE: add_note,
+            BOT_COMMAND: bot_command}
+ON_DEAD = {FORWARD: forward_dead, SEND_REPLY: reply_dead}
+SCHEDULES = [(30, auto_resume), (300, kommo_auth.refresh_if_due)]

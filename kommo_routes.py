@@ -1,0 +1,207 @@
+"""HTTP routes of bridge A: the Kommo webhook, n8n's asynchronous answers, the bot API and the
+Kommo OAuth callback.
+
+Owns: the `kommo` blueprint — authentication, parsing and recording (one transaction) before
+the 2xx answer.
+Must not: call Kommo or n8n inside a webhook request (only the OAuth code exchange does).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import urllib.parse
+
+from flask import Blueprint, jsonify, request
+
+import bot_control
+import db_manager
+import kommo_auth
+import whatsapp_intake
+import whatsapp_store
+from kommo_api import KommoError, KommoParseError, parse_kommo_webhook
+from n8n_api import parse_send_response
+from web_common import (bearer_token, get_db, json_error, now, require_bearer, settings,
+                        token_matches)
+
+log = logging.getLogger("ponte.kommo.web")
+
+blueprint = Blueprint("kommo", __name__)
+
+KOMMO_AUTHORIZE_URL = "https://www.kommo.com/oauth"
+OAUTH_STATE_TTL_SECONDS = 1800
+
+
+# --- Kommo account webhook ----------------------------------------------------------------------
+
+@blueprint.route("/webhooks/kommo", methods=["GET", "POST"], strict_slashes=False)
+@blueprint.route("/webhooks/kommo/<secret>", methods=["GET", "POST"], strict_slashes=False)
+def kommo_webhook(secret: str | None = None):
+    """Kommo → ponte. Kommo does not sign webhooks: the secret travels in the URL."""
+    given = secret or request.args.get("secret", "")
+    if not token_matches(given, settings().kommo_webhook_secret):
+        log.warning("kommo_webhook_bad_secret")
+        return json_error(401, "bad_secret", "Segredo do webhook inválido.")
+    if request.method == "GET":  # Kommo checks the URL when the webhook is saved
+        return jsonify(ok=True, service="ponte", webhook="kommo")
+    if request.mimetype != "application/x-www-form-urlencoded":
+        return json_error(415, "unsupported_media_type",
+                          "O Kommo envia application/x-www-form-urlencoded.")
+    raw = request.get_data(cache=True)
+    try:
+        hook = parse_kommo_webhook(request.form.items(multi=True))
+    except KommoParseError as exc:
+        return json_error(400, "bad_kommo_payload", f"Corpo não é um webhook do Kommo: {exc}")
+    expected_account = settings().kommo_account_id
+    if expected_account and hook.account_id != expected_account:
+        log.warning("kommo_webhook_wrong_account", extra={"account_id": hook.account_id})
+        return json_error(401, "wrong_account", "Webhook de outra conta do Kommo.")
+    conn = get_db()
+    delivery_key = "kommo-delivery:" + hashlib.sha256(raw).hexdigest()
+    with db_manager.transaction(conn):
+        summary = whatsapp_intake.record_webhook(conn, settings(), hook, now())
+        first = db_manager.record_event(
+            conn, "kommo", delivery_key, _event_type(hook),
+            "accepted" if (summary.messages_new or summary.commands) else "ignored",
+            summary.as_dict(), now=now())
+    log.info("kommo_webhook_recorded", extra={"duplicate_delivery": not first,
+                                              **summary.as_dict()})
+    return jsonify(ok=True, **summary.as_dict())
+
+
+def _event_type(hook) -> str:
+    kinds = (["message"] if hook.messages else []) + (["note"] if hook.notes else [])
+    return "+".join(kinds) or "other"
+
+
+# --- n8n asynchronous answer --------------------------------------------------------------------
+
+@blueprint.post("/send-response")
+@require_bearer("n8n_api_key")
+def send_response():
+    """n8n → ponte: an answer produced after the workflow's webhook call ended."""
+    body = request.get_json(silent=True)
+    if body is None:
+        if not request.is_json:
+            return json_error(415, "unsupported_media_type", "Envie application/json.")
+        return json_error(400, "bad_json", "JSON inválido.")
+    try:
+        answer = parse_send_response(body)
+    except ValueError as exc:
+        return json_error(400, "bad_request", str(exc))
+    conn = get_db()
+    try:
+        with db_manager.transaction(conn):
+            result = whatsapp_intake.record_async_answer(conn, settings(), answer, now())
+    except LookupError:
+        return json_error(404, "unknown_conversation", "Conversa desconhecida para o ponte.")
+    return jsonify(ok=True, **result), 202
+
+
+# --- bot API ------------------------------------------------------------------------------------
+
+def _bot_auth(view):
+    return require_bearer("admin_token", "n8n_api_key")(view)
+
+
+@blueprint.get("/bot/status/<contact_id>")
+@_bot_auth
+def bot_status(contact_id: str):
+    state = whatsapp_store.get_bot_state(get_db(), contact_id)
+    return jsonify(**bot_control.state_json(state), message=bot_control.status_text(state))
+
+
+@blueprint.get("/bot/paused")
+@_bot_auth
+def bot_paused():
+    states = whatsapp_store.paused_states(get_db())
+    return jsonify(paused=[bot_control.state_json(s) for s in states], count=len(states))
+
+
+@blueprint.post("/bot/pause/<contact_id>")
+@_bot_auth
+def bot_pause(contact_id: str):
+    return _run_command(contact_id, "pausar", _body().get("reason", ""), _body().get("by"))
+
+
+@blueprint.post("/bot/resume/<contact_id>")
+@_bot_auth
+def bot_resume(contact_id: str):
+    return _run_command(contact_id, "voltar", "", _body().get("by"))
+
+
+@blueprint.post("/bot/command")
+@_bot_auth
+def bot_command():
+    body = _body()
+    contact_id = str(body.get("contact_id") or "").strip()
+    if not contact_id or not body.get("command"):
+        return json_error(400, "bad_request", "Informe contact_id e command.")
+    return _run_command(contact_id, str(body["command"]), str(body.get("reason") or ""),
+                        body.get("by"))
+
+
+def _body() -> dict:
+    body = request.get_json(silent=True)
+    return body if isinstance(body, dict) else {}
+
+
+def _run_command(contact_id: str, name: str, reason: str, by):
+    if not contact_id.isdigit():
+        return json_error(400, "bad_contact_id", "contact_id deve ser o id numérico do contato.")
+    command = bot_control.command_from_name(name, reason)
+    if command is None:
+        return json_error(400, "unknown_command",
+                          "Comando desconhecido. Use pausar, voltar, status ou help.")
+    conn = get_db()
+    with db_manager.transaction(conn):
+        result = whatsapp_intake.api_command(conn, settings(), contact_id, command,
+                                             str(by or "api"), now())
+    return jsonify(ok=True, command=command.name, **result)
+
+
+# --- Kommo OAuth --------------------------------------------------------------------------------
+
+@blueprint.get("/oauth/status")
+@require_bearer("admin_token")
+def oauth_status():
+    """Whether Kommo is connected, and the link that (re)connects it."""
+    s = settings()
+    conn = get_db()
+    if s.kommo_access_token:
+        return jsonify(mode="long_lived_token", connected=True)
+    token = db_manager.token_get(conn, kommo_auth.PROVIDER)
+    state = secrets.token_urlsafe(24)
+    with db_manager.transaction(conn):
+        db_manager.mapping_put(conn, "oauth-state", state, {"provider": "kommo", "at": now()},
+                               now=now())
+    link = KOMMO_AUTHORIZE_URL + "?" + urllib.parse.urlencode(
+        {"client_id": s.kommo_client_id, "state": state, "mode": "post_message"})
+    return jsonify(mode="oauth", connected=bool(token and token["status"] == "ok"),
+                   status=token["status"] if token else "never_connected",
+                   expires_at=token["expires_at"] if token else None,
+                   authorize_url=link if s.kommo_client_id else None)
+
+
+@blueprint.get("/oauth/callback")
+def oauth_callback():
+    """Kommo redirects the seller here with `code` and our `state`; we exchange and store."""
+    if request.args.get("error"):
+        return json_error(400, "access_denied", "Autorização recusada no Kommo.")
+    code, state = request.args.get("code", ""), request.args.get("state", "")
+    conn = get_db()
+    saved = db_manager.mapping_get(conn, "oauth-state", state) if state else None
+    if not saved or saved.get("provider") != "kommo" or \
+            now() - saved["at"] > OAUTH_STATE_TTL_SECONDS:
+        return json_error(400, "bad_state", "Link de autorização inválido ou vencido; gere outro "
+                                            "em /oauth/status.")
+    if not code:
+        return json_error(400, "missing_code", "Parâmetro code ausente.")
+    try:
+        kommo_auth.exchange_code(settings(), conn, code, now())
+    except KommoError as exc:
+        log.error("kommo_oauth_exchange_failed", extra={"status": exc.status})
+        return json_error(502, "exchange_failed", "O Kommo recusou o código de autorização.")
+    with db_manager.transaction(conn):
+        db_manager.mapping_put(conn, "oauth-state", state, {"provider": "used", "at": now()})
+    return jsonify(ok=True, message="Kommo conectado ao ponte.")

@@ -1,0 +1,89 @@
+"""A stand-in for the seller's n8n workflow (Webhook node + "Respond to Webhook").
+
+`POST /webhook/<path>` checks `Authorization: Bearer <api key>`, records the request and answers
+by mode: `sync` (`{"output": "..."}`, like the example workflow), `list` (several messages),
+`empty` (200 `{}` — the workflow will answer later), `async` (empty now, then it posts the
+answer to ponte's `/send-response` from a thread), `down` (503). `fail_next` injects failures.
+Inspection: `GET /_standin/calls`, `POST /_standin/mode`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import requests
+from flask import Flask, jsonify, request
+
+DEFAULT_KEY = "n8n-standin-key"
+
+
+def answer_for(body: dict) -> str:
+    """A small rule-based 'AI' in Portuguese, enough for the demo to read naturally."""
+    text = (body.get("message_text") or "").lower()
+    name = (body.get("contact_name") or "").split(" ")[0]
+    if "entreg" in text or "frete" in text:
+        return f"Olá{', ' + name if name else ''}! Entregamos em todo o Brasil; para sua região o prazo é de 2 a 4 dias úteis."
+    if "preço" in text or "preco" in text or "valor" in text:
+        return "O valor está na página do produto e parcelamos em até 10x sem juros. 😊"
+    return f"Olá{', ' + name if name else ''}! Recebi sua mensagem: “{body.get('message_text', '')}”. Como posso ajudar?"
+
+
+def create_app(api_key: str = DEFAULT_KEY, mode: str = "sync",
+               ponte_url: str | None = None, async_delay_seconds: float = 0.2) -> Flask:
+    app = Flask("n8n-standin")
+    state = {"mode": mode, "calls": [], "fail_next": 0, "fail_status": 503, "delay": 0.0,
+             "ponte_url": ponte_url, "async_results": []}
+    lock = threading.Lock()
+    app.config["STATE"] = state
+
+    def post_later(body: dict):
+        time.sleep(async_delay_seconds)
+        try:
+            r = requests.post(state["ponte_url"] + "/send-response", timeout=5,
+                              headers={"Authorization": f"Bearer {api_key}"},
+                              json={"conversation_id": body["conversation_id"],
+                                    "response_text": answer_for(body),
+                                    "correlation_id": body.get("correlation_id")})
+            state["async_results"].append(r.status_code)
+        except requests.RequestException as exc:
+            state["async_results"].append(repr(exc))
+
+    @app.post("/webhook/<path:path>")
+    def webhook(path):
+        if request.headers.get("Authorization") != f"Bearer {api_key}":
+            return jsonify(code=403, message="Authorization data is wrong!"), 403
+        body = request.get_json(silent=True) or {}
+        with lock:
+            state["calls"].append({"path": path, "body": body, "at": time.time()})
+            if state["fail_next"] > 0:
+                state["fail_next"] -= 1
+                return jsonify(message="Error in workflow"), state["fail_status"]
+            current = state["mode"]
+        if state["delay"]:
+            time.sleep(state["delay"])
+        if current == "down":
+            return jsonify(message="Service Unavailable"), 503
+        if current == "empty":
+            return "", 200
+        if current == "async":
+            threading.Thread(target=post_later, args=(body,), daemon=True).start()
+            return jsonify({})
+        if current == "list":
+            return jsonify({"output": [answer_for(body), "Posso ajudar em mais alguma coisa?"]})
+        return jsonify({"output": answer_for(body)})
+
+    @app.get("/_standin/calls")
+    def calls():
+        with lock:
+            return jsonify(calls=state["calls"], async_results=state["async_results"])
+
+    @app.post("/_standin/mode")
+    def set_mode():
+        body = request.get_json(force=True)
+        with lock:
+            for key in ("mode", "fail_next", "fail_status", "delay", "ponte_url"):
+                if key in body:
+                    state[key] = body[key]
+        return jsonify(ok=True)
+
+    return app

@@ -1,0 +1,318 @@
+"""Bridge A end to end across the HTTP boundary: Kommo webhook → ponte → n8n → ponte → Kommo
+chat, with the sellers' commands. Real-shaped Kommo bodies (../shared/payloads/kommo)."""
+from __future__ import annotations
+
+import pytest
+
+import db_manager
+import whatsapp_jobs
+from tests.bridge_a_harness import ADMIN, N8N_KEY, SECRET, BridgeA
+from tests.conftest import payload_text
+
+
+@pytest.fixture
+def bridge(make_settings, serve, clock):
+    return BridgeA(make_settings, serve, clock)
+
+
+def test_customer_message_reaches_n8n_and_the_answer_lands_in_the_whatsapp_chat(bridge):
+    # GIVEN the real-shaped add_message body Kommo posts
+    response = bridge.kommo_posts(payload_text("kommo/add_message_incoming_text.form").strip())
+    assert response.status_code == 200
+    # WHEN the poller runs
+    bridge.run_jobs()
+    # THEN n8n got the fields existing workflows read, plus ours
+    [call] = bridge.n8n_calls()
+    assert call["message_text"] == "Olá, vocês entregam em Campinas?"
+    assert call["conversation_id"] == "1874" and call["contact_id"] == "93589657"
+    assert call["chat_type"] == "whatsapp" and call["lead_id"] == "28455849"
+    assert call["talk_id"] == "1874" and call["contact_name"] == "Maria Souza"
+    assert call["message_id"] == "d3bac6d3-1b5e-40c2-a054-4e0cfe283edb"
+    assert call["timestamp"].endswith("-03:00") and call["correlation_id"]
+    assert [m["text"] for m in call["messages"]] == ["Olá, vocês entregam em Campinas?"]
+    # AND the answer went into the same WhatsApp talk
+    [reply] = bridge.chat_messages()
+    assert "Entregamos" in reply
+
+
+def test_one_message_delivered_five_times_gives_one_n8n_call_and_one_reply(bridge):
+    body = payload_text("kommo/add_message_incoming_text.form").strip()
+    for _ in range(5):
+        assert bridge.kommo_posts(body).status_code == 200
+        bridge.run_jobs()
+    assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
+
+
+def test_burst_in_the_debounce_window_becomes_one_call_in_order(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, BOT_DEBOUNCE_SECONDS=3,
+                     BOT_DEBOUNCE_MAX_SECONDS=15)
+    for i, text in enumerate(["oi", "tudo bem?", "queria saber do frete", "para Campinas"]):
+        bridge.customer_says(text, created_at=1_790_000_000 + i)
+        clock.advance(1)
+        assert bridge.run_jobs() == 0  # window still open
+    clock.advance(3)
+    bridge.run_jobs()
+    [call] = bridge.n8n_calls()
+    assert [m["text"] for m in call["messages"]] == ["oi", "tudo bem?", "queria saber do frete",
+                                                     "para Campinas"]
+    assert call["message_text"] == "oi\ntudo bem?\nqueria saber do frete\npara Campinas"
+    assert len(bridge.chat_messages()) == 1
+
+
+def test_debounce_window_is_capped_by_the_maximum(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, BOT_DEBOUNCE_SECONDS=3,
+                     BOT_DEBOUNCE_MAX_SECONDS=5)
+    for i in range(4):  # a message every 2 s would keep a plain debounce open forever
+        bridge.customer_says(f"parte {i}")
+        clock.advance(2)
+        bridge.run_jobs()
+    clock.advance(5)
+    bridge.run_jobs()
+    calls = bridge.n8n_calls()
+    assert len(calls) == 2
+    assert [m["text"] for m in calls[0]["messages"]] == ["parte 0", "parte 1", "parte 2"]
+
+
+def test_customer_typing_pausar_does_not_control_the_bot(bridge):
+    bridge.customer_says("#pausar")
+    bridge.run_jobs()
+    assert bridge.bot_state()["status"] == "active"
+    assert bridge.n8n_calls()[0]["message_text"] == "#pausar"
+
+
+def test_seller_note_pauses_then_voltar_resumes(bridge):
+    bridge.customer_says("olá")
+    bridge.run_jobs()
+    # WHEN the seller writes #pausar in a note on the lead (real-shaped note_lead body)
+    assert bridge.kommo_posts(payload_text("kommo/note_lead_pausar.form").strip()).status_code \
+        == 200
+    # THEN the bot is paused at once, before any job runs
+    assert bridge.bot_state()["status"] == "paused"
+    bridge.run_jobs()
+    assert bridge.lead_notes()[-1] == "🤖 Bot pausado. Vendedor assumindo conversa."
+    # AND the customer's next messages are kept but not sent to n8n
+    bridge.customer_says("alguém aí?")
+    bridge.run_jobs()
+    assert len(bridge.n8n_calls()) == 1
+    assert bridge.db.execute("SELECT status FROM kommo_messages WHERE text = 'alguém aí?'"
+                             ).fetchone()[0] == "skipped_paused"
+    # WHEN the seller writes #voltar
+    bridge.seller_notes("#Voltar", note_id="213313360")
+    bridge.run_jobs()
+    assert bridge.bot_state()["status"] == "active"
+    assert bridge.lead_notes()[-1] == "🤖 Bot reativado. Assumindo atendimento automático."
+    bridge.customer_says("e agora?")
+    bridge.run_jobs()
+    assert len(bridge.n8n_calls()) == 2
+
+
+def test_same_note_delivered_twice_is_applied_and_confirmed_once(bridge):
+    bridge.customer_says("olá")
+    note = payload_text("kommo/note_lead_pausar.form").strip()
+    bridge.kommo_posts(note)
+    bridge.kommo_posts(note)
+    bridge.run_jobs()
+    assert bridge.bot_state()["pause_count"] == 1
+    assert bridge.lead_notes().count("🤖 Bot pausado. Vendedor assumindo conversa.") == 1
+
+
+def test_note_on_a_lead_never_seen_finds_its_contact_through_kommo(bridge):
+    bridge.kommo_app.config["STATE"].leads["555"] = {"contacts": ["777"]}
+    bridge.seller_notes("#pausar cliente VIP", lead_id="555", note_id="9001")
+    bridge.run_jobs()
+    state = bridge.bot_state("777")
+    assert state["status"] == "paused" and state["reason"] == "cliente VIP"
+    assert bridge.lead_notes("555")[-1].startswith("🤖 Bot pausado.")
+
+
+def test_status_and_help_are_answered_on_the_lead(bridge):
+    bridge.customer_says("oi")
+    bridge.seller_notes("#pausar almoço", note_id="1")
+    bridge.seller_notes("#status", note_id="2")
+    bridge.seller_notes("#ajuda", note_id="3")
+    bridge.run_jobs()
+    status, help_text = bridge.lead_notes()[-2:]
+    assert "PAUSADO" in status and "usuário 9040358" in status and "almoço" in status
+    assert "#pausar" in help_text and "#voltar" in help_text and "#status" in help_text
+
+
+def test_notes_written_by_integrations_and_plain_notes_change_nothing(bridge):
+    bridge.customer_says("oi")
+    bridge.seller_notes("#pausar", created_by="0", note_id="10")
+    bridge.seller_notes("cliente ligou pedindo boleto", note_id="11")
+    bridge.run_jobs()
+    assert bridge.bot_state()["status"] == "active"
+
+
+def test_auto_resume_after_the_configured_hours(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, BOT_AUTO_RESUME_HOURS=2)
+    bridge.customer_says("oi")
+    bridge.seller_notes("#pausar")
+    bridge.run_jobs()
+    assert "Reativação automática" in bridge.lead_notes()[-1]
+    ctx = bridge.poller.ctx
+    clock.advance(2 * 3600 - 10)
+    assert whatsapp_jobs.auto_resume(ctx) == 0
+    clock.advance(20)
+    assert whatsapp_jobs.auto_resume(ctx) == 1
+    bridge.run_jobs()
+    assert bridge.bot_state()["status"] == "active"
+    assert bridge.lead_notes()[-1].startswith("🤖 Bot reativado.")
+
+
+def test_answer_produced_before_a_pause_is_not_delivered(bridge):
+    bridge.customer_says("quero falar com alguém")
+    assert bridge.run_jobs(max_jobs=1) == 1  # n8n answered; the reply job is queued
+    bridge.seller_notes("#pausar")
+    bridge.run_jobs()
+    assert len(bridge.n8n_calls()) == 1 and bridge.chat_messages() == []
+    reply = db_manager.list_jobs(bridge.db, kind="kommo.send_reply")[0]
+    assert reply["status"] == "done" and reply["result"] == {"suppressed": "paused"}
+
+
+def test_late_asynchronous_answer_after_pause_is_not_delivered(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, n8n_mode="empty")
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    correlation = bridge.n8n_calls()[0]["correlation_id"]
+    bridge.seller_notes("#pausar")
+    bridge.seller_notes("#voltar", note_id="2")  # even after #voltar: that answer is stale
+    response = bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "oi!",
+                                         "correlation_id": correlation})
+    assert response.status_code == 202 and response.get_json()["suppressed"] is True
+    bridge.run_jobs()
+    assert bridge.chat_messages() == []
+
+
+def test_asynchronous_answer_through_send_response(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, n8n_mode="empty")
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    correlation = bridge.n8n_calls()[0]["correlation_id"]
+    body = {"conversation_id": "1874", "response_text": "Olá! Como posso ajudar?",
+            "correlation_id": correlation}
+    assert bridge.n8n_answers_later(body).status_code == 202
+    assert bridge.n8n_answers_later(body).status_code == 202  # n8n retried: still one reply
+    by_contact = {"contact_id": "93589657", "response": "Mais alguma dúvida?"}
+    assert bridge.n8n_answers_later(by_contact).status_code == 202
+    bridge.run_jobs()
+    assert bridge.chat_messages() == ["Olá! Como posso ajudar?", "Mais alguma dúvida?"]
+
+
+def test_send_response_validation(bridge):
+    bridge.customer_says("oi")
+    assert bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "x"},
+                                    key="wrong").status_code == 401
+    assert bridge.n8n_answers_later({"conversation_id": "999", "response_text": "x"}
+                                    ).status_code == 404
+    assert bridge.n8n_answers_later({"conversation_id": "1874"}).status_code == 400
+    bad = bridge.web.post("/send-response", data="{oops", content_type="application/json",
+                          headers={"Authorization": f"Bearer {N8N_KEY}"})
+    assert bad.status_code == 400 and bad.get_json()["error"] == "bad_json"
+
+
+def test_should_send_false_sends_nothing_and_handoff_pauses_with_a_note(bridge):
+    bridge.customer_says("quero um humano")
+    response = bridge.n8n_answers_later({"contact_id": "93589657", "response_text": "ok",
+                                         "should_send": False, "should_handoff": True})
+    assert response.status_code == 202 and response.get_json()["handoff"] is True
+    state = bridge.bot_state()
+    assert state["status"] == "paused" and state["paused_by_kind"] == "ai"
+    bridge.run_jobs()
+    assert "o assistente pediu um humano" in bridge.lead_notes()[-1].lower()
+    assert bridge.chat_messages() == [] or "ok" not in bridge.chat_messages()
+
+
+def test_a_list_answer_becomes_several_messages_in_order(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, n8n_mode="list")
+    bridge.customer_says("quanto custa o frete?")
+    bridge.run_jobs()
+    sent = bridge.chat_messages()
+    assert len(sent) == 2 and sent[1] == "Posso ajudar em mais alguma coisa?"
+
+
+def test_n8n_down_for_a_while_then_delivered_in_order_per_contact(bridge, clock):
+    bridge.n8n_mode(mode="down")
+    bridge.customer_says("primeira", message_id="m1")
+    bridge.run_jobs()
+    bridge.customer_says("segunda", message_id="m2")
+    bridge.customer_says("outro cliente", contact_id="42", talk_id="2000", lead_id="4242",
+                         message_id="m3")
+    for _ in range(3):
+        clock.advance(60)
+        bridge.run_jobs()
+    assert bridge.chat_messages() == []
+    bridge.n8n_mode(mode="sync")
+    clock.advance(600)
+    bridge.run_jobs()
+    texts = [c["message_text"] for c in bridge.n8n_calls() if c["contact_id"] == "93589657"]
+    assert texts[-2:] == ["primeira", "segunda"]
+    replies = bridge.chat_messages("1874")
+    assert len(replies) == 2 and "primeira" in replies[0] and "segunda" in replies[1]
+    assert len(bridge.chat_messages("2000")) == 1
+
+
+def test_n8n_never_answers_then_seller_gets_a_note_and_customer_the_fallback_once(
+        make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, n8n_mode="down", JOB_MAX_ATTEMPTS=3,
+                     BOT_FALLBACK_MESSAGE="Já já um atendente te responde!")
+    bridge.customer_says("oi")
+    for _ in range(5):
+        bridge.run_jobs()
+        clock.advance(1000)
+    assert len(bridge.n8n_calls()) == 3
+    assert "não respondeu" in bridge.lead_notes()[-1]
+    assert bridge.chat_messages() == ["Já já um atendente te responde!"]
+
+
+def test_closed_talk_is_not_retried_and_the_seller_is_told(bridge):
+    bridge.kommo_app.config["STATE"].closed_talks.add("1874")
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    reply = db_manager.list_jobs(bridge.db, kind="kommo.send_reply")[0]
+    assert reply["status"] == "dead" and reply["attempts"] == 1
+    assert "conversa está fechada" in bridge.lead_notes()[-1]
+
+
+def test_kommo_down_while_replying_then_delivered(bridge, clock):
+    bridge.kommo_fails(path_prefix="/api/v4/talks", status=503, times=2)
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    assert bridge.chat_messages() == []
+    for _ in range(2):
+        clock.advance(60)
+        bridge.run_jobs()
+    assert len(bridge.chat_messages()) == 1 and len(bridge.n8n_calls()) == 1
+
+
+def test_salesbot_reply_mode_writes_the_field_then_runs_the_bot(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, KOMMO_REPLY_MODE="salesbot",
+                     KOMMO_SALESBOT_ID="321", KOMMO_REPLY_FIELD_ID="2991944",
+                     n8n_mode="list")
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    state = bridge.kommo_state()
+    assert len(state["bot_runs"]) == 1  # second answer waits: one bot per lead at a time
+    assert state["bot_runs"][0]["text"]["2991944"].startswith("Olá")
+    clock.advance(10)
+    bridge.run_jobs()
+    runs = bridge.kommo_state()["bot_runs"]
+    assert len(runs) == 2 and runs[1]["text"]["2991944"] == "Posso ajudar em mais alguma coisa?"
+    assert bridge.chat_messages() == []
+
+
+def test_seller_chat_message_with_a_command_pauses(bridge):
+    from standins import kommo as k
+    bridge.customer_says("oi")
+    bridge.kommo_posts(k.outgoing_form("#pausar"))
+    assert bridge.bot_state()["status"] == "paused"
+
+
+def test_pause_on_human_reply(make_settings, serve, clock):
+    from standins import kommo as k
+    bridge = BridgeA(make_settings, serve, clock, BOT_PAUSE_ON_HUMAN_REPLY="true")
+    bridge.customer_says("oi")
+    bridge.kommo_posts(k.outgoing_form("Oi Maria, aqui é o João!"))
+    bridge.run_jobs()
+    assert bridge.bot_state()["paused_by_kind"] == "human_reply"
+    assert "vendedor respondeu no chat" in bridge.lead_notes()[-1]

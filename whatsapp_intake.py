@@ -1,0 +1,250 @@
+"""What bridge A records when something arrives: Kommo webhooks, n8n's asynchronous answers and
+bot commands from the HTTP API. Database only — every effect on a peer becomes a job.
+
+Owns: dedupe of Kommo messages and notes, bursts (debounce) of customer messages as one durable
+`n8n.forward_message` job, skipping while paused, seller commands from notes and chat, and the
+jobs for answers and confirmations.
+Must not: call a peer or touch flask.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import bot_control
+import db_manager
+import whatsapp_store
+from kommo_api import KommoMessage, KommoNote, KommoWebhook
+from n8n_api import N8nAsyncAnswer
+
+log = logging.getLogger("ponte.whatsapp")
+
+FORWARD = "n8n.forward_message"
+SEND_REPLY = "kommo.send_reply"
+ADD_NOTE = "kommo.add_note"
+BOT_COMMAND = "kommo.bot_command"
+# Notes written through the API by integrations (ours included) carry created_by=0.
+INTEGRATION_USER = "0"
+
+
+def ordering_key(contact_id: str) -> str:
+    return f"kommo-contact:{contact_id}"
+
+
+@dataclass
+class IntakeSummary:
+    """What one webhook produced, for the event log and the operator."""
+
+    messages_new: int = 0
+    messages_duplicate: int = 0
+    messages_skipped_paused: int = 0
+    commands: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+
+def record_webhook(conn, settings, hook: KommoWebhook, now: float) -> IntakeSummary:
+    """Record a parsed Kommo webhook (inside the caller's transaction)."""
+    summary = IntakeSummary()
+    for message in hook.messages:
+        if message.from_customer:
+            _record_customer_message(conn, settings, message, now, summary)
+        elif message.direction == "outgoing" and message.author_type in ("internal", "user"):
+            _record_seller_chat_message(conn, settings, message, now, summary)
+        else:
+            summary.ignored.append(f"message {message.message_id}: "
+                                   f"{message.direction}/{message.author_type or '?'}")
+    for note in hook.notes:
+        _record_note(conn, settings, note, now, summary)
+    summary.ignored += [f"{i.key}: {i.reason}" for i in hook.ignored]
+    return summary
+
+
+def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
+                             summary: IntakeSummary) -> None:
+    if not msg.message_id or not msg.contact_id:
+        summary.ignored.append("message without id or contact_id")
+        return
+    whatsapp_store.upsert_conversation(conn, msg.contact_id, msg.lead_id, msg.talk_id,
+                                       msg.chat_id, msg.author_name, msg.origin, now)
+    attachments = [{"type": a.type, "link": a.link, "file_name": a.file_name}
+                   for a in msg.attachments]
+    state = whatsapp_store.get_bot_state(conn, msg.contact_id)
+    if state["status"] == "paused":
+        if whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
+                                         msg.message_type, attachments, msg.created_at or now,
+                                         now, "skipped_paused", None):
+            summary.messages_skipped_paused += 1
+        else:
+            summary.messages_duplicate += 1
+        return
+    batch_key = _batch_for(conn, settings, msg, now)
+    if whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
+                                     msg.message_type, attachments, msg.created_at or now, now,
+                                     "queued", batch_key):
+        summary.messages_new += 1
+    else:
+        summary.messages_duplicate += 1
+
+
+def _batch_for(conn, settings, msg: KommoMessage, now: float) -> str | None:
+    """The forward job this message rides on: the contact's still-waiting burst if its window
+    is open, else a new job. Returns None for a duplicate message."""
+    if conn.execute("SELECT 1 FROM kommo_messages WHERE kommo_message_id = ?",
+                    (msg.message_id,)).fetchone():
+        return None
+    debounce = max(0.0, settings.bot_debounce_seconds)
+    conversation = whatsapp_store.get_conversation(conn, contact_id=msg.contact_id)
+    open_key = conversation.get("open_batch_key") if conversation else None
+    if open_key:
+        started = conversation["batch_started_at"] or now
+        due = min(now + debounce, started + max(debounce, settings.bot_debounce_max_seconds))
+        # Only a job that has not started can take more messages; once claimed, the burst is
+        # closed and this message opens the next one.
+        if db_manager.reschedule_pending_job(conn, open_key, due):
+            return open_key
+    batch_key = f"kommo-msg:{msg.message_id}"
+    db_manager.enqueue_job(conn, FORWARD, batch_key, {"contact_id": msg.contact_id},
+                           available_at=now + debounce, ordering_key=ordering_key(msg.contact_id),
+                           now=now)
+    whatsapp_store.set_open_batch(conn, msg.contact_id, batch_key, now)
+    return batch_key
+
+
+def _record_seller_chat_message(conn, settings, msg: KommoMessage, now: float,
+                                summary: IntakeSummary) -> None:
+    command = bot_control.parse_command(msg.text)
+    who = msg.author_name or msg.author_user_id or "vendedor"
+    if command:
+        _enqueue_command(conn, settings, command, lead_id=msg.lead_id, contact_id=msg.contact_id,
+                         by=who, by_kind="seller", source="chat",
+                         dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now)
+        summary.commands.append(command.name)
+    elif settings.bot_pause_on_human_reply and msg.contact_id:
+        state = whatsapp_store.get_bot_state(conn, msg.contact_id)
+        if state["status"] == "active":
+            pause = bot_control.Command("pause", "auto", "vendedor respondeu no chat")
+            _enqueue_command(conn, settings, pause, lead_id=msg.lead_id,
+                             contact_id=msg.contact_id, by=who, by_kind="human_reply",
+                             source="chat", dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now)
+            summary.commands.append("pause(human_reply)")
+    else:
+        summary.ignored.append(f"seller message {msg.message_id}")
+
+
+def _record_note(conn, settings, note: KommoNote, now: float, summary: IntakeSummary) -> None:
+    if note.created_by in (INTEGRATION_USER, ""):
+        summary.ignored.append(f"note {note.note_id}: written by an integration")
+        return
+    command = bot_control.parse_command(note.text)
+    if command is None:
+        summary.ignored.append(f"note {note.note_id}: not a command")
+        return
+    _enqueue_command(conn, settings, command, lead_id=note.lead_id, contact_id=None,
+                     by=f"usuário {note.created_by}", by_kind="seller", source="note",
+                     dedupe_key=f"kommo-note:{note.note_id}", now=now)
+    summary.commands.append(command.name)
+
+
+def _enqueue_command(conn, settings, command: bot_control.Command, *, lead_id: str | None,
+                     contact_id: str | None, by: str, by_kind: str, source: str,
+                     dedupe_key: str, now: float) -> None:
+    """Apply the command now when we know the contact (a pause must stop the very next customer
+    message), and queue the job that confirms it on the lead (and resolves the contact first
+    when only the lead is known)."""
+    if not contact_id and lead_id:
+        conversation = whatsapp_store.get_conversation(conn, lead_id=lead_id)
+        contact_id = conversation["kommo_contact_id"] if conversation else None
+    payload = {"lead_id": lead_id, "contact_id": contact_id, "command": command.name,
+               "word": command.word, "reason": command.reason, "by": by, "by_kind": by_kind,
+               "source": source}
+    if db_manager.get_job(conn, dedupe_key=dedupe_key):
+        return  # the same note delivered again
+    if contact_id:
+        payload["confirmation"] = bot_control.apply_command(
+            conn, contact_id, command, by, by_kind, now, settings.bot_auto_resume_hours)
+    db_manager.enqueue_job(conn, BOT_COMMAND, dedupe_key, payload,
+                           ordering_key=ordering_key(contact_id) if contact_id else None, now=now)
+    log.info("bot_command_recorded", extra={"command": command.name, "source": source,
+                                            "contact_id": contact_id, "lead_id": lead_id})
+
+
+# --- HTTP API and n8n's asynchronous answers ----------------------------------------------------
+
+def api_command(conn, settings, contact_id: str, command: bot_control.Command, by: str,
+                now: float) -> dict:
+    """Apply a command from `/bot/*` and queue its confirmation note (inside a transaction).
+    Returns the new state."""
+    conversation = whatsapp_store.get_conversation(conn, contact_id=contact_id)
+    confirmation = bot_control.apply_command(conn, contact_id, command, by, "api", now,
+                                             settings.bot_auto_resume_hours)
+    lead_id = conversation["kommo_lead_id"] if conversation else None
+    if lead_id and command.name in ("pause", "resume"):
+        db_manager.enqueue_job(conn, ADD_NOTE, f"bot-api:{uuid.uuid4().hex}",
+                               {"lead_id": lead_id, "text": confirmation},
+                               ordering_key=ordering_key(contact_id), now=now)
+    state = whatsapp_store.get_bot_state(conn, contact_id)
+    return {**bot_control.state_json(state), "message": confirmation}
+
+
+def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> dict:
+    """Record an answer posted to `/send-response`. Raises LookupError for an unknown
+    conversation. Returns what was done (`queued`, `suppressed`, `handoff`)."""
+    conversation = (whatsapp_store.get_conversation(conn, talk_id=answer.conversation_id)
+                    if answer.conversation_id else None)
+    if conversation is None and answer.contact_id:
+        conversation = whatsapp_store.get_conversation(conn, contact_id=answer.contact_id)
+    if conversation is None:
+        raise LookupError("conversa desconhecida")
+    contact_id = conversation["kommo_contact_id"]
+    state = whatsapp_store.get_bot_state(conn, contact_id)
+    correlation = answer.correlation_id or uuid.uuid4().hex
+    # An answer to a request made before the latest pause must not reach the customer.
+    asked = db_manager.mapping_get(conn, "n8n-correlation", correlation) if \
+        answer.correlation_id else None
+    pause_count = asked["pause_count"] if asked else state["pause_count"]
+    result = {"conversation_id": conversation["kommo_talk_id"], "contact_id": contact_id,
+              "queued": 0, "handoff": False, "suppressed": False}
+    if state["status"] == "paused" or state["pause_count"] != pause_count:
+        log.warning("n8n_answer_suppressed_paused", extra={"contact_id": contact_id,
+                                                          "correlation_id": correlation})
+        result["suppressed"] = True
+    elif answer.should_send:
+        result["queued"] = enqueue_replies(conn, contact_id, conversation, list(answer.texts),
+                                           correlation, pause_count, now, source="n8n-async")
+    if answer.should_handoff:
+        _enqueue_command(conn, settings, bot_control.Command("pause", "handoff",
+                                                             "o assistente pediu um humano"),
+                         lead_id=conversation["kommo_lead_id"], contact_id=contact_id,
+                         by="assistente de IA", by_kind="ai", source="n8n",
+                         dedupe_key=f"n8n-handoff:{correlation}", now=now)
+        result["handoff"] = True
+    return result
+
+
+def reply_follow_ups(contact_id: str, conversation: dict, texts: list[str], correlation: str,
+                     pause_count: int, source: str) -> list[db_manager.FollowUp]:
+    """One `kommo.send_reply` job per text, deduplicated by correlation id and position."""
+    return [db_manager.FollowUp(SEND_REPLY, f"n8n-reply:{correlation}:{index}", {
+        "contact_id": contact_id, "talk_id": conversation["kommo_talk_id"],
+        "lead_id": conversation["kommo_lead_id"], "text": text, "correlation_id": correlation,
+        "pause_count": pause_count, "source": source}, ordering_key=ordering_key(contact_id))
+        for index, text in enumerate(texts)]
+
+
+def enqueue_replies(conn, contact_id: str, conversation: dict, texts: list[str],
+                    correlation: str, pause_count: int, now: float, source: str) -> int:
+    """Queue the reply jobs of an answer; returns how many were new."""
+    return sum(1 for f in reply_follow_ups(contact_id, conversation, texts, correlation,
+                                           pause_count, source)
+               if db_manager.enqueue_job(conn, f.kind, f.dedupe_key, f.payload,
+                                         ordering_key=f.ordering_key, now=now))
+
+
+def correlation_for(batch_key: str) -> str:
+    """A stable correlation id for a burst: the same across retries, so n8n can dedupe too."""
+    return "ponte-" + hashlib.sha256(batch_key.encode()).hexdigest()[:24]

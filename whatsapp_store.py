@@ -1,0 +1,148 @@
+"""SQL of bridge A (WhatsApp via Kommo ⇄ n8n): conversations, customer messages and their
+bursts, bot states. The schema is migration 2 in db_manager.
+
+Owns: every statement on `kommo_conversations`, `kommo_messages` and `bot_states`.
+Must not: call a peer or decide anything (bot_control and whatsapp_jobs decide).
+Callers wrap writes in `db_manager.transaction()`.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- conversations -------------------------------------------------------------------------
+
+def upsert_conversation(conn: sqlite3.Connection, contact_id: str, lead_id: str, talk_id: str,
+                        chat_id: str, contact_name: str, origin: str, now: float) -> None:
+    """Remember where a contact's chat lives (latest talk, lead and chat win; blanks don't
+    erase what we knew)."""
+    conn.execute(
+        """INSERT INTO kommo_conversations (kommo_contact_id, kommo_lead_id, kommo_talk_id,
+               kommo_chat_id, contact_name, origin, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(kommo_contact_id) DO UPDATE SET
+               kommo_lead_id = COALESCE(NULLIF(excluded.kommo_lead_id, ''), kommo_lead_id),
+               kommo_talk_id = COALESCE(NULLIF(excluded.kommo_talk_id, ''), kommo_talk_id),
+               kommo_chat_id = COALESCE(NULLIF(excluded.kommo_chat_id, ''), kommo_chat_id),
+               contact_name = COALESCE(NULLIF(excluded.contact_name, ''), contact_name),
+               origin = COALESCE(NULLIF(excluded.origin, ''), origin),
+               updated_at = excluded.updated_at""",
+        (contact_id, lead_id, talk_id, chat_id, contact_name, origin, now))
+
+
+def get_conversation(conn: sqlite3.Connection, contact_id: str | None = None,
+                     talk_id: str | None = None, lead_id: str | None = None) -> dict | None:
+    """A conversation by contact, talk or lead id."""
+    if contact_id:
+        sql, arg = "kommo_contact_id = ?", contact_id
+    elif talk_id:
+        sql, arg = "kommo_talk_id = ?", talk_id
+    elif lead_id:
+        sql, arg = "kommo_lead_id = ?", lead_id
+    else:
+        return None
+    row = conn.execute(f"SELECT * FROM kommo_conversations WHERE {sql}"
+                       " ORDER BY updated_at DESC LIMIT 1", (str(arg),)).fetchone()
+    return dict(row) if row else None
+
+
+def set_open_batch(conn: sqlite3.Connection, contact_id: str, batch_key: str | None,
+                   started_at: float | None) -> None:
+    conn.execute("UPDATE kommo_conversations SET open_batch_key = ?, batch_started_at = ?"
+                 " WHERE kommo_contact_id = ?", (batch_key, started_at, contact_id))
+
+
+# --- customer messages ------------------------------------------------------------------------
+
+def insert_message(conn: sqlite3.Connection, message_id: str, contact_id: str, text: str,
+                   message_type: str, attachments: list, sent_at: float, received_at: float,
+                   status: str, batch_key: str | None) -> bool:
+    """Store a customer message once; False when Kommo delivered it before."""
+    cur = conn.execute(
+        "INSERT INTO kommo_messages (kommo_message_id, kommo_contact_id, text, message_type,"
+        " attachments, sent_at, received_at, status, batch_key) VALUES (?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(kommo_message_id) DO NOTHING",
+        (message_id, contact_id, text, message_type, _dumps(attachments), sent_at, received_at,
+         status, batch_key))
+    return cur.rowcount == 1
+
+
+def batch_messages(conn: sqlite3.Connection, batch_key: str) -> list[dict]:
+    """The messages of one burst, in the order the customer sent them."""
+    rows = conn.execute("SELECT * FROM kommo_messages WHERE batch_key = ?"
+                        " ORDER BY sent_at, received_at, rowid", (batch_key,)).fetchall()
+    out = []
+    for row in rows:
+        d = dict(row)
+        d["attachments"] = json.loads(d["attachments"])
+        out.append(d)
+    return out
+
+
+def set_batch_status(conn: sqlite3.Connection, batch_key: str, status: str) -> None:
+    conn.execute("UPDATE kommo_messages SET status = ? WHERE batch_key = ?", (status, batch_key))
+
+
+def message_counts(conn: sqlite3.Connection, contact_id: str) -> dict[str, int]:
+    """How many messages of a contact are in each status."""
+    return {r[0]: r[1] for r in conn.execute(
+        "SELECT status, COUNT(*) FROM kommo_messages WHERE kommo_contact_id = ? GROUP BY status",
+        (contact_id,))}
+
+
+# --- bot states -------------------------------------------------------------------------------
+
+def get_bot_state(conn: sqlite3.Connection, contact_id: str) -> dict:
+    """The bot state of a contact; contacts never seen are active."""
+    row = conn.execute("SELECT * FROM bot_states WHERE kommo_contact_id = ?",
+                       (contact_id,)).fetchone()
+    if row:
+        return dict(row)
+    return {"kommo_contact_id": contact_id, "status": "active", "paused_by": "",
+            "paused_by_kind": "", "reason": "", "since_at": None, "until_at": None,
+            "pause_count": 0, "updated_at": None}
+
+
+def set_paused(conn: sqlite3.Connection, contact_id: str, by: str, by_kind: str, reason: str,
+               now: float, until_at: float | None) -> None:
+    """Pause (or re-pause) the bot for a contact; every pause bumps `pause_count` so answers
+    produced before it can be recognised and dropped."""
+    conn.execute(
+        """INSERT INTO bot_states (kommo_contact_id, status, paused_by, paused_by_kind, reason,
+               since_at, until_at, pause_count, updated_at)
+           VALUES (?, 'paused', ?, ?, ?, ?, ?, 1, ?)
+           ON CONFLICT(kommo_contact_id) DO UPDATE SET status = 'paused',
+               paused_by = excluded.paused_by, paused_by_kind = excluded.paused_by_kind,
+               reason = excluded.reason, since_at = excluded.since_at,
+               until_at = excluded.until_at, pause_count = pause_count + 1,
+               updated_at = excluded.updated_at""",
+        (contact_id, by, by_kind, reason, now, until_at, now))
+
+
+def set_active(conn: sqlite3.Connection, contact_id: str, by: str, now: float) -> None:
+    """Give the conversation back to the bot."""
+    conn.execute(
+        """INSERT INTO bot_states (kommo_contact_id, status, paused_by, updated_at, since_at)
+           VALUES (?, 'active', ?, ?, ?)
+           ON CONFLICT(kommo_contact_id) DO UPDATE SET status = 'active', paused_by = ?,
+               paused_by_kind = '', reason = '', since_at = ?, until_at = NULL,
+               updated_at = ?""", (contact_id, by, now, now, by, now, now))
+
+
+def paused_states(conn: sqlite3.Connection) -> list[dict]:
+    """Every contact whose bot is paused, most recent first."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM bot_states WHERE status = 'paused' ORDER BY since_at DESC")]
+
+
+def due_auto_resumes(conn: sqlite3.Connection, now: float) -> list[dict]:
+    """Paused contacts whose auto-resume time has come."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM bot_states WHERE status = 'paused' AND until_at IS NOT NULL"
+        " AND until_at <= ?", (now,))]
