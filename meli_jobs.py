@@ -14,6 +14,7 @@ the next unsent part).
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -343,7 +344,7 @@ def poll_messages(ctx) -> dict:
     with db_manager.transaction(ctx.conn):
         for pack in changed:
             db_manager.enqueue_job(ctx.conn, "ml.sync_pack",
-                                   f"ml-pack-sync:{pack}:unread:{current[pack]}:{ctx.now():.3f}",
+                                   f"ml-pack-sync:{pack}:unread:{uuid.uuid4().hex[:12]}",
                                    {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}",
                                    now=ctx.now())
         if current != previous:
@@ -449,7 +450,9 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
         buyer_id = str(buyer.get("id") or "")
         if not buyer_id:
             raise MercadoLivreError(None, f"sale {pack_id} without buyer", True)
-        contact = ensure_contact(ctx, sales_inbox(ctx), buyer_id, buyer.get("nickname") or "")
+        if not buyer.get("nickname"):  # recent order samples omit it; the profile has it
+            buyer["nickname"] = buyer_nickname(ctx, buyer_id)
+        contact = ensure_contact(ctx, sales_inbox(ctx), buyer_id, buyer["nickname"])
         conversation = client.create_conversation(
             sales_inbox(ctx), contact["contact_id"], contact["source_id"],
             custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,

@@ -99,6 +99,9 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
             for failure in state.failures:
                 if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]) \
                         and failure.get("method", request.method) == request.method:
+                    if failure.get("after", 0) > 0:  # let this many matching calls through
+                        failure["after"] -= 1
+                        continue
                     failure["count"] -= 1
                     status = failure["status"]
                     body = failure.get("body") or {"message": "standin failure", "error":
