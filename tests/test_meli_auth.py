@@ -1,0 +1,155 @@
+"""Mercado Livre OAuth: start/callback without Postman (state, PKCE), single-flight refresh of
+the single-use refresh token across processes, invalid_grant → disconnected in /health."""
+from __future__ import annotations
+
+import multiprocessing
+import urllib.parse
+
+import pytest
+import requests
+
+import db_manager
+import meli_auth
+from mercado_livre_api import MercadoLivreError
+from tests.meli_support import Bridge, bridge, bridge_env  # noqa: F401
+
+
+def _tokens(b: Bridge, **body):
+    requests.post(f"{b.ml.url}/_standin/tokens", json=body, timeout=5).raise_for_status()
+
+
+def _store(b: Bridge, access: str, refresh: str, expires_at: float | None):
+    db_manager.token_put(b.conn, meli_auth.PROVIDER, access, refresh, expires_at,
+                         now=b.clock())
+
+
+def test_oauth_start_and_callback_store_the_tokens_with_pkce(make_settings, serve, clock):
+    b = Bridge(make_settings, serve, clock, ML_USE_PKCE="true", ML_ACCESS_TOKEN="",
+               ML_REFRESH_TOKEN="")
+    settings = b.settings.replace(ml_redirect_uri=f"{b.web.url}/oauth/mercadolivre/callback")
+    b.app.config["PONTE_SETTINGS"] = settings
+    # WHEN the seller opens /oauth/mercadolivre/start
+    start = requests.get(f"{b.web.url}/oauth/mercadolivre/start", allow_redirects=False,
+                         timeout=5)
+    assert start.status_code == 302
+    url = urllib.parse.urlparse(start.headers["Location"])
+    query = dict(urllib.parse.parse_qsl(url.query))
+    assert url.path == "/authorization" and query["client_id"] == settings.ml_client_id
+    assert query["code_challenge_method"] == "S256" and len(query["state"]) >= 24
+    # ... approves on Mercado Livre, which redirects back to our callback
+    consent = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)
+    callback = requests.get(consent.headers["Location"], timeout=10)
+    # THEN the pair is stored and the page says so in Portuguese
+    assert callback.status_code == 200 and "Mercado Livre conectado" in callback.text
+    row = db_manager.token_get(b.conn, meli_auth.PROVIDER)
+    assert row["status"] == "ok" and row["access_token"].startswith("APP_USR-")
+    assert row["expires_at"] == pytest.approx(clock() + 21600)
+    assert row["refresh_token"] == b.ml_state()["refresh_token"]
+    # a replayed callback (same state) is refused
+    again = requests.get(consent.headers["Location"], timeout=10)
+    assert again.status_code == 400 and "expirado" in again.text
+
+
+def test_callback_with_unknown_state_is_refused(bridge):
+    answer = requests.get(f"{bridge.web.url}/oauth/mercadolivre/callback",
+                          params={"code": "TG-x", "state": "forged"}, timeout=5)
+    assert answer.status_code == 400
+    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER) is None
+
+
+def test_401_refreshes_once_and_retries_the_call(bridge):
+    # GIVEN the stored access token was revoked on Mercado Livre's side
+    bridge.ask("Funciona?")
+    _store(bridge, "APP_USR-revoked", "TG-standin-initial", bridge.clock() + 9999)
+    # WHEN the poller needs Mercado Livre
+    bridge.poll()
+    # THEN one refresh, the new pair is stored, the question got through
+    state = bridge.ml_state()
+    assert state["refresh_calls"] == 1
+    row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
+    assert row["refresh_token"] == state["refresh_token"] != "TG-standin-initial"
+    assert len(bridge.conversations()) == 1
+
+
+def test_token_near_expiry_is_refreshed_before_use(bridge):
+    _store(bridge, "APP_USR-standin-initial", "TG-standin-initial", bridge.clock() + 60)
+    bridge.poll()
+    assert bridge.ml_state()["refresh_calls"] == 1
+    assert all(c["path"] != "/oauth/token" for c in bridge.ml_state()["calls"][1:])
+
+
+def test_invalid_grant_rereads_once_then_marks_disconnected_and_health_says_so(bridge):
+    _store(bridge, "APP_USR-expired", "TG-already-used", bridge.clock() - 10)
+    _tokens(bridge, refresh_token="TG-someone-else", access_tokens=["APP_USR-other"])
+    source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
+    with pytest.raises(MercadoLivreError) as err:
+        source.access_token()
+    assert err.value.code == "disconnected"
+    assert bridge.ml_state()["refresh_calls"] == 1  # no hammering with a dead token
+    row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
+    assert row["status"] == "disconnected" and "invalid_grant" in row["detail"]
+    health = requests.get(f"{bridge.web.url}/health", timeout=5).json()
+    assert health["accounts"]["mercadolivre"] == "disconnected"
+    # later calls do not try again until the seller re-authorizes
+    with pytest.raises(MercadoLivreError):
+        source.access_token()
+    assert bridge.ml_state()["refresh_calls"] == 1
+
+
+def test_invalid_grant_uses_a_pair_stored_meanwhile(bridge):
+    """Someone (the OAuth callback) stored a new pair while our refresh was in flight."""
+    _store(bridge, "APP_USR-expired", "TG-old", bridge.clock() - 10)
+
+    class CallbackRacesUs:
+        def refresh_token(self, refresh_token):
+            _store(bridge, "APP_USR-from-callback", "TG-from-callback", bridge.clock() + 21600)
+            raise MercadoLivreError(400, "invalid_grant", False, code="invalid_grant")
+
+    source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock,
+                                       token_client=CallbackRacesUs())
+    assert source.access_token() == "APP_USR-from-callback"
+    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER)["status"] == "ok"
+
+
+def _refresh_in_process(args):
+    env, start_at, queue = args
+    import time as _time
+
+    import config
+    import db_manager as dbm
+    import meli_auth as auth
+
+    settings = config.load_settings(env)
+    conn = dbm.connect(settings.database_path)
+    while _time.time() < start_at:  # line up the four processes
+        pass
+    token = auth.MeliTokenSource(settings, conn).access_token()
+    queue.put(token)
+    conn.close()
+
+
+def test_four_processes_needing_a_refresh_make_exactly_one_refresh_call(make_settings, serve,
+                                                                         clock, tmp_path):
+    import time
+
+    b = Bridge(make_settings, serve, clock)
+    _store(b, "APP_USR-standin-initial", "TG-standin-initial", time.time() - 1)
+    env = {k: str(v) for k, v in bridge_env(b.ml.url, b.cw.url).items()}
+    env.update(DATABASE_PATH=b.settings.database_path, LOG_DIR=str(tmp_path / "logs"),
+               ENVIRONMENT="test")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 1.5
+    processes = [ctx.Process(target=_refresh_in_process, args=((env, start_at, queue),))
+                 for _ in range(4)]
+    for p in processes:
+        p.start()
+    tokens = [queue.get(timeout=60) for _ in processes]
+    for p in processes:
+        p.join(30)
+        assert p.exitcode == 0
+    state = b.ml_state()
+    assert state["refresh_calls"] == 1
+    assert len(set(tokens)) == 1 and tokens[0] in state["access_tokens"]
+    row = db_manager.token_get(b.conn, meli_auth.PROVIDER)
+    assert row["access_token"] == tokens[0] and row["refresh_token"] == state["refresh_token"]
