@@ -1,0 +1,242 @@
+"""Bridge A at its edges: bad input changes nothing, the bot API, Kommo OAuth, and crashes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import db_manager
+import kommo_auth
+from standins import kommo as kommo_standin
+from tests.bridge_a_harness import ADMIN, N8N_KEY, SECRET, BridgeA
+from tests.conftest import payload_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def bridge(make_settings, serve, clock):
+    return BridgeA(make_settings, serve, clock)
+
+
+NOTHING = {"events": 0, "jobs": 0, "messages": 0}
+
+
+def test_wrong_secret_is_401_and_records_nothing(bridge):
+    body = payload_text("kommo/add_message_incoming_text.form").strip()
+    response = bridge.kommo_posts(body, secret="wrong-secret")
+    assert response.status_code == 401 and response.get_json()["error"] == "bad_secret"
+    response = bridge.web.post("/webhooks/kommo", data=body,
+                               content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 401
+    assert bridge.counts() == NOTHING
+
+
+@pytest.mark.parametrize("body,content_type,status", [
+    ("", "application/x-www-form-urlencoded", 400),
+    ("foo=bar", "application/x-www-form-urlencoded", 400),
+    ("message[add][0]=x&message[add][0][id]=y", "application/x-www-form-urlencoded", 400),
+    ("message]]add=1", "application/x-www-form-urlencoded", 400),
+    ('{"message": {"add": []}}', "application/json", 415),
+])
+def test_malformed_bodies_get_4xx_json_and_record_nothing(bridge, body, content_type, status):
+    response = bridge.web.post(f"/webhooks/kommo/{SECRET}", data=body, content_type=content_type)
+    assert response.status_code == status and response.get_json()["error"]
+    assert bridge.counts() == NOTHING
+
+
+def test_huge_body_is_413_and_records_nothing(bridge):
+    body = kommo_standin.message_form("x" * 2_000_000)
+    response = bridge.kommo_posts(body)
+    assert response.status_code == 413 and response.get_json()["error"] == "payload_too_large"
+    assert bridge.counts() == NOTHING
+
+
+def test_other_account_is_refused(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, KOMMO_ACCOUNT_ID="111")
+    assert bridge.customer_says("oi").status_code == 401
+    assert bridge.counts() == NOTHING
+
+
+def test_url_check_and_url_variants(bridge):
+    assert bridge.web.get(f"/webhooks/kommo/{SECRET}").status_code == 200
+    assert bridge.web.get(f"/webhooks/kommo/{SECRET}/").status_code == 200
+    body = kommo_standin.message_form("oi", message_id="q1")
+    response = bridge.web.post(f"/webhooks/kommo?secret={SECRET}", data=body,
+                               content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 200 and response.get_json()["messages_new"] == 1
+
+
+def test_unhandled_events_are_recorded_as_ignored_and_answered_200(bridge):
+    for name in ("add_lead", "add_talk"):
+        response = bridge.kommo_posts(payload_text(f"kommo/{name}.form").strip())
+        assert response.status_code == 200 and response.get_json()["ignored"]
+    assert db_manager.count_events(bridge.db, status="ignored") == 2
+    assert bridge.counts()["jobs"] == 0
+
+
+def test_documented_variant_without_message_wrapper(bridge):
+    body = kommo_standin.message_form("oi sem wrapper").replace("message%5Badd%5D", "add")
+    response = bridge.kommo_posts(body)
+    assert response.status_code == 200 and response.get_json()["messages_new"] == 1
+
+
+def test_several_messages_in_one_post_are_all_recorded(bridge):
+    first = kommo_standin.message_form("um", message_id="a1", index=0)
+    second = kommo_standin.message_form("dois", message_id="a2", index=1)
+    response = bridge.kommo_posts(first + "&" + second.split("&", 3)[3])
+    assert response.get_json()["messages_new"] == 2
+
+
+def test_media_message_attachments_reach_n8n(bridge):
+    link = "https://amojo.kommo.com/attachments/abc/def/file.ogg"
+    bridge.customer_says("", attachment={"type": "voice", "link": link, "file_name": "a.ogg"})
+    bridge.run_jobs()
+    call = bridge.n8n_calls()[0]
+    assert call["attachments"] == [{"type": "voice", "link": link, "file_name": "a.ogg"}]
+
+
+def test_webhook_secret_never_reaches_the_logs(bridge):
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    logs = "".join(p.read_text() for p in Path(bridge.settings.log_dir).glob("*.log"))
+    assert "kommo_webhook_recorded" in logs
+    assert SECRET not in logs and N8N_KEY not in logs and kommo_standin.DEFAULT_TOKEN not in logs
+
+
+# --- bot API ----------------------------------------------------------------------------------
+
+def test_bot_api_pause_status_resume_and_list(bridge):
+    bridge.customer_says("oi")
+    assert bridge.api("get", "/bot/status/93589657", token="nope").status_code == 401
+    response = bridge.api("post", "/bot/pause/93589657", json={"reason": "negociação"})
+    assert response.status_code == 200 and response.get_json()["paused"] is True
+    status = bridge.api("get", "/bot/status/93589657", token=N8N_KEY).get_json()
+    assert status["status"] == "paused" and status["reason"] == "negociação"
+    assert bridge.api("get", "/bot/paused").get_json()["count"] == 1
+    assert bridge.api("post", "/bot/resume/93589657").get_json()["status"] == "active"
+    assert bridge.api("get", "/bot/paused").get_json()["count"] == 0
+    bridge.run_jobs()
+    assert bridge.lead_notes()[-2:] == ["🤖 Bot pausado. Vendedor assumindo conversa.\n"
+                                        "Motivo: negociação",
+                                        "🤖 Bot reativado. Assumindo atendimento automático."]
+
+
+def test_bot_api_command_and_unknown_command(bridge):
+    ok = bridge.api("post", "/bot/command", json={"contact_id": "5", "command": "#PAUSAR",
+                                                  "by": "Ana"})
+    assert ok.status_code == 200 and ok.get_json()["paused_by"] == "Ana"
+    assert bridge.api("post", "/bot/command", json={"contact_id": "5",
+                                                    "command": "explodir"}).status_code == 400
+    assert bridge.api("post", "/bot/command", json={"command": "pausar"}).status_code == 400
+    assert bridge.api("post", "/bot/pause/abc").status_code == 400
+    # state exists without any prior conversation
+    assert bridge.api("get", "/bot/status/5").get_json()["status"] == "paused"
+
+
+# --- Kommo OAuth ------------------------------------------------------------------------------
+
+@pytest.fixture
+def oauth_bridge(make_settings, serve, clock):
+    return BridgeA(make_settings, serve, clock, KOMMO_ACCESS_TOKEN="",
+                   KOMMO_CLIENT_ID="standin-client", KOMMO_CLIENT_SECRET="standin-secret",
+                   KOMMO_REDIRECT_URI="https://ponte.example.com.br/oauth/callback")
+
+
+def test_oauth_callback_checks_state_and_stores_tokens(oauth_bridge):
+    bridge = oauth_bridge
+    assert bridge.web.get("/oauth/callback?code=abc&state=forged").status_code == 400
+    status = bridge.api("get", "/oauth/status").get_json()
+    assert status["connected"] is False and "state=" in status["authorize_url"]
+    state = status["authorize_url"].split("state=")[1].split("&")[0]
+    response = bridge.web.get(f"/oauth/callback?code=abc&state={state}&referer=minhaloja.kommo.com")
+    assert response.status_code == 200
+    assert bridge.web.get(f"/oauth/callback?code=abc&state={state}").status_code == 400  # used
+    assert bridge.api("get", "/oauth/status").get_json()["connected"] is True
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    assert len(bridge.chat_messages()) == 1
+
+
+def test_expiring_token_is_refreshed_once_and_401_triggers_one_refresh(oauth_bridge, clock):
+    bridge = oauth_bridge
+    state = bridge.api("get", "/oauth/status").get_json()["authorize_url"].split("state=")[1]
+    bridge.web.get(f"/oauth/callback?code=abc&state={state.split('&')[0]}")
+    clock.advance(86400 - 60)  # inside the refresh margin
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    grants = [c["grant_type"] for c in bridge.kommo_state()["token_calls"]]
+    assert grants == ["authorization_code", "refresh_token"]
+    # Kommo revokes the access token: one refresh, then the call succeeds
+    bridge.kommo_app.config["STATE"].valid_tokens.clear()
+    source = kommo_auth.TokenSource(bridge.settings, bridge.db, clock)
+    stale = source.access_token()
+    bridge.kommo_app.config["STATE"].valid_tokens.discard(stale)
+    bridge.customer_says("de novo", message_id="m2")
+    bridge.run_jobs()
+    grants = [c["grant_type"] for c in bridge.kommo_state()["token_calls"]]
+    assert grants.count("refresh_token") == 2 and len(bridge.chat_messages()) == 2
+
+
+def test_rejected_refresh_marks_kommo_disconnected_in_health(oauth_bridge, clock):
+    bridge = oauth_bridge
+    db_manager.token_put(bridge.db, "kommo", "old-access", "revoked-refresh", clock() + 10)
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    db_manager.beat(bridge.db, "poller", now=clock())
+    health = bridge.web.get("/health").get_json()
+    assert health["accounts"]["kommo"] == "disconnected" and health["status"] == "degraded"
+
+
+# --- crash ------------------------------------------------------------------------------------
+
+CRASHING_POLLER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import config, db_manager
+    from poller import Poller
+    s = config.load_settings({env!r})
+    conn = db_manager.connect(s.database_path)
+    print("running", flush=True)
+    Poller(s, conn).drain()
+""")
+
+
+def test_poller_killed_mid_job_then_reply_sent_exactly_once(bridge, clock, tmp_path):
+    # GIVEN a slow n8n, and a poller process working on the customer's message
+    bridge.customer_says("oi", created_at=int(clock()))
+    bridge.n8n_mode(delay=30)
+    env = {k: str(v) for k, v in {
+        "DATABASE_PATH": bridge.settings.database_path, "LOG_DIR": str(tmp_path / "l"),
+        "KOMMO_BASE_URL": bridge.settings.kommo_base_url, "KOMMO_WEBHOOK_SECRET": SECRET,
+        "KOMMO_ACCESS_TOKEN": kommo_standin.DEFAULT_TOKEN,
+        "N8N_WEBHOOK_URL": bridge.settings.n8n_webhook_url, "N8N_API_KEY": N8N_KEY,
+        "KOMMO_MAX_RPS": 0, "JOB_LEASE_SECONDS": 30}.items()}
+    script = CRASHING_POLLER.format(root=str(ROOT), env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "running"
+    deadline = time.monotonic() + 20
+    while not bridge.n8n_calls() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(bridge.n8n_calls()) == 1
+    # WHEN it is killed in the middle of the job
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    job = db_manager.list_jobs(bridge.db, kind="n8n.forward_message")[0]
+    assert job["status"] == "running"
+    # THEN a restarted poller takes the job once its lease ends, and the reply goes out once
+    bridge.n8n_mode(delay=0)
+    bridge.run_jobs()
+    assert bridge.chat_messages() == []  # lease still held by the dead worker
+    bridge.clock.t = time.time() + 31
+    bridge.run_jobs()
+    bridge.run_jobs()
+    assert len(bridge.chat_messages()) == 1
+    assert db_manager.get_job(bridge.db, job["id"])["status"] == "done"
