@@ -68,6 +68,16 @@ class Clients:
         return n8n_api.N8nClient(s.n8n_webhook_url, s.n8n_api_key,
                                  timeout_seconds=s.n8n_timeout_seconds)
 
+    @functools.cached_property
+    def meli(self):
+        import meli_auth
+        return meli_auth.build_client(self.settings, self.conn, self.now)
+
+    @functools.cached_property
+    def chatwoot(self):
+        import chatwoot_api
+        return chatwoot_api.ChatwootClient.from_settings(self.settings)
+
 
 @dataclass
 class JobContext:

@@ -248,29 +248,26 @@ def test_mercado_livre_down_while_agent_answers_delivers_later_in_order(bridge):
     assert bridge.jobs(status="dead") == []
 
 
-def test_timeouts_and_connection_failures_are_retried(make_settings, serve, clock):
-    b = Bridge(make_settings, serve, clock)
-    sale = b.sale(buyer_id=788)
-    b.buyer_writes(sale["conversation_id"], "Oi")
-    b.poll()
-    conv = _sale_conversation(b)
-    real = b.settings.ml_api_base_url
-    # Mercado Livre unreachable: the client of this poller points at a closed port
+def test_unreachable_mercado_livre_is_retried_later(bridge):
+    from poller import Poller
     from tests.conftest import free_port
-    b.poller.ctx.clients.__dict__.pop("meli", None)
-    b.poller.ctx.clients.__dict__.pop("_meli_fallback", None)
-    dead_settings = b.settings.replace(ml_api_base_url=f"http://127.0.0.1:{free_port()}")
-    b.poller.ctx.settings = dead_settings
-    b.agent_replies(conv["id"], "Resposta")
-    b.drain()
-    (job,) = b.jobs(kind="chatwoot.forward_reply")
+
+    sale = bridge.sale(buyer_id=788)
+    bridge.buyer_writes(sale["conversation_id"], "Oi")
+    bridge.poll()
+    conv = _sale_conversation(bridge)
+    # GIVEN a poller that cannot reach Mercado Livre (connection refused)
+    unreachable = bridge.settings.replace(ml_api_base_url=f"http://127.0.0.1:{free_port()}")
+    cut_off = Poller(unreachable, bridge.conn, clock=bridge.clock)
+    bridge.agent_replies(conv["id"], "Resposta")
+    cut_off.drain()
+    (job,) = bridge.jobs(kind="chatwoot.forward_reply")
     assert job["status"] == "pending" and "connection error" in job["last_error"]
-    b.poller.ctx.settings = b.settings.replace(ml_api_base_url=real)
-    b.poller.ctx.clients.__dict__.pop("meli", None)
-    b.poller.ctx.clients.__dict__.pop("_meli_fallback", None)
-    b.clock.advance(3600)
-    b.drain()
-    assert [m["text"] for m in b.ml_state()["sent_messages"]] == ["Resposta"]
+    # WHEN the network is back (a poller with the real address) and the backoff has passed
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN the reply is delivered once
+    assert [m["text"] for m in bridge.ml_state()["sent_messages"]] == ["Resposta"]
 
 
 def test_429_is_honoured_with_retry_after_and_backoff(bridge):
