@@ -280,21 +280,37 @@ def enqueue_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: d
     return cur.lastrowid if cur.rowcount == 1 else None
 
 
+_NOT_BLOCKED = """(j.ordering_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM jobs AS e WHERE e.ordering_key = j.ordering_key AND e.id < j.id
+          AND e.status IN ('pending', 'running')))"""
+
+
 def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
-                   worker: str | None = None) -> Job | None:
-    """Claim the next runnable job: pending and due, or running with an expired lease (its
-    worker died). A job with an `ordering_key` waits while an earlier job with the same key is
-    still pending or running, so one conversation's jobs run in order."""
+                   worker: str | None = None, max_attempts: int | None = None,
+                   max_age_seconds: float | None = None) -> Job | None:
+    """Claim the next runnable job: running with an expired lease (its worker died), else
+    pending and due. A job with an `ordering_key` waits while an earlier job with the same key
+    is still pending or running, so one conversation's jobs run in order. A job whose workers
+    keep dying is not re-run past `max_attempts` / `max_age_seconds`: it goes to 'dead'."""
     with transaction(conn):
-        row = conn.execute(
-            """SELECT * FROM jobs AS j
-               WHERE ((j.status = 'pending' AND j.available_at <= :now)
-                      OR (j.status = 'running' AND j.locked_until <= :now))
-                 AND (j.ordering_key IS NULL OR NOT EXISTS (
-                      SELECT 1 FROM jobs AS e
-                      WHERE e.ordering_key = j.ordering_key AND e.id < j.id
-                        AND e.status IN ('pending', 'running')))
-               ORDER BY j.available_at, j.id LIMIT 1""", {"now": now}).fetchone()
+        while True:
+            # Two queries instead of one OR, so each can walk its index in order.
+            row = conn.execute(
+                f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
+                f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", (now,)).fetchone()
+            if row is not None and _worn_out(row, now, max_attempts, max_age_seconds):
+                conn.execute(
+                    "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
+                    " locked_until = NULL, last_error = ? WHERE id = ?",
+                    (now, now, f"worker died {row['attempts']} time(s) while running this job"
+                     " (lease expired)", row["id"]))
+                continue
+            if row is None:
+                row = conn.execute(
+                    f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
+                    f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1",
+                    (now,)).fetchone()
+            break
         if row is None:
             return None
         token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -306,6 +322,13 @@ def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
                ordering_key=row["ordering_key"], payload=json.loads(row["payload"]),
                attempt=row["attempts"] + 1, max_attempts=row["max_attempts"],
                created_at=row["created_at"], lease_token=token)
+
+
+def _worn_out(row: sqlite3.Row, now: float, max_attempts: int | None,
+              max_age_seconds: float | None) -> bool:
+    limit = row["max_attempts"] or max_attempts
+    return bool((limit and row["attempts"] >= limit) or
+                (max_age_seconds and now - row["created_at"] >= max_age_seconds))
 
 
 def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
@@ -435,10 +458,12 @@ def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
 
 
 def next_job_due_at(conn: sqlite3.Connection) -> float | None:
-    """When the next pending job becomes due (or a running lease expires), if any."""
+    """When the next job can be claimed: the earliest pending job not blocked by an earlier job
+    of its conversation, or the earliest lease to expire."""
     row = conn.execute(
-        "SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM jobs WHERE status = 'pending'"
-        " UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running')").fetchone()
+        f"SELECT MIN(t) FROM (SELECT MIN(j.available_at) AS t FROM jobs AS j"
+        f" WHERE j.status = 'pending' AND {_NOT_BLOCKED}"
+        f" UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running')").fetchone()
     return row[0]
 
 

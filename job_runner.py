@@ -115,7 +115,9 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     nothing was due."""
     s = ctx.settings
     job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                    worker=worker or f"poller-{os.getpid()}")
+                                    worker=worker or f"poller-{os.getpid()}",
+                                    max_attempts=s.job_max_attempts,
+                                    max_age_seconds=s.job_max_age_seconds)
     if job is None:
         return None
     token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,

@@ -210,7 +210,8 @@ CRASHING_POLLER = textwrap.dedent("""
 
 
 def test_poller_killed_mid_job_then_reply_sent_exactly_once(bridge, clock, tmp_path):
-    # GIVEN a slow n8n, and a poller process working on the customer's message
+    # GIVEN a slow n8n, and a poller process (on the real clock) working on the message
+    clock.t = time.time()
     bridge.customer_says("oi", created_at=int(clock()))
     bridge.n8n_mode(delay=30)
     env = {k: str(v) for k, v in {

@@ -231,3 +231,24 @@ def test_cross_process_lock_is_exclusive_until_expiry(db, clock):
     assert db_manager.acquire_lock(db, "refresh:kommo", "b", 30, now=clock())
     db_manager.release_lock(db, "refresh:kommo", "b")
     assert db_manager.acquire_lock(db, "refresh:kommo", "a", 30, now=clock())
+
+
+def test_a_job_whose_worker_keeps_dying_goes_dead_at_max_attempts(db, clock):
+    job_id = db_manager.enqueue_job(db, "k", "crasher", {}, max_attempts=3, now=clock())
+    for _ in range(3):
+        assert db_manager.claim_next_job(db, clock(), LEASE, max_attempts=10) is not None
+        clock.advance(LEASE + 1)  # the worker died: never completed
+    assert db_manager.claim_next_job(db, clock(), LEASE, max_attempts=10) is None
+    row = db_manager.get_job(db, job_id)
+    assert row["status"] == "dead" and "lease expired" in row["last_error"]
+
+
+def test_next_due_time_ignores_jobs_blocked_by_their_conversation(db, clock):
+    # A is waiting 10 minutes to retry; B (same conversation) is due but must wait for A.
+    db_manager.enqueue_job(db, "k", "A", {}, available_at=clock() + 600, ordering_key="c",
+                           now=clock())
+    db_manager.enqueue_job(db, "k", "B", {}, available_at=clock(), ordering_key="c",
+                           now=clock())
+    assert db_manager.claim_next_job(db, clock(), LEASE) is None
+    # the poller must sleep until A is due, not spin on B
+    assert db_manager.next_job_due_at(db) == clock() + 600
