@@ -14,6 +14,10 @@ from typing import Any
 from peer_http import PeerClient, PeerError
 
 ANSWER_KEYS = ("output", "answer", "text", "response", "response_text", "message")
+# What n8n itself answers when the workflow does not (Webhook "onReceived" mode, or a last node
+# without data): status words, never something to send to a customer.
+N8N_STATUS_MESSAGES = ("Workflow was started", "Workflow got started",
+                       "Workflow executed successfully")
 
 
 class N8nError(PeerError):
@@ -64,6 +68,9 @@ def extract_answer(answer: Any) -> list[str] | None:
     if isinstance(answer, str):
         return [answer] if answer.strip() else None
     if not isinstance(answer, dict):
+        return None
+    if set(answer) == {"message"} and isinstance(answer["message"], str) and \
+            answer["message"].startswith(N8N_STATUS_MESSAGES):
         return None
     for key in ANSWER_KEYS:
         value = answer.get(key)

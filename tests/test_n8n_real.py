@@ -1,0 +1,99 @@
+"""Bridge A against a real n8n (installed by ../shared/tools/n8n-peer, as `./ponte test` and CI
+do) running the workflow templates shipped in n8n/."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import db_manager
+from poller import Poller
+from standins import kommo as kommo_standin
+from tests.conftest import SHARED, free_port
+from webhook_server import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = SHARED / "tools" / "n8n-peer"
+INSTALLED = Path(os.environ.get("N8N_PEER_DIR", Path.home() / ".cache/ponte-n8n-peer")) / \
+    ".installed"
+SECRET, KEY = "hook-secret-real-n8n-0123456789", "n8n-real-key-123456"
+
+pytestmark = pytest.mark.skipif(not INSTALLED.exists(),
+                                reason="n8n real não instalado (rode ./ponte test ou "
+                                       "../shared/tools/n8n-peer/install.sh)")
+
+
+@pytest.fixture(scope="module")
+def ponte_and_n8n(tmp_path_factory):
+    """ponte (web served on loopback) + Kommo stand-in + a real n8n with both templates."""
+    from tests.conftest import ServedApp
+    import config
+    tmp = tmp_path_factory.mktemp("real-n8n")
+    kommo = ServedApp(kommo_standin.create_app(max_rps=0))
+    n8n_port = free_port()
+    env = {"DATABASE_PATH": str(tmp / "ponte.db"), "LOG_DIR": str(tmp / "logs"),
+           "KOMMO_BASE_URL": kommo.url, "KOMMO_WEBHOOK_SECRET": SECRET,
+           "KOMMO_ACCESS_TOKEN": kommo_standin.DEFAULT_TOKEN, "KOMMO_MAX_RPS": "0",
+           "N8N_WEBHOOK_URL": f"http://127.0.0.1:{n8n_port}/webhook/ponte", "N8N_API_KEY": KEY,
+           "BOT_DEBOUNCE_SECONDS": "0", "N8N_TIMEOUT_SECONDS": "20"}
+    settings = config.load_settings(env)
+    web = ServedApp(create_app(settings))
+    async_wf = json.loads((ROOT / "n8n/ponte-resposta-assincrona.json").read_text())
+    http_node = next(n for n in async_wf["nodes"] if n["type"].endswith("httpRequest"))
+    http_node["parameters"]["url"] = web.url + "/send-response"
+    http_node["parameters"]["headerParameters"]["parameters"][0]["value"] = f"Bearer {KEY}"
+    async_path = tmp / "async.json"
+    async_path.write_text(json.dumps(async_wf))
+    started = subprocess.run(["bash", str(PEER / "start.sh"),
+                              str(ROOT / "n8n/ponte-resposta-sincrona.json"), str(async_path)],
+                             env={**os.environ, "N8N_PORT": str(n8n_port)},
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr
+    pid = int(started.stdout.strip().splitlines()[-1])
+    try:
+        yield settings, web, kommo, n8n_port
+    finally:
+        os.kill(pid, 15)
+        web.stop()
+        kommo.stop()
+
+
+def _sent(kommo) -> list[str]:
+    return [m["text"] for m in requests.get(kommo.url + "/_standin/state").json()["sent"]]
+
+
+def _post(web, text, message_id, contact_id="93589657", talk_id="1874"):
+    body = kommo_standin.message_form(text, message_id=message_id, contact_id=contact_id,
+                                      talk_id=talk_id)
+    r = requests.post(f"{web.url}/webhooks/kommo/{SECRET}", data=body,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200
+
+
+def test_real_n8n_synchronous_template_answers_into_the_chat(ponte_and_n8n):
+    settings, web, kommo, _ = ponte_and_n8n
+    _post(web, "Vocês entregam em Campinas?", "real-sync-1")
+    poller = Poller(settings, db_manager.connect(settings.database_path))
+    poller.drain()
+    assert _sent(kommo) == ["Olá, Maria! Recebi sua mensagem: Vocês entregam em Campinas?"]
+
+
+def test_real_n8n_asynchronous_template_answers_through_send_response(ponte_and_n8n):
+    settings, web, kommo, port = ponte_and_n8n
+    async_settings = settings.replace(
+        n8n_webhook_url=f"http://127.0.0.1:{port}/webhook/ponte-async")
+    _post(web, "Qual o prazo?", "real-async-1", contact_id="555", talk_id="2222")
+    poller = Poller(async_settings, db_manager.connect(settings.database_path))
+    before = len(_sent(kommo))
+    poller.drain()  # n8n answered "Workflow was started": nothing to send yet
+    assert len(_sent(kommo)) == before
+    deadline = time.monotonic() + 30
+    while len(_sent(kommo)) == before and time.monotonic() < deadline:
+        poller.drain()
+        time.sleep(0.2)
+    assert _sent(kommo)[-1] == "Olá! Recebi sua mensagem: Qual o prazo?"
