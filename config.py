@@ -226,10 +226,12 @@ Settings = dataclasses.make_dataclass(
 )
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> "Settings":
+def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,
+                  partial_bridges_ok: bool = False) -> "Settings":
     """Build `Settings` from `environ` (default: `os.environ`, after loading `.env` if present).
 
-    Raises `ConfigError` listing every invalid value and every half-configured bridge at once.
+    Raises `ConfigError` listing every invalid value and every half-configured bridge at once
+    (`partial_bridges_ok=True` lets setup commands run while a bridge is being configured).
     """
     if environ is None:
         if dotenv:
@@ -254,7 +256,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         if len(missing) == len(keys) and not invalid:
             continue  # bridge not configured at all: off, not an error
         if missing:
-            problems.append(f"ponte '{bridge}' incompleta, faltam: {', '.join(missing)}")
+            if not partial_bridges_ok:
+                problems.append(f"ponte '{bridge}' incompleta, faltam: {', '.join(missing)}")
         elif not invalid:
             enabled.append(bridge)
     if "whatsapp" in enabled and not values["kommo_access_token"] and not (

@@ -41,6 +41,7 @@ class KommoState:
         self.leads: dict[str, dict] = {}
         self.closed_talks: set[str] = set()
         self.custom_fields: list[dict] = []
+        self.webhooks: dict[str, list] = {}
         self.failures: list[dict] = []
         self.requests: list[dict] = []
         self.token_calls: list[dict] = []
@@ -50,7 +51,7 @@ class KommoState:
     def snapshot(self) -> dict:
         return {"sent": self.sent, "notes": self.notes, "lead_fields": self.lead_fields,
                 "bot_runs": self.bot_runs, "leads": self.leads,
-                "closed_talks": sorted(self.closed_talks), "custom_fields": self.custom_fields,
+                "closed_talks": sorted(self.closed_talks), "custom_fields": self.custom_fields, "webhooks": self.webhooks,
                 "requests": self.requests[-500:], "token_calls": self.token_calls,
                 "request_count": len(self.requests)}
 
@@ -166,6 +167,17 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
                        for f in body]
             state.custom_fields += created
         return jsonify({"_embedded": {"custom_fields": created}})
+
+    @app.post("/api/v4/webhooks")
+    def webhooks():
+        body = request.get_json(silent=True) or {}
+        if not str(body.get("destination", "")).startswith("https://") or \
+                not isinstance(body.get("settings"), list):
+            return _problem(400, "Bad Request", "destination (https) and settings required")
+        with state.lock:
+            state.webhooks[body["destination"]] = body["settings"]
+        return jsonify({"destination": body["destination"], "settings": body["settings"],
+                        "sort": body.get("sort", 1), "id": next(state.ids)}), 201
 
     @app.post("/oauth2/access_token")
     def token():

@@ -1,0 +1,74 @@
+"""One-time Kommo setup from the command line (`./ponte kommo ...`).
+
+Owns: creating the lead textarea field used by `KOMMO_REPLY_MODE=salesbot`, and registering
+ponte's webhook URL in the Kommo account with the events it needs.
+Must not: run as part of the service.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import config
+import db_manager
+import kommo_api
+import kommo_auth
+
+WEBHOOK_EVENTS = ["add_message", "note_lead", "add_outgoing_message"]
+
+
+def _client(settings) -> kommo_api.KommoClient:
+    conn = db_manager.connect(settings.database_path)
+    db_manager.migrate(conn)
+    return kommo_api.KommoClient(settings.kommo_base_url, kommo_auth.TokenSource(settings, conn),
+                                 max_rps=settings.kommo_max_rps)
+
+
+def create_field(settings, name: str) -> int:
+    """Create the textarea field and print the line to add to .env."""
+    field = _client(settings).create_lead_textarea_field(name)
+    print(f"Campo '{field.get('name', name)}' criado no Kommo (id {field['id']}).")
+    print("Adicione ao seu .env:")
+    print(f"KOMMO_REPLY_FIELD_ID={field['id']}")
+    return 0
+
+
+def register_webhook(settings) -> int:
+    """Point the account webhook at ponte (Kommo updates it if the URL already exists)."""
+    if not settings.public_base_url:
+        print("Defina PUBLIC_BASE_URL (ex.: https://ponte.seudominio.com.br).", file=sys.stderr)
+        return 2
+    url = f"{settings.public_base_url}/webhooks/kommo/{settings.kommo_webhook_secret}"
+    _client(settings).call("POST", "/api/v4/webhooks", json={
+        "destination": url, "settings": WEBHOOK_EVENTS, "sort": 10})
+    print("Webhook registrado no Kommo para os eventos: " + ", ".join(WEBHOOK_EVENTS))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./ponte kommo",
+                                     description="Configuração única do Kommo para o ponte.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    field = sub.add_parser("create-field", help="cria o campo de texto 'Resposta IA' no lead")
+    field.add_argument("--name", default="Resposta IA")
+    sub.add_parser("register-webhook", help="registra o webhook do ponte na conta Kommo")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load_settings(partial_bridges_ok=True)
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not settings.kommo_base_url:
+        print("Defina KOMMO_BASE_URL e KOMMO_ACCESS_TOKEN no .env.", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "create-field":
+            return create_field(settings, args.name)
+        return register_webhook(settings)
+    except kommo_api.KommoError as exc:
+        print(f"O Kommo recusou: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

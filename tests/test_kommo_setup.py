@@ -1,0 +1,39 @@
+"""`./ponte kommo ...`: one-time Kommo setup through its API, against the Kommo stand-in."""
+from __future__ import annotations
+
+import kommo_setup
+from standins import kommo as kommo_standin
+
+
+def _env(monkeypatch, tmp_path, url):
+    for key, value in {"KOMMO_BASE_URL": url, "KOMMO_ACCESS_TOKEN": kommo_standin.DEFAULT_TOKEN,
+                       "DATABASE_PATH": str(tmp_path / "p.db"), "LOG_DIR": str(tmp_path),
+                       "PONTE_ENV_FILE": str(tmp_path / "none.env"),
+                       "PUBLIC_BASE_URL": "https://ponte.loja.com.br",
+                       "KOMMO_WEBHOOK_SECRET": "segredo-longo-0123456789"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_create_field_prints_the_env_line(monkeypatch, tmp_path, serve, capsys):
+    app = kommo_standin.create_app(max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    assert kommo_setup.main(["create-field"]) == 0
+    field = app.config["STATE"].custom_fields[0]
+    assert field["type"] == "textarea" and field["name"] == "Resposta IA"
+    assert f"KOMMO_REPLY_FIELD_ID={field['id']}" in capsys.readouterr().out
+
+
+def test_register_webhook_subscribes_the_events(monkeypatch, tmp_path, serve):
+    app = kommo_standin.create_app(max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    assert kommo_setup.main(["register-webhook"]) == 0
+    hooks = app.config["STATE"].webhooks
+    assert hooks == {"https://ponte.loja.com.br/webhooks/kommo/segredo-longo-0123456789":
+                     ["add_message", "note_lead", "add_outgoing_message"]}
+
+
+def test_refused_token_is_reported(monkeypatch, tmp_path, serve, capsys):
+    app = kommo_standin.create_app(access_token="other", max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    assert kommo_setup.main(["create-field"]) == 1
+    assert "O Kommo recusou" in capsys.readouterr().err
