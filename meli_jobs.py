@@ -54,28 +54,13 @@ LABEL_ANSWERED_ON_ML = "respondida-no-ml"
 # --- plumbing -----------------------------------------------------------------------------------
 
 def ml(ctx):
-    """The Mercado Livre client of this process."""
-    clients = ctx.clients
-    client = getattr(clients, "meli", None) if "meli" in dir(type(clients)) else None
-    if client is None:
-        client = clients.__dict__.get("_meli_fallback")
-        if client is None:
-            import meli_auth
-            client = clients.__dict__["_meli_fallback"] = meli_auth.build_client(
-                ctx.settings, ctx.conn, ctx.now)
-    return client
+    """The Mercado Livre client of this process (tokens from the database)."""
+    return ctx.clients.meli
 
 
 def cw(ctx) -> ChatwootClient:
     """The Chatwoot client of this process."""
-    clients = ctx.clients
-    client = getattr(clients, "chatwoot", None) if "chatwoot" in dir(type(clients)) else None
-    if client is None:
-        client = clients.__dict__.get("_chatwoot_fallback")
-        if client is None:
-            client = clients.__dict__["_chatwoot_fallback"] = ChatwootClient.from_settings(
-                ctx.settings)
-    return client
+    return ctx.clients.chatwoot
 
 
 def _get(ctx, namespace: str, key) -> Any:

@@ -146,6 +146,7 @@ def bench_idle_and_questions(n_questions: int, workdir: str) -> dict:
 
 
 def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
+    """Ack latency of both webhooks (Chatwoot replies, then Mercado Livre notifications)."""
     env = {**os.environ, **env_for("http://127.0.0.1:9", "http://127.0.0.1:9",
                                    os.path.join(workdir, "ack.db"), os.path.join(workdir, "la")),
            "PONTE_ENV_FILE": os.path.join(workdir, "none.env"), "WEB_WORKERS": "2"}
@@ -154,7 +155,7 @@ def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
     proc = subprocess.Popen([gunicorn, "-w", "2", "-b", f"127.0.0.1:{port}", "--log-level",
                              "warning", "webhook_server:create_app()"], cwd=str(ROOT), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/webhooks/chatwoot"
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -165,50 +166,15 @@ def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
                 time.sleep(0.1)
         template = json.loads((ROOT.parent / "shared" / "payloads" / "chatwoot" /
                                "message_created_outgoing_with_attachment.json").read_text())
-        latencies: list[float] = []
-        statuses: dict[int, int] = {}
-        lock = threading.Lock()
-        barrier = threading.Barrier(senders)
-
-        def sender(index: int):
-            session = requests.Session()
-            local, codes = [], {}
-            barrier.wait()
-            for n in range(per_sender):
-                body = dict(template, id=1_000_000 + index * per_sender + n)
-                raw = json.dumps(body).encode()
-                ts = int(time.time())
-                headers = {"Content-Type": "application/json", "X-Chatwoot-Timestamp": str(ts),
-                           "X-Chatwoot-Signature": chatwoot_api.sign_chatwoot_body(SECRET, ts,
-                                                                                   raw)}
-                t0 = time.perf_counter()
-                answer = session.post(url, data=raw, headers=headers, timeout=30)
-                local.append(time.perf_counter() - t0)
-                codes[answer.status_code] = codes.get(answer.status_code, 0) + 1
-            with lock:
-                latencies.extend(local)
-                for k, v in codes.items():
-                    statuses[k] = statuses.get(k, 0) + v
-
-        threads = [threading.Thread(target=sender, args=(i,)) for i in range(senders)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - started
-        latencies.sort()
+        out = {"chatwoot_single": _load(1, 200, f"{base}/webhooks/chatwoot",
+                                        lambda i, n: _chatwoot_request(template, 900_000 + n)),
+               "chatwoot": _load(senders, per_sender, f"{base}/webhooks/chatwoot",
+                                 lambda i, n: _chatwoot_request(template, i * per_sender + n)),
+               "mercadolivre": _load(senders, per_sender, f"{base}/webhooks/mercadolivre",
+                                     lambda i, n: _ml_request(i * per_sender + n))}
         conn = db_manager.connect(env["DATABASE_PATH"])
-        jobs = db_manager.queue_stats(conn)["pending"]
-
-        def pct(p):
-            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 1)
-
-        return {"senders": senders, "requests": len(latencies), "statuses": statuses,
-                "jobs_recorded": jobs, "p50_ms": pct(0.50), "p95_ms": pct(0.95),
-                "p99_ms": pct(0.99), "max_ms": round(latencies[-1] * 1000, 1),
-                "mean_ms": round(statistics.mean(latencies) * 1000, 1),
-                "requests_per_second": round(len(latencies) / elapsed, 1)}
+        out["jobs_recorded"] = db_manager.queue_stats(conn)["pending"]
+        return out
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -217,7 +183,63 @@ def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
             proc.kill()
 
 
-def markdown(q: dict, ack: dict) -> str:
+def _chatwoot_request(template: dict, n: int) -> tuple[bytes, dict]:
+    raw = json.dumps(dict(template, id=1_000_000 + n)).encode()
+    ts = int(time.time())
+    return raw, {"Content-Type": "application/json", "X-Chatwoot-Timestamp": str(ts),
+                 "X-Chatwoot-Signature": chatwoot_api.sign_chatwoot_body(SECRET, ts, raw)}
+
+
+def _ml_request(n: int) -> tuple[bytes, dict]:
+    body = {"_id": f"bench-{n}", "resource": f"/questions/{13_100_000_000 + n}",
+            "user_id": str(SELLER), "topic": "questions", "application_id": 1, "attempts": 1,
+            "sent": "2026-03-10T18:22:32.464Z", "received": "2026-03-10T18:22:32.438Z"}
+    return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def _load(senders: int, per_sender: int, url: str, make) -> dict:
+    """`senders` threads each POST `per_sender` requests built by `make`; latency stats."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    barrier = threading.Barrier(senders)
+
+    def sender(index: int):
+        session = requests.Session()
+        local, codes = [], {}
+        barrier.wait()
+        for n in range(per_sender):
+            raw, headers = make(index, n)
+            t0 = time.perf_counter()
+            answer = session.post(url, data=raw, headers=headers, timeout=30)
+            local.append(time.perf_counter() - t0)
+            codes[answer.status_code] = codes.get(answer.status_code, 0) + 1
+        with lock:
+            latencies.extend(local)
+            for k, v in codes.items():
+                statuses[k] = statuses.get(k, 0) + v
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(senders)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def pct(p):
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 1)
+
+    return {"senders": senders, "requests": len(latencies), "statuses": statuses,
+            "p50_ms": pct(0.50), "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99), "max_ms": round(latencies[-1] * 1000, 1),
+            "mean_ms": round(statistics.mean(latencies) * 1000, 1),
+            "requests_per_second": round(len(latencies) / elapsed, 1)}
+
+
+def markdown(q: dict, acks: dict) -> str:
+    ack, note, one = acks["chatwoot"], acks["mercadolivre"], acks["chatwoot_single"]
     return f"""# Benchmarks — ponte B (Mercado Livre ⇄ Chatwoot)
 
 Gerado por `bench/bench_meli.py` em {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},
@@ -233,7 +255,9 @@ contra os simuladores (`standins/`) rodando em outro processo, que respondem na 
 | chamadas ao ML / ao Chatwoot nessas {q['questions']} perguntas | {q['ml_calls']} / {q['chatwoot_calls']} | — |
 | ack do `POST /webhooks/chatwoot`, {ack['senders']} remetentes simultâneos, Gunicorn 2 workers | p50 {ack['p50_ms']} ms · p95 {ack['p95_ms']} ms · **p99 {ack['p99_ms']} ms** · máx {ack['max_ms']} ms | p99 ≪ 5 s (prazo do Chatwoot) |
 | vazão do webhook | {ack['requests_per_second']} req/s ({ack['requests']} requisições, status {ack['statuses']}) | — |
-| respostas gravadas na fila | {ack['jobs_recorded']} de {ack['requests']} | todas |
+| ack do `POST /webhooks/mercadolivre` (notificação `questions`), {note['senders']} remetentes | p50 {note['p50_ms']} ms · p95 {note['p95_ms']} ms · **p99 {note['p99_ms']} ms** · máx {note['max_ms']} ms | p99 < 500 ms (prazo do ML) |
+| ack do `POST /webhooks/chatwoot` com 1 remetente (custo por requisição, sem fila) | p50 {one['p50_ms']} ms · p99 {one['p99_ms']} ms | milissegundos |
+| jobs gravados na fila (respostas + notificações) | {acks['jobs_recorded']} de {ack['requests'] + note['requests'] + one['requests']} | todos |
 
 Como ler:
 
