@@ -331,6 +331,23 @@ def _worn_out(row: sqlite3.Row, now: float, max_attempts: int | None,
                 (max_age_seconds and now - row["created_at"] >= max_age_seconds))
 
 
+def release_orphaned_jobs(conn: sqlite3.Connection, worker_prefix: str,
+                          is_alive, now: float) -> int:
+    """Make claimable at once the running jobs of workers named `<worker_prefix><pid>` whose
+    process is gone (`is_alive(pid)` false), instead of waiting for their lease to end. Used by
+    a poller starting after a crash; a worker that cannot be checked keeps its lease."""
+    released = 0
+    with transaction(conn):
+        rows = conn.execute("SELECT id, locked_by FROM jobs WHERE status = 'running'"
+                            " AND locked_by LIKE ?", (worker_prefix + "%",)).fetchall()
+        for row in rows:
+            pid_text = row["locked_by"][len(worker_prefix):].split(":", 1)[0]
+            if pid_text.isdigit() and not is_alive(int(pid_text)):
+                conn.execute("UPDATE jobs SET locked_until = ? WHERE id = ?", (now, row["id"]))
+                released += 1
+    return released
+
+
 def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
                  follow_ups: list[FollowUp] | tuple = (), now: float | None = None) -> bool:
     """Mark `job` done and enqueue its follow-ups atomically. False (and nothing written) when

@@ -60,6 +60,15 @@ class Poller:
         except Exception:
             log.exception("scheduled_task_failed", extra={"task": getattr(task, "__name__", "?")})
 
+    def recover_orphans(self) -> int:
+        """Jobs left running by a poller that died (SIGKILL, OOM) run again now, not after
+        their lease."""
+        released = db_manager.release_orphaned_jobs(self.conn, "poller-", _pid_alive,
+                                                     self.clock())
+        if released:
+            log.warning("orphaned_jobs_released", extra={"count": released})
+        return released
+
     def heartbeat(self) -> None:
         """Tell /health this process is alive, with the queue's state."""
         stats = db_manager.queue_stats(self.conn, self.clock())
@@ -90,6 +99,7 @@ class Poller:
     def run_forever(self) -> None:
         """Loop until SIGTERM: run what is due, then wait for new work written by another
         process, for the next due job, or for the next scheduled task."""
+        self.recover_orphans()
         self.heartbeat()
         self.scheduler.run_all()
         while not self.stopping:
@@ -111,6 +121,18 @@ class Poller:
         if not self.stopping:
             log.info("poller_stopping")
         self.stopping = True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main() -> int:

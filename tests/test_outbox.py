@@ -252,3 +252,15 @@ def test_next_due_time_ignores_jobs_blocked_by_their_conversation(db, clock):
     assert db_manager.claim_next_job(db, clock(), LEASE) is None
     # the poller must sleep until A is due, not spin on B
     assert db_manager.next_job_due_at(db) == clock() + 600
+
+
+def test_jobs_of_a_dead_poller_are_released_at_once(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    db_manager.enqueue_job(db, "k", "b", {}, now=clock())
+    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-111")
+    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-222")
+    released = db_manager.release_orphaned_jobs(db, "poller-", lambda pid: pid == 222, clock())
+    assert released == 1
+    again = db_manager.claim_next_job(db, clock(), LEASE, worker="poller-333")
+    assert again.dedupe_key == "a" and again.attempt == 2
+    assert db_manager.claim_next_job(db, clock(), LEASE) is None  # b's worker is alive
