@@ -9,7 +9,14 @@ import config as _ponte_config
 import ponte_logging as _ponte_logging
 from gunicorn.glogging import Logger as _Logger
 
-_settings = _ponte_config.load_settings()
+import sys as _sys
+
+try:
+    _settings = _ponte_config.load_settings()
+except _ponte_config.ConfigError as _exc:
+    # One line listing every problem, instead of a traceback per worker.
+    _sys.stderr.write(f"ponte: {_exc}\n")
+    _sys.exit(2)
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.web_workers

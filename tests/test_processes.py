@@ -123,3 +123,14 @@ def test_dockerfile_steps_outside_docker(tmp_path):
         _stop(proc, conf_path)
     assert (data / "ponte.db").exists() and list((data / "logs").glob("app-*.log"))
     assert not (app_dir / "data").exists()  # nothing written next to the code
+
+
+def test_web_with_a_broken_configuration_says_everything_in_one_line(tmp_path):
+    env = {**os.environ, "PORT": str(free_port()), "ML_CLIENT_ID": "123", "DEBUG": "talvez",
+           "PONTE_ENV_FILE": str(tmp_path / "none.env"), "LOG_DIR": str(tmp_path)}
+    result = subprocess.run([str(venv_bin() / "python"), "-m", "gunicorn", "-c",
+                             "gunicorn_conf.py", "webhook_server:create_app()"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    [line] = [l for l in result.stderr.splitlines() if l.startswith("ponte:")]
+    assert "DEBUG inválido" in line and "ML_CLIENT_SECRET" in line

@@ -1,0 +1,79 @@
+"""The behaviour every peer client shares: timeouts, error mapping, Retry-After, rate limit."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from flask import Flask
+
+from peer_http import PeerClient, PeerError, RateLimiter
+from tests.conftest import free_port
+
+
+def _peer_app():
+    app = Flask("peer")
+
+    @app.get("/ok")
+    def ok():
+        return {"ok": True}
+
+    @app.get("/status/<int:code>")
+    def status(code):
+        headers = {"Retry-After": "7"} if code == 429 else {}
+        return {"error": "x"}, code, headers
+
+    @app.get("/slow")
+    def slow():
+        time.sleep(1)
+        return {"late": True}
+
+    @app.get("/text")
+    def text():
+        return "plain", 200, {"Content-Type": "text/plain"}
+
+    return app
+
+
+@pytest.fixture
+def client(serve):
+    return PeerClient(serve(_peer_app()).url, timeout_seconds=0.3)
+
+
+def test_json_answer_is_decoded(client):
+    assert client._request("GET", "/ok") == {"ok": True}
+    assert client._request("GET", "/text") == "plain"
+
+
+@pytest.mark.parametrize("code,retryable", [(500, True), (502, True), (503, True), (429, True),
+                                            (400, False), (401, False), (404, False),
+                                            (422, False)])
+def test_http_errors_are_mapped(client, code, retryable):
+    with pytest.raises(PeerError) as err:
+        client._request("GET", f"/status/{code}")
+    assert err.value.status == code and err.value.retryable is retryable
+    if code == 429:
+        assert err.value.retry_after_seconds == 7
+
+
+def test_timeout_is_a_retryable_error(client):
+    with pytest.raises(PeerError) as err:
+        client._request("GET", "/slow")
+    assert err.value.status is None and err.value.retryable and "timeout" in err.value.detail
+
+
+def test_connection_refused_is_a_retryable_error():
+    client = PeerClient(f"http://127.0.0.1:{free_port()}", timeout_seconds=1)
+    with pytest.raises(PeerError) as err:
+        client._request("GET", "/ok")
+    assert err.value.retryable and "connection" in err.value.detail
+
+
+def test_rate_limiter_spaces_calls():
+    now = [0.0]
+    slept = []
+    limiter = RateLimiter(5, clock=lambda: now[0],
+                          sleep=lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+    for _ in range(15):
+        limiter.acquire()
+    # 5 immediately (the burst), then one every 0.2 s
+    assert round(sum(slept), 3) == 2.0 and max(slept) <= 0.2 + 1e-9
