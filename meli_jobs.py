@@ -25,7 +25,7 @@ from db_manager import FollowUp
 from mercado_livre_api import (ANSWER_MAX_CHARS, ATTACHMENT_MAX_BYTES, MercadoLivreError,
                                attachment_mime, buyer_id_of_question, is_agent_mediated,
                                message_sort_key, pack_id_of_message, parse_pack_resource,
-                               reply_recipient, split_message)
+                               plain_post_sale_text, reply_recipient, split_message)
 from peer_http import PeerError
 
 log = logging.getLogger("ponte.meli")
@@ -226,6 +226,7 @@ def handle_import_question(ctx, job):
     thread_key = f"{buyer}:{item_id}"
     thread = _get(ctx, NS_THREAD, thread_key) or []
     conversation_id = known.get("conversation_id")
+    created_now = not conversation_id
     if not conversation_id:
         contact = ensure_contact(ctx, questions_inbox(ctx), buyer)
         conversation = client.create_conversation(
@@ -244,8 +245,9 @@ def handle_import_question(ctx, job):
                 {"question_id": qid, "conversation_id": conversation_id,
                  "text": (q.get("text") or "")[:120]}], now=ctx.now())
     source_id = f"meli:question:{qid}"
-    existing = _find_message_by_source(ctx, conversation_id, source_id) if job.attempt > 1 \
-        else None
+    # A conversation recorded by an earlier run may already hold the message.
+    resumed = job.attempt > 1 or not created_now
+    existing = _find_message_by_source(ctx, conversation_id, source_id) if resumed else None
     if existing is None:
         item = item_info(ctx, item_id)
         others = [t for t in thread if t["question_id"] != qid]
@@ -618,10 +620,11 @@ def _send_sale_message(ctx, job, reply: dict, pack_id: str):
     key = str(reply["message_id"])
     progress = _get(ctx, NS_OUTGOING, key) or {"parts_sent": 0, "attachment_ids": None,
                                                "ml_message_ids": [], "skipped": []}
-    text = markdown_to_text(reply.get("content") or "")
+    text = plain_post_sale_text(markdown_to_text(reply.get("content") or ""))
     # A plain read (marks the buyer's messages read: the agent has answered them) that also
     # gives the conversation status and the latest sender.
     messages, status = read_pack(ctx, pack_id, mark_as_read=True)
+    _sync_if_unmirrored(ctx, pack_id, messages, reply["message_id"])
     if status.get("status") == "blocked" and progress["parts_sent"] == 0:
         return _refuse(reply, texts.sale_blocked(status.get("substatus")), "blocked")
     mediated = is_agent_mediated({"conversation_status": status, "messages": messages},
@@ -675,6 +678,18 @@ def _send_sale_message(ctx, job, reply: dict, pack_id: str):
                                             "chatwoot_message_id": reply["message_id"]})
     return {"status": "sent", "parts": len(parts), "ml_message_ids": progress["ml_message_ids"]}, \
         follow_ups
+
+
+def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:
+    """That read marked the buyer's messages as read, so the unread poll will not see any that
+    arrived since the last sync: queue a sync for them."""
+    seller = str(ctx.settings.ml_seller_id)
+    if any(_get(ctx, NS_ML_MESSAGE, m.get("id")) is None
+           and str((m.get("from") or {}).get("user_id")) != seller for m in messages):
+        with db_manager.transaction(ctx.conn):
+            db_manager.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
+                                   {"pack_id": pack_id}, ordering_key=f"ml-pack-in:{pack_id}",
+                                   now=ctx.now())
 
 
 def _upload_attachments(ctx, attachments: list[dict]) -> tuple[list[str], list[str]]:

@@ -162,4 +162,4 @@ def attachment_skipped(skipped: list[str]) -> str:
 def attachments_only_text(attachments: list[dict]) -> str:
     """Text for a message that has only attachments (Mercado Livre wants a text)."""
     names = ", ".join(a.get("filename") or "anexo" for a in attachments)
-    return f"📎 {names}"[:350]
+    return f"Anexo: {names}"[:350]

@@ -454,6 +454,17 @@ def split_message(text: str, limit: int = SELLER_MESSAGE_MAX_CHARS) -> list[str]
     return parts
 
 
+_TYPOGRAPHY = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'",
+                             "\u2019": "'", "\u2013": "-", "\u2014": "-", "\u2022": "-",
+                             "\u2026": "...", "\u00a0": " ", "\u2009": " ", "\u200b": ""})
+
+
+def plain_post_sale_text(text: str) -> str:
+    """Post-sale messages accept ISO-8859-1 plus some emoji: replace the typographic characters
+    editors insert (curly quotes, dashes, ellipsis, bullets) by their plain forms."""
+    return text.translate(_TYPOGRAPHY)
+
+
 def attachment_mime(filename: str, declared: str = "") -> str | None:
     """The MIME type Mercado Livre accepts for this file, or None when it does not accept it."""
     declared = (declared or "").split(";")[0].strip().lower()

@@ -361,6 +361,9 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
         if not recipient:
             return _messaging_err(400, "bad_request", "The field 'to.user_id' is required")
         text = body.get("text") or ""
+        if any(ord(ch) > 0xFF and ord(ch) < 0x1F000 for ch in text):
+            return _messaging_err(400, "bad_request",
+                                  "The text has character/s that is/are not supported.")
         if len(text) > 350:
             return _messaging_err(400, "bad_request",
                                   "The message content is too long, max characters allowed "

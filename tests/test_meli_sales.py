@@ -221,7 +221,7 @@ def test_attachment_only_reply_sends_the_file_with_its_name_as_text(bridge):
                          attachments=[("etiqueta.png", JPEG_BYTES, "image/png")])
     bridge.drain()
     (sent,) = bridge.ml_state()["sent_messages"]
-    assert sent["text"] == "📎 etiqueta.png" and len(sent["attachments"]) == 1
+    assert sent["text"] == "Anexo: etiqueta.png" and len(sent["attachments"]) == 1
 
 
 def test_mercado_livre_down_while_agent_answers_delivers_later_in_order(bridge):
@@ -323,3 +323,31 @@ def test_split_reply_interrupted_midway_resumes_without_resending(bridge):
     # THEN it resumes at part 2: every part once, in order
     sent = [m["text"] for m in bridge.ml_state()["sent_messages"]]
     assert " ".join(sent) == text and len(sent) == len(set(sent)) == 3
+
+
+def test_typographic_characters_are_made_plain_for_post_sale(bridge):
+    sale = bridge.sale(buyer_id=792)
+    bridge.buyer_writes(sale["conversation_id"], "Oi")
+    bridge.poll()
+    bridge.agent_replies(_sale_conversation(bridge)["id"],
+                         "“Prazo” — 3 a 5 dias… combinado? 👍")
+    bridge.drain()
+    (sent,) = bridge.ml_state()["sent_messages"]
+    assert sent["text"] == '"Prazo" - 3 a 5 dias... combinado? 👍'
+
+
+def test_buyer_message_that_arrives_just_before_the_reply_is_not_lost(bridge):
+    sale = bridge.sale(buyer_id=793)
+    pack = sale["conversation_id"]
+    bridge.buyer_writes(pack, "primeira")
+    bridge.poll()
+    conv = _sale_conversation(bridge)
+    # GIVEN a new buyer message that no poll has seen yet
+    bridge.buyer_writes(pack, "segunda, antes da resposta")
+    # WHEN the agent's reply reads the conversation (which marks everything read on ML)
+    bridge.agent_replies(conv["id"], "Resposta")
+    bridge.drain()
+    bridge.poll()
+    # THEN the new message still reaches Chatwoot
+    texts = [m["content"] for m in _public(_sale_conversation(bridge))]
+    assert "segunda, antes da resposta" in texts and texts.count("Resposta") == 1
