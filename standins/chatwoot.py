@@ -15,7 +15,6 @@ Must not: be imported by ponte's production modules.
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import hmac
 import itertools

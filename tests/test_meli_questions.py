@@ -2,7 +2,6 @@
 Everything crosses real loopback HTTP to the stand-ins; time is the injected clock."""
 from __future__ import annotations
 
-import base64
 
 import requests
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 
-from tests.meli_support import (AGENT_MLB, JPEG_BYTES, PDF_BYTES, SALES_INBOX, SELLER,  # noqa
-                                Bridge, bridge, messages_of)
+from tests.meli_support import (AGENT_MLB, JPEG_BYTES, PDF_BYTES, SALES_INBOX, Bridge,  # noqa
+                                bridge, messages_of)
 
 
 def _b64(data: bytes) -> str:
@@ -50,7 +50,6 @@ def test_sale_messages_land_in_one_conversation_in_order_with_summary_on_top(bri
     assert all(m["message_type_name"] == "incoming" for m in messages[1:])
     # the buyer's photo arrived with its real bytes
     attachment = messages[1]["attachments"][0]
-    blob = bridge.cw_state  # noqa: F841 - keep the state call pattern obvious
     import requests
     data = requests.get(f"{bridge.cw.url}/_standin/blob/{attachment['id']}").content
     assert data == JPEG_BYTES

@@ -1,0 +1,221 @@
+"""Bridge B, pre-sale questions: new questions into Chatwoot conversations, agents' replies into
+public answers, answers typed on Mercado Livre mirrored back.
+
+Owns: the `ml.import_question`, `ml.fetch_question`, `ml.mirror_answer` and
+`chatwoot.mark_answered` handlers, the question poll, and answering a question.
+Must not: serve HTTP; know wire formats (the peer modules).
+"""
+from __future__ import annotations
+
+import db_manager
+import meli_texts as texts
+from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
+from db_manager import FollowUp
+from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
+                         NS_CONVERSATION, NS_QUESTION, NS_THREAD, QUESTION_MAX_PAGES, QUESTION_PAGE,
+                         add_label, cache_item, cw, ensure_contact, find_message_by_source,
+                         fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,
+                         put_mapping, questions_inbox, refuse, short_error, thumbnail)
+from mercado_livre_api import ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question
+
+
+def poll_questions(ctx) -> dict:
+    """Schedule: page through UNANSWERED questions (oldest first) and enqueue each new one.
+    One API call when nothing is new."""
+    client = ml(ctx)
+    enqueued = pages = offset = 0
+    while pages < QUESTION_MAX_PAGES:
+        page = client.search_questions("UNANSWERED", offset=offset, limit=QUESTION_PAGE)
+        pages += 1
+        questions = page.get("questions") or []
+        new = [q for q in questions if get_mapping(ctx, NS_QUESTION, q.get("id")) is None
+               and db_manager.get_job(ctx.conn, dedupe_key=f"ml-question:{q.get('id')}") is None]
+        if new:
+            missing = [q.get("item_id") for q in new if q.get("item_id")
+                       and not fresh_item(ctx, q["item_id"])]
+            if missing:
+                try:
+                    for item in client.get_items(missing).values():
+                        cache_item(ctx, item)
+                except MercadoLivreError as exc:
+                    log.warning("ml_items_prefetch_failed", extra={"status": exc.status})
+            with db_manager.transaction(ctx.conn):
+                for q in new:
+                    if db_manager.enqueue_job(ctx.conn, "ml.import_question",
+                                              f"ml-question:{q['id']}", {"question": q},
+                                              now=ctx.now()):
+                        enqueued += 1
+        total = int(page.get("total") or 0)
+        offset += QUESTION_PAGE
+        if len(questions) < QUESTION_PAGE or offset >= total:
+            break
+    if enqueued:
+        log.info("ml_questions_enqueued", extra={"count": enqueued, "pages": pages})
+    return {"enqueued": enqueued, "pages": pages}
+
+def handle_import_question(ctx, job):
+    """`ml.import_question`: one new question → one conversation + one incoming message."""
+    q = job.payload["question"]
+    qid = str(q["id"])
+    known = get_mapping(ctx, NS_QUESTION, qid) or {}
+    if known.get("message_id"):
+        return {"status": "already_imported", "conversation_id": known["conversation_id"]}
+    if q.get("status") not in (None, "UNANSWERED"):
+        return {"status": "skipped", "question_status": q.get("status")}
+    client = cw(ctx)
+    buyer = buyer_id_of_question(q)
+    item_id = str(q.get("item_id") or "")
+    thread_key = f"{buyer}:{item_id}"
+    thread = get_mapping(ctx, NS_THREAD, thread_key) or []
+    conversation_id = known.get("conversation_id")
+    created_now = not conversation_id
+    if not conversation_id:
+        contact = ensure_contact(ctx, questions_inbox(ctx), buyer)
+        conversation = client.create_conversation(
+            questions_inbox(ctx), contact["contact_id"], contact["source_id"],
+            custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
+                               "meli_buyer_id": buyer},
+            additional_attributes={"meli_resource": "questions", "meli_item_id": item_id})
+        conversation_id = int(conversation["id"])
+        known = {"conversation_id": conversation_id, "item_id": item_id, "buyer_id": buyer}
+        with db_manager.transaction(ctx.conn):
+            db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
+            db_manager.mapping_put(ctx.conn, NS_CONVERSATION, str(conversation_id),
+                                   {"kind": "question", "question_id": qid, "item_id": item_id,
+                                    "buyer_id": buyer}, now=ctx.now())
+            db_manager.mapping_put(ctx.conn, NS_THREAD, thread_key, thread + [
+                {"question_id": qid, "conversation_id": conversation_id,
+                 "text": (q.get("text") or "")[:120]}], now=ctx.now())
+    source_id = f"meli:question:{qid}"
+    # A conversation recorded by an earlier run may already hold the message.
+    resumed = job.attempt > 1 or not created_now
+    existing = find_message_by_source(ctx, conversation_id, source_id) if resumed else None
+    if existing is None:
+        item = item_info(ctx, item_id)
+        others = [t for t in thread if t["question_id"] != qid]
+        content = texts.question_message(q, item, others)
+        message = client.create_message(
+            conversation_id, content, message_type="incoming", source_id=source_id,
+            content_attributes={"meli_resource": "questions", "meli_question_id": qid,
+                                "meli_item_id": item_id,
+                                "external_created_at": q.get("date_created")},
+            attachments=thumbnail(ctx, item))
+        existing = message
+    put_mapping(ctx, NS_QUESTION, qid, {**known, "message_id": int(existing["id"])})
+    log.info("ml_question_imported", extra={"ml_question_id": qid,
+                                            "chatwoot_conversation_id": conversation_id})
+    return {"status": "imported", "conversation_id": conversation_id,
+            "message_id": int(existing["id"])}
+
+def handle_fetch_question(ctx, job):
+    """`ml.fetch_question` (from a notification): read the question with our token; a new one
+    is imported like a polled one; one answered directly on Mercado Livre is mirrored."""
+    qid = str(job.payload["question_id"])
+    try:
+        q = ml(ctx).get_question(qid)
+    except MercadoLivreError as exc:
+        if exc.status == 404:
+            return {"status": "not_found"}
+        raise
+    if str(q.get("seller_id") or ctx.settings.ml_seller_id) != str(ctx.settings.ml_seller_id):
+        return {"status": "other_seller"}
+    known = get_mapping(ctx, NS_QUESTION, qid)
+    if q.get("status") == "UNANSWERED" and not (known and known.get("message_id")):
+        return {"status": "new"}, [FollowUp("ml.import_question", f"ml-question:{qid}",
+                                            {"question": q})]
+    answer = q.get("answer") or {}
+    if q.get("status") == "ANSWERED" and known and answer.get("text"):
+        ours = get_mapping(ctx, NS_ANSWERED, qid)
+        if ours is None or ours.get("text") != answer.get("text"):
+            return {"status": "answered_on_ml"}, [FollowUp(
+                "ml.mirror_answer", f"ml-answer:{qid}",
+                {"question_id": qid, "conversation_id": known["conversation_id"],
+                 "text": answer.get("text"), "date_created": answer.get("date_created")})]
+    return {"status": "nothing_to_do", "question_status": q.get("status")}
+
+def handle_mirror_answer(ctx, job):
+    """`ml.mirror_answer`: an answer typed on Mercado Livre shows in the conversation as ours
+    (source_id `meli:answer:<id>`, never sent back)."""
+    p = job.payload
+    conversation_id = int(p["conversation_id"])
+    source_id = f"meli:answer:{p['question_id']}"
+    if job.attempt == 1 or find_message_by_source(ctx, conversation_id, source_id) is None:
+        cw(ctx).create_message(conversation_id, p["text"], message_type="outgoing",
+                               source_id=source_id,
+                               content_attributes={BRIDGE_ORIGIN_KEY: "mercadolivre",
+                                                   "meli_question_id": str(p["question_id"])})
+    add_label(ctx, conversation_id, LABEL_ANSWERED_ON_ML)
+    return {"status": "mirrored"}
+
+def answer_question(ctx, job, reply: dict, qid: str):
+    text = markdown_to_text(reply.get("content") or "")
+    notes = []
+    if reply.get("attachments"):
+        notes.append(texts.ANSWER_NO_ATTACHMENTS.format(
+            names=", ".join(a["filename"] for a in reply["attachments"])))
+    if not text:
+        return refuse(reply, "\n".join(notes + [texts.EMPTY_REPLY]), "empty")
+    if len(text) > ANSWER_MAX_CHARS:
+        return refuse(reply, texts.ANSWER_TOO_LONG.format(length=len(text)), "too_long")
+    ours = get_mapping(ctx, NS_ANSWERED, qid)
+    if ours and ours.get("chatwoot_message_id") != reply["message_id"]:
+        return refuse(reply, texts.ALREADY_ANSWERED_BY_US.format(
+            message_id=ours["chatwoot_message_id"]), "already_answered")
+    if not ours:
+        try:
+            ml(ctx).answer_question(qid, text)
+        except MercadoLivreError as exc:
+            if exc.retryable:
+                raise
+            outcome = _explain_answer_error(ctx, qid, text, exc)
+            if outcome != "ours":
+                return refuse(reply, outcome, exc.code or str(exc.status))
+        put_mapping(ctx, NS_ANSWERED, qid, {"chatwoot_message_id": reply["message_id"], "text": text})
+    follow_ups = [FollowUp("chatwoot.mark_answered", f"cw-answered:{reply['message_id']}",
+                           {"conversation_id": reply["conversation_id"],
+                            "message_id": reply["message_id"], "question_id": qid})]
+    if notes:
+        follow_ups.append(note_follow_up(reply["conversation_id"], "\n".join(notes),
+                                f"attachments:{reply['message_id']}"))
+    log.info("ml_question_answered", extra={"ml_question_id": qid,
+                                            "chatwoot_message_id": reply["message_id"]})
+    return {"status": "answered", "question_id": qid}, follow_ups
+
+def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError) -> str:
+    """Why Mercado Livre refused an answer, in words for the agent ("ours" when the question is
+    in fact answered with this very text — a previous run got through)."""
+    if exc.status == 404:
+        return texts.QUESTION_DELETED
+    try:
+        q = ml(ctx).get_question(qid)
+    except MercadoLivreError as again:
+        if again.status == 404:
+            return texts.QUESTION_DELETED
+        q = {}
+    status = q.get("status")
+    if status == "ANSWERED" and (q.get("answer") or {}).get("text") == text:
+        return "ours"
+    if status == "ANSWERED":
+        return texts.QUESTION_ALREADY_ANSWERED
+    if status in texts.QUESTION_STATUS_PT:
+        return texts.QUESTION_NOT_ANSWERABLE.format(reason=texts.QUESTION_STATUS_PT[status])
+    if exc.code in ("not_active_item", "item_closed", "closed_item"):
+        return texts.ITEM_CLOSED
+    if exc.code == "not_unanswered_question":
+        return texts.QUESTION_ALREADY_ANSWERED
+    return texts.ML_REFUSED.format(detail=short_error(exc))
+
+def handle_mark_answered(ctx, job):
+    """`chatwoot.mark_answered`: label + custom attribute on the conversation, message marked
+    delivered, conversation resolved when CHATWOOT_RESOLVE_ANSWERED=true."""
+    p = job.payload
+    client = cw(ctx)
+    conversation_id = int(p["conversation_id"])
+    add_label(ctx, conversation_id, LABEL_ANSWERED)
+    attrs = dict(client.get_conversation(conversation_id).get("custom_attributes") or {})
+    attrs.update(meli_answered=True, meli_answered_at=iso(ctx.now()))
+    client.set_custom_attributes(conversation_id, attrs)
+    client.update_message_status(conversation_id, int(p["message_id"]), "delivered")
+    if ctx.settings.chatwoot_resolve_answered:
+        client.toggle_status(conversation_id, "resolved")
+    return {"status": "marked"}

@@ -1,0 +1,321 @@
+"""Bridge B, post-sale messages: every message of a sale into one Chatwoot conversation (order
+summary on top), agents' replies back to the sale (350-character parts, attachments, the
+messaging agent, blocked conversations).
+
+Owns: the `ml.sync_pack`, `ml.fetch_message` and `ml.fetch_order` handlers, the unread poll,
+and sending a reply to a sale.
+Must not: serve HTTP; know wire formats (the peer modules).
+"""
+from __future__ import annotations
+
+import uuid
+
+import db_manager
+import meli_texts as texts
+from chatwoot_api import BRIDGE_ORIGIN_KEY, ChatwootError, markdown_to_text
+from db_manager import FollowUp
+from meli_common import (MAX_REPLY_PARTS, NS_CONVERSATION, NS_ML_MESSAGE, NS_OUTGOING, NS_PACK,
+                         NS_UNREAD, PACK_PAGE, buyer_nickname, cw, ensure_contact,
+                         find_message_by_source, get_mapping, log, ml, note_follow_up,
+                         put_mapping, refuse, sales_inbox, short_error)
+from mercado_livre_api import (ATTACHMENT_MAX_BYTES, MercadoLivreError, attachment_mime,
+                               is_agent_mediated, message_sort_key, pack_id_of_message,
+                               parse_pack_resource, plain_post_sale_text, reply_recipient,
+                               split_message)
+
+
+def poll_messages(ctx) -> dict:
+    """Schedule: one `messages/unread` call; a pack whose unread count changed since the last
+    poll gets a sync job (reads use mark_as_read=false, so counts persist until answered)."""
+    answer = ml(ctx).unread_messages()
+    current: dict[str, int] = {}
+    for result in answer.get("results") or []:
+        parsed = parse_pack_resource(str(result.get("resource") or ""))
+        if parsed:
+            current[parsed[0]] = int(result.get("count") or 0)
+    previous = get_mapping(ctx, NS_UNREAD, "last") or {}
+    changed = [pack for pack, count in current.items() if previous.get(pack) != count]
+    with db_manager.transaction(ctx.conn):
+        for pack in changed:
+            db_manager.enqueue_job(ctx.conn, "ml.sync_pack",
+                                   f"ml-pack-sync:{pack}:unread:{uuid.uuid4().hex[:12]}",
+                                   {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}",
+                                   now=ctx.now())
+        if current != previous:
+            db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", current, now=ctx.now())
+    return {"packs": len(current), "enqueued": len(changed)}
+
+def read_pack(ctx, pack_id: str, mark_as_read: bool = False) -> tuple[list[dict], dict]:
+    """All messages of a sale's conversation (oldest first) and its conversation_status."""
+    client = ml(ctx)
+    messages: list[dict] = []
+    status: dict = {}
+    offset = 0
+    while True:
+        page = client.get_pack_messages(pack_id, offset=offset, limit=PACK_PAGE,
+                                        mark_as_read=mark_as_read)
+        status = page.get("conversation_status") or status
+        batch = page.get("messages") or []
+        messages.extend(batch)
+        total = int((page.get("paging") or {}).get("total") or 0)
+        offset += PACK_PAGE
+        if not batch or offset >= total or offset >= 2000:
+            break
+    messages.sort(key=message_sort_key)
+    return messages, status
+
+def handle_sync_pack(ctx, job):
+    """`ml.sync_pack`: mirror every message of a sale not yet in Chatwoot, in order, into the
+    sale's one conversation (created with the order summary on top)."""
+    pack_id = str(job.payload["pack_id"])
+    try:
+        messages, _status = read_pack(ctx, pack_id)
+    except MercadoLivreError as exc:
+        if exc.status == 404:
+            return {"status": "no_conversation"}
+        raise
+    seller = str(ctx.settings.ml_seller_id)
+    app_id = str(ctx.settings.ml_client_id)
+    new = [m for m in messages if get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) is None]
+    ours = [m for m in new if str((m.get("from") or {}).get("user_id")) == seller
+            and str(m.get("client_id")) == app_id]
+    for m in ours:  # sent by ponte itself: already in Chatwoot as the agent's message
+        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"sent_by_ponte": True})
+    new = [m for m in new if m not in ours]
+    if not new:
+        return {"status": "up_to_date"}
+    conversation_id = ensure_sale_conversation(ctx, pack_id)
+    client = cw(ctx)
+    mirrored = 0
+    for m in new:
+        source_id = f"meli:msg:{m['id']}"
+        if job.attempt > 1:
+            found = find_message_by_source(ctx, conversation_id, source_id)
+            if found:
+                put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": int(found["id"])})
+                continue
+        from_seller = str((m.get("from") or {}).get("user_id")) == seller
+        files, skipped = _download_ml_attachments(ctx, m)
+        content = texts.ml_message_text(m, skipped)
+        attributes = {"meli_resource": "messages", "meli_message_id": m["id"],
+                      "meli_pack_id": pack_id,
+                      "external_created_at": (m.get("message_date") or {}).get("created")}
+        if from_seller:
+            attributes[BRIDGE_ORIGIN_KEY] = "mercadolivre"
+        created = client.create_message(conversation_id, content,
+                                        message_type="outgoing" if from_seller else "incoming",
+                                        source_id=source_id, content_attributes=attributes,
+                                        attachments=files)
+        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": int(created["id"])})
+        mirrored += 1
+    log.info("ml_pack_synced", extra={"ml_pack_id": pack_id, "mirrored": mirrored,
+                                      "chatwoot_conversation_id": conversation_id})
+    return {"status": "synced", "mirrored": mirrored, "conversation_id": conversation_id}
+
+def _download_ml_attachments(ctx, message: dict) -> tuple[list, list[str]]:
+    files, skipped = [], []
+    for a in message.get("message_attachments") or []:
+        name = a.get("original_filename") or a.get("filename") or "anexo"
+        if a.get("potential_security_threat"):
+            skipped.append(f"{name} (marcado como ameaça pelo Mercado Livre)")
+            continue
+        try:
+            data, content_type = ml(ctx).download_attachment(a["filename"])
+        except MercadoLivreError as exc:
+            if exc.retryable:
+                raise
+            skipped.append(f"{name} (não foi possível baixar: {exc.status})")
+            continue
+        files.append((name, data, a.get("type") or content_type or "application/octet-stream"))
+    return files, skipped
+
+def ensure_sale_conversation(ctx, pack_id: str) -> int:
+    """The one Chatwoot conversation of a sale, created with the order summary as its first
+    (private) message."""
+    known = get_mapping(ctx, NS_PACK, pack_id) or {}
+    client = cw(ctx)
+    if not known.get("conversation_id"):
+        orders = sale_orders(ctx, pack_id)
+        buyer = (orders[0].get("buyer") or {}) if orders else {}
+        buyer_id = str(buyer.get("id") or "")
+        if not buyer_id:
+            raise MercadoLivreError(None, f"sale {pack_id} without buyer", True)
+        if not buyer.get("nickname"):  # recent order samples omit it; the profile has it
+            buyer["nickname"] = buyer_nickname(ctx, buyer_id)
+        contact = ensure_contact(ctx, sales_inbox(ctx), buyer_id, buyer["nickname"])
+        conversation = client.create_conversation(
+            sales_inbox(ctx), contact["contact_id"], contact["source_id"],
+            custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
+                               "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
+            additional_attributes={"meli_resource": "messages"})
+        known = {"conversation_id": int(conversation["id"]), "buyer_id": buyer_id,
+                 "summary_posted": False, "summary": texts.order_summary(pack_id, orders)}
+        with db_manager.transaction(ctx.conn):
+            db_manager.mapping_put(ctx.conn, NS_PACK, pack_id, known, now=ctx.now())
+            db_manager.mapping_put(ctx.conn, NS_CONVERSATION, str(known["conversation_id"]),
+                                   {"kind": "sale", "pack_id": pack_id, "buyer_id": buyer_id},
+                                   now=ctx.now())
+    if not known.get("summary_posted"):
+        source_id = f"meli:order-summary:{pack_id}"
+        if find_message_by_source(ctx, known["conversation_id"], source_id) is None:
+            client.create_message(known["conversation_id"], known["summary"], private=True,
+                                  source_id=source_id,
+                                  content_attributes={BRIDGE_ORIGIN_KEY: "ponte"})
+        known["summary_posted"] = True
+        put_mapping(ctx, NS_PACK, pack_id, known)
+    return int(known["conversation_id"])
+
+def sale_orders(ctx, pack_id: str) -> list[dict]:
+    """The seller's orders of a pack; a pack id that is really an order id (pack_id null)
+    gives that order."""
+    client = ml(ctx)
+    try:
+        pack = client.get_pack(pack_id)
+        order_ids = [o.get("id") for o in pack.get("orders") or []][:10]
+    except MercadoLivreError as exc:
+        if exc.status != 404:
+            raise
+        order_ids = [pack_id]
+    orders = []
+    for order_id in order_ids:
+        try:
+            orders.append(client.get_order(order_id))
+        except MercadoLivreError as exc:
+            if exc.status not in (403, 404):  # another seller's order in a shared pack
+                raise
+    return orders
+
+def handle_fetch_message(ctx, job):
+    """`ml.fetch_message` (from a `messages` notification): find the message's sale and sync it."""
+    try:
+        body = ml(ctx).get_message(job.payload["message_id"])
+    except MercadoLivreError as exc:
+        if exc.status == 404:
+            return {"status": "not_found"}
+        raise
+    messages = body.get("messages") or ([body] if body.get("id") else [])
+    packs = {pack_id_of_message(m) for m in messages} - {None}
+    return {"packs": sorted(packs)}, [
+        FollowUp("ml.sync_pack", f"ml-pack-sync:{pack}:msg:{job.payload['message_id']}",
+                 {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}") for pack in sorted(packs)]
+
+def handle_fetch_order(ctx, job):
+    """`ml.fetch_order` (from an `orders_v2` notification): sync the sale's messages, if any."""
+    try:
+        order = ml(ctx).get_order(job.payload["order_id"])
+    except MercadoLivreError as exc:
+        if exc.status in (403, 404):
+            return {"status": "not_found"}
+        raise
+    pack = str(order.get("pack_id") or order.get("id"))
+    return {"pack_id": pack}, [FollowUp("ml.sync_pack", f"ml-pack-sync:{pack}:order:{job.id}",
+                                        {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}")]
+
+def send_sale_message(ctx, job, reply: dict, pack_id: str):
+    client = ml(ctx)
+    key = str(reply["message_id"])
+    progress = get_mapping(ctx, NS_OUTGOING, key) or {"parts_sent": 0, "attachment_ids": None,
+                                               "ml_message_ids": [], "skipped": []}
+    text = plain_post_sale_text(markdown_to_text(reply.get("content") or ""))
+    # A plain read (marks the buyer's messages read: the agent has answered them) that also
+    # gives the conversation status and the latest sender.
+    messages, status = read_pack(ctx, pack_id, mark_as_read=True)
+    _sync_if_unmirrored(ctx, pack_id, messages, reply["message_id"])
+    if status.get("status") == "blocked" and progress["parts_sent"] == 0:
+        return refuse(reply, texts.sale_blocked(status.get("substatus")), "blocked")
+    mediated = is_agent_mediated({"conversation_status": status, "messages": messages},
+                                 ctx.settings.ml_site_id)
+    parts = split_message(text) if text else []
+    if len(parts) > 1 and mediated and progress["parts_sent"] == 0:
+        return refuse(reply, texts.MEDIATED_TOO_LONG.format(length=len(text)), "too_long")
+    if len(parts) > MAX_REPLY_PARTS:
+        return refuse(reply, texts.SALE_TOO_LONG.format(length=len(text),
+                                                         max=MAX_REPLY_PARTS * 350), "too_long")
+    if progress["attachment_ids"] is None:
+        ids, skipped = _upload_attachments(ctx, reply.get("attachments") or [])
+        progress.update(attachment_ids=ids, skipped=skipped)
+        put_mapping(ctx, NS_OUTGOING, key, progress)
+    if not parts and progress["attachment_ids"]:
+        parts = [texts.attachments_only_text(reply.get("attachments") or [])]
+    if not parts:
+        note = "\n".join([texts.attachment_skipped(progress["skipped"])]
+                         if progress["skipped"] else []) or texts.EMPTY_REPLY
+        return refuse(reply, note, "empty")
+    buyer = (get_mapping(ctx, NS_PACK, pack_id) or {}).get("buyer_id", "")
+    recipient = reply_recipient(messages, ctx.settings.ml_seller_id, ctx.settings.ml_site_id,
+                                buyer)
+    for index in range(progress["parts_sent"], len(parts)):
+        attachments = progress["attachment_ids"] if index == 0 else None
+        try:
+            sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)
+        except MercadoLivreError as exc:
+            if exc.retryable:
+                raise
+            note = texts.sale_refused(exc.code, short_error(exc), index, len(parts))
+            return refuse(reply, note, exc.code or str(exc.status))
+        progress["parts_sent"] = index + 1
+        ml_id = str(sent.get("id") or "")
+        if ml_id:
+            progress["ml_message_ids"].append(ml_id)
+        with db_manager.transaction(ctx.conn):
+            db_manager.mapping_put(ctx.conn, NS_OUTGOING, key, progress, now=ctx.now())
+            if ml_id:
+                db_manager.mapping_put(ctx.conn, NS_ML_MESSAGE, ml_id,
+                                       {"sent_by_ponte": True, "chatwoot_message_id":
+                                        reply["message_id"]}, now=ctx.now())
+    follow_ups = [FollowUp("chatwoot.mark_delivered", f"cw-delivered:{reply['message_id']}",
+                           {"conversation_id": reply["conversation_id"],
+                            "message_id": reply["message_id"]})]
+    if progress["skipped"]:
+        follow_ups.append(note_follow_up(reply["conversation_id"],
+                                texts.attachment_skipped(progress["skipped"]),
+                                f"attachments:{reply['message_id']}"))
+    log.info("ml_sale_message_sent", extra={"ml_pack_id": pack_id, "parts": len(parts),
+                                            "chatwoot_message_id": reply["message_id"]})
+    return {"status": "sent", "parts": len(parts), "ml_message_ids": progress["ml_message_ids"]}, \
+        follow_ups
+
+def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:
+    """That read marked the buyer's messages as read, so the unread poll will not see any that
+    arrived since the last sync: queue a sync for them."""
+    seller = str(ctx.settings.ml_seller_id)
+    if any(get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) is None
+           and str((m.get("from") or {}).get("user_id")) != seller for m in messages):
+        with db_manager.transaction(ctx.conn):
+            db_manager.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
+                                   {"pack_id": pack_id}, ordering_key=f"ml-pack-in:{pack_id}",
+                                   now=ctx.now())
+
+def _upload_attachments(ctx, attachments: list[dict]) -> tuple[list[str], list[str]]:
+    """Fetch each agent attachment from Chatwoot and upload the ones Mercado Livre accepts."""
+    ids, skipped = [], []
+    for a in attachments:
+        name = a.get("filename") or "anexo"
+        if a.get("file_size") and int(a["file_size"]) > ATTACHMENT_MAX_BYTES:
+            skipped.append(f"{name} (maior que 25 MB)")
+            continue
+        declared = a.get("content_type") or ""
+        if declared and attachment_mime(name, declared) is None:
+            skipped.append(f"{name} (formato {declared} não aceito: use JPG, PNG, PDF ou TXT)")
+            continue
+        try:
+            data, served_type = cw(ctx).download(a["data_url"], ATTACHMENT_MAX_BYTES)
+        except ChatwootError as exc:
+            if exc.retryable:
+                raise
+            skipped.append(f"{name} (não foi possível baixar do Chatwoot: {exc.detail[:80]})")
+            continue
+        mime = attachment_mime(name, declared or served_type)
+        if mime is None:
+            skipped.append(f"{name} (formato não aceito: use JPG, PNG, PDF ou TXT)")
+            continue
+        if not data:
+            skipped.append(f"{name} (arquivo vazio)")
+            continue
+        try:
+            ids.append(ml(ctx).upload_attachment(name, data, mime))
+        except MercadoLivreError as exc:
+            if exc.retryable:
+                raise
+            skipped.append(f"{name} (recusado pelo Mercado Livre: {short_error(exc)[:120]})")
+    return ids, skipped
