@@ -44,25 +44,32 @@ def ml(ctx):
     """The Mercado Livre client of this process (tokens from the database)."""
     return ctx.clients.meli
 
+
 def cw(ctx) -> ChatwootClient:
     """The Chatwoot client of this process."""
     return ctx.clients.chatwoot
 
+
 def get_mapping(ctx, namespace: str, key) -> Any:
     return db_manager.mapping_get(ctx.conn, namespace, str(key))
+
 
 def put_mapping(ctx, namespace: str, key, value) -> None:
     with db_manager.transaction(ctx.conn):
         db_manager.mapping_put(ctx.conn, namespace, str(key), value, now=ctx.now())
 
+
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
 
 def questions_inbox(ctx) -> int:
     return int(ctx.settings.chatwoot_questions_inbox_id)
 
+
 def sales_inbox(ctx) -> int:
     return int(ctx.settings.chatwoot_sales_inbox_id)
+
 
 def ensure_contact(ctx, inbox_id: int, buyer_id: str, nickname: str = "") -> dict:
     """The buyer's Chatwoot contact (identifier `meli:<buyer id>`) attached to `inbox_id`;
@@ -95,6 +102,7 @@ def ensure_contact(ctx, inbox_id: int, buyer_id: str, nickname: str = "") -> dic
         put_mapping(ctx, NS_CONTACT_INBOX, f"{buyer_id}:{inbox_id}", {"source_id": source_id})
     return {"contact_id": known["contact_id"], "source_id": source_id}
 
+
 def buyer_nickname(ctx, buyer_id: str) -> str:
     """The buyer's public nickname; a neutral name when the profile cannot be read."""
     try:
@@ -103,6 +111,7 @@ def buyer_nickname(ctx, buyer_id: str) -> str:
         if exc.retryable and exc.status != 404:
             raise
         return f"Comprador {buyer_id}"
+
 
 def item_info(ctx, item_id: str) -> dict | None:
     """Title, price, link and thumbnail of an item (cached for an hour)."""
@@ -119,6 +128,7 @@ def item_info(ctx, item_id: str) -> dict | None:
         return None
     return cache_item(ctx, item)
 
+
 def cache_item(ctx, item: dict) -> dict:
     """Keep the fields the bridge shows, with the time they were read."""
     info = {k: item.get(k) for k in ("id", "title", "price", "currency_id", "permalink",
@@ -126,6 +136,7 @@ def cache_item(ctx, item: dict) -> dict:
     info["fetched_at"] = ctx.now()
     put_mapping(ctx, NS_ITEM, item.get("id"), info)
     return info
+
 
 def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
     url = (item or {}).get("secure_thumbnail") or (item or {}).get("thumbnail")
@@ -142,15 +153,18 @@ def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
     return [(f"{item.get('id', 'anuncio')}.{mime.split('/')[-1].replace('jpeg', 'jpg')}",
              data, mime)]
 
+
 def fresh_item(ctx, item_id: str) -> bool:
     cached = get_mapping(ctx, NS_ITEM, item_id)
     return bool(cached) and ctx.now() - cached.get("fetched_at", 0) < ITEM_CACHE_SECONDS
+
 
 def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | None:
     for message in cw(ctx).list_messages(conversation_id):
         if message.get("source_id") == source_id:
             return message
     return None
+
 
 def conversation_target(ctx, conversation_id: int, custom_attributes: dict | None) -> dict | None:
     """What a Chatwoot conversation is about: a question or a sale (from our mappings, else from
@@ -165,6 +179,7 @@ def conversation_target(ctx, conversation_id: int, custom_attributes: dict | Non
         return {"kind": "sale", "pack_id": str(attrs["meli_pack_id"])}
     return None
 
+
 def refuse(reply: dict, note: str, reason: str, extra: dict | None = None):
     """Job result + the follow-up that tells the agent (private note, message marked failed)."""
     follow = FollowUp("chatwoot.report_failure", f"cw-fail:{reply['message_id']}",
@@ -174,13 +189,16 @@ def refuse(reply: dict, note: str, reason: str, extra: dict | None = None):
                                               "chatwoot_message_id": reply["message_id"]})
     return {"status": "refused", "reason": reason, **(extra or {})}, [follow]
 
+
 def note_follow_up(conversation_id: int, text: str, key: str) -> FollowUp:
     return FollowUp("chatwoot.note", f"cw-note:{key}",
                     {"conversation_id": conversation_id, "note": text})
 
+
 def short_error(exc: PeerError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
     return str(body.get("message") or body.get("error") or exc.detail)[:300]
+
 
 def add_label(ctx, conversation_id: int, label: str) -> None:
     client = cw(ctx)

@@ -38,6 +38,7 @@ def handle_forward_reply(ctx, job):
         return answer_question(ctx, job, reply, str(target["question_id"]))
     return send_sale_message(ctx, job, reply, str(target["pack_id"]))
 
+
 def on_dead_forward_reply(ctx, job, error: str) -> list[FollowUp]:
     """A reply that never got through (Mercado Livre down for too long): tell the agent."""
     reply = job.payload
@@ -48,11 +49,13 @@ def on_dead_forward_reply(ctx, job, error: str) -> list[FollowUp]:
                                                             error=error[:200]),
                       "external_error": "mercadolivre_unavailable"})]
 
+
 def handle_mark_delivered(ctx, job):
     """`chatwoot.mark_delivered`: the agent's message shows as delivered."""
     p = job.payload
     cw(ctx).update_message_status(int(p["conversation_id"]), int(p["message_id"]), "delivered")
     return {"status": "marked"}
+
 
 def handle_report_failure(ctx, job):
     """`chatwoot.report_failure`: private note saying why, and the message marked failed."""
@@ -65,10 +68,12 @@ def handle_report_failure(ctx, job):
                                      p.get("external_error") or "")
     return {"status": "reported"}
 
+
 def handle_note(ctx, job):
     """`chatwoot.note`: a private note for the agents."""
     cw(ctx).create_private_note(int(job.payload["conversation_id"]), job.payload["note"])
     return {"status": "noted"}
+
 
 def refresh_token_if_due(ctx) -> None:
     """Schedule: refresh the Mercado Livre pair ahead of expiry, off the request path."""
@@ -79,6 +84,7 @@ def refresh_token_if_due(ctx) -> None:
             and row["expires_at"] - ctx.now() < meli_auth.REFRESH_MARGIN_SECONDS * 3:
         source = meli_auth.MeliTokenSource(ctx.settings, ctx.conn, ctx.now)
         source.refresh(row["access_token"])
+
 
 def _guarded(task):
     """A schedule task that logs peer failures instead of breaking the poller loop."""
@@ -111,7 +117,9 @@ HANDLERS = {
     "chatwoot.note": handle_note,
 }
 
+
 ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply}
+
 
 SCHEDULES = [
     (lambda s: s.ml_poll_questions_seconds, _guarded(poll_questions)),

@@ -18,6 +18,8 @@ from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          put_mapping, questions_inbox, refuse, short_error, thumbnail)
 from mercado_livre_api import ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question
 
+DEAD_IMPORT_RETRY_SECONDS = 3600
+
 
 def poll_questions(ctx) -> dict:
     """Schedule: page through UNANSWERED questions (oldest first) and enqueue each new one.
@@ -28,8 +30,7 @@ def poll_questions(ctx) -> dict:
         page = client.search_questions("UNANSWERED", offset=offset, limit=QUESTION_PAGE)
         pages += 1
         questions = page.get("questions") or []
-        new = [q for q in questions if get_mapping(ctx, NS_QUESTION, q.get("id")) is None
-               and db_manager.get_job(ctx.conn, dedupe_key=f"ml-question:{q.get('id')}") is None]
+        new = [q for q in questions if _needs_import(ctx, q.get("id"))]
         if new:
             missing = [q.get("item_id") for q in new if q.get("item_id")
                        and not fresh_item(ctx, q["item_id"])]
@@ -52,6 +53,23 @@ def poll_questions(ctx) -> dict:
     if enqueued:
         log.info("ml_questions_enqueued", extra={"count": enqueued, "pages": pages})
     return {"enqueued": enqueued, "pages": pages}
+
+
+def _needs_import(ctx, question_id) -> bool:
+    """True for a question without its Chatwoot message and without a live import job. An
+    import that died (Chatwoot down for hours) is re-armed an hour later while the question is
+    still unanswered, instead of waiting for an operator."""
+    if (get_mapping(ctx, NS_QUESTION, question_id) or {}).get("message_id"):
+        return False
+    job = db_manager.get_job(ctx.conn, dedupe_key=f"ml-question:{question_id}")
+    if job is None:
+        return True
+    if job["status"] == "dead" and (job["finished_at"] or 0) < ctx.now() - DEAD_IMPORT_RETRY_SECONDS:
+        db_manager.retry_dead_job(ctx.conn, job["id"], now=ctx.now())
+        log.info("ml_question_import_rearmed", extra={"ml_question_id": str(question_id),
+                                                      "job_id": job["id"]})
+    return False
+
 
 def handle_import_question(ctx, job):
     """`ml.import_question`: one new question → one conversation + one incoming message."""
@@ -107,6 +125,7 @@ def handle_import_question(ctx, job):
     return {"status": "imported", "conversation_id": conversation_id,
             "message_id": int(existing["id"])}
 
+
 def handle_fetch_question(ctx, job):
     """`ml.fetch_question` (from a notification): read the question with our token; a new one
     is imported like a polled one; one answered directly on Mercado Livre is mirrored."""
@@ -133,6 +152,7 @@ def handle_fetch_question(ctx, job):
                  "text": answer.get("text"), "date_created": answer.get("date_created")})]
     return {"status": "nothing_to_do", "question_status": q.get("status")}
 
+
 def handle_mirror_answer(ctx, job):
     """`ml.mirror_answer`: an answer typed on Mercado Livre shows in the conversation as ours
     (source_id `meli:answer:<id>`, never sent back)."""
@@ -146,6 +166,7 @@ def handle_mirror_answer(ctx, job):
                                                    "meli_question_id": str(p["question_id"])})
     add_label(ctx, conversation_id, LABEL_ANSWERED_ON_ML)
     return {"status": "mirrored"}
+
 
 def answer_question(ctx, job, reply: dict, qid: str):
     text = markdown_to_text(reply.get("content") or "")
@@ -181,6 +202,7 @@ def answer_question(ctx, job, reply: dict, qid: str):
                                             "chatwoot_message_id": reply["message_id"]})
     return {"status": "answered", "question_id": qid}, follow_ups
 
+
 def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError) -> str:
     """Why Mercado Livre refused an answer, in words for the agent ("ours" when the question is
     in fact answered with this very text — a previous run got through)."""
@@ -204,6 +226,7 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError) -> s
     if exc.code == "not_unanswered_question":
         return texts.QUESTION_ALREADY_ANSWERED
     return texts.ML_REFUSED.format(detail=short_error(exc))
+
 
 def handle_mark_answered(ctx, job):
     """`chatwoot.mark_answered`: label + custom attribute on the conversation, message marked

@@ -45,6 +45,7 @@ def poll_messages(ctx) -> dict:
             db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", current, now=ctx.now())
     return {"packs": len(current), "enqueued": len(changed)}
 
+
 def read_pack(ctx, pack_id: str, mark_as_read: bool = False) -> tuple[list[dict], dict]:
     """All messages of a sale's conversation (oldest first) and its conversation_status."""
     client = ml(ctx)
@@ -63,6 +64,7 @@ def read_pack(ctx, pack_id: str, mark_as_read: bool = False) -> tuple[list[dict]
             break
     messages.sort(key=message_sort_key)
     return messages, status
+
 
 def handle_sync_pack(ctx, job):
     """`ml.sync_pack`: mirror every message of a sale not yet in Chatwoot, in order, into the
@@ -112,6 +114,7 @@ def handle_sync_pack(ctx, job):
                                       "chatwoot_conversation_id": conversation_id})
     return {"status": "synced", "mirrored": mirrored, "conversation_id": conversation_id}
 
+
 def _download_ml_attachments(ctx, message: dict) -> tuple[list, list[str]]:
     files, skipped = [], []
     for a in message.get("message_attachments") or []:
@@ -128,6 +131,7 @@ def _download_ml_attachments(ctx, message: dict) -> tuple[list, list[str]]:
             continue
         files.append((name, data, a.get("type") or content_type or "application/octet-stream"))
     return files, skipped
+
 
 def ensure_sale_conversation(ctx, pack_id: str) -> int:
     """The one Chatwoot conversation of a sale, created with the order summary as its first
@@ -165,6 +169,7 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
         put_mapping(ctx, NS_PACK, pack_id, known)
     return int(known["conversation_id"])
 
+
 def sale_orders(ctx, pack_id: str) -> list[dict]:
     """The seller's orders of a pack; a pack id that is really an order id (pack_id null)
     gives that order."""
@@ -185,6 +190,7 @@ def sale_orders(ctx, pack_id: str) -> list[dict]:
                 raise
     return orders
 
+
 def handle_fetch_message(ctx, job):
     """`ml.fetch_message` (from a `messages` notification): find the message's sale and sync it."""
     try:
@@ -199,6 +205,7 @@ def handle_fetch_message(ctx, job):
         FollowUp("ml.sync_pack", f"ml-pack-sync:{pack}:msg:{job.payload['message_id']}",
                  {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}") for pack in sorted(packs)]
 
+
 def handle_fetch_order(ctx, job):
     """`ml.fetch_order` (from an `orders_v2` notification): sync the sale's messages, if any."""
     try:
@@ -210,6 +217,7 @@ def handle_fetch_order(ctx, job):
     pack = str(order.get("pack_id") or order.get("id"))
     return {"pack_id": pack}, [FollowUp("ml.sync_pack", f"ml-pack-sync:{pack}:order:{job.id}",
                                         {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}")]
+
 
 def send_sale_message(ctx, job, reply: dict, pack_id: str):
     client = ml(ctx)
@@ -275,6 +283,7 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
     return {"status": "sent", "parts": len(parts), "ml_message_ids": progress["ml_message_ids"]}, \
         follow_ups
 
+
 def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:
     """That read marked the buyer's messages as read, so the unread poll will not see any that
     arrived since the last sync: queue a sync for them."""
@@ -285,6 +294,7 @@ def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) ->
             db_manager.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
                                    {"pack_id": pack_id}, ordering_key=f"ml-pack-in:{pack_id}",
                                    now=ctx.now())
+
 
 def _upload_attachments(ctx, attachments: list[dict]) -> tuple[list[str], list[str]]:
     """Fetch each agent attachment from Chatwoot and upload the ones Mercado Livre accepts."""

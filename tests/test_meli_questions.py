@@ -223,3 +223,21 @@ def test_question_import_survives_chatwoot_failure_without_duplicates(bridge):
     conv = _only_conversation(bridge)
     assert len(messages_of(conv)) == 1
     assert db_manager.get_job(bridge.conn, job_id=job["id"])["status"] == "done"
+
+
+def test_import_that_died_while_chatwoot_was_down_is_rearmed_by_a_later_poll(
+        make_settings, serve, clock):
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    b.ask("Tem pronta entrega?")
+    requests.post(f"{b.cw.url}/_standin/fail", json={"path_prefix": "/api/", "status": 503,
+                                                     "count": 1})
+    b.poll()
+    (job,) = b.jobs(kind="ml.import_question")
+    assert job["status"] == "dead"
+    b.clock.advance(600)
+    b.poll()  # too soon: stays dead, visible to the operator
+    assert b.jobs(kind="ml.import_question")[0]["status"] == "dead"
+    b.clock.advance(3600)
+    b.poll()  # the question is still unanswered on Mercado Livre: try again
+    conv = _only_conversation(b)
+    assert len(messages_of(conv)) == 1
