@@ -21,7 +21,7 @@ from meli_common import conversation_target, cw, log, refuse
 from meli_questions import (answer_question, handle_fetch_question, handle_import_question,
                             handle_mark_answered, handle_mirror_answer, poll_questions)
 from meli_sales import (handle_fetch_message, handle_fetch_order, handle_sync_pack,
-                        poll_messages, send_sale_message)
+                        on_dead_sync_pack, poll_messages, send_sale_message)
 from peer_http import PeerError
 
 __all__ = ["HANDLERS", "ON_DEAD", "SCHEDULES", "poll_questions", "poll_messages"]
@@ -118,7 +118,7 @@ HANDLERS = {
 }
 
 
-ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply}
+ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply, "ml.sync_pack": on_dead_sync_pack}
 
 
 SCHEDULES = [

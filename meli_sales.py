@@ -46,6 +46,15 @@ def poll_messages(ctx) -> dict:
     return {"packs": len(current), "enqueued": len(changed)}
 
 
+def on_dead_sync_pack(ctx, job, error: str) -> list:
+    """A sale's sync gave up (Chatwoot or Mercado Livre down for hours): forget its unread count
+    so the next unread poll queues it again, as long as the buyer's messages are still unread."""
+    snapshot = get_mapping(ctx, NS_UNREAD, "last") or {}
+    if snapshot.pop(str(job.payload["pack_id"]), None) is not None:
+        put_mapping(ctx, NS_UNREAD, "last", snapshot)
+    return []
+
+
 def read_pack(ctx, pack_id: str, mark_as_read: bool = False) -> tuple[list[dict], dict]:
     """All messages of a sale's conversation (oldest first) and its conversation_status."""
     client = ml(ctx)

@@ -350,3 +350,17 @@ def test_buyer_message_that_arrives_just_before_the_reply_is_not_lost(bridge):
     # THEN the new message still reaches Chatwoot
     texts = [m["content"] for m in _public(_sale_conversation(bridge))]
     assert "segunda, antes da resposta" in texts and texts.count("Resposta") == 1
+
+
+def test_sale_sync_that_died_is_queued_again_by_the_next_unread_poll(make_settings, serve, clock):
+    import requests
+
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    sale = b.sale(buyer_id=794)
+    b.buyer_writes(sale["conversation_id"], "Alguém aí?")
+    requests.post(f"{b.cw.url}/_standin/fail", json={"path_prefix": "/api/", "status": 503,
+                                                     "count": 1})
+    b.poll()
+    assert b.jobs(kind="ml.sync_pack")[0]["status"] == "dead"
+    b.poll()  # same unread count as before, but the last sync died: try again
+    assert [m["content"] for m in _public(_sale_conversation(b))] == ["Alguém aí?"]
