@@ -68,6 +68,7 @@ def test_supervisor_runs_web_and_poller_and_restarts_a_killed_poller(tmp_path):
         _wait_for(lambda: requests.get(base + "/health", timeout=2).status_code == 200, 20,
                   "/health 200")
         assert requests.get(base + "/").json()["name"] == "ponte"
+        requests.post(base + "/webhooks/kommo/path-secret-123456?secret=query-secret-654321")
         conn = db_manager.connect(env["DATABASE_PATH"])
         first_pid = db_manager.last_beat(conn, "poller")["pid"]
         os.kill(first_pid, signal.SIGKILL)
@@ -83,6 +84,8 @@ def test_supervisor_runs_web_and_poller_and_restarts_a_killed_poller(tmp_path):
         _stop(proc, conf_path)
     output = proc.stdout.read().decode(errors="replace")
     assert '"event": "poller_started"' in output and '"GET /health HTTP/1.1" 200' in output
+    assert "/webhooks/kommo/***" in output  # the access log line is there, scrubbed
+    assert "path-secret-123456" not in output and "query-secret-654321" not in output
 
 
 def _dockerfile():
