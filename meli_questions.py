@@ -16,43 +16,60 @@ from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          add_label, cache_item, cw, ensure_contact, find_message_by_source,
                          fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,
                          put_mapping, questions_inbox, refuse, short_error, thumbnail)
-from mercado_livre_api import ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question
+from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
+                               question_sort_key)
 
 DEAD_IMPORT_RETRY_SECONDS = 3600
+FULL_SWEEP_SECONDS = 3600
+NS_POLL = "ml_poll"  # "questions_full_sweep_at" → epoch seconds of the last full sweep
 
 
 def poll_questions(ctx) -> dict:
-    """Schedule: page through UNANSWERED questions (oldest first) and enqueue each new one.
-    One API call when nothing is new."""
+    """Schedule: find UNANSWERED questions not yet in Chatwoot and enqueue them, oldest first.
+
+    Pages newest first and stops at the first page with nothing new, so an idle cycle costs one
+    call however many open questions the seller has (ascending pages would have to walk the whole
+    backlog to reach the new ones, and cannot reach past offset 1,000). Once an hour the sweep
+    walks every page (bounded) to catch anything missed."""
     client = ml(ctx)
-    enqueued = pages = offset = 0
+    full = ctx.now() - (get_mapping(ctx, NS_POLL, "questions_full_sweep_at") or 0) \
+        >= FULL_SWEEP_SECONDS
+    found: list[dict] = []
+    pages = offset = 0
     while pages < QUESTION_MAX_PAGES:
-        page = client.search_questions("UNANSWERED", offset=offset, limit=QUESTION_PAGE)
+        page = client.search_questions("UNANSWERED", offset=offset, limit=QUESTION_PAGE,
+                                       newest_first=True)
         pages += 1
         questions = page.get("questions") or []
         new = [q for q in questions if _needs_import(ctx, q.get("id"))]
-        if new:
-            missing = [q.get("item_id") for q in new if q.get("item_id")
-                       and not fresh_item(ctx, q["item_id"])]
-            if missing:
-                try:
-                    for item in client.get_items(missing).values():
-                        cache_item(ctx, item)
-                except MercadoLivreError as exc:
-                    log.warning("ml_items_prefetch_failed", extra={"status": exc.status})
-            with db_manager.transaction(ctx.conn):
-                for q in new:
-                    if db_manager.enqueue_job(ctx.conn, "ml.import_question",
-                                              f"ml-question:{q['id']}", {"question": q},
-                                              now=ctx.now()):
-                        enqueued += 1
-        total = int(page.get("total") or 0)
+        found.extend(new)
         offset += QUESTION_PAGE
-        if len(questions) < QUESTION_PAGE or offset >= total:
+        if len(questions) < QUESTION_PAGE or offset >= int(page.get("total") or 0):
             break
+        if not new and not full:
+            break
+    enqueued = 0
+    if found:
+        found.sort(key=question_sort_key)
+        missing = [q.get("item_id") for q in found if q.get("item_id")
+                   and not fresh_item(ctx, q["item_id"])]
+        if missing:
+            try:
+                for item in client.get_items(missing).values():
+                    cache_item(ctx, item)
+            except MercadoLivreError as exc:
+                log.warning("ml_items_prefetch_failed", extra={"status": exc.status})
+        with db_manager.transaction(ctx.conn):
+            for q in found:
+                if db_manager.enqueue_job(ctx.conn, "ml.import_question",
+                                          f"ml-question:{q['id']}", {"question": q},
+                                          now=ctx.now()):
+                    enqueued += 1
+    if full:
+        put_mapping(ctx, NS_POLL, "questions_full_sweep_at", ctx.now())
     if enqueued:
         log.info("ml_questions_enqueued", extra={"count": enqueued, "pages": pages})
-    return {"enqueued": enqueued, "pages": pages}
+    return {"enqueued": enqueued, "pages": pages, "full_sweep": full}
 
 
 def _needs_import(ctx, question_id) -> bool:

@@ -15,6 +15,7 @@ import re
 import secrets
 import urllib.parse
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from peer_http import PeerClient, PeerError, RateLimiter
@@ -174,11 +175,12 @@ class MercadoLivreClient(PeerClient):
     # --- questions ------------------------------------------------------------------------------
 
     def search_questions(self, status: str = "UNANSWERED", offset: int = 0,
-                         limit: int = 50) -> dict:
-        """One page of the seller's questions, oldest first (api_version=4)."""
+                         limit: int = 50, newest_first: bool = False) -> dict:
+        """One page of the seller's questions by creation date, oldest first unless
+        `newest_first` (api_version=4)."""
         params = {"seller_id": self.seller_id, "status": status, "api_version": 4,
-                  "sort_fields": "date_created", "sort_types": "ASC", "limit": limit,
-                  "offset": offset}
+                  "sort_fields": "date_created", "sort_types": "DESC" if newest_first else "ASC",
+                  "limit": limit, "offset": offset}
         return self._request("GET", "/questions/search", params=params) or {}
 
     def get_question(self, question_id: int | str) -> dict:
@@ -423,6 +425,16 @@ def reply_recipient(messages: list[dict], seller_id: str, site_id: str,
     if site_id in AGENT_MEDIATED_SITES or not buyer_id:
         return str(AGENT_IDS.get(site_id, AGENT_ID_FALLBACK))
     return str(buyer_id)
+
+
+def question_sort_key(question: dict) -> tuple:
+    """Questions sort by creation instant (their dates carry local offsets), then id."""
+    raw = str(question.get("date_created") or "")
+    try:
+        instant = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        instant = 0.0
+    return instant, int(question.get("id") or 0)
 
 
 def message_sort_key(message: dict) -> str:

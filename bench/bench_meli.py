@@ -134,7 +134,16 @@ def bench_idle_and_questions(n_questions: int, workdir: str) -> dict:
         after = calls(ml_url, cw_url)
         conversations = len(requests.get(f"{cw_url}/_standin/state").json()["conversations"])
         dead = db_manager.queue_stats(conn)["dead"]
+        # idle again, now with every one of those questions open (unanswered) on Mercado Livre
+        backlog_before = calls(ml_url, cw_url)
+        for _ in range(cycles):
+            meli_jobs.poll_questions(ctx)
+            meli_jobs.poll_messages(ctx)
+            poller.drain()
+        backlog_after = calls(ml_url, cw_url)
+        idle_backlog = (backlog_after[0] - backlog_before[0]) / cycles
         return {"idle_ml_calls_per_cycle": idle_ml, "idle_chatwoot_calls_per_cycle": idle_cw,
+                "idle_ml_calls_per_cycle_with_backlog": idle_backlog,
                 "questions": n_questions, "conversations": conversations, "dead_jobs": dead,
                 "seconds": round(elapsed, 2),
                 "questions_per_second": round(n_questions / elapsed, 1),
@@ -249,6 +258,7 @@ contra os simuladores (`standins/`) rodando em outro processo, que respondem na 
 | medida | resultado | meta |
 |---|---|---|
 | chamadas ao Mercado Livre por ciclo ocioso do poller (perguntas + mensagens) | {q['idle_ml_calls_per_cycle']:g} | ≤ 3 |
+| idem, com as {q['questions']} perguntas abaixo importadas e ainda sem resposta no ML | {q['idle_ml_calls_per_cycle_with_backlog']:g} | ≤ 3 |
 | chamadas ao Chatwoot por ciclo ocioso | {q['idle_chatwoot_calls_per_cycle']:g} | 0 |
 | {q['questions']} perguntas novas → conversas no Chatwoot | {q['seconds']} s ({q['questions_per_second']} perguntas/s) | — |
 | conversas criadas / jobs mortos | {q['conversations']} / {q['dead_jobs']} | {q['questions']} / 0 |
@@ -262,7 +272,10 @@ contra os simuladores (`standins/`) rodando em outro processo, que respondem na 
 Como ler:
 
 - O ciclo ocioso faz 1 `GET /questions/search` (nada novo) e 1 `GET /messages/unread`; uma
-  venda com mensagens ainda não lidas só é relida quando a contagem de não lidas muda.
+  venda com mensagens ainda não lidas só é relida quando a contagem de não lidas muda. As
+  perguntas são listadas da mais nova para a mais antiga e a leitura para na primeira página sem
+  novidade, então o custo não cresce com o número de perguntas abertas; uma vez por hora a
+  varredura completa (até 20 páginas) confere tudo.
 - Cada pergunta nova custa, no ML, a leitura do apelido do comprador (`/users`) e a miniatura do
   anúncio (os anúncios vêm em lote, 20 por chamada, e ficam 1 h em cache); no Chatwoot, contato,
   conversa e mensagem (com a miniatura em anexo). O tempo é dominado por essas idas e voltas HTTP

@@ -205,7 +205,7 @@ def test_polling_pages_through_many_questions_oldest_first(bridge):
          "date_created": f"2026-03-10T10:{n // 60:02d}:{n % 60:02d}.000-04:00"}
         for n in range(120)])
     result = meli_jobs.poll_questions(bridge.ctx)
-    assert result == {"enqueued": 120, "pages": 3}
+    assert result == {"enqueued": 120, "pages": 3, "full_sweep": True}
     jobs = sorted(bridge.jobs(kind="ml.import_question", status="pending", limit=500), key=lambda j: j["id"])
     assert [j["payload"]["question"]["text"] for j in jobs[:2]] == ["pergunta 0", "pergunta 1"]
 
@@ -241,3 +241,26 @@ def test_import_that_died_while_chatwoot_was_down_is_rearmed_by_a_later_poll(
     b.poll()  # the question is still unanswered on Mercado Livre: try again
     conv = _only_conversation(b)
     assert len(messages_of(conv)) == 1
+
+
+def test_idle_poll_stays_one_call_with_a_backlog_of_open_questions(bridge):
+    bridge.ml_post("/_standin/items", [{"id": "MLB1", "title": "Item"}])
+    bridge.ml_post("/_standin/questions", [
+        {"text": f"pergunta {n}", "item_id": "MLB1", "buyer_id": 2000 + n,
+         "date_created": f"2026-03-10T10:{n // 60:02d}:{n % 60:02d}.000-04:00"}
+        for n in range(120)])
+    bridge.poll()  # all 120 imported, none answered: they stay UNANSWERED on Mercado Livre
+    requests.post(f"{bridge.ml.url}/_standin/calls/clear")
+    assert meli_jobs.poll_questions(bridge.ctx)["pages"] == 1
+    # a new question is found on the first (newest) page, then one more page confirms
+    newest = bridge.ask("pergunta nova", item_id="MLB1", buyer_id=9999,
+                        date_created="2026-03-11T09:00:00.000-04:00")
+    assert meli_jobs.poll_questions(bridge.ctx) == {"enqueued": 1, "pages": 2,
+                                                     "full_sweep": False}
+    bridge.drain()
+    assert len(bridge.conversations(QUESTIONS_INBOX)) == 121
+    assert bridge.jobs(kind="ml.import_question", limit=1)[0]["payload"]["question"]["id"] == \
+        newest
+    # once an hour the sweep walks the whole list again
+    bridge.clock.advance(3600)
+    assert meli_jobs.poll_questions(bridge.ctx)["pages"] == 3
