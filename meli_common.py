@@ -51,23 +51,28 @@ def cw(ctx) -> ChatwootClient:
 
 
 def get_mapping(ctx, namespace: str, key) -> Any:
+    """The value stored under (namespace, key), or None."""
     return db_manager.mapping_get(ctx.conn, namespace, str(key))
 
 
 def put_mapping(ctx, namespace: str, key, value) -> None:
+    """Store a value at once (its own transaction: the next step must see it after a crash)."""
     with db_manager.transaction(ctx.conn):
         db_manager.mapping_put(ctx.conn, namespace, str(key), value, now=ctx.now())
 
 
 def iso(ts: float) -> str:
+    """Epoch seconds → ISO-8601 UTC."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def questions_inbox(ctx) -> int:
+    """CHATWOOT_QUESTIONS_INBOX_ID as a number."""
     return int(ctx.settings.chatwoot_questions_inbox_id)
 
 
 def sales_inbox(ctx) -> int:
+    """CHATWOOT_SALES_INBOX_ID as a number."""
     return int(ctx.settings.chatwoot_sales_inbox_id)
 
 
@@ -139,6 +144,7 @@ def cache_item(ctx, item: dict) -> dict:
 
 
 def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
+    """The item's thumbnail as an attachment for the question message ([] when unavailable)."""
     url = (item or {}).get("secure_thumbnail") or (item or {}).get("thumbnail")
     if not url:
         return []
@@ -155,11 +161,13 @@ def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
 
 
 def fresh_item(ctx, item_id: str) -> bool:
+    """True when the item is cached and younger than an hour."""
     cached = get_mapping(ctx, NS_ITEM, item_id)
     return bool(cached) and ctx.now() - cached.get("fetched_at", 0) < ITEM_CACHE_SECONDS
 
 
 def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | None:
+    """A message already in the conversation with this `source_id` (resuming after a crash)."""
     for message in cw(ctx).list_messages(conversation_id):
         if message.get("source_id") == source_id:
             return message
@@ -191,16 +199,19 @@ def refuse(reply: dict, note: str, reason: str, extra: dict | None = None):
 
 
 def note_follow_up(conversation_id: int, text: str, key: str) -> FollowUp:
+    """A follow-up job that posts a private note once (deduped by `key`)."""
     return FollowUp("chatwoot.note", f"cw-note:{key}",
                     {"conversation_id": conversation_id, "note": text})
 
 
 def short_error(exc: PeerError) -> str:
+    """The human part of a peer's error answer, for a note."""
     body = exc.body if isinstance(exc.body, dict) else {}
     return str(body.get("message") or body.get("error") or exc.detail)[:300]
 
 
 def add_label(ctx, conversation_id: int, label: str) -> None:
+    """Add a label, keeping the others (Chatwoot's POST replaces the whole list)."""
     client = cw(ctx)
     labels = client.get_labels(conversation_id)
     if label not in labels:

@@ -186,6 +186,7 @@ def handle_mirror_answer(ctx, job):
 
 
 def answer_question(ctx, job, reply: dict, qid: str):
+    """Publish an agent's reply as the question's answer, or refuse it with a note."""
     text = markdown_to_text(reply.get("content") or "")
     notes = []
     if reply.get("attachments"):

@@ -229,6 +229,8 @@ def handle_fetch_order(ctx, job):
 
 
 def send_sale_message(ctx, job, reply: dict, pack_id: str):
+    """Send an agent's reply to the sale (in parts, with attachments), or refuse it with a
+    note; a retry resumes at the first part not yet sent."""
     client = ml(ctx)
     key = str(reply["message_id"])
     progress = get_mapping(ctx, NS_OUTGOING, key) or {"parts_sent": 0, "attachment_ids": None,
