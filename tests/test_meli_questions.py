@@ -264,3 +264,25 @@ def test_idle_poll_stays_one_call_with_a_backlog_of_open_questions(bridge):
     # once an hour the sweep walks the whole list again
     bridge.clock.advance(3600)
     assert meli_jobs.poll_questions(bridge.ctx)["pages"] == 3
+
+
+def test_chatwoot_down_after_the_answer_went_out_retries_only_the_marking(bridge):
+    bridge.ask("Tem manual em português?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    # Chatwoot fails the label call right after Mercado Livre accepted the answer
+    requests.post(f"{bridge.cw.url}/_standin/fail", json={
+        "path_prefix": f"/api/v1/accounts/1/conversations/{conv['id']}/labels", "status": 502,
+        "count": 1})
+    hook = bridge.agent_replies(conv["id"], "Tem sim.")
+    bridge.drain()
+    assert len(bridge.ml_state()["answers"]) == 1
+    assert bridge.jobs(kind="chatwoot.mark_answered")[0]["status"] == "pending"
+    bridge.clock.advance(3600)
+    bridge.drain()
+    assert len(bridge.ml_state()["answers"]) == 1  # the answer is never sent twice
+    conv = _only_conversation(bridge)
+    assert "respondida" in conv["labels"]
+    assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
+        "delivered"
+    assert not any(m["private"] for m in messages_of(conv))
