@@ -292,6 +292,9 @@ def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = No
         return None, "other_inbox"
     if isinstance(content_attributes, dict) and content_attributes.get("deleted"):
         return None, "deleted"
+    if isinstance(content_attributes, dict) and content_attributes.get("automation_rule_id"):
+        # An automation's greeting would become the question's one public, final answer.
+        return None, "automation"
     attachments = []
     for a in body.get("attachments") or []:
         if not isinstance(a, dict) or not a.get("data_url"):

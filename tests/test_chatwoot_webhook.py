@@ -110,6 +110,10 @@ def test_body_only_hmac_like_the_seed_is_refused(bridge):
      {"content_attributes": {"ponte_origin": "mercadolivre"}}, "echo"),
     ("message_created_outgoing_with_attachment", {"inbox": {"id": 99, "name": "Outra"}},
      "other_inbox"),
+    ("message_created_outgoing_with_attachment",
+     {"content_attributes": {"automation_rule_id": 3}}, "automation"),
+    ("message_created_outgoing_with_attachment",
+     {"content_attributes": {"deleted": True}}, "deleted"),
     ("conversation_status_changed", {}, "event:conversation_status_changed"),
 ])
 def test_events_that_must_never_reach_mercado_livre(bridge, name, changes, reason):
