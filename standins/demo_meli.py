@@ -1,0 +1,173 @@
+"""The Mercado Livre ⇄ Chatwoot part of `./ponte demo`: stand-ins of both peers, the settings
+that point ponte at them, and a narrated scenario in Portuguese that runs against ponte's real
+processes (web + poller under Supervisor).
+
+Interface used by standins/demo.py: `start(ponte_url) -> Parts` (`.env`, `.urls`),
+`scenario(parts, ponte_url, say) -> bool`, `stop(parts)`.
+Must not: be imported by ponte's production modules.
+"""
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+from werkzeug.serving import make_server
+
+from standins import chatwoot as chatwoot_standin
+from standins import mercadolivre as ml_standin
+
+SELLER = ml_standin.DEFAULT_SELLER
+QUESTIONS_INBOX, SALES_INBOX = 7, 8
+PDF = b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+
+
+@dataclass
+class Parts:
+    """The running stand-ins and what ponte needs to reach them."""
+
+    ml_url: str
+    cw_url: str
+    env: dict
+    urls: list = field(default_factory=list)
+    servers: list = field(default_factory=list)
+
+
+def _serve(app):
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+def start(ponte_url: str) -> Parts:
+    """Start the Mercado Livre and Chatwoot stand-ins; Chatwoot's inboxes send their webhooks
+    to ponte."""
+    ml_server, ml_url = _serve(ml_standin.create_app(SELLER))
+    cw_server, cw_url = _serve(chatwoot_standin.create_app())
+    requests.post(f"{cw_url}/_standin/inboxes", timeout=5, json=[
+        {"id": QUESTIONS_INBOX, "webhook_url": f"{ponte_url}/webhooks/chatwoot"},
+        {"id": SALES_INBOX, "webhook_url": f"{ponte_url}/webhooks/chatwoot"}])
+    env = {"ML_CLIENT_ID": ml_standin.DEFAULT_CLIENT_ID,
+           "ML_CLIENT_SECRET": ml_standin.DEFAULT_CLIENT_SECRET, "ML_SELLER_ID": str(SELLER),
+           "ML_SITE_ID": "MLB", "ML_API_BASE_URL": ml_url, "ML_AUTH_BASE_URL": ml_url,
+           "ML_REDIRECT_URI": f"{ponte_url}/oauth/mercadolivre/callback",
+           "ML_ACCESS_TOKEN": "APP_USR-standin-initial", "ML_REFRESH_TOKEN": "TG-standin-initial",
+           "ML_POLL_QUESTIONS_SECONDS": "5", "ML_POLL_MESSAGES_SECONDS": "5",
+           "CHATWOOT_BASE_URL": cw_url, "CHATWOOT_API_TOKEN": chatwoot_standin.DEFAULT_TOKEN,
+           "CHATWOOT_ACCOUNT_ID": "1", "CHATWOOT_QUESTIONS_INBOX_ID": str(QUESTIONS_INBOX),
+           "CHATWOOT_SALES_INBOX_ID": str(SALES_INBOX),
+           "CHATWOOT_WEBHOOK_SECRET": "standin-webhook-secret"}
+    urls = [f"Mercado Livre simulado: {ml_url}/_standin/state",
+            f"Chatwoot simulado:      {cw_url}/_standin/state",
+            f"conectar o ML (OAuth):  {ponte_url}/oauth/mercadolivre/start "
+            "(o simulador autoriza na hora)"]
+    return Parts(ml_url, cw_url, env, urls, [ml_server, cw_server])
+
+
+def stop(parts: Parts) -> None:
+    """Stop the stand-ins."""
+    for server in parts.servers:
+        server.shutdown()
+
+
+def _wait_for(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    return None
+
+
+def scenario(parts: Parts, ponte_url: str, say) -> bool:
+    """A question becomes a conversation and its answer goes back; a sale's photo and the
+    agent's PDF go both ways; a private note stays in Chatwoot. True when all of it happened."""
+    ml, cw = parts.ml_url, parts.cw_url
+
+    def ml_state():
+        return requests.get(f"{ml}/_standin/state", timeout=5).json()
+
+    def conversations(inbox):
+        state = requests.get(f"{cw}/_standin/state", timeout=5).json()
+        return [c for c in state["conversations"] if c["inbox_id"] == inbox and c["all_messages"]]
+
+    def notify(topic, resource):
+        requests.post(f"{ml}/_standin/notify", timeout=10, json={
+            "url": f"{ponte_url}/webhooks/mercadolivre", "topic": topic, "resource": resource})
+
+    say("━━ Ponte B: Mercado Livre ⇄ Chatwoot ━━")
+    requests.post(f"{ml}/_standin/items", timeout=5, json=[
+        {"id": "MLB3737188005", "title": "Furadeira de Impacto 650W", "price": 289.9}])
+    qid = requests.post(f"{ml}/_standin/questions", timeout=5, json=[
+        {"text": "Boa tarde! Ela é bivolt? Vem com maleta?", "item_id": "MLB3737188005",
+         "buyer_id": 1944693439, "nickname": "COMPRADOR_DEMO"}]).json()["ids"][0]
+    say("1) No Mercado Livre, COMPRADOR_DEMO pergunta: “Boa tarde! Ela é bivolt? Vem com "
+        "maleta?”")
+    notify("questions", f"/questions/{qid}")
+    found = _wait_for(lambda: conversations(QUESTIONS_INBOX))
+    if not found:
+        say("   ✗ a pergunta não virou conversa no Chatwoot")
+        return False
+    conv = found[0]
+    say(f"   → conversa #{conv['id']} na caixa Perguntas do Chatwoot:")
+    for line in conv["all_messages"][0]["content"].splitlines():
+        say(f"     │ {line}")
+    reply = "Olá! É **bivolt** (127/220 V) e vem com maleta. Enviamos hoje!"
+    say(f"2) A atendente responde no Chatwoot: “{reply}”")
+    requests.post(f"{cw}/_standin/agent_reply", timeout=10, json={
+        "conversation_id": conv["id"], "content": reply, "deliver": True})
+    answered = _wait_for(lambda: ml_state()["answers"])
+    if not answered:
+        say("   ✗ a resposta não chegou ao Mercado Livre")
+        return False
+    say(f"   → resposta publicada no anúncio: “{answered[0]['text']}”")
+    say()
+    sale = requests.post(f"{ml}/_standin/sales", timeout=5, json={
+        "buyer_id": 6427433, "nickname": "COMPRADOR_XYZ", "mediated": True,
+        "items": [{"id": "MLB3737188005", "title": "Furadeira de Impacto 650W", "quantity": 1,
+                   "unit_price": 289.9}]}).json()
+    message_id = requests.post(
+        f"{ml}/_standin/packs/{sale['conversation_id']}/messages", timeout=5, json={
+            "text": "Chegou com a caixa amassada, segue foto.",
+            "attachments": [{"filename": "caixa.jpg", "type": "image/jpeg",
+                             "data_b64": base64.b64encode(ml_standin.TINY_JPEG).decode()}]}
+    ).json()["id"]
+    say("3) Numa venda (intermediada pelo agente de IA do ML), o comprador manda uma foto.")
+    notify("messages", message_id)
+    found = _wait_for(lambda: [c for c in conversations(SALES_INBOX)
+                               if len(c["all_messages"]) >= 2])
+    if not found:
+        say("   ✗ a mensagem da venda não chegou ao Chatwoot")
+        return False
+    conv = found[0]
+    say(f"   → conversa #{conv['id']} na caixa Vendas:")
+    for message in conv["all_messages"]:
+        kind = "nota privada" if message["private"] else "comprador"
+        files = f" [+{len(message['attachments'])} anexo]" if message.get("attachments") else ""
+        say(f"     │ ({kind}) {message['content'].splitlines()[0]}{files}")
+    say("4) A atendente responde com a etiqueta de troca em PDF.")
+    requests.post(f"{cw}/_standin/agent_reply", timeout=10, json={
+        "conversation_id": conv["id"], "content": "Sentimos muito! Segue a etiqueta de troca.",
+        "deliver": True, "attachments": [{"filename": "etiqueta.pdf",
+                                          "content_type": "application/pdf",
+                                          "data_b64": base64.b64encode(PDF).decode()}]})
+    sent = _wait_for(lambda: ml_state()["sent_messages"])
+    if not sent:
+        say("   ✗ a resposta não chegou ao Mercado Livre")
+        return False
+    say(f"   → enviada ao usuário {sent[0]['to']} (agente de IA do MLB) com "
+        f"{len(sent[0]['attachments'])} anexo: “{sent[0]['text']}”")
+    say("5) Uma nota privada (“cliente recorrente”) fica só no Chatwoot.")
+    requests.post(f"{cw}/_standin/agent_reply", timeout=10, json={
+        "conversation_id": conv["id"], "content": "Nota interna: cliente recorrente.",
+        "private": True, "deliver": True})
+    time.sleep(1.0)  # give ponte the chance to get it wrong
+    private_ok = len(ml_state()["sent_messages"]) == 1
+    say("   → nada foi enviado ao Mercado Livre." if private_ok
+        else "   ✗ a nota privada foi enviada ao Mercado Livre!")
+    say()
+    return private_ok
