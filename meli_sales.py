@@ -24,6 +24,9 @@ from mercado_livre_api import (ATTACHMENT_MAX_BYTES, MercadoLivreError, attachme
                                split_message)
 
 
+CHATWOOT_MAX_FILES = 15
+
+
 def poll_messages(ctx) -> dict:
     """Schedule: one `messages/unread` call; a pack whose unread count changed since the last
     poll gets a sync job (reads use mark_as_read=false, so counts persist until answered)."""
@@ -113,10 +116,16 @@ def handle_sync_pack(ctx, job):
                       "external_created_at": (m.get("message_date") or {}).get("created")}
         if from_seller:
             attributes[BRIDGE_ORIGIN_KEY] = "mercadolivre"
-        created = client.create_message(conversation_id, content,
-                                        message_type="outgoing" if from_seller else "incoming",
+        kind = "outgoing" if from_seller else "incoming"
+        # Chatwoot takes at most 15 files a message; Mercado Livre allows 25.
+        created = client.create_message(conversation_id, content, message_type=kind,
                                         source_id=source_id, content_attributes=attributes,
-                                        attachments=files)
+                                        attachments=files[:CHATWOOT_MAX_FILES])
+        for start in range(CHATWOOT_MAX_FILES, len(files), CHATWOOT_MAX_FILES):
+            client.create_message(conversation_id, "📎", message_type=kind,
+                                  source_id=f"{source_id}:{start}",
+                                  content_attributes=attributes,
+                                  attachments=files[start:start + CHATWOOT_MAX_FILES])
         put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": int(created["id"])})
         mirrored += 1
     log.info("ml_pack_synced", extra={"ml_pack_id": pack_id, "mirrored": mirrored,

@@ -364,3 +364,15 @@ def test_sale_sync_that_died_is_queued_again_by_the_next_unread_poll(make_settin
     assert b.jobs(kind="ml.sync_pack")[0]["status"] == "dead"
     b.poll()  # same unread count as before, but the last sync died: try again
     assert [m["content"] for m in _public(_sale_conversation(b))] == ["Alguém aí?"]
+
+
+def test_buyer_message_with_more_files_than_chatwoot_takes_is_split(bridge):
+    sale = bridge.sale(buyer_id=795)
+    files = [{"filename": f"foto{n}.jpg", "type": "image/jpeg",
+              "data_b64": _b64(JPEG_BYTES + bytes([n]))} for n in range(17)]
+    bridge.buyer_writes(sale["conversation_id"], "Seguem as fotos", attachments=files)
+    bridge.poll()
+    public = _public(_sale_conversation(bridge))
+    assert [len(m.get("attachments", [])) for m in public] == [15, 2]
+    assert public[0]["content"] == "Seguem as fotos"
+    bridge.assert_spec_clean()
