@@ -286,3 +286,17 @@ def test_chatwoot_down_after_the_answer_went_out_retries_only_the_marking(bridge
     assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
         "delivered"
     assert not any(m["private"] for m in messages_of(conv))
+
+
+def test_mercado_livre_down_while_agent_answers_a_question_delivers_later(bridge):
+    bridge.ask("Qual a garantia?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.fail_ml("/answers", 503, count=3)
+    bridge.agent_replies(conv["id"], "Um ano de garantia.")
+    for _ in range(5):
+        bridge.drain()
+        bridge.clock.advance(900)
+    assert [a["text"] for a in bridge.ml_state()["answers"]] == ["Um ano de garantia."]
+    assert bridge.jobs(status="dead") == []
+    assert "respondida" in _only_conversation(bridge)["labels"]
