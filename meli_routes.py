@@ -39,10 +39,12 @@ def _inbox_ids(s) -> tuple[int, ...]:
 def _chatwoot_authentic(s, raw: bytes, url_token: str) -> tuple[bool, str]:
     """Signature when Chatwoot signs (v4.13+); the URL token for versions that do not."""
     signature = request.headers.get("X-Chatwoot-Signature")
-    if s.chatwoot_webhook_secret and signature:
-        ok = verify_chatwoot_signature(s.chatwoot_webhook_secret,
-                                       request.headers.get("X-Chatwoot-Timestamp"), raw,
-                                       signature, web_common.now())
+    # Each API inbox has its own secret: CHATWOOT_WEBHOOK_SECRET may list them, comma-separated.
+    secrets = [x.strip() for x in (s.chatwoot_webhook_secret or "").split(",") if x.strip()]
+    if secrets and signature:
+        timestamp = request.headers.get("X-Chatwoot-Timestamp")
+        ok = any(verify_chatwoot_signature(secret, timestamp, raw, signature, web_common.now())
+                 for secret in secrets)
         return ok, "signature"
     if s.chatwoot_webhook_token:
         return token_matches(url_token, s.chatwoot_webhook_token), "url_token"

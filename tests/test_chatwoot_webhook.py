@@ -178,3 +178,14 @@ def test_signature_helpers_match_chatwoots_ruby_formula():
                                                       now=1778421801 + 301)
     assert not chatwoot_api.verify_chatwoot_signature("", "1778421801", raw, expected,
                                                       now=1778421801)
+
+
+def test_each_inbox_may_have_its_own_secret(make_settings, serve, clock):
+    from tests.meli_support import Bridge
+
+    b = Bridge(make_settings, serve, clock,
+               CHATWOOT_WEBHOOK_SECRET="secret-of-questions, secret-of-sales")
+    assert _post(b, _reply_payload(), secret="secret-of-sales").status_code == 200
+    assert _post(b, _reply_payload(id=9877), secret="secret-of-questions").status_code == 200
+    assert _post(b, _reply_payload(id=9878), secret="other").status_code == 401
+    assert len(db_manager.list_jobs(b.conn)) == 2
