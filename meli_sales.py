@@ -25,6 +25,7 @@ from mercado_livre_api import (ATTACHMENT_MAX_BYTES, MercadoLivreError, attachme
 
 
 CHATWOOT_MAX_FILES = 15
+ATTACHMENT_DOWNLOAD_ATTEMPTS = 3
 
 
 def poll_messages(ctx) -> dict:
@@ -260,7 +261,7 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
         return refuse(reply, texts.SALE_TOO_LONG.format(length=len(text),
                                                          max=MAX_REPLY_PARTS * 350), "too_long")
     if progress["attachment_ids"] is None:
-        ids, skipped = _upload_attachments(ctx, reply.get("attachments") or [])
+        ids, skipped = _upload_attachments(ctx, reply.get("attachments") or [], job.attempt)
         progress.update(attachment_ids=ids, skipped=skipped)
         put_mapping(ctx, NS_OUTGOING, key, progress)
     if not parts and progress["attachment_ids"]:
@@ -316,7 +317,8 @@ def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) ->
                                    now=ctx.now())
 
 
-def _upload_attachments(ctx, attachments: list[dict]) -> tuple[list[str], list[str]]:
+def _upload_attachments(ctx, attachments: list[dict],
+                        attempt: int = 1) -> tuple[list[str], list[str]]:
     """Fetch each agent attachment from Chatwoot and upload the ones Mercado Livre accepts."""
     ids, skipped = [], []
     for a in attachments:
@@ -331,9 +333,11 @@ def _upload_attachments(ctx, attachments: list[dict]) -> tuple[list[str], list[s
         try:
             data, served_type = cw(ctx).download(a["data_url"], ATTACHMENT_MAX_BYTES)
         except ChatwootError as exc:
-            if exc.retryable:
+            # An unreachable data_url (wrong FRONTEND_URL) must not hold the text back forever.
+            if exc.retryable and attempt < ATTACHMENT_DOWNLOAD_ATTEMPTS:
                 raise
-            skipped.append(f"{name} (não foi possível baixar do Chatwoot: {exc.detail[:80]})")
+            skipped.append(f"{name} (não foi possível baixar do Chatwoot: {exc.detail[:80]}; "
+                           "confira o FRONTEND_URL do Chatwoot)")
             continue
         mime = attachment_mime(name, declared or served_type)
         if mime is None:

@@ -146,16 +146,19 @@ def create_app(spec_path: str | None = None) -> Flask:
 
     @app.before_request
     def _before():
+        if request.path.startswith("/_standin"):
+            return None
+        with state.lock:
+            for failure in state.failures:
+                if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]):
+                    failure["count"] -= 1
+                    return jsonify({"error": "standin failure"}), failure["status"]
         if not request.path.startswith("/api/"):
             return None
         body = _request_body()
         with state.lock:
             state.requests.append({"method": request.method, "path": request.path,
                                    "body": _loggable(body), "at": time.time()})
-            for failure in state.failures:
-                if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]):
-                    failure["count"] -= 1
-                    return jsonify({"error": "standin failure"}), failure["status"]
         token = request.headers.get("Api-Access-Token") or ""
         if token != state.token:
             return jsonify({"error": "Invalid Access Token"}), 401

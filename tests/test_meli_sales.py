@@ -376,3 +376,23 @@ def test_buyer_message_with_more_files_than_chatwoot_takes_is_split(bridge):
     assert [len(m.get("attachments", [])) for m in public] == [15, 2]
     assert public[0]["content"] == "Seguem as fotos"
     bridge.assert_spec_clean()
+
+
+def test_unreachable_chatwoot_attachment_does_not_hold_the_text_forever(bridge):
+    import requests
+
+    sale = bridge.sale(buyer_id=796)
+    bridge.buyer_writes(sale["conversation_id"], "Oi")
+    bridge.poll()
+    requests.post(f"{bridge.cw.url}/_standin/fail", json={
+        "path_prefix": "/rails/active_storage/", "status": 503, "count": 100})
+    bridge.agent_replies(_sale_conversation(bridge)["id"], "Segue o comprovante.",
+                         attachments=[("comprovante.pdf", PDF_BYTES, "application/pdf")])
+    for _ in range(4):
+        bridge.drain()
+        bridge.clock.advance(900)
+    (sent,) = bridge.ml_state()["sent_messages"]
+    assert sent["text"] == "Segue o comprovante." and sent["attachments"] == []
+    notes = [m for m in messages_of(_sale_conversation(bridge)) if m["private"]]
+    assert any("comprovante.pdf" in n["content"] and "FRONTEND_URL" in n["content"]
+               for n in notes)
