@@ -55,10 +55,14 @@ class MeliTokenSource:
         row = db_manager.token_get(self.conn, PROVIDER)
         if row is None and (self.settings.ml_access_token or self.settings.ml_refresh_token):
             # Initial pair from the environment; expiry unknown, so a 401 triggers the refresh.
-            db_manager.token_put(self.conn, PROVIDER, self.settings.ml_access_token or "",
-                                 self.settings.ml_refresh_token or "",
-                                 None if self.settings.ml_access_token else 0.0,
-                                 now=self.now())
+            # Checked again under the write lock: another process may have seeded and already
+            # rotated the pair, and writing the environment's pair over it would break the chain.
+            with db_manager.transaction(self.conn):
+                if db_manager.token_get(self.conn, PROVIDER) is None:
+                    db_manager.token_put(self.conn, PROVIDER, self.settings.ml_access_token or "",
+                                         self.settings.ml_refresh_token or "",
+                                         None if self.settings.ml_access_token else 0.0,
+                                         now=self.now())
             row = db_manager.token_get(self.conn, PROVIDER)
         return row
 

@@ -153,3 +153,20 @@ def test_four_processes_needing_a_refresh_make_exactly_one_refresh_call(make_set
     assert len(set(tokens)) == 1 and tokens[0] in state["access_tokens"]
     row = db_manager.token_get(b.conn, meli_auth.PROVIDER)
     assert row["access_token"] == tokens[0] and row["refresh_token"] == state["refresh_token"]
+
+
+def test_environment_pair_never_overwrites_a_rotated_pair(bridge):
+    # GIVEN another process already seeded and rotated the pair
+    _store(bridge, "APP_USR-rotated", "TG-rotated", bridge.clock() + 21600)
+    # WHEN this process starts with the (now used) pair still in its environment
+    source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
+    # THEN it uses the stored pair
+    assert source.access_token() == "APP_USR-rotated"
+    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER)["refresh_token"] == "TG-rotated"
+
+
+def test_first_start_seeds_the_environment_pair(bridge):
+    source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
+    assert source.access_token() == "APP_USR-standin-initial"
+    row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
+    assert row["refresh_token"] == "TG-standin-initial" and row["expires_at"] is None
