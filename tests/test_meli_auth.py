@@ -170,3 +170,37 @@ def test_first_start_seeds_the_environment_pair(bridge):
     assert source.access_token() == "APP_USR-standin-initial"
     row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
     assert row["refresh_token"] == "TG-standin-initial" and row["expires_at"] is None
+
+
+def test_state_older_than_15_minutes_is_refused(bridge):
+    url = meli_auth.start_authorization(bridge.settings, bridge.conn, bridge.clock())
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(url).query))["state"]
+    bridge.clock.advance(901)
+    with pytest.raises(meli_auth.OAuthError) as err:
+        meli_auth.complete_authorization(bridge.settings, bridge.conn, "TG-code", state,
+                                         bridge.clock())
+    assert "expirado" in err.value.message
+    assert bridge.ml_state()["token_calls"] == []  # no code exchange attempted
+
+
+def test_seller_who_denies_access_sees_a_page_in_portuguese(bridge):
+    answer = requests.get(f"{bridge.web.url}/oauth/mercadolivre/callback",
+                          params={"error": "access_denied",
+                                  "error_description": "o usuário negou"}, timeout=5)
+    assert answer.status_code == 400 and "Autorização cancelada" in answer.text
+
+
+def test_authorizing_another_account_is_refused(bridge):
+    url = meli_auth.start_authorization(bridge.settings, bridge.conn, bridge.clock())
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(url).query))["state"]
+
+    class OtherAccount:
+        def exchange_code(self, code, redirect_uri, verifier):
+            return {"access_token": "APP_USR-x", "refresh_token": "TG-x", "expires_in": 21600,
+                    "user_id": 1234}
+
+    with pytest.raises(meli_auth.OAuthError) as err:
+        meli_auth.complete_authorization(bridge.settings, bridge.conn, "TG-code", state,
+                                         bridge.clock(), client=OtherAccount())
+    assert err.value.status == 409 and "ML_SELLER_ID" in err.value.message
+    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER) is None
