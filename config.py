@@ -144,7 +144,8 @@ SETTINGS: tuple[Setting, ...] = (
        group="chatwoot"),
     _s("CHATWOOT_SALES_INBOX_ID", "", "str", "Caixa (API) das mensagens pós-venda.",
        group="chatwoot"),
-    _s("CHATWOOT_WEBHOOK_SECRET", "", "str", "Segredo HMAC do webhook da caixa API.", secret=True,
+    _s("CHATWOOT_WEBHOOK_SECRET", "", "str", "Segredo HMAC do webhook da caixa API (um por caixa, separados por "
+       "vírgula).", secret=True,
        group="chatwoot"),
     _s("CHATWOOT_WEBHOOK_TOKEN", "", "str", "Token na URL do webhook (Chatwoot sem assinatura).",
        secret=True, group="chatwoot"),
