@@ -1,4 +1,5 @@
-"""The state database: every SQL statement of ponte lives here.
+"""The state database: connections, schema and the spine's SQL (bridge A's tables are queried
+by whatsapp_store; their schema is here so migrations stay in one ordered list).
 
 Owns: connections (WAL, busy timeout, foreign keys), numbered migrations (`PRAGMA user_version`),
 `transaction()` (BEGIN IMMEDIATE), the inbound event log, the job outbox (enqueue / claim with a
@@ -234,7 +235,8 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
+    """Compact, stable JSON for the database."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
@@ -248,7 +250,7 @@ def record_event(conn: sqlite3.Connection, source: str, dedupe_key: str, event_t
         "INSERT INTO events (source, dedupe_key, event_type, status, received_at, request_id,"
         " summary) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dedupe_key) DO NOTHING",
         (source, dedupe_key, event_type, status, now or time.time(), request_id,
-         _dumps(summary or {})))
+         dumps(summary or {})))
     return cur.rowcount == 1
 
 
@@ -275,7 +277,7 @@ def enqueue_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: d
         "INSERT INTO jobs (kind, dedupe_key, ordering_key, payload, status, max_attempts,"
         " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
         " ON CONFLICT(dedupe_key) DO NOTHING",
-        (kind, dedupe_key, ordering_key, _dumps(payload), max_attempts,
+        (kind, dedupe_key, ordering_key, dumps(payload), max_attempts,
          available_at if available_at is not None else now, now, now))
     return cur.lastrowid if cur.rowcount == 1 else None
 
@@ -286,31 +288,20 @@ _NOT_BLOCKED = """(j.ordering_key IS NULL OR NOT EXISTS (
 
 
 def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
-                   worker: str | None = None, max_attempts: int | None = None,
-                   max_age_seconds: float | None = None) -> Job | None:
+                   worker: str | None = None) -> Job | None:
     """Claim the next runnable job: running with an expired lease (its worker died), else
     pending and due. A job with an `ordering_key` waits while an earlier job with the same key
-    is still pending or running, so one conversation's jobs run in order. A job whose workers
-    keep dying is not re-run past `max_attempts` / `max_age_seconds`: it goes to 'dead'."""
+    is still pending or running, so one conversation's jobs run in order. Call
+    `bury_worn_out_jobs()` first so a job that keeps killing its worker is not re-run."""
     with transaction(conn):
-        while True:
-            # Two queries instead of one OR, so each can walk its index in order.
+        # Two queries instead of one OR, so each can walk its index in order.
+        row = conn.execute(
+            f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
+            f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", (now,)).fetchone()
+        if row is None:
             row = conn.execute(
-                f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
-                f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", (now,)).fetchone()
-            if row is not None and _worn_out(row, now, max_attempts, max_age_seconds):
-                conn.execute(
-                    "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
-                    " locked_until = NULL, last_error = ? WHERE id = ?",
-                    (now, now, f"worker died {row['attempts']} time(s) while running this job"
-                     " (lease expired)", row["id"]))
-                continue
-            if row is None:
-                row = conn.execute(
-                    f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
-                    f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1",
-                    (now,)).fetchone()
-            break
+                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
+                f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1", (now,)).fetchone()
         if row is None:
             return None
         token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -318,31 +309,57 @@ def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
             "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
             " locked_by = ?, updated_at = ? WHERE id = ?",
             (now + lease_seconds, token, now, row["id"]))
+    return _job(row, token, row["attempts"] + 1)
+
+
+def _job(row: sqlite3.Row, token: str, attempt: int) -> Job:
     return Job(id=row["id"], kind=row["kind"], dedupe_key=row["dedupe_key"],
                ordering_key=row["ordering_key"], payload=json.loads(row["payload"]),
-               attempt=row["attempts"] + 1, max_attempts=row["max_attempts"],
-               created_at=row["created_at"], lease_token=token)
+               attempt=attempt, max_attempts=row["max_attempts"], created_at=row["created_at"],
+               lease_token=token)
 
 
-def _worn_out(row: sqlite3.Row, now: float, max_attempts: int | None,
-              max_age_seconds: float | None) -> bool:
-    limit = row["max_attempts"] or max_attempts
-    return bool((limit and row["attempts"] >= limit) or
-                (max_age_seconds and now - row["created_at"] >= max_age_seconds))
+def bury_worn_out_jobs(conn: sqlite3.Connection, now: float, max_attempts: int,
+                       max_age_seconds: float, on_dead=None) -> list[Job]:
+    """Dead-letter the jobs whose lease expired (their worker died) and that used up their
+    attempts or age, instead of running them again. `on_dead(job, error)` may return follow-up
+    jobs, written in the same transaction. Returns the buried jobs."""
+    buried = []
+    with transaction(conn):
+        rows = conn.execute(
+            "SELECT * FROM jobs WHERE status = 'running' AND locked_until <= ? AND"
+            " (attempts >= COALESCE(max_attempts, ?) OR created_at <= ?)",
+            (now, max_attempts, now - max_age_seconds)).fetchall()
+        for row in rows:
+            error = (f"worker died {row['attempts']} time(s) while running this job"
+                     " (lease expired)")
+            conn.execute(
+                "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
+                " locked_until = NULL, last_error = ? WHERE id = ?", (now, now, error, row["id"]))
+            job = _job(row, row["locked_by"] or "", row["attempts"])
+            _enqueue_follow_ups(conn, on_dead(job, error) if on_dead else [], now)
+            buried.append(job)
+    return buried
+
+
+def _enqueue_follow_ups(conn: sqlite3.Connection, follow_ups, now: float) -> None:
+    for f in follow_ups or []:
+        enqueue_job(conn, f.kind, f.dedupe_key, f.payload, available_at=f.available_at,
+                    ordering_key=f.ordering_key, now=now)
 
 
 def release_orphaned_jobs(conn: sqlite3.Connection, worker_prefix: str,
                           is_alive, now: float) -> int:
-    """Make claimable at once the running jobs of workers named `<worker_prefix><pid>` whose
-    process is gone (`is_alive(pid)` false), instead of waiting for their lease to end. Used by
-    a poller starting after a crash; a worker that cannot be checked keeps its lease."""
+    """Make claimable at once the running jobs of workers named `<worker_prefix><name>` that
+    `is_alive(name)` says are gone, instead of waiting for their lease to end. Used by a poller
+    starting after a crash; a worker that cannot be judged keeps its lease."""
     released = 0
     with transaction(conn):
         rows = conn.execute("SELECT id, locked_by FROM jobs WHERE status = 'running'"
                             " AND locked_by LIKE ?", (worker_prefix + "%",)).fetchall()
         for row in rows:
-            pid_text = row["locked_by"][len(worker_prefix):].split(":", 1)[0]
-            if pid_text.isdigit() and not is_alive(int(pid_text)):
+            name = row["locked_by"][len(worker_prefix):].split(":", 1)[0]
+            if not is_alive(name):
                 conn.execute("UPDATE jobs SET locked_until = ? WHERE id = ?", (now, row["id"]))
                 released += 1
     return released
@@ -357,12 +374,10 @@ def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
         cur = conn.execute(
             "UPDATE jobs SET status = 'done', finished_at = ?, updated_at = ?, locked_until = NULL,"
             " result = ?, last_error = NULL WHERE id = ? AND locked_by = ? AND status = 'running'",
-            (now, now, _dumps(result) if result is not None else None, job.id, job.lease_token))
+            (now, now, dumps(result) if result is not None else None, job.id, job.lease_token))
         if cur.rowcount != 1:
             return False
-        for f in follow_ups:
-            enqueue_job(conn, f.kind, f.dedupe_key, f.payload, available_at=f.available_at,
-                        ordering_key=f.ordering_key, now=now)
+        _enqueue_follow_ups(conn, follow_ups, now)
     return True
 
 
@@ -375,9 +390,11 @@ def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
 
 def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, now: float,
              max_attempts: int, max_age_seconds: float, retry_after_seconds: float | None = None,
-             rng: random.Random | None = None) -> str:
+             rng: random.Random | None = None, on_dead=None) -> str:
     """Record a failed run. Returns the new status: 'pending' (retry later), 'dead' (not
-    retryable, out of attempts or too old) or 'lost' (this worker no longer holds the lease)."""
+    retryable, out of attempts or too old) or 'lost' (this worker no longer holds the lease).
+    When the job dies, `on_dead(job, error)` may return follow-up jobs (a note telling a human),
+    written in the same transaction so the news of a failure cannot be lost."""
     limit = job.max_attempts or max_attempts
     dead = (not retryable or job.attempt >= limit or now - job.created_at >= max_age_seconds)
     with transaction(conn):
@@ -386,6 +403,8 @@ def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, no
                 "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
                 " locked_until = NULL, last_error = ? WHERE id = ? AND locked_by = ?"
                 " AND status = 'running'", (now, now, error[:2000], job.id, job.lease_token))
+            if cur.rowcount == 1 and on_dead:
+                _enqueue_follow_ups(conn, on_dead(job, error), now)
         else:
             delay = max(backoff_seconds(job.attempt, rng), retry_after_seconds or 0)
             cur = conn.execute(
@@ -409,25 +428,25 @@ def retry_dead_job(conn: sqlite3.Connection, job_id: int, now: float | None = No
     return cur.rowcount == 1
 
 
-def release_job(conn: sqlite3.Connection, job: Job, available_at: float) -> bool:
+def release_job(conn: sqlite3.Connection, job: Job, available_at: float, now: float) -> bool:
     """Give a claimed job back without counting the attempt (e.g. it must wait longer)."""
     with transaction(conn):
         cur = conn.execute(
             "UPDATE jobs SET status = 'pending', attempts = attempts - 1, available_at = ?,"
             " locked_until = NULL, updated_at = ? WHERE id = ? AND locked_by = ?"
-            " AND status = 'running'", (available_at, time.time(), job.id, job.lease_token))
+            " AND status = 'running'", (available_at, now, job.id, job.lease_token))
     return cur.rowcount == 1
 
 
 def reschedule_pending_job(conn: sqlite3.Connection, dedupe_key: str, available_at: float,
-                           payload: dict | None = None) -> bool:
+                           now: float, payload: dict | None = None) -> bool:
     """Move a still-pending job (e.g. a debounce window being extended); False if it already
     started or finished."""
     sql = "UPDATE jobs SET available_at = ?, updated_at = ?"
-    args: list[Any] = [available_at, time.time()]
+    args: list[Any] = [available_at, now]
     if payload is not None:
         sql += ", payload = ?"
-        args.append(_dumps(payload))
+        args.append(dumps(payload))
     cur = conn.execute(sql + " WHERE dedupe_key = ? AND status = 'pending'", args + [dedupe_key])
     return cur.rowcount == 1
 
@@ -507,7 +526,7 @@ def beat(conn: sqlite3.Connection, process: str, now: float | None = None,
         conn.execute(
             "INSERT INTO heartbeats (process, pid, beat_at, info) VALUES (?, ?, ?, ?)"
             " ON CONFLICT(process) DO UPDATE SET pid = excluded.pid, beat_at = excluded.beat_at,"
-            " info = excluded.info", (process, os.getpid(), now or time.time(), _dumps(info or {})))
+            " info = excluded.info", (process, os.getpid(), now or time.time(), dumps(info or {})))
 
 
 def last_beat(conn: sqlite3.Connection, process: str) -> dict | None:
@@ -555,7 +574,7 @@ def mapping_put(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
     conn.execute(
         "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value,"
-        " updated_at = excluded.updated_at", (namespace, str(key), _dumps(value), now or time.time()))
+        " updated_at = excluded.updated_at", (namespace, str(key), dumps(value), now or time.time()))
 
 
 def mapping_add(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
@@ -563,7 +582,7 @@ def mapping_add(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
     """Store a value only if the key is new; False when it already existed."""
     cur = conn.execute(
         "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(namespace, key) DO NOTHING", (namespace, str(key), _dumps(value),
+        " ON CONFLICT(namespace, key) DO NOTHING", (namespace, str(key), dumps(value),
                                                     now or time.time()))
     return cur.rowcount == 1
 

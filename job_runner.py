@@ -13,7 +13,7 @@ import os
 import sqlite3
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import db_manager
@@ -114,10 +114,14 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     """Claim one due job and run it to completion or failure. Returns the job, or None when
     nothing was due."""
     s = ctx.settings
+    on_dead = on_dead or {}
+    for buried in db_manager.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
+                                                s.job_max_age_seconds,
+                                                on_dead=_dead_hook(ctx, on_dead)):
+        log.error("job_failed", extra={"job_id": buried.id, "kind": buried.kind,
+                                       "new_status": "dead", "error": "lease expired too often"})
     job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                    worker=worker or f"poller-{os.getpid()}",
-                                    max_attempts=s.job_max_attempts,
-                                    max_age_seconds=s.job_max_age_seconds)
+                                    worker=worker or f"poller-{os.getpid()}")
     if job is None:
         return None
     token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,
@@ -134,13 +138,30 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
         else:
             log.warning("job_lease_lost", extra={"elapsed_ms": _ms(started)})
     except JobDeferred as deferred:
-        db_manager.release_job(ctx.conn, job, deferred.available_at)
+        db_manager.release_job(ctx.conn, job, deferred.available_at, ctx.now())
         log.info("job_deferred", extra={"until": deferred.available_at})
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
-        _fail(ctx, job, exc, on_dead or {}, started)
+        _fail(ctx, job, exc, on_dead, started)
     finally:
         ponte_logging.job_context_var.reset(token)
     return job
+
+
+def _dead_hook(ctx: JobContext, on_dead: dict[str, DeadHandler]):
+    """Adapt the bridges' ON_DEAD handlers for db_manager, which calls them inside the
+    transaction that buries the job."""
+
+    def hook(job: Job, error: str) -> list:
+        handler = on_dead.get(job.kind)
+        if handler is None:
+            return []
+        try:
+            return handler(ctx, job, error) or []
+        except Exception:  # the job still dies; the operator sees it in /admin/jobs
+            log.exception("job_dead_handler_failed", extra={"job_id": job.id})
+            return []
+
+    return hook
 
 
 def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: float) -> None:
@@ -156,20 +177,11 @@ def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: flo
         extra = {"traceback": traceback.format_exc(limit=6)}
     s = ctx.settings
     status = db_manager.fail_job(ctx.conn, job, detail, retryable, ctx.now(), s.job_max_attempts,
-                                 s.job_max_age_seconds, retry_after_seconds=retry_after)
+                                 s.job_max_age_seconds, retry_after_seconds=retry_after,
+                                 on_dead=_dead_hook(ctx, on_dead))
     level = logging.ERROR if status == "dead" else logging.WARNING
     log.log(level, "job_failed", extra={**extra, "error": detail[:300], "new_status": status,
                                         "elapsed_ms": _ms(started)})
-    if status == "dead" and job.kind in on_dead:
-        try:
-            follow_ups = on_dead[job.kind](ctx, job, detail) or []
-            with db_manager.transaction(ctx.conn):
-                for f in follow_ups:
-                    db_manager.enqueue_job(ctx.conn, f.kind, f.dedupe_key, f.payload,
-                                           available_at=f.available_at,
-                                           ordering_key=f.ordering_key, now=ctx.now())
-        except Exception:
-            log.exception("job_dead_handler_failed")
 
 
 def _ms(started: float) -> float:

@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -45,9 +46,9 @@ class Poller:
         self.handlers = handlers if handlers is not None else default_handlers
         self.on_dead = on_dead if on_dead is not None else default_on_dead
         self.stopping = False
-        self.worker = f"poller-{os.getpid()}"
+        self.worker = worker_name()
+        self.busy_since: float | None = None
         self.scheduler = schedule.Scheduler()
-        self.scheduler.every(HEARTBEAT_SECONDS).seconds.do(self.heartbeat)
         self.scheduler.every(PRUNE_SECONDS).seconds.do(self.prune)
         for interval, task in bridges.schedules(settings):
             self.scheduler.every(max(1, int(interval))).seconds.do(self._guarded, task)
@@ -63,17 +64,17 @@ class Poller:
     def recover_orphans(self) -> int:
         """Jobs left running by a poller that died (SIGKILL, OOM) run again now, not after
         their lease."""
-        released = db_manager.release_orphaned_jobs(self.conn, "poller-", _pid_alive,
+        released = db_manager.release_orphaned_jobs(self.conn, "poller-", _worker_alive,
                                                      self.clock())
         if released:
             log.warning("orphaned_jobs_released", extra={"count": released})
         return released
 
-    def heartbeat(self) -> None:
-        """Tell /health this process is alive, with the queue's state."""
-        stats = db_manager.queue_stats(self.conn, self.clock())
-        db_manager.beat(self.conn, "poller", self.clock(),
-                        {"pending": stats["pending"], "dead": stats["dead"]})
+    def heartbeat(self, conn: sqlite3.Connection | None = None) -> None:
+        """Tell /health this process is alive, and since when it is busy with one job (so a
+        stuck job shows up even while the heartbeat is fresh)."""
+        db_manager.beat(conn or self.conn, "poller", self.clock(),
+                        {"busy_since": self.busy_since, "worker": self.worker})
 
     def prune(self) -> None:
         """Delete done jobs and old inbound events past their retention."""
@@ -82,25 +83,35 @@ class Poller:
         if removed:
             log.info("jobs_pruned", extra={"count": removed})
 
-    def drain(self, max_jobs: int | None = None) -> int:
+    def drain(self, max_jobs: int | None = None, between_jobs=None) -> int:
         """Run due jobs until none is due (or `max_jobs` ran). Returns how many ran."""
         ran = 0
         while not self.stopping and (max_jobs is None or ran < max_jobs):
-            if run_next_job(self.ctx, self.handlers, self.on_dead, worker=self.worker) is None:
+            self.busy_since = self.clock()
+            try:
+                job = run_next_job(self.ctx, self.handlers, self.on_dead, worker=self.worker)
+            finally:
+                self.busy_since = None
+            if job is None:
                 break
             ran += 1
+            if between_jobs:
+                between_jobs()
         return ran
 
     def run_once(self) -> int:
-        """One turn of the loop: due scheduled tasks, then due jobs."""
+        """One turn of the loop: due scheduled tasks, then due jobs — with the scheduled tasks
+        also run between jobs, so a backlog does not hold back auto-resume or token refresh."""
         self.scheduler.run_pending()
-        return self.drain()
+        return self.drain(between_jobs=self.scheduler.run_pending)
 
     def run_forever(self) -> None:
         """Loop until SIGTERM: run what is due, then wait for new work written by another
         process, for the next due job, or for the next scheduled task."""
         self.recover_orphans()
         self.heartbeat()
+        beats = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
+        beats.start()
         self.scheduler.run_all()
         while not self.stopping:
             # Read before running: a commit by the web process during run_once() must wake us.
@@ -116,6 +127,20 @@ class Poller:
                     break
         log.info("poller_stopped")
 
+    def _beat_forever(self) -> None:
+        # Its own connection: a sqlite3 connection must not be shared by two threads' work.
+        conn = db_manager.connect(self.settings.database_path)
+        while not self.stopping:
+            try:
+                self.heartbeat(conn)
+            except sqlite3.Error:
+                log.exception("heartbeat_failed")
+            for _ in range(int(HEARTBEAT_SECONDS / 0.1)):
+                if self.stopping:
+                    break
+                time.sleep(0.1)
+        conn.close()
+
     def request_stop(self, *_args) -> None:
         """Warm shutdown: the job in progress finishes, nothing new starts."""
         if not self.stopping:
@@ -123,9 +148,22 @@ class Poller:
         self.stopping = True
 
 
-def _pid_alive(pid: int) -> bool:
+_STARTED_AT = int(time.time())
+
+
+def worker_name() -> str:
+    """`poller-<pid>-<start time>`: the start time tells a restarted container's poller (which
+    often gets the same pid) from the one that died."""
+    return f"poller-{os.getpid()}-{_STARTED_AT}"
+
+
+def _worker_alive(name: str) -> bool:
+    pid_text, _, started = name.partition("-")
+    if not pid_text.isdigit():
+        return True  # not ours to judge
+    pid = int(pid_text)
     if pid == os.getpid():
-        return True
+        return started == str(_STARTED_AT)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -171,6 +171,9 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
             report["poller"] = {"heartbeat_age_seconds": age, "pid": beat["pid"]}
             if age > settings.poller_heartbeat_max_age_seconds:
                 problems.append(f"heartbeat do poller atrasado ({age}s)")
+            busy_since = beat["info"].get("busy_since")
+            if busy_since and now - busy_since > settings.job_lease_seconds + 30:
+                problems.append(f"poller preso no mesmo job há {round(now - busy_since)}s")
         accounts = {}
         for provider in ("kommo", "mercadolivre"):
             token = db_manager.token_get(conn, provider)

@@ -105,7 +105,7 @@ def _batch_for(conn, settings, msg: KommoMessage, now: float) -> str | None:
         due = min(now + debounce, started + max(debounce, settings.bot_debounce_max_seconds))
         # Only a job that has not started can take more messages; once claimed, the burst is
         # closed and this message opens the next one.
-        if db_manager.reschedule_pending_job(conn, open_key, due):
+        if db_manager.reschedule_pending_job(conn, open_key, due, now):
             return open_key
     batch_key = f"kommo-msg:{msg.message_id}"
     db_manager.enqueue_job(conn, FORWARD, batch_key, {"contact_id": msg.contact_id},

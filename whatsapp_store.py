@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any
 
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+from db_manager import dumps
 
 
 # --- conversations -------------------------------------------------------------------------
@@ -68,7 +65,7 @@ def insert_message(conn: sqlite3.Connection, message_id: str, contact_id: str, t
         "INSERT INTO kommo_messages (kommo_message_id, kommo_contact_id, text, message_type,"
         " attachments, sent_at, received_at, status, batch_key) VALUES (?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(kommo_message_id) DO NOTHING",
-        (message_id, contact_id, text, message_type, _dumps(attachments), sent_at, received_at,
+        (message_id, contact_id, text, message_type, dumps(attachments), sent_at, received_at,
          status, batch_key))
     return cur.rowcount == 1
 

@@ -236,11 +236,26 @@ def test_cross_process_lock_is_exclusive_until_expiry(db, clock):
 def test_a_job_whose_worker_keeps_dying_goes_dead_at_max_attempts(db, clock):
     job_id = db_manager.enqueue_job(db, "k", "crasher", {}, max_attempts=3, now=clock())
     for _ in range(3):
-        assert db_manager.claim_next_job(db, clock(), LEASE, max_attempts=10) is not None
+        assert db_manager.bury_worn_out_jobs(db, clock(), 10, 86400) == []
+        assert db_manager.claim_next_job(db, clock(), LEASE) is not None
         clock.advance(LEASE + 1)  # the worker died: never completed
-    assert db_manager.claim_next_job(db, clock(), LEASE, max_attempts=10) is None
+    told = []
+    buried = db_manager.bury_worn_out_jobs(
+        db, clock(), 10, 86400,
+        on_dead=lambda job, error: told.append(error) or [FollowUp("note", "n", {"e": error})])
+    assert [j.id for j in buried] == [job_id]
+    assert db_manager.claim_next_job(db, clock(), LEASE).dedupe_key == "n"  # the note, not it
     row = db_manager.get_job(db, job_id)
-    assert row["status"] == "dead" and "lease expired" in row["last_error"]
+    assert row["status"] == "dead" and "lease expired" in row["last_error"] and told
+
+
+def test_dead_letter_follow_ups_are_written_with_the_failure(db, clock):
+    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    job = db_manager.claim_next_job(db, clock(), LEASE)
+    status = db_manager.fail_job(db, job, "gone", False, clock(), 5, 100,
+                                 on_dead=lambda j, e: [FollowUp("note", "note-a", {"why": e})])
+    assert status == "dead"
+    assert db_manager.get_job(db, dedupe_key="note-a")["payload"] == {"why": "gone"}
 
 
 def test_next_due_time_ignores_jobs_blocked_by_their_conversation(db, clock):
@@ -257,9 +272,10 @@ def test_next_due_time_ignores_jobs_blocked_by_their_conversation(db, clock):
 def test_jobs_of_a_dead_poller_are_released_at_once(db, clock):
     db_manager.enqueue_job(db, "k", "a", {}, now=clock())
     db_manager.enqueue_job(db, "k", "b", {}, now=clock())
-    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-111")
-    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-222")
-    released = db_manager.release_orphaned_jobs(db, "poller-", lambda pid: pid == 222, clock())
+    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-111-1000")
+    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-222-1000")
+    released = db_manager.release_orphaned_jobs(db, "poller-", lambda name: name == "222-1000",
+                                                clock())
     assert released == 1
     again = db_manager.claim_next_job(db, clock(), LEASE, worker="poller-333")
     assert again.dedupe_key == "a" and again.attempt == 2

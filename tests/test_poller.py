@@ -100,3 +100,45 @@ def test_poller_refuses_to_start_with_a_broken_configuration(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "PORT inválido" in result.stderr and "ML_CLIENT_SECRET" in result.stderr
+
+
+def test_heartbeat_stays_fresh_while_a_long_job_runs(settings, db):
+    import time as _time
+    started, release = threading.Event(), threading.Event()
+
+    def long_job(ctx, job):
+        started.set()
+        release.wait(10)
+
+    poller = Poller(settings, db_manager.connect(settings.database_path),
+                    handlers={"t.long": long_job}, on_dead={})
+    import poller as poller_module
+    old = poller_module.HEARTBEAT_SECONDS
+    poller_module.HEARTBEAT_SECONDS = 0.2
+    db_manager.enqueue_job(db, "t.long", "long", {})
+    thread = threading.Thread(target=poller.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        first = db_manager.last_beat(db, "poller")["beat_at"]
+        deadline = _time.monotonic() + 5
+        while db_manager.last_beat(db, "poller")["beat_at"] == first and \
+                _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        beat = db_manager.last_beat(db, "poller")
+        assert beat["beat_at"] > first and beat["info"]["busy_since"] is not None
+    finally:
+        release.set()
+        poller.request_stop()
+        thread.join(10)
+        poller_module.HEARTBEAT_SECONDS = old
+
+
+def test_health_reports_a_poller_stuck_in_one_job(make_settings, clock):
+    from webhook_server import create_app
+    s = make_settings()
+    client = create_app(s, clock=clock).test_client()
+    conn = db_manager.connect(s.database_path)
+    db_manager.beat(conn, "poller", now=clock(), info={"busy_since": clock() - 1000})
+    response = client.get("/health")
+    assert response.status_code == 503 and "preso" in response.get_json()["problems"][0]
