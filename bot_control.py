@@ -103,12 +103,12 @@ def status_text(state: dict) -> str:
         text = "🤖 Status: bot ATIVO para este contato."
         if state.get("since_at"):
             text += f"\nReativado em {format_time(state['since_at'])}"
-            if state.get("paused_by"):
-                text += f" por {state['paused_by']}"
+            if state.get("changed_by"):
+                text += f" por {state['changed_by']}"
             text += "."
         return text
     kind = KIND_LABEL.get(state.get("paused_by_kind", ""), state.get("paused_by_kind", ""))
-    who = state.get("paused_by") or "?"
+    who = state.get("changed_by") or "?"
     text = (f"🤖 Status: bot PAUSADO para este contato.\nPausado por: {who} ({kind})\n"
             f"Desde: {format_time(state.get('since_at'))}")
     if state.get("reason"):
@@ -121,7 +121,9 @@ def status_text(state: dict) -> str:
 def state_json(state: dict) -> dict:
     """The state as the HTTP API shows it."""
     return {"contact_id": state["kommo_contact_id"], "status": state["status"],
-            "paused": state["status"] == "paused", "paused_by": state.get("paused_by") or None,
+            "paused": state["status"] == "paused",
+            "paused_by": (state.get("changed_by") or None) if state["status"] == "paused" else None,
+            "changed_by": state.get("changed_by") or None,
             "paused_by_kind": state.get("paused_by_kind") or None,
             "reason": state.get("reason") or None, "since_at": state.get("since_at"),
             "auto_resume_at": state.get("until_at"), "pause_count": state.get("pause_count", 0)}

@@ -102,6 +102,11 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     CREATE INDEX kommo_conversations_lead ON kommo_conversations(kommo_lead_id);
+    CREATE TABLE kommo_leads (
+        kommo_lead_id TEXT PRIMARY KEY,
+        kommo_contact_id TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
     CREATE INDEX kommo_conversations_talk ON kommo_conversations(kommo_talk_id);
     CREATE TABLE kommo_messages (
         kommo_message_id TEXT PRIMARY KEY,
@@ -115,10 +120,11 @@ MIGRATIONS: list[str] = [
         batch_key TEXT
     );
     CREATE INDEX kommo_messages_batch ON kommo_messages(batch_key);
+    CREATE INDEX kommo_messages_received ON kommo_messages(received_at);
     CREATE TABLE bot_states (
         kommo_contact_id TEXT PRIMARY KEY,
         status TEXT NOT NULL CHECK (status IN ('active', 'paused')),
-        paused_by TEXT NOT NULL DEFAULT '',
+        changed_by TEXT NOT NULL DEFAULT '',
         paused_by_kind TEXT NOT NULL DEFAULT '',
         reason TEXT NOT NULL DEFAULT '',
         since_at REAL,
@@ -503,12 +509,24 @@ def next_job_due_at(conn: sqlite3.Connection) -> float | None:
     return row[0]
 
 
+# Mappings that only matter for a while (answers to match, OAuth states, throttles); the
+# others (conversation ids, watermarks) live as long as the conversation they point to.
+SHORT_LIVED_MAPPINGS = ("n8n-correlation", "n8n-answer", "oauth-state", "kommo", "kommo-sent")
+
+
 def prune_jobs(conn: sqlite3.Connection, older_than: float) -> int:
-    """Delete done jobs finished before `older_than`; dead jobs stay for an operator."""
+    """Delete what is past its retention: done jobs finished before `older_than` (dead jobs
+    stay for an operator), inbound events, short-lived mappings and old customer messages."""
     with transaction(conn):
         cur = conn.execute("DELETE FROM jobs WHERE status = 'done' AND finished_at < ?",
                            (older_than,))
         conn.execute("DELETE FROM events WHERE received_at < ?", (older_than,))
+        conn.execute(f"DELETE FROM mappings WHERE updated_at < ? AND namespace IN"
+                     f" ({','.join('?' * len(SHORT_LIVED_MAPPINGS))})",
+                     (older_than, *SHORT_LIVED_MAPPINGS))
+        conn.execute("DELETE FROM kommo_messages WHERE received_at < ? AND (batch_key IS NULL"
+                     " OR batch_key NOT IN (SELECT dedupe_key FROM jobs"
+                     " WHERE status IN ('pending', 'running')))", (older_than,))
     return cur.rowcount
 
 

@@ -203,11 +203,24 @@ def _indexed(block: Any) -> list[tuple[str, dict]]:
     return sorted(items, key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9)
 
 
-def _int(value: Any) -> int:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
+_MAX_EPOCH = 4_102_444_800  # 2100-01-01: anything later is not a Kommo timestamp
+
+
+def _str(item: dict, key: str) -> str:
+    """A scalar field; a nested value where Kommo sends a string means a forged body."""
+    value = item.get(key, "")
+    if isinstance(value, dict):
+        raise KommoParseError(f"field {key!r} must be a value, not a structure")
+    return value
+
+
+def _epoch(item: dict, key: str) -> int:
+    text = _str(item, key).strip()
+    if not text:
         return 0
+    if not text.isdigit() or int(text) > _MAX_EPOCH:
+        raise KommoParseError(f"field {key!r} is not a Unix timestamp")
+    return int(text)
 
 
 def _message(item: dict, default_direction: str) -> KommoMessage:
@@ -215,19 +228,22 @@ def _message(item: dict, default_direction: str) -> KommoMessage:
     attachments = []
     att = item.get("attachment")
     if isinstance(att, dict) and att.get("link"):
-        attachments.append(KommoAttachment(type=att.get("type", "file"), link=att["link"],
-                                           file_name=att.get("file_name") or att.get("name", "")))
+        attachments.append(KommoAttachment(type=_str(att, "type") or "file",
+                                           link=_str(att, "link"),
+                                           file_name=_str(att, "file_name") or _str(att, "name")))
     lead_id = ""
-    if item.get("entity_type", "lead") in ("lead", "leads", "") or item.get("element_type") == "2":
-        lead_id = str(item.get("entity_id") or item.get("element_id") or "")
+    if _str(item, "entity_type") in ("lead", "leads", "") or _str(item, "element_type") == "2":
+        lead_id = _str(item, "entity_id") or _str(item, "element_id")
     return KommoMessage(
-        message_id=str(item.get("id", "")), direction=item.get("type") or default_direction,
-        author_type=author.get("type", ""), author_name=author.get("name", ""),
-        author_user_id=str(author.get("user_id", "")), contact_id=str(item.get("contact_id", "")),
-        lead_id=lead_id, talk_id=str(item.get("talk_id", "")), chat_id=str(item.get("chat_id", "")),
-        text=item.get("text", "") or "", created_at=_int(item.get("created_at")),
-        origin=item.get("origin", ""), message_type=item.get("message_type", "") or
-        (attachments[0].type if attachments else "text"), attachments=tuple(attachments))
+        message_id=_str(item, "id"), direction=_str(item, "type") or default_direction,
+        author_type=_str(author, "type"), author_name=_str(author, "name"),
+        author_user_id=_str(author, "user_id"), contact_id=_str(item, "contact_id"),
+        lead_id=lead_id, talk_id=_str(item, "talk_id"), chat_id=_str(item, "chat_id"),
+        text=_str(item, "text"), created_at=_epoch(item, "created_at"),
+        origin=_str(item, "origin"),
+        message_type=_str(item, "message_type") or (attachments[0].type if attachments
+                                                     else "text"),
+        attachments=tuple(attachments))
 
 
 def parse_kommo_webhook(pairs: Iterable[tuple[str, str]]) -> KommoWebhook:
@@ -263,10 +279,9 @@ def parse_kommo_webhook(pairs: Iterable[tuple[str, str]]) -> KommoWebhook:
             for _, wrapper in _indexed(block["note"]):
                 note = wrapper.get("note") if isinstance(wrapper.get("note"), dict) else wrapper
                 hook.notes.append(KommoNote(
-                    note_id=str(note.get("id", "")), lead_id=str(note.get("element_id", "")),
-                    text=note.get("text", "") or "", note_type=str(note.get("note_type", "")),
-                    created_by=str(note.get("created_by", "")),
-                    created_at=_int(note.get("created_at"))))
+                    note_id=_str(note, "id"), lead_id=_str(note, "element_id"),
+                    text=_str(note, "text"), note_type=_str(note, "note_type"),
+                    created_by=_str(note, "created_by"), created_at=_epoch(note, "created_at")))
             for action in block:
                 if action != "note":
                     hook.ignored.append(KommoIgnored(f"leads[{action}]", "event not handled"))

@@ -21,8 +21,7 @@ import whatsapp_intake
 import whatsapp_store
 from kommo_api import KommoError, KommoParseError, parse_kommo_webhook
 from n8n_api import parse_send_response
-from web_common import (bearer_token, get_db, json_error, now, require_bearer, settings,
-                        token_matches)
+from web_common import get_db, json_error, now, require_bearer, settings, token_matches
 
 log = logging.getLogger("ponte.kommo.web")
 
@@ -121,7 +120,8 @@ def bot_paused():
 @blueprint.post("/bot/pause/<contact_id>")
 @_bot_auth
 def bot_pause(contact_id: str):
-    return _run_command(contact_id, "pausar", _body().get("reason", ""), _body().get("by"))
+    body = _body()
+    return _run_command(contact_id, "pausar", body.get("reason", ""), body.get("by"))
 
 
 @blueprint.post("/bot/resume/<contact_id>")
@@ -134,10 +134,12 @@ def bot_resume(contact_id: str):
 @_bot_auth
 def bot_command():
     body = _body()
-    contact_id = str(body.get("contact_id") or "").strip()
-    if not contact_id or not body.get("command"):
-        return json_error(400, "bad_request", "Informe contact_id e command.")
-    return _run_command(contact_id, str(body["command"]), str(body.get("reason") or ""),
+    contact_id = body.get("contact_id")
+    if isinstance(contact_id, int) and not isinstance(contact_id, bool):
+        contact_id = str(contact_id)
+    if not isinstance(contact_id, str) or not isinstance(body.get("command"), str):
+        return json_error(400, "bad_request", "Informe contact_id e command (texto).")
+    return _run_command(contact_id.strip(), body["command"], body.get("reason", ""),
                         body.get("by"))
 
 
@@ -146,8 +148,10 @@ def _body() -> dict:
     return body if isinstance(body, dict) else {}
 
 
-def _run_command(contact_id: str, name: str, reason: str, by):
-    if not contact_id.isdigit():
+def _run_command(contact_id: str, name: str, reason, by):
+    if not isinstance(reason, str) or not isinstance(by, (str, type(None))):
+        return json_error(400, "bad_request", "reason e by devem ser texto.")
+    if not contact_id.isdigit() or len(contact_id) > 20:
         return json_error(400, "bad_contact_id", "contact_id deve ser o id numérico do contato.")
     command = bot_control.command_from_name(name, reason)
     if command is None:

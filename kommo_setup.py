@@ -14,7 +14,9 @@ import db_manager
 import kommo_api
 import kommo_auth
 
-WEBHOOK_EVENTS = ["add_message", "note_lead", "add_outgoing_message"]
+WEBHOOK_EVENTS = ["add_message", "note_lead"]
+# Listed only in Kommo's changelog; not every plan accepts it, so it is opt-in.
+OUTGOING_EVENT = "add_outgoing_message"
 
 
 def _client(settings) -> kommo_api.KommoClient:
@@ -33,15 +35,16 @@ def create_field(settings, name: str) -> int:
     return 0
 
 
-def register_webhook(settings) -> int:
+def register_webhook(settings, with_outgoing: bool = False) -> int:
     """Point the account webhook at ponte (Kommo updates it if the URL already exists)."""
     if not settings.public_base_url:
         print("Defina PUBLIC_BASE_URL (ex.: https://ponte.seudominio.com.br).", file=sys.stderr)
         return 2
     url = f"{settings.public_base_url}/webhooks/kommo/{settings.kommo_webhook_secret}"
+    events = WEBHOOK_EVENTS + ([OUTGOING_EVENT] if with_outgoing else [])
     _client(settings).call("POST", "/api/v4/webhooks", json={
-        "destination": url, "settings": WEBHOOK_EVENTS, "sort": 10})
-    print("Webhook registrado no Kommo para os eventos: " + ", ".join(WEBHOOK_EVENTS))
+        "destination": url, "settings": events, "sort": 10})
+    print("Webhook registrado no Kommo para os eventos: " + ", ".join(events))
     return 0
 
 
@@ -51,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     field = sub.add_parser("create-field", help="cria o campo de texto 'Resposta IA' no lead")
     field.add_argument("--name", default="Resposta IA")
-    sub.add_parser("register-webhook", help="registra o webhook do ponte na conta Kommo")
+    hook = sub.add_parser("register-webhook", help="registra o webhook do ponte na conta Kommo")
+    hook.add_argument("--com-mensagens-enviadas", dest="with_outgoing", action="store_true",
+                      help="assina também add_outgoing_message (comandos digitados no chat)")
     args = parser.parse_args(argv)
     try:
         settings = config.load_settings(partial_bridges_ok=True)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "create-field":
             return create_field(settings, args.name)
-        return register_webhook(settings)
+        return register_webhook(settings, args.with_outgoing)
     except kommo_api.KommoError as exc:
         print(f"O Kommo recusou: {exc}", file=sys.stderr)
         return 1

@@ -145,6 +145,8 @@ def _install_operator_routes(app: Flask) -> None:
     @app.post("/admin/jobs/<int:job_id>/retry")
     @require_bearer("admin_token")
     def retry_job(job_id: int):
+        if job_id >= 2**63:
+            return json_error(404, "not_dead", "Job inexistente ou não está em 'dead'.")
         if not db_manager.retry_dead_job(web_common.get_db(), job_id, web_common.now()):
             return json_error(404, "not_dead", "Job inexistente ou não está em 'dead'.")
         return jsonify(ok=True, job_id=job_id, status="pending"), 202

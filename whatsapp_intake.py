@@ -71,6 +71,7 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
         return
     whatsapp_store.upsert_conversation(conn, msg.contact_id, msg.lead_id, msg.talk_id,
                                        msg.chat_id, msg.author_name, msg.origin, now)
+    whatsapp_store.remember_lead(conn, msg.lead_id, msg.contact_id, now)
     attachments = [{"type": a.type, "link": a.link, "file_name": a.file_name}
                    for a in msg.attachments]
     state = whatsapp_store.get_bot_state(conn, msg.contact_id)
@@ -82,7 +83,7 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
         else:
             summary.messages_duplicate += 1
         return
-    batch_key = _batch_for(conn, settings, msg, now)
+    batch_key = _batch_for(conn, settings, msg, state["pause_count"], now)
     if whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
                                      msg.message_type, attachments, msg.created_at or now, now,
                                      "queued", batch_key):
@@ -91,11 +92,11 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
         summary.messages_duplicate += 1
 
 
-def _batch_for(conn, settings, msg: KommoMessage, now: float) -> str | None:
+def _batch_for(conn, settings, msg: KommoMessage, pause_count: int, now: float) -> str | None:
     """The forward job this message rides on: the contact's still-waiting burst if its window
-    is open, else a new job. Returns None for a duplicate message."""
-    if conn.execute("SELECT 1 FROM kommo_messages WHERE kommo_message_id = ?",
-                    (msg.message_id,)).fetchone():
+    is open, else a new job (which remembers the pause count: a burst from before a pause is
+    never sent, even after #voltar). Returns None for a duplicate message."""
+    if whatsapp_store.message_exists(conn, msg.message_id):
         return None
     debounce = max(0.0, settings.bot_debounce_seconds)
     conversation = whatsapp_store.get_conversation(conn, contact_id=msg.contact_id)
@@ -108,7 +109,8 @@ def _batch_for(conn, settings, msg: KommoMessage, now: float) -> str | None:
         if db_manager.reschedule_pending_job(conn, open_key, due, now):
             return open_key
     batch_key = f"kommo-msg:{msg.message_id}"
-    db_manager.enqueue_job(conn, FORWARD, batch_key, {"contact_id": msg.contact_id},
+    db_manager.enqueue_job(conn, FORWARD, batch_key,
+                           {"contact_id": msg.contact_id, "pause_count": pause_count},
                            available_at=now + debounce, ordering_key=ordering_key(msg.contact_id),
                            now=now)
     whatsapp_store.set_open_batch(conn, msg.contact_id, batch_key, now)
@@ -117,10 +119,13 @@ def _batch_for(conn, settings, msg: KommoMessage, now: float) -> str | None:
 
 def _record_seller_chat_message(conn, settings, msg: KommoMessage, now: float,
                                 summary: IntakeSummary) -> None:
+    if db_manager.mapping_get(conn, "kommo-sent", msg.message_id):
+        summary.ignored.append(f"message {msg.message_id}: our own reply")
+        return
     command = bot_control.parse_command(msg.text)
     who = msg.author_name or msg.author_user_id or "vendedor"
     if command:
-        _enqueue_command(conn, settings, command, lead_id=msg.lead_id, contact_id=msg.contact_id,
+        _apply_and_confirm(conn, settings, command, lead_id=msg.lead_id, contact_id=msg.contact_id,
                          by=who, by_kind="seller", source="chat",
                          dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now)
         summary.commands.append(command.name)
@@ -128,7 +133,7 @@ def _record_seller_chat_message(conn, settings, msg: KommoMessage, now: float,
         state = whatsapp_store.get_bot_state(conn, msg.contact_id)
         if state["status"] == "active":
             pause = bot_control.Command("pause", "auto", "vendedor respondeu no chat")
-            _enqueue_command(conn, settings, pause, lead_id=msg.lead_id,
+            _apply_and_confirm(conn, settings, pause, lead_id=msg.lead_id,
                              contact_id=msg.contact_id, by=who, by_kind="human_reply",
                              source="chat", dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now)
             summary.commands.append("pause(human_reply)")
@@ -144,21 +149,20 @@ def _record_note(conn, settings, note: KommoNote, now: float, summary: IntakeSum
     if command is None:
         summary.ignored.append(f"note {note.note_id}: not a command")
         return
-    _enqueue_command(conn, settings, command, lead_id=note.lead_id, contact_id=None,
+    _apply_and_confirm(conn, settings, command, lead_id=note.lead_id, contact_id=None,
                      by=f"usuário {note.created_by}", by_kind="seller", source="note",
                      dedupe_key=f"kommo-note:{note.note_id}", now=now)
     summary.commands.append(command.name)
 
 
-def _enqueue_command(conn, settings, command: bot_control.Command, *, lead_id: str | None,
+def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id: str | None,
                      contact_id: str | None, by: str, by_kind: str, source: str,
                      dedupe_key: str, now: float) -> None:
     """Apply the command now when we know the contact (a pause must stop the very next customer
-    message), and queue the job that confirms it on the lead (and resolves the contact first
-    when only the lead is known)."""
+    message), and queue the job that confirms it on the lead (and asks Kommo for the contact
+    first when the lead was never seen in a message)."""
     if not contact_id and lead_id:
-        conversation = whatsapp_store.get_conversation(conn, lead_id=lead_id)
-        contact_id = conversation["kommo_contact_id"] if conversation else None
+        contact_id = whatsapp_store.contact_of_lead(conn, lead_id)
     payload = {"lead_id": lead_id, "contact_id": contact_id, "command": command.name,
                "word": command.word, "reason": command.reason, "by": by, "by_kind": by_kind,
                "source": source}
@@ -191,9 +195,12 @@ def api_command(conn, settings, contact_id: str, command: bot_control.Command, b
     return {**bot_control.state_json(state), "message": confirmation}
 
 
+ASYNC_DEDUPE_SECONDS = 300
+
+
 def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> dict:
     """Record an answer posted to `/send-response`. Raises LookupError for an unknown
-    conversation. Returns what was done (`queued`, `suppressed`, `handoff`)."""
+    conversation. Returns what was done (`queued`, `suppressed`, `duplicate`, `handoff`)."""
     conversation = (whatsapp_store.get_conversation(conn, talk_id=answer.conversation_id)
                     if answer.conversation_id else None)
     if conversation is None and answer.contact_id:
@@ -201,29 +208,48 @@ def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> d
     if conversation is None:
         raise LookupError("conversa desconhecida")
     contact_id = conversation["kommo_contact_id"]
-    state = whatsapp_store.get_bot_state(conn, contact_id)
-    correlation = answer.correlation_id or uuid.uuid4().hex
-    # An answer to a request made before the latest pause must not reach the customer.
-    asked = db_manager.mapping_get(conn, "n8n-correlation", correlation) if \
-        answer.correlation_id else None
-    pause_count = asked["pause_count"] if asked else state["pause_count"]
     result = {"conversation_id": conversation["kommo_talk_id"], "contact_id": contact_id,
-              "queued": 0, "handoff": False, "suppressed": False}
-    if state["status"] == "paused" or state["pause_count"] != pause_count:
+              "queued": 0, "handoff": False, "suppressed": False, "duplicate": False}
+    correlation = answer.correlation_id or _answer_fingerprint(contact_id, answer)
+    if not answer.correlation_id:
+        # Without an id, the same text for the same contact within a few minutes is n8n
+        # retrying, not a new answer.
+        seen = db_manager.mapping_get(conn, "n8n-answer", correlation)
+        if seen and now - seen < ASYNC_DEDUPE_SECONDS:
+            result["duplicate"] = True
+            return result
+        db_manager.mapping_put(conn, "n8n-answer", correlation, now, now=now)
+    state = whatsapp_store.get_bot_state(conn, contact_id)
+    # The question this answers was asked under some pause count; a pause since then (even if
+    # already undone by #voltar) makes the answer stale.
+    asked = db_manager.mapping_get(conn, "n8n-correlation", answer.correlation_id) \
+        if answer.correlation_id else None
+    asked_pause_count = asked["pause_count"] if asked else state["pause_count"]
+    stale = state["status"] == "paused" or state["pause_count"] != asked_pause_count
+    if stale:
         log.warning("n8n_answer_suppressed_paused", extra={"contact_id": contact_id,
                                                           "correlation_id": correlation})
         result["suppressed"] = True
-    elif answer.should_send:
-        result["queued"] = enqueue_replies(conn, contact_id, conversation, list(answer.texts),
-                                           correlation, pause_count, now, source="n8n-async")
-    if answer.should_handoff:
-        _enqueue_command(conn, settings, bot_control.Command("pause", "handoff",
-                                                             "o assistente pediu um humano"),
-                         lead_id=conversation["kommo_lead_id"], contact_id=contact_id,
-                         by="assistente de IA", by_kind="ai", source="n8n",
-                         dedupe_key=f"n8n-handoff:{correlation}", now=now)
+    if answer.should_handoff and not stale:
+        # Pause first; the farewell text ("I'll pass you to a human") rides on this very pause.
+        _apply_and_confirm(conn, settings, bot_control.Command("pause", "handoff",
+                                                               "o assistente pediu um humano"),
+                           lead_id=conversation["kommo_lead_id"], contact_id=contact_id,
+                           by="assistente de IA", by_kind="ai", source="n8n",
+                           dedupe_key=f"n8n-handoff:{correlation}", now=now)
         result["handoff"] = True
+        state = whatsapp_store.get_bot_state(conn, contact_id)
+    if answer.should_send and not stale:
+        result["queued"] = enqueue_replies(conn, contact_id, conversation, list(answer.texts),
+                                           correlation, state["pause_count"], now,
+                                           source="n8n-handoff" if result["handoff"]
+                                           else "n8n-async")
     return result
+
+
+def _answer_fingerprint(contact_id: str, answer: N8nAsyncAnswer) -> str:
+    text = "\x1f".join(answer.texts) + f"|{answer.should_send}|{answer.should_handoff}"
+    return "fp-" + hashlib.sha256(f"{contact_id}|{text}".encode()).hexdigest()[:32]
 
 
 def reply_follow_ups(contact_id: str, conversation: dict, texts: list[str], correlation: str,

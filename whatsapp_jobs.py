@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 
 import bot_control
 import db_manager
@@ -33,8 +34,9 @@ def _iso(epoch: float) -> str:
 def chat_type(origin: str) -> str:
     """`whatsapp` for WhatsApp origins (what existing workflows test for), else the origin."""
     low = (origin or "").lower()
-    return "whatsapp" if low in WHATSAPP_ORIGINS or "whatsapp" in low or "wa" == low else (
-        low or "unknown")
+    if low in WHATSAPP_ORIGINS or "whatsapp" in low:
+        return "whatsapp"
+    return low or "unknown"
 
 
 def build_n8n_request(conversation: dict, messages: list[dict], correlation_id: str) -> dict:
@@ -75,7 +77,8 @@ def forward_message(ctx: JobContext, job: Job):
             whatsapp_store.set_open_batch(conn, contact_id, None, None)
     messages = whatsapp_store.batch_messages(conn, job.dedupe_key)
     state = whatsapp_store.get_bot_state(conn, contact_id)
-    if state["status"] == "paused":
+    if state["status"] == "paused" or \
+            state["pause_count"] != job.payload.get("pause_count", state["pause_count"]):
         with db_manager.transaction(conn):
             whatsapp_store.set_batch_status(conn, job.dedupe_key, "skipped_paused")
         log.info("n8n_forward_skipped_paused", extra={"contact_id": contact_id})
@@ -101,13 +104,23 @@ def forward_message(ctx: JobContext, job: Job):
         follow_ups
 
 
+def may_deliver(state: dict, payload: dict) -> bool:
+    """Never talk over the human: an answer goes out only under the same pause count it was
+    produced under, with the bot active — or, for the AI's own handoff farewell, paused by the
+    AI in that very handoff."""
+    if state["pause_count"] != payload.get("pause_count", 0):
+        return False
+    if state["status"] == "active":
+        return True
+    return payload.get("source") == "n8n-handoff" and state["paused_by_kind"] == "ai"
+
+
 def send_reply(ctx: JobContext, job: Job):
     """Deliver one answer into the customer's WhatsApp chat, unless a seller paused the bot
     since the question was sent to n8n."""
     p = job.payload
     state = whatsapp_store.get_bot_state(ctx.conn, p["contact_id"])
-    if p.get("source") != "fallback" and (
-            state["status"] == "paused" or state["pause_count"] != p.get("pause_count", 0)):
+    if not may_deliver(state, p):
         log.warning("reply_suppressed_paused", extra={"contact_id": p["contact_id"],
                                                       "correlation_id": p.get("correlation_id")})
         return {"suppressed": "paused"}
@@ -123,13 +136,18 @@ def send_reply(ctx: JobContext, job: Job):
         kommo.set_lead_text_field(p["lead_id"], s.kommo_reply_field_id, p["text"])
         kommo.run_salesbot(s.kommo_salesbot_id, p["lead_id"])
         with db_manager.transaction(ctx.conn):
-            db_manager.mapping_put(ctx.conn, "kommo", key, ctx.now())
+            db_manager.mapping_put(ctx.conn, "kommo", key, ctx.now(), now=ctx.now())
         return {"sent": "salesbot"}
     if not p.get("talk_id"):
         raise JobFailed("conversa sem talk_id: não há como responder pelo Chats API",
                         retryable=False)
     answer = kommo.send_talk_message(p["talk_id"], p["text"])
-    return {"sent": "talk", "kommo_message_id": (answer or {}).get("id")}
+    kommo_message_id = (answer or {}).get("id")
+    if kommo_message_id:
+        # If Kommo reports our own send back as an outgoing message, it is not a seller.
+        with db_manager.transaction(ctx.conn):
+            db_manager.mapping_put(ctx.conn, "kommo-sent", kommo_message_id, True, now=ctx.now())
+    return {"sent": "talk", "kommo_message_id": kommo_message_id}
 
 
 def add_note(ctx: JobContext, job: Job):
@@ -150,7 +168,7 @@ def bot_command(ctx: JobContext, job: Job):
     """Confirm a seller command on the lead; first find the contact of the lead (and apply the
     command) when the webhook did not know it."""
     p = dict(job.payload)
-    contact_id = p.get("contact_id")
+    contact_id = p.get("contact_id") or whatsapp_store.contact_of_lead(ctx.conn, p["lead_id"])
     if not contact_id:
         lead = ctx.clients.kommo.get_lead(p["lead_id"])
         contact_id = kommo_api.main_contact_id(lead)
@@ -161,8 +179,7 @@ def bot_command(ctx: JobContext, job: Job):
     confirmation = p.get("confirmation")
     if confirmation is None:
         with db_manager.transaction(ctx.conn):
-            whatsapp_store.upsert_conversation(ctx.conn, contact_id, p.get("lead_id") or "", "",
-                                               "", "", "", ctx.now())
+            whatsapp_store.remember_lead(ctx.conn, p.get("lead_id"), contact_id, ctx.now())
             command = bot_control.Command(p["command"], p.get("word", ""), p.get("reason", ""))
             confirmation = bot_control.apply_command(ctx.conn, contact_id, command, p["by"],
                                                      p["by_kind"], ctx.now(),
@@ -177,6 +194,16 @@ def bot_command(ctx: JobContext, job: Job):
         ordering_key=ordering_key(contact_id))]
 
 
+def command_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
+    """A command could not be applied (Kommo would not tell us the lead's contact): say so."""
+    p = job.payload
+    word = p.get("word") or p.get("command")
+    return [FollowUp(ADD_NOTE, f"note:command-dead:{job.dedupe_key}", {
+        "lead_id": p.get("lead_id"), "contact_id": p.get("contact_id"),
+        "text": f"⚠️ Não consegui aplicar o comando #{word}: {kommo_reason(error)} "
+                "Tente de novo ou use a API /bot."})]
+
+
 def forward_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
     """n8n never answered: tell the seller on the lead, and the customer once if configured."""
     contact_id = job.payload["contact_id"]
@@ -187,12 +214,13 @@ def forward_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
         "contact_id": contact_id, "lead_id": conversation.get("kommo_lead_id"),
         "text": "⚠️ O assistente de IA não respondeu a esta conversa depois de várias "
                 f"tentativas. Responda o cliente manualmente.\nDetalhe: {error[:200]}"})]
-    if ctx.settings.bot_fallback_message and conversation:
+    state = whatsapp_store.get_bot_state(ctx.conn, contact_id)
+    if ctx.settings.bot_fallback_message and conversation and state["status"] == "active":
         follow.append(FollowUp(SEND_REPLY, f"fallback:{job.dedupe_key}", {
             "contact_id": contact_id, "talk_id": conversation.get("kommo_talk_id"),
             "lead_id": conversation.get("kommo_lead_id"),
-            "text": ctx.settings.bot_fallback_message, "source": "fallback"},
-            ordering_key=ordering_key(contact_id)))
+            "text": ctx.settings.bot_fallback_message, "source": "fallback",
+            "pause_count": state["pause_count"]}, ordering_key=ordering_key(contact_id)))
     return follow
 
 
@@ -202,17 +230,23 @@ def reply_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
     return [FollowUp(ADD_NOTE, f"note:reply-dead:{job.dedupe_key}", {
         "contact_id": p.get("contact_id"), "lead_id": p.get("lead_id"),
         "text": "⚠️ Não consegui entregar a resposta do assistente no WhatsApp.\n"
-                f"Motivo: {_reason_pt(error)}\nResposta: {p['text'][:1000]}"})]
+                f"Motivo: {kommo_reason(error)}\nResposta: {p['text'][:1000]}"})]
 
 
-def _reason_pt(error: str) -> str:
-    if " 402" in error or "402:" in error:
-        return "limite/cota do Chats API do Kommo atingido (402)."
-    if " 422" in error or "422:" in error:
-        return "a conversa está fechada no Kommo (422)."
-    if " 403" in error or "403:" in error:
-        return "o token não tem permissão (403)."
-    return error[:200]
+_KOMMO_STATUS = re.compile(r"^kommo (\d{3}):")
+_KOMMO_REASONS = {
+    402: "limite/cota do Chats API do Kommo atingido (402).",
+    422: "a conversa está fechada no Kommo (422).",
+    403: "o token não tem permissão ou a conta foi bloqueada (403).",
+    404: "o Kommo não encontrou a conversa ou o lead (404).",
+    401: "o Kommo recusou o token (401).",
+}
+
+
+def kommo_reason(error: str) -> str:
+    """A failed job's error (`str(KommoError)`: "kommo <status>: ...") in words for a seller."""
+    match = _KOMMO_STATUS.match(error)
+    return _KOMMO_REASONS.get(int(match.group(1)), error[:200]) if match else error[:200]
 
 
 def auto_resume(ctx: JobContext) -> int:
@@ -221,7 +255,10 @@ def auto_resume(ctx: JobContext) -> int:
     for state in whatsapp_store.due_auto_resumes(ctx.conn, ctx.now()):
         contact_id = state["kommo_contact_id"]
         with db_manager.transaction(ctx.conn):
-            whatsapp_store.set_active(ctx.conn, contact_id, "auto", ctx.now())
+            # Only that very pause: a seller who paused again meanwhile keeps the conversation.
+            if not whatsapp_store.set_active(ctx.conn, contact_id, "auto", ctx.now(),
+                                             only_if_pause_count=state["pause_count"]):
+                continue
             db_manager.enqueue_job(ctx.conn, ADD_NOTE, f"auto-resume:{contact_id}:"
                                    f"{state['pause_count']}", {
                                        "contact_id": contact_id,
@@ -235,5 +272,5 @@ def auto_resume(ctx: JobContext) -> int:
 
 HANDLERS = {FORWARD: forward_message, SEND_REPLY: send_reply, ADD_NOTE: add_note,
             BOT_COMMAND: bot_command}
-ON_DEAD = {FORWARD: forward_dead, SEND_REPLY: reply_dead}
+ON_DEAD = {FORWARD: forward_dead, SEND_REPLY: reply_dead, BOT_COMMAND: command_dead}
 SCHEDULES = [(30, auto_resume), (300, kommo_auth.refresh_if_due)]

@@ -33,6 +33,22 @@ def upsert_conversation(conn: sqlite3.Connection, contact_id: str, lead_id: str,
         (contact_id, lead_id, talk_id, chat_id, contact_name, origin, now))
 
 
+def remember_lead(conn: sqlite3.Connection, lead_id: str, contact_id: str, now: float) -> None:
+    """Remember which contact a lead belongs to (a contact may have several leads)."""
+    if lead_id and contact_id:
+        conn.execute("INSERT INTO kommo_leads (kommo_lead_id, kommo_contact_id, updated_at)"
+                     " VALUES (?, ?, ?) ON CONFLICT(kommo_lead_id) DO UPDATE SET"
+                     " kommo_contact_id = excluded.kommo_contact_id,"
+                     " updated_at = excluded.updated_at", (lead_id, contact_id, now))
+
+
+def contact_of_lead(conn: sqlite3.Connection, lead_id: str) -> str | None:
+    """The contact of a lead we have seen in a message, if any."""
+    row = conn.execute("SELECT kommo_contact_id FROM kommo_leads WHERE kommo_lead_id = ?",
+                       (str(lead_id),)).fetchone()
+    return row[0] if row else None
+
+
 def get_conversation(conn: sqlite3.Connection, contact_id: str | None = None,
                      talk_id: str | None = None, lead_id: str | None = None) -> dict | None:
     """A conversation by contact, talk or lead id."""
@@ -56,6 +72,12 @@ def set_open_batch(conn: sqlite3.Connection, contact_id: str, batch_key: str | N
 
 
 # --- customer messages ------------------------------------------------------------------------
+
+def message_exists(conn: sqlite3.Connection, message_id: str) -> bool:
+    """Whether Kommo delivered this message before."""
+    return conn.execute("SELECT 1 FROM kommo_messages WHERE kommo_message_id = ?",
+                        (message_id,)).fetchone() is not None
+
 
 def insert_message(conn: sqlite3.Connection, message_id: str, contact_id: str, text: str,
                    message_type: str, attachments: list, sent_at: float, received_at: float,
@@ -101,35 +123,46 @@ def get_bot_state(conn: sqlite3.Connection, contact_id: str) -> dict:
                        (contact_id,)).fetchone()
     if row:
         return dict(row)
-    return {"kommo_contact_id": contact_id, "status": "active", "paused_by": "",
+    return {"kommo_contact_id": contact_id, "status": "active", "changed_by": "",
             "paused_by_kind": "", "reason": "", "since_at": None, "until_at": None,
             "pause_count": 0, "updated_at": None}
 
 
 def set_paused(conn: sqlite3.Connection, contact_id: str, by: str, by_kind: str, reason: str,
-               now: float, until_at: float | None) -> None:
+               now: float, until_at: float | None) -> int:
     """Pause (or re-pause) the bot for a contact; every pause bumps `pause_count` so answers
-    produced before it can be recognised and dropped."""
+    produced before it can be recognised and dropped. Returns the new `pause_count`."""
     conn.execute(
-        """INSERT INTO bot_states (kommo_contact_id, status, paused_by, paused_by_kind, reason,
+        """INSERT INTO bot_states (kommo_contact_id, status, changed_by, paused_by_kind, reason,
                since_at, until_at, pause_count, updated_at)
            VALUES (?, 'paused', ?, ?, ?, ?, ?, 1, ?)
            ON CONFLICT(kommo_contact_id) DO UPDATE SET status = 'paused',
-               paused_by = excluded.paused_by, paused_by_kind = excluded.paused_by_kind,
+               changed_by = excluded.changed_by, paused_by_kind = excluded.paused_by_kind,
                reason = excluded.reason, since_at = excluded.since_at,
                until_at = excluded.until_at, pause_count = pause_count + 1,
                updated_at = excluded.updated_at""",
         (contact_id, by, by_kind, reason, now, until_at, now))
+    return get_bot_state(conn, contact_id)["pause_count"]
 
 
-def set_active(conn: sqlite3.Connection, contact_id: str, by: str, now: float) -> None:
-    """Give the conversation back to the bot."""
+def set_active(conn: sqlite3.Connection, contact_id: str, by: str, now: float,
+               only_if_pause_count: int | None = None) -> bool:
+    """Give the conversation back to the bot. With `only_if_pause_count`, only if it is still
+    that very pause (a seller may have paused again meanwhile). True when the state changed."""
+    if only_if_pause_count is not None:
+        cur = conn.execute(
+            "UPDATE bot_states SET status = 'active', changed_by = ?, paused_by_kind = '',"
+            " reason = '', since_at = ?, until_at = NULL, updated_at = ?"
+            " WHERE kommo_contact_id = ? AND status = 'paused' AND pause_count = ?",
+            (by, now, now, contact_id, only_if_pause_count))
+        return cur.rowcount == 1
     conn.execute(
-        """INSERT INTO bot_states (kommo_contact_id, status, paused_by, updated_at, since_at)
+        """INSERT INTO bot_states (kommo_contact_id, status, changed_by, updated_at, since_at)
            VALUES (?, 'active', ?, ?, ?)
-           ON CONFLICT(kommo_contact_id) DO UPDATE SET status = 'active', paused_by = ?,
+           ON CONFLICT(kommo_contact_id) DO UPDATE SET status = 'active', changed_by = ?,
                paused_by_kind = '', reason = '', since_at = ?, until_at = NULL,
                updated_at = ?""", (contact_id, by, now, now, by, now, now))
+    return True
 
 
 def paused_states(conn: sqlite3.Connection) -> list[dict]:

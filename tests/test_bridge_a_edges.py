@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,27 @@ def test_wrong_secret_is_401_and_records_nothing(bridge):
 def test_malformed_bodies_get_4xx_json_and_record_nothing(bridge, body, content_type, status):
     response = bridge.web.post(f"/webhooks/kommo/{SECRET}", data=body, content_type=content_type)
     assert response.status_code == status and response.get_json()["error"]
+    assert bridge.counts() == NOTHING
+
+
+@pytest.mark.parametrize("field,value", [
+    ("text][a", "1"), ("id][x", "1"), ("contact_id][z", "9"), ("attachment][link][a", "x"),
+    ("created_at", "99999999999999999999"), ("created_at", "ontem")])
+def test_forged_field_values_get_400_and_record_nothing(bridge, field, value):
+    body = kommo_standin.message_form("oi") + "&" + \
+        urllib.parse.urlencode({f"message[add][0][{field}]": value})
+    if field == "created_at":
+        body = body.replace("message%5Badd%5D%5B0%5D%5Bcreated_at%5D=", "x=", 1)
+    response = bridge.kommo_posts(body)
+    assert response.status_code == 400, response.get_json()
+    assert bridge.counts() == NOTHING
+
+
+def test_forged_note_text_gets_400(bridge):
+    body = kommo_standin.note_form("#pausar") + "&" + \
+        urllib.parse.urlencode({"leads[note][0][note][text][a]": "1"})
+    body = body.replace("leads%5Bnote%5D%5B0%5D%5Bnote%5D%5Btext%5D=%23pausar&", "", 1)
+    assert bridge.kommo_posts(body).status_code == 400
     assert bridge.counts() == NOTHING
 
 
@@ -137,6 +159,11 @@ def test_bot_api_command_and_unknown_command(bridge):
                                                     "command": "explodir"}).status_code == 400
     assert bridge.api("post", "/bot/command", json={"command": "pausar"}).status_code == 400
     assert bridge.api("post", "/bot/pause/abc").status_code == 400
+    for bad in ({"reason": 5}, {"reason": ["a"]}, {"reason": {"a": 1}}, {"by": 3}):
+        assert bridge.api("post", "/bot/pause/5", json=bad).status_code == 400
+    assert bridge.api("post", "/bot/command", json={"contact_id": "5", "command": "pausar",
+                                                    "reason": {"a": 1}}).status_code == 400
+    assert bridge.api("post", "/admin/jobs/99999999999999999999999/retry").status_code == 404
     # state exists without any prior conversation
     assert bridge.api("get", "/bot/status/5").get_json()["status"] == "paused"
 

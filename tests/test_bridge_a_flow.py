@@ -220,7 +220,32 @@ def test_should_send_false_sends_nothing_and_handoff_pauses_with_a_note(bridge):
     assert state["status"] == "paused" and state["paused_by_kind"] == "ai"
     bridge.run_jobs()
     assert "o assistente pediu um humano" in bridge.lead_notes()[-1].lower()
-    assert bridge.chat_messages() == [] or "ok" not in bridge.chat_messages()
+    assert bridge.chat_messages() == []  # should_send false: nothing to the customer
+
+
+def test_handoff_farewell_reaches_the_customer_and_then_the_bot_is_quiet(bridge):
+    bridge.customer_says("quero falar com um humano")
+    response = bridge.n8n_answers_later({"conversation_id": "1874", "should_handoff": True,
+                                         "response_text": "Vou te passar para um atendente.",
+                                         "correlation_id": "c-handoff"})
+    assert response.get_json()["queued"] == 1 and response.get_json()["handoff"] is True
+    bridge.run_jobs()
+    assert bridge.chat_messages() == ["Vou te passar para um atendente."]
+    assert bridge.bot_state()["paused_by_kind"] == "ai"
+    later = bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "mais algo",
+                                      "correlation_id": "c-later"})
+    assert later.get_json()["suppressed"] is True
+    bridge.run_jobs()
+    assert bridge.chat_messages() == ["Vou te passar para um atendente."]
+
+
+def test_send_response_without_correlation_id_is_deduplicated(bridge):
+    bridge.customer_says("oi")
+    body = {"contact_id": "93589657", "response_text": "Olá!"}
+    assert bridge.n8n_answers_later(body).get_json()["queued"] == 1
+    assert bridge.n8n_answers_later(body).get_json()["duplicate"] is True
+    bridge.run_jobs()
+    assert bridge.chat_messages().count("Olá!") == 1
 
 
 def test_a_list_answer_becomes_several_messages_in_order(make_settings, serve, clock):
@@ -263,6 +288,66 @@ def test_n8n_never_answers_then_seller_gets_a_note_and_customer_the_fallback_onc
     assert len(bridge.n8n_calls()) == 3
     assert "não respondeu" in bridge.lead_notes()[-1]
     assert bridge.chat_messages() == ["Já já um atendente te responde!"]
+
+
+def test_fallback_is_not_sent_after_the_seller_paused(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock, n8n_mode="down", JOB_MAX_ATTEMPTS=1,
+                     BOT_FALLBACK_MESSAGE="Já já te respondemos")
+    bridge.customer_says("oi")
+    assert bridge.run_jobs(max_jobs=1) == 1  # n8n fails for good: note + fallback queued
+    bridge.seller_notes("#pausar")  # ...and the seller takes over before they run
+    bridge.run_jobs()
+    assert "não respondeu" in " ".join(bridge.lead_notes())
+    assert bridge.chat_messages() == []
+
+
+def test_burst_waiting_for_retry_is_dropped_after_a_pause_and_resume(bridge, clock):
+    bridge.n8n_mode(mode="down")
+    bridge.customer_says("preço do frete?")
+    bridge.run_jobs()  # n8n down: the burst waits for its retry
+    bridge.seller_notes("#pausar", note_id="1")
+    bridge.seller_notes("#voltar", note_id="2")
+    bridge.n8n_mode(mode="sync")
+    clock.advance(600)
+    bridge.run_jobs()
+    assert len(bridge.n8n_calls()) == 1  # only the failed attempt; the seller handled it
+    assert bridge.chat_messages() == []
+
+
+def test_pause_on_another_lead_of_the_same_contact_applies_at_once(bridge):
+    bridge.customer_says("oi", lead_id="111", message_id="x1")
+    bridge.customer_says("de novo", lead_id="222", message_id="x2")
+    bridge.seller_notes("#pausar", lead_id="111", note_id="5")
+    assert bridge.bot_state()["status"] == "paused"
+
+
+def test_a_command_that_cannot_be_applied_is_reported_on_the_lead(bridge, clock):
+    bridge.seller_notes("#pausar", lead_id="999", note_id="7")  # Kommo: lead not found
+    bridge.run_jobs()
+    assert bridge.lead_notes("999")[-1].startswith("⚠️ Não consegui aplicar o comando #pausar")
+
+
+def test_auto_resume_does_not_undo_a_new_pause(make_settings, serve, clock):
+    import whatsapp_store
+    bridge = BridgeA(make_settings, serve, clock, BOT_AUTO_RESUME_HOURS=1)
+    bridge.customer_says("oi")
+    bridge.seller_notes("#pausar", note_id="1")
+    clock.advance(3601)
+    due = whatsapp_store.due_auto_resumes(bridge.db, clock())
+    bridge.seller_notes("#pausar de novo", note_id="2")  # lands between select and update
+    assert not whatsapp_store.set_active(bridge.db, "93589657", "auto", clock(),
+                                         only_if_pause_count=due[0]["pause_count"])
+    assert bridge.bot_state()["status"] == "paused"
+
+
+def test_our_own_reply_reported_back_by_kommo_does_not_pause(make_settings, serve, clock):
+    from standins import kommo as k
+    bridge = BridgeA(make_settings, serve, clock, BOT_PAUSE_ON_HUMAN_REPLY="true")
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    sent = bridge.kommo_state()["sent"][0]
+    bridge.kommo_posts(k.outgoing_form(sent["text"], message_id=sent["id"]))
+    assert bridge.bot_state()["status"] == "active"
 
 
 def test_closed_talk_is_not_retried_and_the_seller_is_told(bridge):

@@ -29,7 +29,7 @@ def test_register_webhook_subscribes_the_events(monkeypatch, tmp_path, serve):
     assert kommo_setup.main(["register-webhook"]) == 0
     hooks = app.config["STATE"].webhooks
     assert hooks == {"https://ponte.loja.com.br/webhooks/kommo/segredo-longo-0123456789":
-                     ["add_message", "note_lead", "add_outgoing_message"]}
+                     ["add_message", "note_lead"]}
 
 
 def test_refused_token_is_reported(monkeypatch, tmp_path, serve, capsys):
