@@ -24,4 +24,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"
 
-CMD ["supervisord", "-c", "/app/supervisord.conf"]
+# A broken configuration is reported in one message and the container stops.
+CMD ["sh", "-c", "python config.py --check && exec supervisord -c /app/supervisord.conf"]

@@ -65,7 +65,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("LOG_RETENTION_DAYS", 14, "int", "Quantos dias de arquivos de log manter.", unit="dias"),
     _s("ADMIN_TOKEN", "", "str", "Token Bearer para /config, /bot/* e páginas de administração.",
        secret=True),
-    _s("PUBLIC_BASE_URL", "", "url", "URL pública do ponte (ex.: https://ponte.seudominio.com.br)."),
+    _s("PUBLIC_BASE_URL", "", "url", "URL pública da ponte (ex.: https://ponte.seudominio.com.br)."),
     _s("WEB_WORKERS", 2, "int", "Processos Gunicorn do servidor web.", unit="processos"),
     _s("MAX_BODY_BYTES", 1_048_576, "int", "Tamanho máximo do corpo de uma requisição.", unit="bytes"),
     _s("JOB_LEASE_SECONDS", 120, "int", "Tempo após o qual um job em execução de um worker morto "
@@ -303,7 +303,9 @@ def _load_dotenv() -> None:
 def env_example() -> str:
     """The text of `env.example`, generated from `SETTINGS` so the two cannot drift."""
     lines = ["# ponte — configuração. Copie para .env e preencha.",
-             "# Gerado a partir de config.py (python config.py --env-example).", ""]
+             "# Gerado a partir de config.py (python config.py --env-example).",
+             "# Linhas comentadas mostram o valor padrão: descomente só o que quiser mudar",
+             "# (no Docker, DATABASE_PATH e LOG_DIR já apontam para o volume /data).", ""]
     group = None
     for s in SETTINGS:
         if s.group != group:
@@ -314,7 +316,7 @@ def env_example() -> str:
         default = s.default
         if isinstance(default, bool):
             default = "true" if default else "false"
-        lines.append(f"{s.name}={default}")
+        lines.append(f"# {s.name}={default}" if default != "" else f"{s.name}=")
     return "\n".join(lines).strip() + "\n"
 
 
@@ -336,6 +338,20 @@ if __name__ == "__main__":  # pragma: no cover - helper for maintainers
 
     if "--env-example" in sys.argv:
         sys.stdout.write(env_example())
+    elif "--check" in sys.argv:
+        # Used before starting Supervisor: one clear message instead of programs that keep
+        # crashing with it.
+        try:
+            found = load_settings()
+        except ConfigError as exc:
+            print("ponte: " + str(exc), file=sys.stderr)
+            print("ponte: corrija o .env (ou as variáveis de ambiente) e inicie de novo; "
+                  "para desligar uma ponte, deixe todas as variáveis dela vazias.",
+                  file=sys.stderr)
+            sys.exit(2)
+        if not found.enabled_bridges:
+            print("ponte: aviso: nenhuma ponte configurada (veja env.example); só /health e "
+                  "/config vão responder.", file=sys.stderr)
     elif "--table" in sys.argv:
         print(settings_table_markdown())
     else:

@@ -93,7 +93,7 @@ def send_response():
         with db_manager.transaction(conn):
             result = whatsapp_intake.record_async_answer(conn, settings(), answer, now())
     except LookupError:
-        return json_error(404, "unknown_conversation", "Conversa desconhecida para o ponte.")
+        return json_error(404, "unknown_conversation", "Conversa desconhecida para a ponte.")
     return jsonify(ok=True, **result), 202
 
 
@@ -208,4 +208,4 @@ def oauth_callback():
         return json_error(502, "exchange_failed", "O Kommo recusou o código de autorização.")
     with db_manager.transaction(conn):
         db_manager.mapping_put(conn, "oauth-state", state, {"provider": "used", "at": now()})
-    return jsonify(ok=True, message="Kommo conectado ao ponte.")
+    return jsonify(ok=True, message="Kommo conectado à ponte.")

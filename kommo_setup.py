@@ -50,11 +50,11 @@ def register_webhook(settings, with_outgoing: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./ponte kommo",
-                                     description="Configuração única do Kommo para o ponte.")
+                                     description="Configuração única do Kommo para a ponte.")
     sub = parser.add_subparsers(dest="command", required=True)
     field = sub.add_parser("create-field", help="cria o campo de texto 'Resposta IA' no lead")
     field.add_argument("--name", default="Resposta IA")
-    hook = sub.add_parser("register-webhook", help="registra o webhook do ponte na conta Kommo")
+    hook = sub.add_parser("register-webhook", help="registra o webhook da ponte na conta Kommo")
     hook.add_argument("--com-mensagens-enviadas", dest="with_outgoing", action="store_true",
                       help="assina também add_outgoing_message (comandos digitados no chat)")
     args = parser.parse_args(argv)

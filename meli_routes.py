@@ -149,7 +149,7 @@ def oauth_callback():
         return _page("Não foi possível conectar", exc.message, exc.status)
     log.info("ml_oauth_connected", extra={"peer": "mercadolivre"})
     return _page("Mercado Livre conectado",
-                 "Pronto! O ponte já pode ler perguntas e mensagens desta conta. "
+                 "Pronto! A ponte já pode ler perguntas e mensagens desta conta. "
                  "Você pode fechar esta página.", 200)
 
 

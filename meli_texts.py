@@ -35,7 +35,7 @@ ML_REFUSED = f"{PREFIX} o Mercado Livre recusou a resposta: {{detail}}"
 MEDIATED_TOO_LONG = (f"{PREFIX} esta venda é atendida pelo agente de IA do Mercado Livre, que "
                      "aceita uma mensagem por vez com até 350 caracteres. Sua mensagem tem "
                      "{length} caracteres e não foi enviada: encurte e envie de novo.")
-SALE_TOO_LONG = (f"{PREFIX} a mensagem tem {{length}} caracteres; no pós-venda o ponte divide em "
+SALE_TOO_LONG = (f"{PREFIX} a mensagem tem {{length}} caracteres; no pós-venda a ponte divide em "
                  "partes de 350 até {max} caracteres. Nada foi enviado: encurte e envie de novo.")
 DELIVERY_GAVE_UP = (f"{PREFIX} não consegui entregar esta mensagem ao Mercado Livre depois de "
                     "{attempts} tentativas (último erro: {error}). Envie de novo quando o "

@@ -188,6 +188,8 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
             report["accounts"] = accounts
     except Exception as exc:
         problems.append(f"banco de dados indisponível: {type(exc).__name__}")
+    if not settings.enabled_bridges:
+        warnings.append("nenhuma ponte configurada (veja env.example)")
     if warnings:
         report["status"] = "degraded"
         report["warnings"] = warnings

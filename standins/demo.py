@@ -80,7 +80,7 @@ def whatsapp_scenario(ponte: str, kommo: Served, n8n: Served) -> bool:
 
     say("━━ Ponte A: WhatsApp (Kommo) ⇄ agente de IA (n8n) ━━")
     say("1) A cliente Maria escreve no WhatsApp: “Olá, vocês entregam em Campinas?”")
-    say("   O Kommo chama o webhook do ponte (form-urlencoded, como o Kommo real).")
+    say("   O Kommo chama o webhook da ponte (form-urlencoded, como o Kommo real).")
     post(kommo_standin.message_form("Olá, vocês entregam em Campinas?"))
     call = wait_for(lambda: calls())
     if not call:
@@ -101,7 +101,7 @@ def whatsapp_scenario(ponte: str, kommo: Served, n8n: Served) -> bool:
     post(kommo_standin.message_form("Alguém aí?"))
     time.sleep(1.0)
     paused_ok = len(calls()) == 1
-    say("   → o n8n não foi chamado (a mensagem ficou registrada no ponte)." if paused_ok
+    say("   → o n8n não foi chamado (a mensagem ficou registrada na ponte)." if paused_ok
         else "   ✗ o n8n foi chamado com o bot pausado!")
     say("4) O vendedor escreve “#voltar” numa nota.")
     post(kommo_standin.note_form("#voltar", note_id="1002"))
@@ -112,12 +112,17 @@ def whatsapp_scenario(ponte: str, kommo: Served, n8n: Served) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Demonstração do ponte com parceiros simulados")
+    parser = argparse.ArgumentParser(description="Demonstração da ponte com parceiros simulados")
     parser.add_argument("--once", action="store_true", help="roda o roteiro e sai")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
     args = parser.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the stand-ins' access logs are noise
 
+    import socket
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            say(f"✗ a porta {args.port} já está em uso; rode com outra: ./ponte demo --port 8010")
+            return 2
     kommo = Served("Kommo", kommo_standin.create_app())
     n8n = Served("n8n", n8n_standin.create_app(api_key=N8N_KEY))
     workdir = Path(tempfile.mkdtemp(prefix="ponte-demo-"))
@@ -142,13 +147,13 @@ def main(argv=None) -> int:
         env.update(meli_parts.env)
     n8n.app.config["STATE"]["ponte_url"] = ponte_url
 
-    say(f"Subindo o ponte (web + poller sob o Supervisor) em {ponte_url} ...")
+    say(f"Subindo a ponte (web + poller sob o Supervisor) em {ponte_url} ...")
     proc = start_ponte(env, workdir)
     ok = False
     try:
         healthy = wait_for(lambda: _health(ponte_url), timeout=30, step=0.3)
         if not healthy:
-            say(f"✗ o ponte não respondeu /health; veja {workdir / 'ponte.log'}")
+            say(f"✗ a ponte não respondeu /health; veja {workdir / 'ponte.log'}")
             return 1
         say(f"✓ ponte no ar: {ponte_url}/health → {healthy}")
         say()
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
         say(f"  logs:           tail -f {ROOT / 'logs'}/app-$(date +%Y%m%d).log")
         say("  mandar mensagem como cliente:")
         say(f"    curl -X POST {ponte_url}/webhooks/kommo/{KOMMO_SECRET} "
-            f"--data-urlencode 'message[add][0][id]=m-$RANDOM' "
+            "--data-urlencode \"message[add][0][id]=m-$RANDOM\" "
             "--data-urlencode 'message[add][0][contact_id]=93589657' "
             "--data-urlencode 'message[add][0][talk_id]=1874' "
             "--data-urlencode 'message[add][0][type]=incoming' "
@@ -182,6 +187,7 @@ def main(argv=None) -> int:
             time.sleep(0.5)
         return proc.returncode or 0
     except KeyboardInterrupt:
+        say("\nEncerrando a demonstração...")
         return 0
     finally:
         if proc.poll() is None:
@@ -192,6 +198,8 @@ def main(argv=None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
         if meli_parts:
             meli.stop(meli_parts)
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _health(url: str):

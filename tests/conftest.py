@@ -12,8 +12,7 @@ import pytest
 from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-PAYLOADS = SHARED / "payloads"
+PAYLOADS = ROOT / "tests" / "fixtures" / "payloads"
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402

@@ -1,5 +1,5 @@
 """Bridge A end to end across the HTTP boundary: Kommo webhook → ponte → n8n → ponte → Kommo
-chat, with the sellers' commands. Real-shaped Kommo bodies (../shared/payloads/kommo)."""
+chat, with the sellers' commands. Real-shaped Kommo bodies (tests/fixtures/payloads/kommo)."""
 from __future__ import annotations
 
 import pytest

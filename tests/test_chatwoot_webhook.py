@@ -1,5 +1,5 @@
 """POST /webhooks/chatwoot (and /webhook): signature, freshness, and which events reach Mercado
-Livre. Real-shaped payloads from shared/payloads/chatwoot, signed like Chatwoot v4.13 signs."""
+Livre. Real-shaped payloads from tests/fixtures/payloads/chatwoot, signed like Chatwoot v4.13 signs."""
 from __future__ import annotations
 
 import copy

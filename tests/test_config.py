@@ -60,7 +60,7 @@ def test_secrets_are_masked_in_repr_and_redacted_view():
 def test_env_example_is_generated_from_the_declarations():
     text = (ROOT / "env.example").read_text(encoding="utf-8")
     assert text == config.env_example(), "run: python config.py --env-example > env.example"
-    names = set(re.findall(r"^([A-Z0-9_]+)=", text, re.M))
+    names = set(re.findall(r"^(?:# )?([A-Z0-9_]+)=", text, re.M))
     assert names == {s.name for s in config.SETTINGS}
 
 
@@ -73,3 +73,10 @@ def test_every_setting_has_help_and_a_unique_name():
     names = [s.name for s in config.SETTINGS]
     assert len(names) == len(set(names))
     assert all(s.help for s in config.SETTINGS)
+
+
+def test_pasting_env_example_changes_no_default():
+    text = (ROOT / "env.example").read_text(encoding="utf-8")
+    pasted = dict(line.split("=", 1) for line in text.splitlines()
+                  if line and not line.startswith("#"))
+    assert config.load_settings(pasted) == config.load_settings({})

@@ -1,5 +1,5 @@
-"""Bridge A against a real n8n (installed by ../shared/tools/n8n-peer, as `./ponte test` and CI
-do) running the workflow templates shipped in n8n/."""
+"""Bridge A against a real n8n (installed by tools/n8n-peer, as `./ponte test` and CI do)
+running the workflow templates shipped in n8n/."""
 from __future__ import annotations
 
 import json
@@ -14,18 +14,18 @@ import requests
 import db_manager
 from poller import Poller
 from standins import kommo as kommo_standin
-from tests.conftest import SHARED, free_port
+from tests.conftest import free_port
 from webhook_server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER = SHARED / "tools" / "n8n-peer"
+PEER = ROOT / "tools" / "n8n-peer"
 INSTALLED = Path(os.environ.get("N8N_PEER_DIR", Path.home() / ".cache/ponte-n8n-peer")) / \
     ".installed"
 SECRET, KEY = "hook-secret-real-n8n-0123456789", "n8n-real-key-123456"
 
 pytestmark = pytest.mark.skipif(not INSTALLED.exists(),
-                                reason="n8n real não instalado (rode ./ponte test ou "
-                                       "../shared/tools/n8n-peer/install.sh)")
+                                reason="n8n real não instalado (./ponte test o instala quando "
+                                       "há npm; ou rode tools/n8n-peer/install.sh)")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 The Dockerfile's steps are mirrored outside Docker (no Docker engine on these machines)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -94,8 +95,8 @@ def _dockerfile():
     for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", text, re.M):
         for key, value in re.findall(r"(\w+)=(\S+)", block.replace("\\\n", " ")):
             env[key] = value
-    cmd = re.search(r'^CMD \[(.*)\]$', text, re.M).group(1)
-    return text, env, [c.strip().strip('"') for c in cmd.split(",")]
+    cmd = json.loads("[" + re.search(r'^CMD \[(.*)\]$', text, re.M).group(1) + "]")
+    return text, env, cmd
 
 
 def test_dockerfile_keeps_state_on_the_data_volume_and_runs_as_non_root():
@@ -106,7 +107,8 @@ def test_dockerfile_keeps_state_on_the_data_volume_and_runs_as_non_root():
     assert "/app" not in re.search(r"^VOLUME .*$", text, re.M).group(0)
     assert re.search(r"^USER (?!root)\w+", text, re.M)
     assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/health" in text
-    assert cmd == ["supervisord", "-c", "/app/supervisord.conf"]
+    assert cmd == ["sh", "-c", "python config.py --check && exec supervisord -c "
+                   "/app/supervisord.conf"]
 
 
 def test_dockerfile_steps_outside_docker(tmp_path):
@@ -137,3 +139,15 @@ def test_web_with_a_broken_configuration_says_everything_in_one_line(tmp_path):
     assert result.returncode != 0
     [line] = [l for l in result.stderr.splitlines() if l.startswith("ponte:")]
     assert "DEBUG inválido" in line and "ML_CLIENT_SECRET" in line
+
+
+def test_a_program_that_gives_up_stops_supervisor(tmp_path):
+    """A bad configuration that slipped past the check (e.g. set after it): Supervisor must not
+    stay up serving nothing."""
+    proc, _, _, conf_path = _start_supervisor(tmp_path, ROOT, {"PORT": "not-a-port"})
+    try:
+        proc.wait(60)
+    finally:
+        _stop(proc, conf_path)
+    output = proc.stdout.read().decode(errors="replace")
+    assert "desistiu de iniciar" in output
