@@ -173,7 +173,7 @@ def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
                 break
             except requests.RequestException:
                 time.sleep(0.1)
-        template = json.loads((ROOT.parent / "shared" / "payloads" / "chatwoot" /
+        template = json.loads((ROOT / "tests" / "fixtures" / "payloads" / "chatwoot" /
                                "message_created_outgoing_with_attachment.json").read_text())
         out = {"chatwoot_single": _load(1, 200, f"{base}/webhooks/chatwoot",
                                         lambda i, n: _chatwoot_request(template, 900_000 + n)),
