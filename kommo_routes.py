@@ -63,8 +63,10 @@ def kommo_webhook(secret: str | None = None):
             conn, "kommo", delivery_key, _event_type(hook),
             "accepted" if (summary.messages_new or summary.commands) else "ignored",
             summary.as_dict(), now=now())
-    log.info("kommo_webhook_recorded", extra={"duplicate_delivery": not first,
-                                              **summary.as_dict()})
+    # Routine deliveries are in Gunicorn's access log and the poller's job lines; INFO only for
+    # what a person did (commands). Keeps the hot path cheap.
+    log.log(logging.INFO if summary.commands else logging.DEBUG, "kommo_webhook_recorded",
+            extra={"duplicate_delivery": not first, **summary.as_dict()})
     return jsonify(ok=True, **summary.as_dict())
 
 

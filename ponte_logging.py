@@ -46,6 +46,15 @@ class JsonFormatter(logging.Formatter):
         self.secrets = sorted(secrets, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
+        # stdout and the daily file share this formatter: build the line once per record.
+        cached = record.__dict__.get("_ponte_line")
+        if cached is not None:
+            return cached
+        line = self._format(record)
+        record._ponte_line = line
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),

@@ -128,8 +128,10 @@ def test_media_message_attachments_reach_n8n(bridge):
 def test_webhook_secret_never_reaches_the_logs(bridge):
     bridge.customer_says("oi")
     bridge.run_jobs()
+    bridge.seller_notes("#pausar")
+    bridge.run_jobs()
     logs = "".join(p.read_text() for p in Path(bridge.settings.log_dir).glob("*.log"))
-    assert "kommo_webhook_recorded" in logs
+    assert "kommo_webhook_recorded" in logs and "n8n_forwarded" in logs
     assert SECRET not in logs and N8N_KEY not in logs and kommo_standin.DEFAULT_TOKEN not in logs
 
 
