@@ -311,9 +311,9 @@ def markdown(single: dict, multi: dict, lat: dict, m: dict, quick: bool) -> str:
         "descartados). O poller para com SIGTERM "
         f"em {ms(lat['stop_s'] * 1000)} ms.",
         "",
-        "Leitura: o `claim` ordena todos os jobs pendentes já vencidos (a condição `OR` impede "
-        "o uso da ordem do índice `jobs_ready`), então o custo por job cresce com o tamanho da "
-        "fila — por isso drenar uma fila cheia é mais lento que o regime de fila vazia. Com 2 "
+        "Leitura: o `claim` faz duas consultas que seguem a ordem dos índices (jobs com lease "
+        "vencido, depois pendentes vencidos), então o custo por job não cresce com o tamanho da "
+        "fila (antes, com uma condição `OR`, 5.000 jobs na fila davam 1.595 jobs/s). Com 2 "
         "processos o total não sobe (o SQLite tem um único escritor) e a divisão é desigual: "
         "quem espera o lock dorme no *busy handler* enquanto o outro o retoma logo em seguida.",
         "",
@@ -321,7 +321,7 @@ def markdown(single: dict, multi: dict, lat: dict, m: dict, quick: bool) -> str:
     return "\n".join(lines)
 
 
-INTRO = """# Benchmarks do ponte
+INTRO = """# Benchmarks da ponte
 
 Números medidos nesta máquina pelos scripts de `bench/`. Para rodar de novo (cada script atualiza
 a sua seção deste arquivo):
