@@ -30,16 +30,20 @@ ATTACHMENT_DOWNLOAD_ATTEMPTS = 3
 
 def poll_messages(ctx) -> dict:
     """Schedule: one `messages/unread` call; a pack whose unread count changed since the last
-    poll gets a sync job (reads use mark_as_read=false, so counts persist until answered)."""
+    poll gets a sync job (reads use mark_as_read=false, so counts persist until answered), and
+    so does a pack that left the list (the seller answered on Mercado Livre's site). A reply
+    sent by ponte reads its pack with mark_as_read and drops it from the snapshot, so the
+    buyer's next message counts as a change even when the count is the same again."""
     answer = ml(ctx).unread_messages()
     current: dict[str, int] = {}
     for result in answer.get("results") or []:
         parsed = parse_pack_resource(str(result.get("resource") or ""))
         if parsed:
             current[parsed[0]] = int(result.get("count") or 0)
-    previous = get_mapping(ctx, NS_UNREAD, "last") or {}
-    changed = [pack for pack, count in current.items() if previous.get(pack) != count]
     with db_manager.transaction(ctx.conn):
+        previous = db_manager.mapping_get(ctx.conn, NS_UNREAD, "last") or {}
+        changed = [pack for pack, count in current.items() if previous.get(pack) != count]
+        changed += [pack for pack in previous if pack not in current]
         for pack in changed:
             db_manager.enqueue_job(ctx.conn, "ml.sync_pack",
                                    f"ml-pack-sync:{pack}:unread:{uuid.uuid4().hex[:12]}",
@@ -50,12 +54,19 @@ def poll_messages(ctx) -> dict:
     return {"packs": len(current), "enqueued": len(changed)}
 
 
+def forget_unread(ctx, pack_id: str) -> None:
+    """Drop a pack from the unread snapshot; call inside the caller's transaction, right after
+    reading the pack with mark_as_read (its count went to 0 without the poll seeing it)."""
+    snapshot = db_manager.mapping_get(ctx.conn, NS_UNREAD, "last") or {}
+    if snapshot.pop(str(pack_id), None) is not None:
+        db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", snapshot, now=ctx.now())
+
+
 def on_dead_sync_pack(ctx, job, error: str) -> list:
     """A sale's sync gave up (Chatwoot or Mercado Livre down for hours): forget its unread count
     so the next unread poll queues it again, as long as the buyer's messages are still unread."""
-    snapshot = get_mapping(ctx, NS_UNREAD, "last") or {}
-    if snapshot.pop(str(job.payload["pack_id"]), None) is not None:
-        put_mapping(ctx, NS_UNREAD, "last", snapshot)
+    with db_manager.transaction(ctx.conn):
+        forget_unread(ctx, job.payload["pack_id"])
     return []
 
 
@@ -249,6 +260,9 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
     # A plain read (marks the buyer's messages read: the agent has answered them) that also
     # gives the conversation status and the latest sender.
     messages, status = read_pack(ctx, pack_id, mark_as_read=True)
+    with db_manager.transaction(ctx.conn):
+        forget_unread(ctx, pack_id)
+        db_manager.mapping_put(ctx.conn, NS_OUTGOING, key, progress, now=ctx.now())
     _sync_if_unmirrored(ctx, pack_id, messages, reply["message_id"])
     if status.get("status") == "blocked" and progress["parts_sent"] == 0:
         return refuse(reply, texts.sale_blocked(status.get("substatus")), "blocked")

@@ -17,7 +17,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from flask import Flask, Response, jsonify, redirect, request
+from flask import Flask, Response, g, jsonify, redirect, request
 
 AGENT_MLB = 3037675074
 DEFAULT_SELLER = 779432305
@@ -102,6 +102,9 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
                         failure["after"] -= 1
                         continue
                     failure["count"] -= 1
+                    if failure.get("apply"):  # the call happens; only its answer is lost
+                        g.standin_lost_answer = failure
+                        break
                     status = failure["status"]
                     body = failure.get("body") or {"message": "standin failure", "error":
                                                    "internal_error" if status >= 500
@@ -117,6 +120,19 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
             if not header.startswith("Bearer ") or header[7:] not in state.access_tokens:
                 return _err(401, "invalid_token", "invalid access token")
         return None
+
+    @app.after_request
+    def _after(response):
+        failure = g.pop("standin_lost_answer", None)
+        if failure is None:
+            return response
+        if failure.get("sleep"):  # past the client's timeout: the caller sees a timeout
+            time.sleep(float(failure["sleep"]))
+            return response
+        lost = jsonify({"message": "standin failure after applying the request",
+                        "error": "internal_error", "status": failure["status"], "cause": []})
+        lost.status_code = failure["status"]
+        return lost
 
     # --- OAuth ----------------------------------------------------------------------------------
 
@@ -575,6 +591,16 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
                 "mediated": mediated}
         return jsonify({"order_id": order_id, "pack_id": pack_id, "conversation_id": conv_id})
 
+    @app.post("/_standin/packs/<pack_id>/read")
+    def standin_pack_read(pack_id):
+        """The seller opens the conversation on Mercado Livre's site: every message to them
+        is read (the pack leaves /messages/unread)."""
+        with state.lock:
+            for m in state.pack_messages[pack_id]:
+                if m["message_date"]["read"] is None:
+                    m["message_date"]["read"] = _iso()
+        return jsonify({"ok": True})
+
     @app.post("/_standin/packs/<pack_id>/status")
     def standin_pack_status(pack_id):
         body = request.get_json(force=True)
@@ -644,7 +670,9 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
     @app.post("/_standin/fail")
     def standin_fail():
         """Make the next `count` calls under `path_prefix` fail with `status` (and optionally
-        `retry_after`, `body`, `method`). `{"clear": true}` removes every failure."""
+        `retry_after`, `body`, `method`, `after`). With `apply: true` the call is processed and
+        only its answer is lost: replaced by `status`, or, with `sleep` seconds, delayed past
+        the client's timeout. `{"clear": true}` removes every failure."""
         body = request.get_json(force=True)
         with state.lock:
             if body.get("clear"):

@@ -396,3 +396,39 @@ def test_unreachable_chatwoot_attachment_does_not_hold_the_text_forever(bridge):
     notes = [m for m in messages_of(_sale_conversation(bridge)) if m["private"]]
     assert any("comprovante.pdf" in n["content"] and "FRONTEND_URL" in n["content"]
                for n in notes)
+
+
+def test_buyer_writing_again_before_the_next_poll_after_a_reply_is_not_lost(bridge):
+    # GIVEN no notifications reach ponte, the buyer wrote, the poll imported it, an agent
+    # answered (the reply reads the pack with mark_as_read: its unread count goes to 0)
+    sale = bridge.sale(buyer_id=7781)
+    pack = sale["conversation_id"]
+    bridge.buyer_writes(pack, "primeira")
+    bridge.poll()
+    bridge.agent_replies(_sale_conversation(bridge)["id"], "Olá!")
+    bridge.drain()
+    # WHEN the buyer writes again before the next poll (the count is 1 again, as before)
+    bridge.buyer_writes(pack, "segunda")
+    for _ in range(2):
+        bridge.clock.advance(60)
+        bridge.poll()
+    # THEN the second message is imported all the same
+    texts = [m["content"] for m in _public(_sale_conversation(bridge))]
+    assert texts == ["primeira", "Olá!", "segunda"]
+
+
+def test_pack_that_leaves_the_unread_list_is_synced(bridge):
+    # GIVEN a buyer message the poll imported (the pack is in the unread list)
+    sale = bridge.sale(buyer_id=7782)
+    pack = sale["conversation_id"]
+    bridge.buyer_writes(pack, "Qual o prazo?")
+    bridge.poll()
+    # WHEN the seller answers on Mercado Livre's site (the pack leaves /messages/unread; no
+    # notification reaches ponte)
+    bridge.buyer_writes(pack, "Chega amanhã.", **{"from": "seller"})
+    bridge.ml_post(f"/_standin/packs/{pack}/read", {})
+    bridge.clock.advance(60)
+    bridge.poll()
+    # THEN the seller's answer shows in the conversation
+    texts = [m["content"] for m in _public(_sale_conversation(bridge))]
+    assert texts == ["Qual o prazo?", "Chega amanhã."]
