@@ -289,8 +289,13 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
                                 buyer)
     for index in range(progress["parts_sent"], len(parts)):
         attachments = progress["attachment_ids"] if index == 0 else None
+        sent = None
+        if job.attempt > 1 and index == progress["parts_sent"]:
+            # The previous run may have timed out after Mercado Livre accepted this part.
+            sent = _lost_answer(ctx, messages, parts[index])
         try:
-            sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)
+            if sent is None:
+                sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)
         except MercadoLivreError as exc:
             if exc.retryable:
                 raise
@@ -317,6 +322,26 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
                                             "chatwoot_message_id": reply["message_id"]})
     return {"status": "sent", "parts": len(parts), "ml_message_ids": progress["ml_message_ids"]}, \
         follow_ups
+
+
+def _lost_answer(ctx, messages: list[dict], text: str) -> dict | None:
+    """The newest message of the pack that ponte sent with this text but never recorded (its
+    answer was lost), or None. Parts whose answer arrived are recorded with their Chatwoot
+    message id; a sync may have marked a lost one `sent_by_ponte` without it."""
+    seller, app_id = str(ctx.settings.ml_seller_id), str(ctx.settings.ml_client_id)
+    for m in reversed(messages):
+        if str((m.get("from") or {}).get("user_id")) != seller \
+                or str(m.get("client_id")) != app_id or _text_of(m) != text:
+            continue
+        if (get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) or {}).get("chatwoot_message_id"):
+            continue
+        return m
+    return None
+
+
+def _text_of(message: dict) -> str:
+    text = message.get("text") or ""
+    return (text.get("plain") or "") if isinstance(text, dict) else str(text)
 
 
 def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:

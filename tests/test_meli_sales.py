@@ -432,3 +432,43 @@ def test_pack_that_leaves_the_unread_list_is_synced(bridge):
     # THEN the seller's answer shows in the conversation
     texts = [m["content"] for m in _public(_sale_conversation(bridge))]
     assert texts == ["Qual o prazo?", "Chega amanhã."]
+
+
+def test_part_accepted_by_mercado_livre_whose_answer_was_lost_is_not_sent_twice(bridge):
+    sale = bridge.sale(buyer_id=7901)
+    pack = sale["conversation_id"]
+    bridge.buyer_writes(pack, "Oi")
+    bridge.poll()
+    # GIVEN Mercado Livre takes the reply but its answer is lost (a 503 after the fact)
+    bridge.fail_ml(f"/messages/packs/{pack}/sellers", 503, method="POST", apply=True)
+    bridge.agent_replies(_sale_conversation(bridge)["id"], "Enviamos hoje.")
+    bridge.drain()
+    # WHEN the job is retried
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN the reply went once, and the agent's message is marked delivered
+    assert [m["text"] for m in bridge.ml_state()["sent_messages"]] == ["Enviamos hoje."]
+    conv = _sale_conversation(bridge)
+    assert [m["status"] for m in _public(conv) if m["content"] == "Enviamos hoje."] == [
+        "delivered"]
+    assert bridge.jobs(status="dead") == []
+
+
+def test_split_reply_whose_second_part_timed_out_after_being_taken_resumes_at_the_third(bridge):
+    sale = bridge.sale(buyer_id=7902)
+    pack = sale["conversation_id"]
+    bridge.buyer_writes(pack, "Explica?")
+    bridge.poll()
+    text = " ".join(f"Parte da explicação número {n}." for n in range(30))
+    # GIVEN part 2 is taken by Mercado Livre but answers after the client's timeout
+    bridge.ctx.clients.meli.timeout_seconds = 0.5
+    bridge.fail_ml(f"/messages/packs/{pack}/sellers", 500, method="POST", after=1, apply=True,
+                   sleep=1.0)
+    bridge.agent_replies(_sale_conversation(bridge)["id"], text)
+    bridge.drain()
+    # WHEN the job is retried
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN every part went once, in order
+    sent = [m["text"] for m in bridge.ml_state()["sent_messages"]]
+    assert " ".join(sent) == text and len(sent) == 3
