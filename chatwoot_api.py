@@ -96,6 +96,13 @@ class ChatwootClient(PeerClient):
                 "additional_attributes": additional_attributes or {}}
         return self._request("POST", self._acct("/conversations"), json=body) or {}
 
+    def list_contact_conversations(self, contact_id: int) -> list[dict]:
+        """The contact's conversations (Chatwoot returns its most recent ones)."""
+        answer = self._request("GET",
+                               self._acct(f"/contacts/{int(contact_id)}/conversations")) or {}
+        payload = answer.get("payload") if isinstance(answer, dict) else answer
+        return [c for c in payload or [] if isinstance(c, dict)]
+
     def get_conversation(self, conversation_id: int) -> dict:
         """One conversation."""
         return self._request("GET", self._acct(f"/conversations/{int(conversation_id)}")) or {}

@@ -174,6 +174,18 @@ def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | 
     return None
 
 
+def find_conversation(ctx, contact_id: int, inbox_id: int, attribute: str,
+                      value: str) -> dict | None:
+    """The contact's conversation in `inbox_id` whose custom attribute `attribute` is `value`:
+    one an earlier run created before its answer was lost (timeout, crash)."""
+    for conversation in cw(ctx).list_contact_conversations(contact_id):
+        attrs = conversation.get("custom_attributes")
+        if str(conversation.get("inbox_id")) == str(inbox_id) and isinstance(attrs, dict) \
+                and str(attrs.get(attribute) or "") == str(value):
+            return conversation
+    return None
+
+
 def conversation_target(ctx, conversation_id: int, custom_attributes: dict | None) -> dict | None:
     """What a Chatwoot conversation is about: a question or a sale (from our mappings, else from
     the conversation's custom attributes)."""

@@ -7,8 +7,11 @@ Chatwoot follow-ups (message delivered/failed, private notes).
 Must not: serve HTTP or parse webhooks (meli_routes); know wire formats (the peer modules).
 The work itself lives in meli_questions and meli_sales; shared helpers in meli_common.
 
-Idempotency: every step that creates something in a peer records the new id before the next
-step, and a re-run (lease expiry, retry) resumes from what is recorded, so a question becomes
+Idempotency: every step that creates something in a peer records the new id as soon as the
+peer's answer arrives, and a re-run (lease expiry, retry) resumes from what is recorded. An answer
+can be lost after the peer acted (timeout, crash), so a re-run looks before creating again: the
+conversation by its custom attribute among the contact's conversations, a message by its
+`source_id`, a post-sale part by its text among ponte's unrecorded messages. So a question becomes
 exactly one conversation and one message, and a reply is sent once (multi-part replies resume at
 the next unsent part).
 """

@@ -13,7 +13,8 @@ from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
 from db_manager import FollowUp
 from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          NS_CONVERSATION, NS_QUESTION, NS_THREAD, QUESTION_MAX_PAGES, QUESTION_PAGE,
-                         add_label, cache_item, cw, ensure_contact, find_message_by_source,
+                         add_label, cache_item, cw, ensure_contact, find_conversation,
+                         find_message_by_source,
                          fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,
                          put_mapping, questions_inbox, refuse, short_error, thumbnail)
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
@@ -106,11 +107,16 @@ def handle_import_question(ctx, job):
     created_now = not conversation_id
     if not conversation_id:
         contact = ensure_contact(ctx, questions_inbox(ctx), buyer)
-        conversation = client.create_conversation(
-            questions_inbox(ctx), contact["contact_id"], contact["source_id"],
-            custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
-                               "meli_buyer_id": buyer},
-            additional_attributes={"meli_resource": "questions", "meli_item_id": item_id})
+        conversation = None
+        if job.attempt > 1:  # an earlier run may have created it and lost the answer
+            conversation = find_conversation(ctx, contact["contact_id"], questions_inbox(ctx),
+                                             "meli_question_id", qid)
+        if conversation is None:
+            conversation = client.create_conversation(
+                questions_inbox(ctx), contact["contact_id"], contact["source_id"],
+                custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
+                                   "meli_buyer_id": buyer},
+                additional_attributes={"meli_resource": "questions", "meli_item_id": item_id})
         conversation_id = int(conversation["id"])
         known = {"conversation_id": conversation_id, "item_id": item_id, "buyer_id": buyer}
         with db_manager.transaction(ctx.conn):

@@ -16,8 +16,8 @@ from chatwoot_api import BRIDGE_ORIGIN_KEY, ChatwootError, markdown_to_text
 from db_manager import FollowUp
 from meli_common import (MAX_REPLY_PARTS, NS_CONVERSATION, NS_ML_MESSAGE, NS_OUTGOING, NS_PACK,
                          NS_UNREAD, PACK_PAGE, buyer_nickname, cw, ensure_contact,
-                         find_message_by_source, get_mapping, log, ml, note_follow_up,
-                         put_mapping, refuse, sales_inbox, short_error)
+                         find_conversation, find_message_by_source, get_mapping, log, ml,
+                         note_follow_up, put_mapping, refuse, sales_inbox, short_error)
 from mercado_livre_api import (ATTACHMENT_MAX_BYTES, MercadoLivreError, attachment_mime,
                                is_agent_mediated, message_sort_key, pack_id_of_message,
                                parse_pack_resource, plain_post_sale_text, reply_recipient,
@@ -110,7 +110,7 @@ def handle_sync_pack(ctx, job):
     new = [m for m in new if m not in ours]
     if not new:
         return {"status": "up_to_date"}
-    conversation_id = ensure_sale_conversation(ctx, pack_id)
+    conversation_id = ensure_sale_conversation(ctx, pack_id, resumed=job.attempt > 1)
     client = cw(ctx)
     mirrored = 0
     for m in new:
@@ -163,9 +163,9 @@ def _download_ml_attachments(ctx, message: dict) -> tuple[list, list[str]]:
     return files, skipped
 
 
-def ensure_sale_conversation(ctx, pack_id: str) -> int:
+def ensure_sale_conversation(ctx, pack_id: str, resumed: bool = False) -> int:
     """The one Chatwoot conversation of a sale, created with the order summary as its first
-    (private) message."""
+    (private) message. `resumed` (a retry) first looks for one an earlier run created."""
     known = get_mapping(ctx, NS_PACK, pack_id) or {}
     client = cw(ctx)
     if not known.get("conversation_id"):
@@ -177,11 +177,16 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
         if not buyer.get("nickname"):  # recent order samples omit it; the profile has it
             buyer["nickname"] = buyer_nickname(ctx, buyer_id)
         contact = ensure_contact(ctx, sales_inbox(ctx), buyer_id, buyer["nickname"])
-        conversation = client.create_conversation(
-            sales_inbox(ctx), contact["contact_id"], contact["source_id"],
-            custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
-                               "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
-            additional_attributes={"meli_resource": "messages"})
+        conversation = None
+        if resumed:  # an earlier run may have created it and lost the answer
+            conversation = find_conversation(ctx, contact["contact_id"], sales_inbox(ctx),
+                                             "meli_pack_id", pack_id)
+        if conversation is None:
+            conversation = client.create_conversation(
+                sales_inbox(ctx), contact["contact_id"], contact["source_id"],
+                custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
+                                   "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
+                additional_attributes={"meli_resource": "messages"})
         known = {"conversation_id": int(conversation["id"]), "buyer_id": buyer_id,
                  "summary_posted": False, "summary": texts.order_summary(pack_id, orders)}
         with db_manager.transaction(ctx.conn):

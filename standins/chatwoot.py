@@ -26,7 +26,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from flask import Flask, Response, jsonify, redirect, request
+from flask import Flask, Response, g, jsonify, redirect, request
 
 DEFAULT_TOKEN = "standin-chatwoot-token"
 DEFAULT_ACCOUNT = 1
@@ -148,8 +148,12 @@ def create_app(spec_path: str | None = None) -> Flask:
             return None
         with state.lock:
             for failure in state.failures:
-                if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]):
+                if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]) \
+                        and failure.get("method", request.method) == request.method:
                     failure["count"] -= 1
+                    if failure.get("apply"):  # the call happens; only its answer is lost
+                        g.standin_lost_answer = failure
+                        break
                     return jsonify({"error": "standin failure"}), failure["status"]
         if not request.path.startswith("/api/"):
             return None
@@ -167,6 +171,17 @@ def create_app(spec_path: str | None = None) -> Flask:
                 state.spec_violations.extend(problems)
             return jsonify({"error": "; ".join(problems)}), 422
         return None
+
+    @app.after_request
+    def _after(response):
+        failure = g.pop("standin_lost_answer", None)
+        if failure is None:
+            return response
+        if failure.get("sleep"):  # past the client's timeout: the caller sees a timeout
+            time.sleep(float(failure["sleep"]))
+            return response
+        return jsonify({"error": "standin failure after applying the request"}), \
+            failure["status"]
 
     def account_ok(account_id) -> bool:
         return str(account_id) == str(state.account_id)
@@ -246,6 +261,15 @@ def create_app(spec_path: str | None = None) -> Flask:
                     "created_at": int(time.time()), "message_ids": []}
             state.conversations[display_id] = conv
             return jsonify(_conversation_json(state, conv))
+
+    @app.get("/api/v1/accounts/<account_id>/contacts/<int:contact_id>/conversations")
+    def contact_conversations(account_id, contact_id):
+        with state.lock:
+            if contact_id not in state.contacts:
+                return jsonify({"error": "Resource could not be found"}), 404
+            rows = [c for c in state.conversations.values() if c["contact_id"] == contact_id]
+            rows.sort(key=lambda c: c["id"], reverse=True)
+            return jsonify({"payload": [_conversation_json(state, c) for c in rows[:20]]})
 
     @app.get("/api/v1/accounts/<account_id>/conversations/<int:conv_id>")
     def conversation_get(account_id, conv_id):
@@ -375,6 +399,9 @@ def create_app(spec_path: str | None = None) -> Flask:
 
     @app.post("/_standin/fail")
     def standin_fail():
+        """Make the next `count` calls under `path_prefix` (and `method`, when given) fail
+        with `status`; with `apply: true` the call is processed and only its answer is lost
+        (replaced by `status`, or delayed `sleep` seconds past the client's timeout)."""
         body = request.get_json(force=True)
         with state.lock:
             if body.get("clear"):

@@ -300,3 +300,21 @@ def test_mercado_livre_down_while_agent_answers_a_question_delivers_later(bridge
     assert [a["text"] for a in bridge.ml_state()["answers"]] == ["Um ano de garantia."]
     assert bridge.jobs(status="dead") == []
     assert "respondida" in _only_conversation(bridge)["labels"]
+
+
+def test_conversation_created_but_answer_lost_is_reused_not_duplicated(bridge):
+    # GIVEN Chatwoot creates the conversation but its answer is lost (a 503 after the fact)
+    bridge.ask("Tem azul?")
+    requests.post(f"{bridge.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations", "method": "POST",
+                        "status": 503, "apply": True})
+    bridge.poll()
+    assert len(bridge.conversations(QUESTIONS_INBOX)) == 1
+    # WHEN the import is retried
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN the question is one conversation with its one message
+    conv = _only_conversation(bridge)
+    assert [m["content"].splitlines()[0] for m in messages_of(conv)] == ["Tem azul?"]
+    assert bridge.jobs(status="dead") == []
+    bridge.assert_spec_clean()

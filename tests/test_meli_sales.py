@@ -472,3 +472,24 @@ def test_split_reply_whose_second_part_timed_out_after_being_taken_resumes_at_th
     # THEN every part went once, in order
     sent = [m["text"] for m in bridge.ml_state()["sent_messages"]]
     assert " ".join(sent) == text and len(sent) == 3
+
+
+def test_sale_conversation_created_but_answer_timed_out_is_reused_not_duplicated(bridge):
+    import requests
+
+    sale = bridge.sale(buyer_id=7903)
+    bridge.buyer_writes(sale["conversation_id"], "Oi, chegou?")
+    # GIVEN Chatwoot creates the sale's conversation but answers after the client's timeout
+    bridge.ctx.clients.chatwoot.timeout_seconds = 0.5
+    requests.post(f"{bridge.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations", "method": "POST",
+                        "status": 500, "apply": True, "sleep": 1.0})
+    bridge.poll()
+    # WHEN the sync is retried
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN one conversation, one summary, one message
+    conv = _sale_conversation(bridge)
+    assert len([m for m in messages_of(conv) if m["private"]]) == 1
+    assert [m["content"] for m in _public(conv)] == ["Oi, chegou?"]
+    bridge.assert_spec_clean()
