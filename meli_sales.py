@@ -112,14 +112,17 @@ def handle_sync_pack(ctx, job):
         return {"status": "up_to_date"}
     conversation_id = ensure_sale_conversation(ctx, pack_id, resumed=job.attempt > 1)
     client = cw(ctx)
+    # On a retry, what an earlier run already posted (each chunk of files has its source_id).
+    posted = {m.get("source_id"): m for m in client.list_messages(conversation_id)
+              if m.get("source_id")} if job.attempt > 1 else {}
     mirrored = 0
     for m in new:
         source_id = f"meli:msg:{m['id']}"
-        if job.attempt > 1:
-            found = find_message_by_source(ctx, conversation_id, source_id)
-            if found:
-                put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": int(found["id"])})
-                continue
+        attachments = m.get("message_attachments") or []
+        if source_id in posted and len(attachments) <= CHATWOOT_MAX_FILES:
+            put_mapping(ctx, NS_ML_MESSAGE, m["id"],
+                        {"chatwoot_message_id": int(posted[source_id]["id"])})
+            continue
         from_seller = str((m.get("from") or {}).get("user_id")) == seller
         files, skipped = _download_ml_attachments(ctx, m)
         content = texts.ml_message_text(m, skipped)
@@ -129,16 +132,18 @@ def handle_sync_pack(ctx, job):
         if from_seller:
             attributes[BRIDGE_ORIGIN_KEY] = "mercadolivre"
         kind = "outgoing" if from_seller else "incoming"
+        first_id = None
         # Chatwoot takes at most 15 files a message; Mercado Livre allows 25.
-        created = client.create_message(conversation_id, content, message_type=kind,
-                                        source_id=source_id, content_attributes=attributes,
-                                        attachments=files[:CHATWOOT_MAX_FILES])
-        for start in range(CHATWOOT_MAX_FILES, len(files), CHATWOOT_MAX_FILES):
-            client.create_message(conversation_id, "📎", message_type=kind,
-                                  source_id=f"{source_id}:{start}",
-                                  content_attributes=attributes,
-                                  attachments=files[start:start + CHATWOOT_MAX_FILES])
-        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": int(created["id"])})
+        for start in range(0, max(len(files), 1), CHATWOOT_MAX_FILES):
+            chunk_source = source_id if start == 0 else f"{source_id}:{start}"
+            created = posted.get(chunk_source)
+            if created is None:
+                created = client.create_message(
+                    conversation_id, content if start == 0 else "📎", message_type=kind,
+                    source_id=chunk_source, content_attributes=attributes,
+                    attachments=files[start:start + CHATWOOT_MAX_FILES])
+            first_id = first_id if first_id is not None else int(created["id"])
+        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": first_id})
         mirrored += 1
     log.info("ml_pack_synced", extra={"ml_pack_id": pack_id, "mirrored": mirrored,
                                       "chatwoot_conversation_id": conversation_id})

@@ -150,6 +150,9 @@ def create_app(spec_path: str | None = None) -> Flask:
             for failure in state.failures:
                 if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]) \
                         and failure.get("method", request.method) == request.method:
+                    if failure.get("after", 0) > 0:  # let this many matching calls through
+                        failure["after"] -= 1
+                        continue
                     failure["count"] -= 1
                     if failure.get("apply"):  # the call happens; only its answer is lost
                         g.standin_lost_answer = failure
@@ -399,8 +402,8 @@ def create_app(spec_path: str | None = None) -> Flask:
 
     @app.post("/_standin/fail")
     def standin_fail():
-        """Make the next `count` calls under `path_prefix` (and `method`, when given) fail
-        with `status`; with `apply: true` the call is processed and only its answer is lost
+        """Make the next `count` calls under `path_prefix` (and `method`, when given; after
+        letting `after` of them through) fail with `status`; with `apply: true` the call is processed and only its answer is lost
         (replaced by `status`, or delayed `sleep` seconds past the client's timeout)."""
         body = request.get_json(force=True)
         with state.lock:

@@ -493,3 +493,26 @@ def test_sale_conversation_created_but_answer_timed_out_is_reused_not_duplicated
     assert len([m for m in messages_of(conv) if m["private"]]) == 1
     assert [m["content"] for m in _public(conv)] == ["Oi, chegou?"]
     bridge.assert_spec_clean()
+
+
+def test_files_past_the_fifteenth_survive_a_failed_overflow_message(bridge):
+    import requests
+
+    # GIVEN a buyer message with 17 photos (Chatwoot takes 15 a message)
+    sale = bridge.sale(buyer_id=7951)
+    files = [{"filename": f"foto{n}.jpg", "type": "image/jpeg",
+              "data_b64": _b64(JPEG_BYTES + bytes([n]))} for n in range(17)]
+    bridge.buyer_writes(sale["conversation_id"], "Seguem as fotos", attachments=files)
+    # and Chatwoot fails the message that carries the last two (summary, first 15, then it)
+    requests.post(f"{bridge.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations/", "method": "POST",
+                        "status": 503, "after": 2})
+    bridge.poll()
+    # WHEN the sync is retried
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN all 17 photos are in the conversation, the text once
+    public = _public(_sale_conversation(bridge))
+    assert [m["content"] for m in public] == ["Seguem as fotos", "📎"]
+    assert [len(m["attachments"]) for m in public] == [15, 2]
+    assert bridge.jobs(status="dead") == []
