@@ -2,7 +2,7 @@
 
 Owns: `ChatwootClient` (contacts, contact inboxes, conversations, messages with multipart
 attachments, message status, labels, custom attributes, status), `ChatwootError`, and the pure
-webhook functions `verify_chatwoot_signature` and `parse_chatwoot_event` / `classify_chatwoot_event`.
+webhook functions `verify_chatwoot_signature` and `classify_chatwoot_event`.
 Must not: import db_manager, flask or another peer module; decide what to do with an event.
 """
 from __future__ import annotations
@@ -259,21 +259,43 @@ class AgentReply:
                 "attachments": [a.__dict__ for a in self.attachments]}
 
 
+MAX_ID = 2**63 - 1  # what SQLite (and Chatwoot's bigint ids) can hold
+
+
+def _id(value: Any) -> int | None:
+    """A positive integer id (a JSON number or a string of digits), or None. Booleans and
+    fractional numbers are not ids."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        return None
+    return number if 0 < number <= MAX_ID else None
+
+
+def _obj(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = None
                             ) -> tuple[AgentReply | None, str]:
     """(reply, "forward") for an agent's public reply in one of `inbox_ids`; otherwise
     (None, reason) — private notes, incoming, activity, template, message_updated, our own
-    echoes (`source_id` prefix `meli:`), other inboxes and other events."""
+    echoes (`source_id` prefix `meli:`), other inboxes, other events, and "malformed" for a
+    body whose fields do not have Chatwoot's types."""
     if not isinstance(body, dict):
         return None, "not_an_object"
     event = body.get("event")
     if event != "message_created":
-        return None, f"event:{event}"
+        return None, f"event:{str(event)[:40]}"
     if body.get("private") is not False:  # private notes are outgoing+private: check first
         return None, "private"
     message_type = body.get("message_type")
     if message_type != "outgoing":
-        return None, f"message_type:{message_type}"
+        return None, f"message_type:{str(message_type)[:40]}"
     source_id = str(body.get("source_id") or "")
     content_attributes = body.get("content_attributes") or {}
     if isinstance(content_attributes, str):
@@ -281,53 +303,58 @@ def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = No
             content_attributes = json.loads(content_attributes)
         except ValueError:
             content_attributes = {}
-    if source_id.startswith(ECHO_PREFIX) or (isinstance(content_attributes, dict)
-                                             and content_attributes.get(BRIDGE_ORIGIN_KEY)):
+    content_attributes = _obj(content_attributes)
+    if source_id.startswith(ECHO_PREFIX) or content_attributes.get(BRIDGE_ORIGIN_KEY):
         return None, "echo"
-    sender = body.get("sender") or {}
+    if not isinstance(body.get("sender") or {}, dict) or \
+            not isinstance(body.get("conversation") or {}, dict) or \
+            not isinstance(body.get("inbox") or {}, dict) or \
+            not isinstance(body.get("account") or {}, dict) or \
+            not isinstance(body.get("attachments") or [], list) or \
+            not isinstance(body.get("content") or "", str):
+        return None, "malformed"
+    sender = _obj(body.get("sender"))
     if sender.get("type") not in FORWARDED_SENDER_TYPES:
-        return None, f"sender:{sender.get('type')}"
-    conversation = body.get("conversation") or {}
-    inbox_id = (body.get("inbox") or {}).get("id") or conversation.get("inbox_id")
-    try:
-        inbox_id = int(inbox_id)
-        conversation_id = int(conversation.get("id"))
-        message_id = int(body.get("id"))
-    except (TypeError, ValueError):
-        return None, "missing_ids"
+        return None, f"sender:{str(sender.get('type'))[:40]}"
+    conversation = _obj(body.get("conversation"))
+    raw_inbox = _obj(body.get("inbox")).get("id") or conversation.get("inbox_id")
+    raw_ids = (raw_inbox, conversation.get("id"), body.get("id"))
+    inbox_id, conversation_id, message_id = (_id(v) for v in raw_ids)
+    if inbox_id is None or conversation_id is None or message_id is None:
+        return None, "missing_ids" if None in raw_ids else "malformed"
     if inbox_ids and inbox_id not in {int(i) for i in inbox_ids if str(i).strip()}:
         return None, "other_inbox"
-    if isinstance(content_attributes, dict) and content_attributes.get("deleted"):
+    if content_attributes.get("deleted"):
         return None, "deleted"
-    if isinstance(content_attributes, dict) and content_attributes.get("automation_rule_id"):
+    if content_attributes.get("automation_rule_id"):
         # An automation's greeting would become the question's one public, final answer.
         return None, "automation"
     attachments = []
     for a in body.get("attachments") or []:
-        if not isinstance(a, dict) or not a.get("data_url"):
+        if not isinstance(a, dict) or not isinstance(a.get("data_url"), str) \
+                or not a["data_url"]:
             continue
+        size = a.get("file_size")
         attachments.append(ChatwootAttachment(
-            id=int(a.get("id") or 0), data_url=str(a["data_url"]),
+            id=_id(a.get("id")) or 0, data_url=a["data_url"],
             file_type=str(a.get("file_type") or "file"),
             content_type=str(a.get("content_type") or ""),
-            extension=str(a.get("extension") or ""), file_size=a.get("file_size"),
+            extension=str(a.get("extension") or ""),
+            file_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
             filename=_attachment_name(a)))
-    content = str(body.get("content") or "")
+    content = body.get("content") or ""
     if not content.strip() and not attachments:
         return None, "empty"
-    account = body.get("account") or {}
+    labels = conversation.get("labels")
     return AgentReply(
         message_id=message_id, conversation_id=conversation_id, inbox_id=inbox_id,
-        account_id=account.get("id"), content=content, attachments=tuple(attachments),
-        sender_type=str(sender.get("type")), sender_name=str(sender.get("name") or ""),
-        custom_attributes=dict(conversation.get("custom_attributes") or {}),
-        labels=tuple(conversation.get("labels") or ()),
+        account_id=_id(_obj(body.get("account")).get("id")), content=content,
+        attachments=tuple(attachments), sender_type=str(sender.get("type")),
+        sender_name=str(sender.get("name") or ""),
+        custom_attributes=_obj(conversation.get("custom_attributes")),
+        labels=tuple(x for x in labels if isinstance(x, str)) if isinstance(labels, list)
+        else (),
         created_at=str(body.get("created_at") or "")), "forward"
-
-
-def parse_chatwoot_event(body: Any, inbox_ids=None) -> AgentReply | None:
-    """The agent reply to forward, or None for every event we ignore."""
-    return classify_chatwoot_event(body, inbox_ids)[0]
 
 
 def _attachment_name(attachment: dict) -> str:

@@ -72,7 +72,13 @@ def chatwoot_webhook(url_token: str = ""):
         body = json.loads(raw or b"null")
     except ValueError:
         return jsonify(ok=True, ignored="invalid_json")
-    reply, reason = classify_chatwoot_event(body, _inbox_ids(s))
+    try:
+        reply, reason = classify_chatwoot_event(body, _inbox_ids(s))
+    except Exception:  # a shape we did not foresee must not become a 500 Chatwoot retries
+        log.warning("chatwoot_webhook_malformed", extra={"peer": "chatwoot"}, exc_info=True)
+        reply, reason = None, "malformed"
+    if reason == "malformed":
+        return jsonify(ok=True, ignored="malformed")
     delivery = request.headers.get("X-Chatwoot-Delivery") or hashlib.sha256(raw).hexdigest()[:32]
     now = web_common.now()
     conn = web_common.get_db()

@@ -189,3 +189,47 @@ def test_each_inbox_may_have_its_own_secret(make_settings, serve, clock):
     assert _post(b, _reply_payload(id=9877), secret="secret-of-questions").status_code == 200
     assert _post(b, _reply_payload(id=9878), secret="other").status_code == 401
     assert len(db_manager.list_jobs(b.conn)) == 2
+
+
+@pytest.mark.parametrize("changes", [
+    {"sender": ["user"]},
+    {"conversation": "abc"},
+    {"inbox": "7"},
+    {"account": "x"},
+    {"attachments": "zzz"},
+    {"content": 123},
+    {"id": True},
+    {"id": 11.7},
+    {"id": 10**30},
+    {"id": "abc"},
+    {"conversation": {"id": 3.5, "inbox_id": 7}},
+], ids=lambda c: "-".join(f"{k}={str(v)[:8]}" for k, v in c.items()))
+def test_signed_body_with_wrong_types_is_ignored_as_malformed_and_records_nothing(bridge,
+                                                                                  changes):
+    body = _reply_payload(**changes)
+    answer = _post(bridge, body)
+    assert answer.status_code == 200
+    assert answer.json()["ignored"] == "malformed"
+    assert _nothing_recorded(bridge)
+
+
+@pytest.mark.parametrize("where,changes", [
+    ("attachment", {"id": "abc"}),
+    ("attachment", {"file_size": "big"}),
+    ("conversation", {"labels": 5}),
+    ("conversation", {"custom_attributes": [1]}),
+])
+def test_odd_optional_fields_of_a_signed_reply_do_not_break_it(bridge, where, changes):
+    body = _reply_payload()
+    if where == "attachment":
+        body["attachments"][0].update(changes)
+    else:
+        body["conversation"].update(changes)
+    answer = _post(bridge, body)
+    assert answer.status_code == 200 and answer.json()["queued"] is True
+    (job,) = db_manager.list_jobs(bridge.conn)
+    assert isinstance(job["payload"]["custom_attributes"], dict)
+    assert all(isinstance(x, str) for x in job["payload"]["labels"])
+    (attachment,) = job["payload"]["attachments"]
+    assert isinstance(attachment["id"], int)
+    assert attachment["file_size"] is None or isinstance(attachment["file_size"], int)
