@@ -86,7 +86,14 @@ class MeliTokenSource:
 
     def refresh(self, stale_access_token: str) -> str:
         """Refresh unless another process already did (single flight across processes);
-        returns the access token to use."""
+        returns the access token to use. A disconnected account is not refreshed: only a new
+        authorization (/oauth/mercadolivre/start) brings it back."""
+        row = db_manager.token_get(self.conn, PROVIDER)
+        if row is not None and row["status"] == "disconnected":
+            raise MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
+                                    "/oauth/mercadolivre/start", True,
+                                    retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
+                                    code="disconnected")
         owner = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while not db_manager.acquire_lock(self.conn, LOCK_NAME, owner, LOCK_TTL_SECONDS,

@@ -77,6 +77,10 @@ BLOCKED_SUBSTATUS_PT = {
 }
 
 
+# The token source's own refusals: a refresh cannot help until the seller authorizes again.
+NO_REFRESH_CODES = ("disconnected", "not_connected")
+
+
 class MercadoLivreError(PeerError):
     """A failed call to Mercado Livre; `code` is its machine error (`invalid_grant`, ...)."""
 
@@ -158,7 +162,8 @@ class MercadoLivreClient(PeerClient):
         try:
             return super()._request(method, path, **kwargs)
         except MercadoLivreError as exc:
-            if exc.status != 401 or not kwargs.get("auth", True) or self.token_source is None:
+            if exc.status != 401 or not kwargs.get("auth", True) or self.token_source is None \
+                    or exc.code in NO_REFRESH_CODES:
                 raise
             self.token_source.refresh(self._current_token)
             return super()._request(method, path, **kwargs)

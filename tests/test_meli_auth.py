@@ -204,3 +204,24 @@ def test_authorizing_another_account_is_refused(bridge):
                                          bridge.clock(), client=OtherAccount())
     assert err.value.status == 409 and "ML_SELLER_ID" in err.value.message
     assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER) is None
+
+
+def test_disconnected_account_never_calls_the_token_endpoint(bridge):
+    # GIVEN an account marked disconnected (its refresh token was refused)
+    _store(bridge, "APP_USR-dead", "TG-dead", None)
+    db_manager.token_set_status(bridge.conn, meli_auth.PROVIDER, "disconnected",
+                                "refresh token recusado", now=bridge.clock())
+    before = len(bridge.ml_state()["token_calls"])
+    # WHEN the poller's schedules run and a job calls Mercado Livre
+    import meli_jobs
+    for _ in range(3):
+        for _interval, task in meli_jobs.SCHEDULES:
+            task(bridge.ctx)
+    with pytest.raises(MercadoLivreError) as err:
+        bridge.ctx.clients.meli.get_question(1)
+    source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
+    with pytest.raises(MercadoLivreError):
+        source.refresh("APP_USR-dead")
+    # THEN the token endpoint is never called: only a new authorization helps
+    assert err.value.code == "disconnected"
+    assert len(bridge.ml_state()["token_calls"]) == before
