@@ -167,8 +167,8 @@ def handle_fetch_question(ctx, job):
                                             {"question": q})]
     answer = q.get("answer") or {}
     if q.get("status") == "ANSWERED" and known and answer.get("text"):
-        ours = get_mapping(ctx, NS_ANSWERED, qid)
-        if ours is None or ours.get("text") != answer.get("text"):
+        # Answered by ponte (Mercado Livre may store our text altered) or already mirrored.
+        if get_mapping(ctx, NS_ANSWERED, qid) is None:
             return {"status": "answered_on_ml"}, [FollowUp(
                 "ml.mirror_answer", f"ml-answer:{qid}",
                 {"question_id": qid, "conversation_id": known["conversation_id"],
@@ -180,13 +180,19 @@ def handle_mirror_answer(ctx, job):
     """`ml.mirror_answer`: an answer typed on Mercado Livre shows in the conversation as ours
     (source_id `meli:answer:<id>`, never sent back)."""
     p = job.payload
+    qid = str(p["question_id"])
     conversation_id = int(p["conversation_id"])
-    source_id = f"meli:answer:{p['question_id']}"
-    if job.attempt == 1 or find_message_by_source(ctx, conversation_id, source_id) is None:
-        cw(ctx).create_message(conversation_id, p["text"], message_type="outgoing",
-                               source_id=source_id,
-                               content_attributes={BRIDGE_ORIGIN_KEY: "mercadolivre",
-                                                   "meli_question_id": str(p["question_id"])})
+    done = get_mapping(ctx, NS_ANSWERED, qid)
+    if done and not done.get("mirrored"):
+        return {"status": "answered_by_ponte"}
+    if done is None:
+        source_id = f"meli:answer:{qid}"
+        if job.attempt == 1 or find_message_by_source(ctx, conversation_id, source_id) is None:
+            cw(ctx).create_message(conversation_id, p["text"], message_type="outgoing",
+                                   source_id=source_id,
+                                   content_attributes={BRIDGE_ORIGIN_KEY: "mercadolivre",
+                                                       "meli_question_id": qid})
+        put_mapping(ctx, NS_ANSWERED, qid, {"mirrored": True, "text": p["text"]})
     add_label(ctx, conversation_id, LABEL_ANSWERED_ON_ML)
     return {"status": "mirrored"}
 
@@ -203,6 +209,8 @@ def answer_question(ctx, job, reply: dict, qid: str):
     if len(text) > ANSWER_MAX_CHARS:
         return refuse(reply, texts.ANSWER_TOO_LONG.format(length=len(text)), "too_long")
     ours = get_mapping(ctx, NS_ANSWERED, qid)
+    if ours and ours.get("mirrored"):
+        return refuse(reply, texts.QUESTION_ALREADY_ANSWERED, "already_answered")
     if ours and ours.get("chatwoot_message_id") != reply["message_id"]:
         return refuse(reply, texts.ALREADY_ANSWERED_BY_US.format(
             message_id=ours["chatwoot_message_id"]), "already_answered")
@@ -212,7 +220,7 @@ def answer_question(ctx, job, reply: dict, qid: str):
         except MercadoLivreError as exc:
             if exc.retryable:
                 raise
-            outcome = _explain_answer_error(ctx, qid, text, exc)
+            outcome = _explain_answer_error(ctx, qid, text, exc, job.attempt)
             if outcome != "ours":
                 return refuse(reply, outcome, exc.code or str(exc.status))
         put_mapping(ctx, NS_ANSWERED, qid, {"chatwoot_message_id": reply["message_id"], "text": text})
@@ -227,9 +235,11 @@ def answer_question(ctx, job, reply: dict, qid: str):
     return {"status": "answered", "question_id": qid}, follow_ups
 
 
-def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError) -> str:
+def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
+                          attempt: int = 1) -> str:
     """Why Mercado Livre refused an answer, in words for the agent ("ours" when the question is
-    in fact answered with this very text — a previous run got through)."""
+    in fact answered by a previous run that got through: the same text, or, on a retry, any
+    text, since Mercado Livre may store ours altered)."""
     if exc.status == 404:
         return texts.QUESTION_DELETED
     try:
@@ -239,7 +249,7 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError) -> s
             return texts.QUESTION_DELETED
         q = {}
     status = q.get("status")
-    if status == "ANSWERED" and (q.get("answer") or {}).get("text") == text:
+    if status == "ANSWERED" and (attempt > 1 or (q.get("answer") or {}).get("text") == text):
         return "ours"
     if status == "ANSWERED":
         return texts.QUESTION_ALREADY_ANSWERED

@@ -76,6 +76,7 @@ class State:
         self.question_ids = itertools.count(13_000_000_000)
         self.order_ids = itertools.count(2_000_010_000_000_000)
         self.auth_required = True
+        self.normalize_answers = False
 
 
 def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
@@ -247,6 +248,8 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
             item = state.items.get(q["item_id"], {})
             if item.get("status") in ("closed", "inactive"):
                 return _err(400, "not_active_item", "Item is not active")
+            if state.normalize_answers:  # stored as shown on the site
+                text = " ".join(text.split())
             q["status"] = "ANSWERED"
             q["answer"] = {"text": text, "status": "ACTIVE", "date_created": _iso()}
             state.answers.append({"question_id": q["id"], "text": text, "at": time.time()})
@@ -481,6 +484,16 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
                 state.refresh_token = body["refresh_token"]
             if "auth_required" in body:
                 state.auth_required = bool(body["auth_required"])
+        return jsonify({"ok": True})
+
+    @app.post("/_standin/options")
+    def standin_options():
+        """Behaviour switches: {"normalize_answers": true} stores answers with their
+        whitespace collapsed, so the stored text differs from the text sent."""
+        body = request.get_json(force=True)
+        with state.lock:
+            if "normalize_answers" in body:
+                state.normalize_answers = bool(body["normalize_answers"])
         return jsonify({"ok": True})
 
     @app.post("/_standin/items")

@@ -318,3 +318,58 @@ def test_conversation_created_but_answer_lost_is_reused_not_duplicated(bridge):
     assert [m["content"].splitlines()[0] for m in messages_of(conv)] == ["Tem azul?"]
     assert bridge.jobs(status="dead") == []
     bridge.assert_spec_clean()
+
+
+def test_our_answer_stored_altered_by_mercado_livre_is_not_mirrored_back(bridge):
+    # GIVEN Mercado Livre stores answers with the whitespace collapsed
+    bridge.ml_post("/_standin/options", {"normalize_answers": True})
+    qid = bridge.ask("Serve no modelo 2019?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.agent_replies(conv["id"], "Serve  sim,\ncom o kit.")
+    bridge.drain()
+    assert [a["text"] for a in bridge.ml_state()["answers"]] == ["Serve sim, com o kit."]
+    # WHEN the questions notification for that answer arrives
+    bridge.notify_ml("questions", f"/questions/{qid}", "answered-by-us")
+    bridge.drain()
+    # THEN our own answer is not shown again as typed on Mercado Livre
+    conv = _only_conversation(bridge)
+    assert not any(m["source_id"] == f"meli:answer:{qid}" for m in messages_of(conv))
+    assert "respondida-no-ml" not in conv["labels"] and "respondida" in conv["labels"]
+
+
+def test_answer_taken_by_mercado_livre_whose_reply_was_lost_counts_as_ours_on_retry(bridge):
+    # GIVEN Mercado Livre alters the stored text and its answer to our POST is lost
+    bridge.ml_post("/_standin/options", {"normalize_answers": True})
+    bridge.ask("Tem garantia?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.fail_ml("/answers", 503, method="POST", apply=True)
+    hook = bridge.agent_replies(conv["id"], "Tem  sim, um ano.")
+    bridge.drain()
+    # WHEN the reply is retried (Mercado Livre now says the question is answered)
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN it counts as delivered, with no "already answered" note
+    conv = _only_conversation(bridge)
+    assert len(bridge.ml_state()["answers"]) == 1
+    assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
+        "delivered"
+    assert not any(m["private"] for m in messages_of(conv))
+
+
+def test_mirrored_answer_is_not_posted_again_after_old_jobs_are_pruned(bridge):
+    # GIVEN an answer typed on Mercado Livre, mirrored once
+    qid = bridge.ask("Entrega no sábado?")
+    bridge.poll()
+    bridge.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Entregamos."})
+    bridge.notify_ml("questions", f"/questions/{qid}", "answered-1")
+    bridge.drain()
+    # WHEN finished jobs are pruned and Mercado Livre notifies about the question again
+    bridge.clock.advance(40 * 86400)
+    db_manager.prune_jobs(bridge.conn, older_than=bridge.clock())
+    bridge.notify_ml("questions", f"/questions/{qid}", "answered-2")
+    bridge.drain()
+    # THEN the answer is in the conversation once
+    conv = _only_conversation(bridge)
+    assert len([m for m in messages_of(conv) if m["source_id"] == f"meli:answer:{qid}"]) == 1
