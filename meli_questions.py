@@ -23,6 +23,7 @@ from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_
 DEAD_IMPORT_RETRY_SECONDS = 3600
 FULL_SWEEP_SECONDS = 3600
 NS_POLL = "ml_poll"  # "questions_full_sweep_at" → epoch seconds of the last full sweep
+SWEEP_CHECK_MAX = 50  # imported questions re-read per full sweep when they left UNANSWERED
 
 
 def poll_questions(ctx) -> dict:
@@ -36,16 +37,20 @@ def poll_questions(ctx) -> dict:
     full = ctx.now() - (get_mapping(ctx, NS_POLL, "questions_full_sweep_at") or 0) \
         >= FULL_SWEEP_SECONDS
     found: list[dict] = []
+    seen: set[str] = set()
+    complete = False
     pages = offset = 0
     while pages < QUESTION_MAX_PAGES:
         page = client.search_questions("UNANSWERED", offset=offset, limit=QUESTION_PAGE,
                                        newest_first=True)
         pages += 1
         questions = page.get("questions") or []
+        seen.update(str(q.get("id")) for q in questions)
         new = [q for q in questions if _needs_import(ctx, q.get("id"))]
         found.extend(new)
         offset += QUESTION_PAGE
         if len(questions) < QUESTION_PAGE or offset >= int(page.get("total") or 0):
+            complete = True
             break
         if not new and not full:
             break
@@ -66,11 +71,39 @@ def poll_questions(ctx) -> dict:
                                           f"ml-question:{q['id']}", {"question": q},
                                           now=ctx.now()):
                     enqueued += 1
+    checks = 0
+    if full and complete:
+        checks = _check_questions_gone(ctx, seen)
     if full:
         put_mapping(ctx, NS_POLL, "questions_full_sweep_at", ctx.now())
     if enqueued:
         log.info("ml_questions_enqueued", extra={"count": enqueued, "pages": pages})
-    return {"enqueued": enqueued, "pages": pages, "full_sweep": full}
+    result = {"enqueued": enqueued, "pages": pages, "full_sweep": full}
+    if checks:
+        result["checks"] = checks
+    return result
+
+
+def _check_questions_gone(ctx, unanswered: set[str]) -> int:
+    """After a sweep that saw every UNANSWERED question: queue `ml.fetch_question` for
+    imported questions that are no longer among them (answered on Mercado Livre's site
+    without a notification reaching us, deleted, closed), at most SWEEP_CHECK_MAX a sweep,
+    the longest-waiting first."""
+    rows = ctx.conn.execute(
+        "SELECT q.key FROM mappings q WHERE q.namespace = ?"
+        " AND json_extract(q.value, '$.message_id') IS NOT NULL"
+        " AND json_extract(q.value, '$.closed') IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM mappings a WHERE a.namespace = ? AND a.key = q.key)"
+        " ORDER BY q.updated_at", (NS_QUESTION, NS_ANSWERED)).fetchall()
+    gone = [row[0] for row in rows if row[0] not in unanswered][:SWEEP_CHECK_MAX]
+    with db_manager.transaction(ctx.conn):
+        for qid in gone:
+            db_manager.enqueue_job(ctx.conn, "ml.fetch_question",
+                                   f"ml-question-check:{qid}:{int(ctx.now())}",
+                                   {"question_id": qid}, now=ctx.now())
+    if gone:
+        log.info("ml_questions_rechecked", extra={"count": len(gone)})
+    return len(gone)
 
 
 def _needs_import(ctx, question_id) -> bool:
@@ -153,15 +186,16 @@ def handle_fetch_question(ctx, job):
     """`ml.fetch_question` (from a notification): read the question with our token; a new one
     is imported like a polled one; one answered directly on Mercado Livre is mirrored."""
     qid = str(job.payload["question_id"])
+    known = get_mapping(ctx, NS_QUESTION, qid)
     try:
         q = ml(ctx).get_question(qid)
     except MercadoLivreError as exc:
         if exc.status == 404:
+            _close(ctx, qid, known, "DELETED")
             return {"status": "not_found"}
         raise
     if str(q.get("seller_id") or ctx.settings.ml_seller_id) != str(ctx.settings.ml_seller_id):
         return {"status": "other_seller"}
-    known = get_mapping(ctx, NS_QUESTION, qid)
     if q.get("status") == "UNANSWERED" and not (known and known.get("message_id")):
         return {"status": "new"}, [FollowUp("ml.import_question", f"ml-question:{qid}",
                                             {"question": q})]
@@ -173,7 +207,15 @@ def handle_fetch_question(ctx, job):
                 "ml.mirror_answer", f"ml-answer:{qid}",
                 {"question_id": qid, "conversation_id": known["conversation_id"],
                  "text": answer.get("text"), "date_created": answer.get("date_created")})]
+    if q.get("status") != "UNANSWERED":
+        _close(ctx, qid, known, str(q.get("status")))
     return {"status": "nothing_to_do", "question_status": q.get("status")}
+
+
+def _close(ctx, qid: str, known: dict | None, status: str) -> None:
+    """Remember that an imported question left UNANSWERED, so sweeps stop re-reading it."""
+    if known and known.get("message_id") and not known.get("closed"):
+        put_mapping(ctx, NS_QUESTION, qid, {**known, "closed": status})
 
 
 def handle_mirror_answer(ctx, job):

@@ -373,3 +373,35 @@ def test_mirrored_answer_is_not_posted_again_after_old_jobs_are_pruned(bridge):
     # THEN the answer is in the conversation once
     conv = _only_conversation(bridge)
     assert len([m for m in messages_of(conv) if m["source_id"] == f"meli:answer:{qid}"]) == 1
+
+
+def test_answer_typed_on_mercado_livre_without_a_notification_is_mirrored_by_the_sweep(bridge):
+    # GIVEN an imported question, answered directly on Mercado Livre; no notification arrives
+    qid = bridge.ask("Serve 2019?")
+    other = bridge.ask("Tem preto?", buyer_id=1944693440)
+    bridge.poll()
+    bridge.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Serve sim"})
+    # WHEN the hourly full sweep runs (and again an hour later)
+    for _ in range(2):
+        bridge.clock.advance(3700)
+        bridge.poll()
+    # THEN the answer shows in its conversation once, labelled; the open question is untouched
+    by_question = {c["custom_attributes"]["meli_question_id"]: c
+                   for c in bridge.conversations(QUESTIONS_INBOX)}
+    conv = by_question[str(qid)]
+    assert [m["content"] for m in messages_of(conv)
+            if m["source_id"] == f"meli:answer:{qid}"] == ["Serve sim"]
+    assert "respondida-no-ml" in conv["labels"]
+    assert len(messages_of(by_question[str(other)])) == 1
+    checks = [j for j in bridge.jobs(kind="ml.fetch_question")]
+    assert [j["payload"]["question_id"] for j in checks] == [str(qid)]
+
+
+def test_deleted_question_is_reread_by_one_sweep_only(bridge):
+    qid = bridge.ask("Ainda tem?")
+    bridge.poll()
+    bridge.ml_post(f"/_standin/questions/{qid}", {"status": "DELETED"})
+    for _ in range(3):
+        bridge.clock.advance(3700)
+        bridge.poll()
+    assert len(bridge.jobs(kind="ml.fetch_question")) == 1
