@@ -18,10 +18,10 @@ from meli_common import (MAX_REPLY_PARTS, NS_CONVERSATION, NS_ML_MESSAGE, NS_OUT
                          NS_UNREAD, PACK_PAGE, buyer_nickname, cw, ensure_contact,
                          find_conversation, find_message_by_source, get_mapping, log, ml,
                          note_follow_up, put_mapping, refuse, sales_inbox, short_error)
-from mercado_livre_api import (ATTACHMENT_MAX_BYTES, MercadoLivreError, attachment_mime,
-                               is_agent_mediated, message_sort_key, pack_id_of_message,
-                               parse_pack_resource, plain_post_sale_text, reply_recipient,
-                               split_message)
+from mercado_livre_api import (ATTACHMENT_MAX_BYTES, SELLER_MESSAGE_MAX_CHARS, MercadoLivreError,
+                               attachment_mime, is_agent_mediated, message_sort_key,
+                               pack_id_of_message, parse_pack_resource, plain_post_sale_text,
+                               reply_recipient, split_message)
 
 
 CHATWOOT_MAX_FILES = 15
@@ -283,7 +283,8 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
         return refuse(reply, texts.MEDIATED_TOO_LONG.format(length=len(text)), "too_long")
     if len(parts) > MAX_REPLY_PARTS:
         return refuse(reply, texts.SALE_TOO_LONG.format(length=len(text),
-                                                         max=MAX_REPLY_PARTS * 350), "too_long")
+                                                         max=MAX_REPLY_PARTS
+                                                         * SELLER_MESSAGE_MAX_CHARS), "too_long")
     if progress["attachment_ids"] is None:
         ids, skipped = _upload_attachments(ctx, reply.get("attachments") or [], job.attempt)
         progress.update(attachment_ids=ids, skipped=skipped)

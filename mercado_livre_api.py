@@ -25,7 +25,6 @@ AGENT_IDS = {
     "MLC": 3020819166, "MCO": 3037204123, "MLM": 3037204279, "MLA": 3037674934,
     "MLB": 3037675074, "MLU": 3037204685,
 }
-AGENT_ID_FALLBACK = 3037204685
 AGENT_MEDIATED_SITES = ("MLB", "MLC")
 
 AUTH_HOSTS = {
@@ -112,20 +111,6 @@ class TokenSource(Protocol):
     def access_token(self) -> str: ...
 
     def refresh(self, stale_access_token: str) -> str: ...
-
-
-class StaticTokenSource:
-    """A fixed token, for scripts and tests that do not refresh."""
-
-    def __init__(self, token: str):
-        self.token = token
-
-    def access_token(self) -> str:
-        return self.token
-
-    def refresh(self, stale_access_token: str) -> str:
-        raise MercadoLivreError(401, "static token cannot be refreshed", False,
-                                code="invalid_token")
 
 
 class MercadoLivreClient(PeerClient):
@@ -233,12 +218,6 @@ class MercadoLivreClient(PeerClient):
     def get_pack(self, pack_id: int | str) -> dict:
         """One pack (its orders and buyer)."""
         return self._request("GET", f"/packs/{int(pack_id)}") or {}
-
-    def search_orders(self, status: str = "paid", limit: int = 50, offset: int = 0) -> dict:
-        """The seller's recent orders, newest first."""
-        return self._request("GET", "/orders/search", params={
-            "seller": self.seller_id, "order.status": status, "sort": "date_desc",
-            "limit": limit, "offset": offset}) or {}
 
     # --- post-sale messages ---------------------------------------------------------------------
 
@@ -428,7 +407,7 @@ def reply_recipient(messages: list[dict], seller_id: str, site_id: str,
         if sender and sender != str(seller_id):
             return sender
     if site_id in AGENT_MEDIATED_SITES or not buyer_id:
-        return str(AGENT_IDS.get(site_id, AGENT_ID_FALLBACK))
+        return str(AGENT_IDS.get(site_id) or buyer_id)
     return str(buyer_id)
 
 

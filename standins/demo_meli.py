@@ -165,9 +165,15 @@ def scenario(parts: Parts, ponte_url: str, say) -> bool:
     requests.post(f"{cw}/_standin/agent_reply", timeout=10, json={
         "conversation_id": conv["id"], "content": "Nota interna: cliente recorrente.",
         "private": True, "deliver": True})
-    time.sleep(1.0)  # give ponte the chance to get it wrong
-    private_ok = len(ml_state()["sent_messages"]) == 1
-    say("   → nada foi enviado ao Mercado Livre." if private_ok
+    # Replies of a conversation go out in order: once the next public reply has arrived, the
+    # note has been dealt with too (sent, if ponte got it wrong).
+    closing = "Qualquer dúvida, estamos à disposição."
+    requests.post(f"{cw}/_standin/agent_reply", timeout=10, json={
+        "conversation_id": conv["id"], "content": closing, "deliver": True})
+    sent = _wait_for(lambda: [m for m in ml_state()["sent_messages"] if m["text"] == closing]
+                     and ml_state()["sent_messages"])
+    private_ok = bool(sent) and [m["text"] for m in sent[1:]] == [closing]
+    say("   → nada foi enviado ao Mercado Livre (só a resposta pública seguinte)." if private_ok
         else "   ✗ a nota privada foi enviada ao Mercado Livre!")
     say()
     return private_ok
