@@ -225,3 +225,11 @@ def test_disconnected_account_never_calls_the_token_endpoint(bridge):
     # THEN the token endpoint is never called: only a new authorization helps
     assert err.value.code == "disconnected"
     assert len(bridge.ml_state()["token_calls"]) == before
+
+
+def test_oauth_states_are_pruned_with_the_other_short_lived_mappings(bridge):
+    meli_auth.start_authorization(bridge.settings, bridge.conn, bridge.clock())
+    count = "SELECT COUNT(*) FROM mappings WHERE namespace = ?"
+    assert bridge.conn.execute(count, (meli_auth.STATE_NAMESPACE,)).fetchone()[0] == 1
+    db_manager.prune_jobs(bridge.conn, older_than=bridge.clock() + 1)
+    assert bridge.conn.execute(count, (meli_auth.STATE_NAMESPACE,)).fetchone()[0] == 0
