@@ -269,7 +269,12 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
     text = plain_post_sale_text(markdown_to_text(reply.get("content") or ""))
     # A plain read (marks the buyer's messages read: the agent has answered them) that also
     # gives the conversation status and the latest sender.
-    messages, status = read_pack(ctx, pack_id, mark_as_read=True)
+    try:
+        messages, status = read_pack(ctx, pack_id, mark_as_read=True)
+    except MercadoLivreError as exc:
+        if exc.status in (403, 404):  # waiting will not help: say so now
+            return refuse(reply, texts.SALE_NOT_FOUND, f"sale_{exc.status}")
+        raise
     with db_manager.transaction(ctx.conn):
         forget_unread(ctx, pack_id)
         db_manager.mapping_put(ctx.conn, NS_OUTGOING, key, progress, now=ctx.now())
@@ -292,8 +297,8 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
     if not parts and progress["attachment_ids"]:
         parts = [texts.attachments_only_text(reply.get("attachments") or [])]
     if not parts:
-        note = "\n".join([texts.attachment_skipped(progress["skipped"])]
-                         if progress["skipped"] else []) or texts.EMPTY_REPLY
+        note = texts.attachments_all_skipped(progress["skipped"]) if progress["skipped"] \
+            else texts.EMPTY_REPLY
         return refuse(reply, note, "empty")
     buyer = (get_mapping(ctx, NS_PACK, pack_id) or {}).get("buyer_id", "")
     recipient = reply_recipient(messages, ctx.settings.ml_seller_id, ctx.settings.ml_site_id,

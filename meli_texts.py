@@ -37,6 +37,8 @@ MEDIATED_TOO_LONG = (f"{PREFIX} esta venda é atendida pelo agente de IA do Merc
                      "{length} caracteres e não foi enviada: encurte e envie de novo.")
 SALE_TOO_LONG = (f"{PREFIX} a mensagem tem {{length}} caracteres; no pós-venda a ponte divide em "
                  "partes de 350 até {max} caracteres. Nada foi enviado: encurte e envie de novo.")
+SALE_NOT_FOUND = (f"{PREFIX} o Mercado Livre não encontrou a conversa desta venda ou não a "
+                  "libera para esta conta (confira o ML_SELLER_ID); a mensagem não foi enviada.")
 DELIVERY_GAVE_UP = (f"{PREFIX} não consegui entregar esta mensagem ao Mercado Livre depois de "
                     "{attempts} tentativas (último erro: {error}). Envie de novo quando o "
                     "Mercado Livre voltar.")
@@ -154,9 +156,15 @@ def sale_refused(code: str, detail: str, index: int, total: int) -> str:
 
 
 def attachment_skipped(skipped: list[str]) -> str:
-    """Note listing agent attachments that did not go to Mercado Livre."""
+    """Note listing agent attachments that did not go to Mercado Livre (the text did)."""
     return (f"{PREFIX} estes anexos não foram enviados ao Mercado Livre (o texto foi): "
             + "; ".join(skipped))
+
+
+def attachments_all_skipped(skipped: list[str]) -> str:
+    """Note for a reply with only attachments, none of which could go: nothing was sent."""
+    return (f"{PREFIX} nenhum anexo pôde ser enviado ao Mercado Livre e a mensagem não tem "
+            "texto; nada foi enviado: " + "; ".join(skipped))
 
 
 def attachments_only_text(attachments: list[dict]) -> str:

@@ -516,3 +516,39 @@ def test_files_past_the_fifteenth_survive_a_failed_overflow_message(bridge):
     assert [m["content"] for m in public] == ["Seguem as fotos", "📎"]
     assert [len(m["attachments"]) for m in public] == [15, 2]
     assert bridge.jobs(status="dead") == []
+
+
+def test_reply_to_a_sale_mercado_livre_does_not_know_gives_a_note_at_once(bridge):
+    sale = bridge.sale(buyer_id=7961)
+    pack = sale["conversation_id"]
+    bridge.buyer_writes(pack, "Oi")
+    bridge.poll()
+    # GIVEN Mercado Livre answers 404 for the sale's conversation
+    bridge.fail_ml(f"/messages/packs/{pack}/sellers", 404, method="GET",
+                   body={"message": "conversation not found", "error": "not_found",
+                         "status": 404, "cause": []})
+    hook = bridge.agent_replies(_sale_conversation(bridge)["id"], "Enviamos hoje.")
+    bridge.drain()
+    bridge.drain()
+    # THEN the agent reads why at once (not "send again when Mercado Livre is back")
+    messages = messages_of(_sale_conversation(bridge))
+    notes = [m["content"] for m in messages if m["private"]][1:]
+    assert len(notes) == 1 and "não encontrou a conversa desta venda" in notes[0]
+    assert [m for m in messages if m["id"] == hook["message_id"]][0]["status"] == "failed"
+    assert bridge.ml_state()["sent_messages"] == []
+
+
+def test_attachment_only_reply_whose_files_all_fail_says_nothing_was_sent(bridge):
+    sale = bridge.sale(buyer_id=7962)
+    bridge.buyer_writes(sale["conversation_id"], "Manda a planilha?")
+    bridge.poll()
+    bridge.agent_replies(_sale_conversation(bridge)["id"], "",
+                         attachments=[("planilha.xlsx", b"PK\x03\x04xlsx",
+                                       "application/vnd.openxmlformats-officedocument."
+                                       "spreadsheetml.sheet")])
+    bridge.drain()
+    bridge.drain()
+    notes = [m["content"] for m in messages_of(_sale_conversation(bridge)) if m["private"]][1:]
+    assert len(notes) == 1 and "nada foi enviado" in notes[0] and "planilha.xlsx" in notes[0]
+    assert "o texto foi" not in notes[0]
+    assert bridge.ml_state()["sent_messages"] == []
