@@ -140,10 +140,10 @@ def handle_import_question(ctx, job):
     created_now = not conversation_id
     if not conversation_id:
         contact = ensure_contact(ctx, questions_inbox(ctx), buyer)
-        conversation = None
-        if job.attempt > 1:  # an earlier run may have created it and lost the answer
-            conversation = find_conversation(ctx, contact["contact_id"], questions_inbox(ctx),
-                                             "meli_question_id", qid)
+        # An earlier run (this job before a timeout or crash, or before it died and was
+        # re-armed with a fresh attempt count) may have created it and lost the answer.
+        conversation = find_conversation(ctx, contact["contact_id"], questions_inbox(ctx),
+                                         "meli_question_id", qid)
         if conversation is None:
             conversation = client.create_conversation(
                 questions_inbox(ctx), contact["contact_id"], contact["source_id"],

@@ -110,7 +110,7 @@ def handle_sync_pack(ctx, job):
     new = [m for m in new if m not in ours]
     if not new:
         return {"status": "up_to_date"}
-    conversation_id = ensure_sale_conversation(ctx, pack_id, resumed=job.attempt > 1)
+    conversation_id = ensure_sale_conversation(ctx, pack_id)
     client = cw(ctx)
     # On a retry, what an earlier run already posted (each chunk of files has its source_id).
     posted = {m.get("source_id"): m for m in client.list_messages(conversation_id)
@@ -168,9 +168,9 @@ def _download_ml_attachments(ctx, message: dict) -> tuple[list, list[str]]:
     return files, skipped
 
 
-def ensure_sale_conversation(ctx, pack_id: str, resumed: bool = False) -> int:
+def ensure_sale_conversation(ctx, pack_id: str) -> int:
     """The one Chatwoot conversation of a sale, created with the order summary as its first
-    (private) message. `resumed` (a retry) first looks for one an earlier run created."""
+    (private) message; before creating it, looks for one an earlier run created."""
     known = get_mapping(ctx, NS_PACK, pack_id) or {}
     client = cw(ctx)
     if not known.get("conversation_id"):
@@ -182,10 +182,10 @@ def ensure_sale_conversation(ctx, pack_id: str, resumed: bool = False) -> int:
         if not buyer.get("nickname"):  # recent order samples omit it; the profile has it
             buyer["nickname"] = buyer_nickname(ctx, buyer_id)
         contact = ensure_contact(ctx, sales_inbox(ctx), buyer_id, buyer["nickname"])
-        conversation = None
-        if resumed:  # an earlier run may have created it and lost the answer
-            conversation = find_conversation(ctx, contact["contact_id"], sales_inbox(ctx),
-                                             "meli_pack_id", pack_id)
+        # An earlier sync (timed out, crashed, or died and replaced by a newer sync job) may
+        # have created it and lost the answer.
+        conversation = find_conversation(ctx, contact["contact_id"], sales_inbox(ctx),
+                                         "meli_pack_id", pack_id)
         if conversation is None:
             conversation = client.create_conversation(
                 sales_inbox(ctx), contact["contact_id"], contact["source_id"],

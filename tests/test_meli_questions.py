@@ -405,3 +405,21 @@ def test_deleted_question_is_reread_by_one_sweep_only(bridge):
         bridge.clock.advance(3700)
         bridge.poll()
     assert len(bridge.jobs(kind="ml.fetch_question")) == 1
+
+
+def test_import_rearmed_after_dying_once_the_conversation_existed_reuses_it(
+        make_settings, serve, clock):
+    # GIVEN one attempt per job, and Chatwoot creates the conversation but loses the answer
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    b.ask("Tem pronta entrega?")
+    requests.post(f"{b.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations", "method": "POST",
+                        "status": 503, "apply": True})
+    b.poll()
+    assert b.jobs(kind="ml.import_question")[0]["status"] == "dead"
+    # WHEN a later poll re-arms the import (a fresh attempt count)
+    b.clock.advance(3700)
+    b.poll()
+    # THEN the question is still one conversation with one message
+    conv = _only_conversation(b)
+    assert len(messages_of(conv)) == 1
