@@ -342,8 +342,8 @@ class MLNotification:
     sent: str
 
 
-_TOPICS = {"questions": r"^/questions/(\d+)$", "orders_v2": r"^/orders/(\d+)$",
-           "orders": r"^/orders/(\d+)$", "messages": r"^/?(?:messages/)?([0-9a-fA-F]{8,64})$"}
+_TOPICS = {"questions": r"^/questions/(\d{1,19})$", "orders_v2": r"^/orders/(\d{1,19})$",
+           "orders": r"^/orders/(\d{1,19})$", "messages": r"^/?(?:messages/)?([0-9a-fA-F]{8,64})$"}
 
 
 def parse_notification(body: Any) -> MLNotification | None:

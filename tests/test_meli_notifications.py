@@ -69,3 +69,10 @@ def test_orders_v2_notification_syncs_the_sale_messages(bridge):
     (conv,) = bridge.conversations()
     assert [m["content"] for m in conv["all_messages"] if not m["private"]] == [
         "Pode enviar hoje?"]
+
+
+def test_resource_id_too_large_for_an_id_is_ignored(bridge):
+    body = dict(_payload("notification_1"), user_id=str(SELLER),
+                resource="/questions/99999999999999999999999999")
+    assert _post(bridge, body).json()["ignored"] == "topic"
+    assert db_manager.list_jobs(bridge.conn) == []

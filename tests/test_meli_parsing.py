@@ -65,6 +65,8 @@ def test_reply_recipient_follows_the_latest_customer_side_sender():
     assert ml.reply_recipient(direct, seller, "MLB") == "6427433"
     assert ml.reply_recipient([], seller, "MLB", buyer_id="6427433") == "3037675074"
     assert ml.reply_recipient([], seller, "MLA", buyer_id="6427433") == "6427433"
+    # no buyer known and no messaging agent on the site: no guessed recipient
+    assert ml.reply_recipient([], seller, "MEC") == ""
 
 
 def test_split_message_keeps_every_character_in_order_and_under_the_limit():
