@@ -203,10 +203,13 @@ def handle_fetch_question(ctx, job):
     if q.get("status") == "ANSWERED" and known and answer.get("text"):
         # Answered by ponte (Mercado Livre may store our text altered) or already mirrored.
         if get_mapping(ctx, NS_ANSWERED, qid) is None:
+            # Queued behind the conversation's replies: one still being retried may be the
+            # very answer Mercado Livre now shows (its reply to our POST was lost).
             return {"status": "answered_on_ml"}, [FollowUp(
                 "ml.mirror_answer", f"ml-answer:{qid}",
                 {"question_id": qid, "conversation_id": known["conversation_id"],
-                 "text": answer.get("text"), "date_created": answer.get("date_created")})]
+                 "text": answer.get("text"), "date_created": answer.get("date_created")},
+                ordering_key=f"cw-out:{known['conversation_id']}")]
     if q.get("status") != "UNANSWERED":
         _close(ctx, qid, known, str(q.get("status")))
     return {"status": "nothing_to_do", "question_status": q.get("status")}

@@ -423,3 +423,25 @@ def test_import_rearmed_after_dying_once_the_conversation_existed_reuses_it(
     # THEN the question is still one conversation with one message
     conv = _only_conversation(b)
     assert len(messages_of(conv)) == 1
+
+
+def test_notification_while_our_answer_is_being_retried_does_not_mirror_it(bridge):
+    # GIVEN Mercado Livre took the agent's answer but its reply was lost (retry pending)
+    qid = bridge.ask("Aceita troca?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.fail_ml("/answers", 503, method="POST", apply=True)
+    hook = bridge.agent_replies(conv["id"], "Aceitamos em até 7 dias.")
+    bridge.drain()
+    # WHEN the questions notification for that answer arrives before the retry
+    bridge.notify_ml("questions", f"/questions/{qid}", "answered-meanwhile")
+    bridge.drain()
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN the answer counts as ours: delivered, not mirrored, no note
+    conv = _only_conversation(bridge)
+    assert not any(m["source_id"] == f"meli:answer:{qid}" for m in messages_of(conv))
+    assert "respondida-no-ml" not in conv["labels"]
+    assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
+        "delivered"
+    assert not any(m["private"] for m in messages_of(conv))
