@@ -511,7 +511,8 @@ def next_job_due_at(conn: sqlite3.Connection) -> float | None:
 
 # Mappings that only matter for a while (answers to match, OAuth states, throttles); the
 # others (conversation ids, watermarks) live as long as the conversation they point to.
-SHORT_LIVED_MAPPINGS = ("n8n-correlation", "n8n-answer", "oauth-state", "kommo", "kommo-sent", "ml_oauth_state")
+SHORT_LIVED_MAPPINGS = ("n8n-correlation", "n8n-answer", "oauth-state", "kommo", "kommo-sent",
+                        "ml_oauth_state")
 
 
 def prune_jobs(conn: sqlite3.Connection, older_than: float) -> int:
@@ -593,6 +594,20 @@ def mapping_put(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
         "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value,"
         " updated_at = excluded.updated_at", (namespace, str(key), dumps(value), now or time.time()))
+
+
+def mapping_keys_open(conn: sqlite3.Connection, namespace: str, has_field: str,
+                      lacks_field: str, unless_in: str) -> list[str]:
+    """Keys of `namespace`, oldest first, whose JSON value has `has_field`, lacks `lacks_field`
+    and whose key has no entry in namespace `unless_in` (e.g. imported questions not answered
+    and not closed)."""
+    rows = conn.execute(
+        "SELECT q.key FROM mappings q WHERE q.namespace = ?"
+        " AND json_extract(q.value, '$.' || ?) IS NOT NULL"
+        " AND json_extract(q.value, '$.' || ?) IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM mappings a WHERE a.namespace = ? AND a.key = q.key)"
+        " ORDER BY q.updated_at", (namespace, has_field, lacks_field, unless_in)).fetchall()
+    return [row[0] for row in rows]
 
 
 def mapping_add(conn: sqlite3.Connection, namespace: str, key: str, value: Any,

@@ -89,13 +89,9 @@ def _check_questions_gone(ctx, unanswered: set[str]) -> int:
     imported questions that are no longer among them (answered on Mercado Livre's site
     without a notification reaching us, deleted, closed), at most SWEEP_CHECK_MAX a sweep,
     the longest-waiting first."""
-    rows = ctx.conn.execute(
-        "SELECT q.key FROM mappings q WHERE q.namespace = ?"
-        " AND json_extract(q.value, '$.message_id') IS NOT NULL"
-        " AND json_extract(q.value, '$.closed') IS NULL"
-        " AND NOT EXISTS (SELECT 1 FROM mappings a WHERE a.namespace = ? AND a.key = q.key)"
-        " ORDER BY q.updated_at", (NS_QUESTION, NS_ANSWERED)).fetchall()
-    gone = [row[0] for row in rows if row[0] not in unanswered][:SWEEP_CHECK_MAX]
+    imported = db_manager.mapping_keys_open(ctx.conn, NS_QUESTION, has_field="message_id",
+                                            lacks_field="closed", unless_in=NS_ANSWERED)
+    gone = [key for key in imported if key not in unanswered][:SWEEP_CHECK_MAX]
     with db_manager.transaction(ctx.conn):
         for qid in gone:
             db_manager.enqueue_job(ctx.conn, "ml.fetch_question",
