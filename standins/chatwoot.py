@@ -183,8 +183,9 @@ def create_app(spec_path: str | None = None) -> Flask:
         if failure.get("sleep"):  # past the client's timeout: the caller sees a timeout
             time.sleep(float(failure["sleep"]))
             return response
-        return jsonify({"error": "standin failure after applying the request"}), \
-            failure["status"]
+        lost = jsonify({"error": "standin failure after applying the request"})
+        lost.status_code = int(failure["status"])
+        return lost
 
     def account_ok(account_id) -> bool:
         return str(account_id) == str(state.account_id)

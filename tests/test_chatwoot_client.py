@@ -86,3 +86,19 @@ def test_attachment_over_25_mb_is_not_sent_and_the_text_is(bridge):
     assert sent["attachments"] == [] and state["uploaded"] == {}
     notes = [m for m in messages_of(bridge.conversations(SALES_INBOX)[0]) if m["private"]]
     assert any("catalogo.pdf (maior que 25 MB)" in n["content"] for n in notes)
+
+
+def test_standin_failure_after_applying_answers_with_the_asked_status(chatwoot):
+    """`apply: true` processes the call and loses only its answer: a JSON 503, not Flask's
+    HTML 500 for an after_request that returned a tuple."""
+    served, client = chatwoot
+    requests.post(f"{served.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/contacts", "method": "POST",
+                        "status": 503, "apply": True}, timeout=5)
+    headers = {"Api-Access-Token": standin_chatwoot.DEFAULT_TOKEN}
+    lost = requests.post(f"{served.url}/api/v1/accounts/1/contacts",
+                         json={"name": "Ana", "inbox_id": SALES_INBOX}, headers=headers,
+                         timeout=5)
+    assert lost.status_code == 503
+    assert "standin failure" in lost.json()["error"]
+    assert len(_state(served)["contacts"]) == 1
