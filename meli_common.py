@@ -200,6 +200,12 @@ def conversation_target(ctx, conversation_id: int, custom_attributes: dict | Non
     return None
 
 
+def reply_in_flight(ctx, message_id) -> bool:
+    """True when an agent reply (or one of its parts) was being sent to Mercado Livre and the
+    outcome is unknown: it may have been delivered."""
+    return (get_mapping(ctx, NS_OUTGOING, str(message_id)) or {}).get("in_flight") is not None
+
+
 def refuse(reply: dict, note: str, reason: str, extra: dict | None = None):
     """Job result + the follow-up that tells the agent (private note, message marked failed)."""
     follow = FollowUp("chatwoot.report_failure", f"cw-fail:{reply['message_id']}",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import db_manager
 import meli_texts as texts
 from db_manager import FollowUp
-from meli_common import conversation_target, cw, log, refuse
+from meli_common import conversation_target, cw, log, refuse, reply_in_flight
 from meli_questions import (answer_question, handle_fetch_question, handle_import_question,
                             handle_mark_answered, handle_mirror_answer, poll_questions)
 from meli_sales import (handle_fetch_message, handle_fetch_order, handle_sync_pack,
@@ -43,13 +43,15 @@ def handle_forward_reply(ctx, job):
 
 
 def on_dead_forward_reply(ctx, job, error: str) -> list[FollowUp]:
-    """A reply that never got through (Mercado Livre down for too long): tell the agent."""
+    """A reply that never got through (Mercado Livre down for too long): tell the agent, and
+    warn that it may have been delivered when the last send's outcome is unknown."""
     reply = job.payload
+    note = texts.DELIVERY_MAYBE_SENT if reply_in_flight(ctx, reply["message_id"]) \
+        else texts.DELIVERY_GAVE_UP
     return [FollowUp("chatwoot.report_failure", f"cw-fail:{reply['message_id']}",
                      {"conversation_id": reply["conversation_id"],
                       "message_id": reply["message_id"],
-                      "note": texts.DELIVERY_GAVE_UP.format(attempts=job.attempt,
-                                                            error=error[:200]),
+                      "note": note.format(attempts=job.attempt, error=error[:200]),
                       "external_error": "mercadolivre_unavailable"})]
 
 

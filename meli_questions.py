@@ -7,12 +7,14 @@ Must not: serve HTTP; know wire formats (the peer modules).
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 import db_manager
 import meli_texts as texts
 from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
 from db_manager import FollowUp
 from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
-                         NS_CONVERSATION, NS_QUESTION, NS_THREAD, QUESTION_MAX_PAGES, QUESTION_PAGE,
+                         NS_CONVERSATION, NS_OUTGOING, NS_QUESTION, NS_THREAD, QUESTION_MAX_PAGES, QUESTION_PAGE,
                          add_label, cache_item, cw, ensure_contact, find_conversation,
                          find_message_by_source,
                          fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,
@@ -20,6 +22,7 @@ from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
                                question_sort_key)
 
+CLOCK_SKEW_SECONDS = 30  # between Mercado Livre's answer dates and our clock
 DEAD_IMPORT_RETRY_SECONDS = 3600
 FULL_SWEEP_SECONDS = 3600
 NS_POLL = "ml_poll"  # "questions_full_sweep_at" → epoch seconds of the last full sweep
@@ -228,7 +231,15 @@ def handle_mirror_answer(ctx, job):
         return {"status": "answered_by_ponte"}
     if done is None:
         source_id = f"meli:answer:{qid}"
-        if job.attempt == 1 or find_message_by_source(ctx, conversation_id, source_id) is None:
+        # Marked before posting: a run that lost Chatwoot's answer (retry, crash, or a job
+        # that died and was re-armed with a fresh attempt count) looks before posting again.
+        known = get_mapping(ctx, NS_QUESTION, qid) or {}
+        if known.get("mirror_posting") or not known:
+            existing = find_message_by_source(ctx, conversation_id, source_id)
+        else:
+            existing = None
+            put_mapping(ctx, NS_QUESTION, qid, {**known, "mirror_posting": True})
+        if existing is None:
             cw(ctx).create_message(conversation_id, p["text"], message_type="outgoing",
                                    source_id=source_id,
                                    content_attributes={BRIDGE_ORIGIN_KEY: "mercadolivre",
@@ -256,12 +267,24 @@ def answer_question(ctx, job, reply: dict, qid: str):
         return refuse(reply, texts.ALREADY_ANSWERED_BY_US.format(
             message_id=ours["chatwoot_message_id"]), "already_answered")
     if not ours:
+        # In flight before the POST: a run that loses Mercado Livre's answer (timeout, crash,
+        # job died and re-armed) knows its POST may have gone through, and when.
+        key = str(reply["message_id"])
+        flight = get_mapping(ctx, NS_OUTGOING, key) or {}
+        flight.update(in_flight=True, posted_at=ctx.now())
+        put_mapping(ctx, NS_OUTGOING, key, flight)
         try:
             ml(ctx).answer_question(qid, text)
         except MercadoLivreError as exc:
+            if exc.may_have_reached:
+                flight["reached"] = flight.get("reached", []) + [[flight["posted_at"],
+                                                                  ctx.now()]]
+            if not flight.get("reached"):
+                flight["in_flight"] = None
+            put_mapping(ctx, NS_OUTGOING, key, flight)
             if exc.retryable:
                 raise
-            outcome = _explain_answer_error(ctx, qid, text, exc, job.attempt)
+            outcome = _explain_answer_error(ctx, qid, text, exc, flight.get("reached") or [])
             if outcome != "ours":
                 return refuse(reply, outcome, exc.code or str(exc.status))
         put_mapping(ctx, NS_ANSWERED, qid, {"chatwoot_message_id": reply["message_id"], "text": text})
@@ -277,10 +300,11 @@ def answer_question(ctx, job, reply: dict, qid: str):
 
 
 def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
-                          attempt: int = 1) -> str:
+                          reached: list | None = None) -> str:
     """Why Mercado Livre refused an answer, in words for the agent ("ours" when the question is
-    in fact answered by a previous run that got through: the same text, or, on a retry, any
-    text, since Mercado Livre may store ours altered)."""
+    in fact answered by a previous run that got through: the same text, whitespace aside, or
+    an answer created while one of our POSTs whose outcome is unknown was under way —
+    `reached` lists those POSTs as [started, failed] epoch pairs)."""
     if exc.status == 404:
         return texts.QUESTION_DELETED
     try:
@@ -290,10 +314,13 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
             return texts.QUESTION_DELETED
         q = {}
     status = q.get("status")
-    if status == "ANSWERED" and (attempt > 1 or (q.get("answer") or {}).get("text") == text):
+    answer = q.get("answer") or {}
+    if status == "ANSWERED" and (_squash(answer.get("text") or "") == _squash(text)
+                                 or _created_during(answer.get("date_created"), reached or [])):
         return "ours"
     if status == "ANSWERED":
-        return texts.QUESTION_ALREADY_ANSWERED
+        return texts.QUESTION_ANSWERED_ON_ML if answer.get("text") \
+            else texts.QUESTION_ALREADY_ANSWERED
     if status in texts.QUESTION_STATUS_PT:
         return texts.QUESTION_NOT_ANSWERABLE.format(reason=texts.QUESTION_STATUS_PT[status])
     if exc.code in ("not_active_item", "item_closed", "closed_item"):
@@ -301,6 +328,21 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
     if exc.code == "not_unanswered_question":
         return texts.QUESTION_ALREADY_ANSWERED
     return texts.ML_REFUSED.format(detail=short_error(exc))
+
+
+def _squash(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _created_during(date_created: str | None, windows: list) -> bool:
+    """True when an answer's creation time falls inside one of the windows (with a little
+    slack for clock skew) in which a POST of ours may have reached Mercado Livre."""
+    try:
+        created = datetime.fromisoformat(str(date_created).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return False
+    return any(start - CLOCK_SKEW_SECONDS <= created <= end + CLOCK_SKEW_SECONDS
+               for start, end in windows)
 
 
 def handle_mark_answered(ctx, job):

@@ -102,7 +102,7 @@ def handle_sync_pack(ctx, job):
         raise
     seller = str(ctx.settings.ml_seller_id)
     app_id = str(ctx.settings.ml_client_id)
-    new = [m for m in messages if get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) is None]
+    new = [m for m in messages if _unmirrored(ctx, m)]
     ours = [m for m in new if str((m.get("from") or {}).get("user_id")) == seller
             and str(m.get("client_id")) == app_id]
     for m in ours:  # sent by ponte itself: already in Chatwoot as the agent's message
@@ -112,9 +112,13 @@ def handle_sync_pack(ctx, job):
         return {"status": "up_to_date"}
     conversation_id = ensure_sale_conversation(ctx, pack_id)
     client = cw(ctx)
-    # On a retry, what an earlier run already posted (each chunk of files has its source_id).
+    # What an earlier run (retried, crashed, or died and replaced by a fresh sync job) may have
+    # posted without recording it: each message is marked `posting` before it goes to Chatwoot,
+    # and each chunk of files has its source_id.
+    in_flight = any((get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) or {}).get("posting")
+                    for m in new)
     posted = {m.get("source_id"): m for m in client.list_messages(conversation_id)
-              if m.get("source_id")} if job.attempt > 1 else {}
+              if m.get("source_id")} if in_flight else {}
     mirrored = 0
     for m in new:
         source_id = f"meli:msg:{m['id']}"
@@ -133,6 +137,7 @@ def handle_sync_pack(ctx, job):
             attributes[BRIDGE_ORIGIN_KEY] = "mercadolivre"
         kind = "outgoing" if from_seller else "incoming"
         first_id = None
+        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"posting": True})
         # Chatwoot takes at most 15 files a message; Mercado Livre allows 25.
         for start in range(0, max(len(files), 1), CHATWOOT_MAX_FILES):
             chunk_source = source_id if start == 0 else f"{source_id}:{start}"
@@ -306,18 +311,25 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
     for index in range(progress["parts_sent"], len(parts)):
         attachments = progress["attachment_ids"] if index == 0 else None
         sent = None
-        if job.attempt > 1 and index == progress["parts_sent"]:
-            # The previous run may have timed out after Mercado Livre accepted this part.
+        if progress.get("in_flight") == index:
+            # An earlier run (retried, crashed, or died and re-armed with a fresh attempt
+            # count) may have lost Mercado Livre's answer after it accepted this part.
             sent = _lost_answer(ctx, messages, parts[index])
         try:
             if sent is None:
+                progress["in_flight"] = index
+                put_mapping(ctx, NS_OUTGOING, key, progress)
                 sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)
         except MercadoLivreError as exc:
+            if not exc.may_have_reached:  # refused, or never sent: nothing to look for
+                progress["in_flight"] = None
+                put_mapping(ctx, NS_OUTGOING, key, progress)
             if exc.retryable:
                 raise
             note = texts.sale_refused(exc.code, short_error(exc), index, len(parts))
             return refuse(reply, note, exc.code or str(exc.status))
         progress["parts_sent"] = index + 1
+        progress["in_flight"] = None
         ml_id = str(sent.get("id") or "")
         if ml_id:
             progress["ml_message_ids"].append(ml_id)
@@ -347,12 +359,23 @@ def _lost_answer(ctx, messages: list[dict], text: str) -> dict | None:
     seller, app_id = str(ctx.settings.ml_seller_id), str(ctx.settings.ml_client_id)
     for m in reversed(messages):
         if str((m.get("from") or {}).get("user_id")) != seller \
-                or str(m.get("client_id")) != app_id or _text_of(m) != text:
+                or str(m.get("client_id")) != app_id or _squash(_text_of(m)) != _squash(text):
             continue
         if (get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) or {}).get("chatwoot_message_id"):
             continue
         return m
     return None
+
+
+def _unmirrored(ctx, message: dict) -> bool:
+    """True for a Mercado Livre message not yet recorded in Chatwoot (unknown, or marked
+    `posting` by a run that did not see Chatwoot's answer)."""
+    known = get_mapping(ctx, NS_ML_MESSAGE, message.get("id"))
+    return known is None or bool(known.get("posting"))
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _text_of(message: dict) -> str:
@@ -364,7 +387,7 @@ def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) ->
     """That read marked the buyer's messages as read, so the unread poll will not see any that
     arrived since the last sync: queue a sync for them."""
     seller = str(ctx.settings.ml_seller_id)
-    if any(get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) is None
+    if any(_unmirrored(ctx, m)
            and str((m.get("from") or {}).get("user_id")) != seller for m in messages):
         with db_manager.transaction(ctx.conn):
             db_manager.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",

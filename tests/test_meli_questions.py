@@ -445,3 +445,27 @@ def test_notification_while_our_answer_is_being_retried_does_not_mirror_it(bridg
     assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
         "delivered"
     assert not any(m["private"] for m in messages_of(conv))
+
+
+def test_retry_after_a_plain_outage_does_not_swallow_an_answer_typed_on_mercado_livre(bridge):
+    # GIVEN Mercado Livre is down (503, nothing stored) when the agent answers
+    qid = bridge.ask("Tem garantia?")
+    bridge.poll()
+    conv = _only_conversation(bridge)
+    bridge.fail_ml("/answers", 503, method="POST")
+    hook = bridge.agent_replies(conv["id"], "Sim, 12 meses.")
+    bridge.drain()
+    # WHEN the seller answers on Mercado Livre's site meanwhile, and its notification arrives
+    bridge.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Garantia de 90 dias."})
+    bridge.notify_ml("questions", f"/questions/{qid}", "seller-typed")
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN the agent's text is not marked delivered, the agent is told why, and the answer
+    # the buyer sees is mirrored into the conversation
+    conv = _only_conversation(bridge)
+    msgs = messages_of(conv)
+    assert [m for m in msgs if m["id"] == hook["message_id"]][0]["status"] == "failed"
+    assert any(m["private"] and "respondida no Mercado Livre" in m["content"] for m in msgs)
+    assert [m["content"] for m in msgs if m.get("source_id") == f"meli:answer:{qid}"] == \
+        ["Garantia de 90 dias."]
+    assert bridge.ml_state()["answers"] == []  # the agent's text never reached Mercado Livre

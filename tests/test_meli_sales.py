@@ -552,3 +552,63 @@ def test_attachment_only_reply_whose_files_all_fail_says_nothing_was_sent(bridge
     assert len(notes) == 1 and "nada foi enviado" in notes[0] and "planilha.xlsx" in notes[0]
     assert "o texto foi" not in notes[0]
     assert bridge.ml_state()["sent_messages"] == []
+
+
+def test_dead_reply_rearmed_by_an_operator_does_not_send_the_lost_part_again(make_settings,
+                                                                              serve, clock):
+    # GIVEN one attempt per job, and Mercado Livre takes the reply but its answer is lost
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    pack = b.sale(buyer_id=8801)["conversation_id"]
+    b.buyer_writes(pack, "Oi")
+    b.poll()
+    b.fail_ml(f"/messages/packs/{pack}/sellers", 503, method="POST", apply=True)
+    hook = b.agent_replies(_sale_conversation(b)["id"], "Enviamos hoje.")
+    b.drain()
+    [dead] = b.jobs(status="dead", kind="chatwoot.forward_reply")
+    # THEN the agent is told it may have been delivered
+    notes = [m["content"] for m in messages_of(_sale_conversation(b)) if m["private"]]
+    assert any("pode ter sido entregue" in n for n in notes), notes
+    # WHEN an operator re-arms it (attempts reset to 0)
+    import db_manager
+    assert db_manager.retry_dead_job(b.conn, dead["id"], clock())
+    b.drain()
+    # THEN the part Mercado Livre already has is not sent twice
+    assert [m["text"] for m in b.ml_state()["sent_messages"]] == ["Enviamos hoje."]
+    reply = [m for m in messages_of(_sale_conversation(b)) if m["id"] == hook["message_id"]][0]
+    assert reply["status"] == "delivered"
+
+
+def test_reply_that_died_before_reaching_mercado_livre_says_it_was_not_delivered(
+        make_settings, serve, clock):
+    # GIVEN one attempt per job and Mercado Livre refusing the send outright (nothing stored)
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    pack = b.sale(buyer_id=8804)["conversation_id"]
+    b.buyer_writes(pack, "Oi")
+    b.poll()
+    b.fail_ml(f"/messages/packs/{pack}/sellers", 429, method="POST")
+    b.agent_replies(_sale_conversation(b)["id"], "Enviamos hoje.")
+    b.drain()
+    # THEN the gave-up note does not claim it may have been delivered
+    notes = [m["content"] for m in messages_of(_sale_conversation(b)) if m["private"]]
+    assert any("não consegui entregar" in n for n in notes), notes
+    assert not any("pode ter sido entregue" in n for n in notes)
+
+
+def test_sync_that_died_after_chatwoot_took_the_message_does_not_duplicate_it(make_settings,
+                                                                               serve, clock):
+    # GIVEN one attempt per job, and Chatwoot stores the buyer's message but loses its answer
+    import requests
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    pack = b.sale(buyer_id=8803)["conversation_id"]
+    b.buyer_writes(pack, "Cadê meu pedido?")
+    requests.post(f"{b.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations/", "method": "POST",
+                        "status": 503, "after": 1, "apply": True}, timeout=5)
+    b.poll()
+    assert b.jobs(status="dead", kind="ml.sync_pack")
+    # WHEN later polls queue fresh sync jobs (attempt 1 again)
+    for _ in range(2):
+        b.clock.advance(120)
+        b.poll()
+    # THEN the message is in Chatwoot once
+    assert [m["content"] for m in _public(_sale_conversation(b))] == ["Cadê meu pedido?"]
