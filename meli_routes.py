@@ -70,7 +70,7 @@ def chatwoot_webhook(url_token: str = ""):
         return json_error(401, "invalid_signature", "Assinatura do Chatwoot inválida ou vencida.")
     try:
         body = json.loads(raw or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python parses
         return jsonify(ok=True, ignored="invalid_json")
     try:
         reply, reason = classify_chatwoot_event(body, _inbox_ids(s))
@@ -108,7 +108,10 @@ def mercadolivre_notification():
     """Mercado Livre notification: always 200 fast (topics are switched off after slow or bad
     answers); the resource is fetched later with our own token."""
     s = web_common.settings()
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than Python parses (silent only covers ValueError)
+        body = None
     note = parse_notification(body)
     if note is None:
         return jsonify(ok=True, ignored="topic")

@@ -231,3 +231,19 @@ def test_odd_optional_fields_of_a_signed_reply_do_not_break_it(bridge, where, ch
     (attachment,) = job["payload"]["attachments"]
     assert isinstance(attachment["id"], int)
     assert attachment["file_size"] is None or isinstance(attachment["file_size"], int)
+
+
+def test_deeply_nested_signed_body_is_ignored_not_a_500(bridge):
+    # GIVEN a correctly signed body nested deeper than Python's JSON parser goes
+    raw = b"[" * 100000 + b"]" * 100000
+    ts = int(bridge.clock())
+    headers = {"Content-Type": "application/json", "X-Chatwoot-Timestamp": str(ts),
+               "X-Chatwoot-Signature": sign(WEBHOOK_SECRET, ts, raw)}
+    # WHEN it reaches the webhook
+    answer = requests.post(f"{bridge.web.url}/webhooks/chatwoot", data=raw, headers=headers,
+                           timeout=10)
+    # THEN 200 "invalid_json", nothing recorded or queued
+    assert answer.status_code == 200
+    assert answer.json()["ignored"] == "invalid_json"
+    assert bridge.jobs() == []
+    assert bridge.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0

@@ -76,3 +76,11 @@ def test_resource_id_too_large_for_an_id_is_ignored(bridge):
                 resource="/questions/99999999999999999999999999")
     assert _post(bridge, body).json()["ignored"] == "topic"
     assert db_manager.list_jobs(bridge.conn) == []
+
+
+def test_deeply_nested_notification_body_is_ignored_not_a_500(bridge):
+    raw = b"[" * 100000 + b"]" * 100000
+    answer = requests.post(f"{bridge.web.url}/webhooks/mercadolivre", data=raw,
+                           headers={"Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 200
+    assert bridge.jobs() == []
