@@ -27,6 +27,7 @@ DEAD_IMPORT_RETRY_SECONDS = 3600
 FULL_SWEEP_SECONDS = 3600
 NS_POLL = "ml_poll"  # "questions_full_sweep_at" → epoch seconds of the last full sweep
 SWEEP_CHECK_MAX = 50  # imported questions re-read per full sweep when they left UNANSWERED
+SWEEP_CHECK_LIMIT = 24  # sweeps that re-read one question before it is left alone
 
 
 def poll_questions(ctx) -> dict:
@@ -97,12 +98,31 @@ def _check_questions_gone(ctx, unanswered: set[str]) -> int:
     gone = [key for key in imported if key not in unanswered][:SWEEP_CHECK_MAX]
     with db_manager.transaction(ctx.conn):
         for qid in gone:
-            db_manager.enqueue_job(ctx.conn, "ml.fetch_question",
-                                   f"ml-question-check:{qid}:{int(ctx.now())}",
-                                   {"question_id": qid}, now=ctx.now())
+            _queue_check(ctx, qid)
     if gone:
         log.info("ml_questions_rechecked", extra={"count": len(gone)})
     return len(gone)
+
+
+def _queue_check(ctx, qid: str) -> None:
+    """One sweep slot for a question that left UNANSWERED: queue a re-read unless the last one
+    is still queued or died (a question that keeps failing gets no new dead job every hour),
+    and store `checked_at`, which moves the question to the back of the sweep's queue. After
+    SWEEP_CHECK_LIMIT slots with nothing settled the question is closed for the sweep."""
+    known = db_manager.mapping_get(ctx.conn, NS_QUESTION, qid) or {}
+    checks = int(known.get("checks") or 0)
+    last = known.get("check_key")
+    job = db_manager.get_job(ctx.conn, dedupe_key=last) if last else None
+    if job is None or job["status"] == "done":
+        last = f"ml-question-check:{qid}:{checks + 1}"
+        db_manager.enqueue_job(ctx.conn, "ml.fetch_question", last, {"question_id": qid},
+                               now=ctx.now())
+    known.update(checks=checks + 1, checked_at=ctx.now(), check_key=last)
+    if checks + 1 >= SWEEP_CHECK_LIMIT:
+        known["closed"] = "UNSETTLED"
+        log.warning("ml_question_sweep_gave_up", extra={"ml_question_id": qid,
+                                                        "checks": checks + 1})
+    db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
 
 
 def _needs_import(ctx, question_id) -> bool:

@@ -469,3 +469,37 @@ def test_retry_after_a_plain_outage_does_not_swallow_an_answer_typed_on_mercado_
     assert [m["content"] for m in msgs if m.get("source_id") == f"meli:answer:{qid}"] == \
         ["Garantia de 90 dias."]
     assert bridge.ml_state()["answers"] == []  # the agent's text never reached Mercado Livre
+
+
+def test_sweep_rotates_through_questions_whose_check_changes_nothing(make_settings, serve,
+                                                                      clock, monkeypatch):
+    # GIVEN one check slot per sweep, one attempt per job, and two imported questions that
+    # left UNANSWERED but whose re-read keeps failing
+    import meli_questions
+    monkeypatch.setattr(meli_questions, "SWEEP_CHECK_MAX", 1)
+    monkeypatch.setattr(meli_questions, "SWEEP_CHECK_LIMIT", 3, raising=False)
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    first = b.ask("Tem azul?")
+    second = b.ask("Tem verde?", buyer_id=1944693441)
+    b.poll()
+    for qid in (first, second):
+        b.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Sim"})
+        b.fail_ml(f"/questions/{qid}", 500, count=1000, method="GET")
+    # WHEN three hourly sweeps run
+    checked = []
+    for _ in range(3):
+        b.clock.advance(3700)
+        b.poll()
+        checked.append(sorted({j["payload"]["question_id"] for j in
+                               b.jobs(kind="ml.fetch_question")}))
+    # THEN the second sweep takes the other question, and a question whose check died gets
+    # no new dead job the hour after
+    assert checked == [[str(first)], [str(first), str(second)], [str(first), str(second)]]
+    assert len(b.jobs(kind="ml.fetch_question")) == 2
+    # AND after SWEEP_CHECK_LIMIT slots each, the sweep leaves them alone
+    for _ in range(4):
+        b.clock.advance(3700)
+        b.poll()
+    for qid in (first, second):
+        known = db_manager.mapping_get(b.conn, "ml_question", str(qid))
+        assert known["checks"] == 3 and known["closed"] == "UNSETTLED"
