@@ -22,6 +22,7 @@ from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
                                question_sort_key)
 
+FINAL_STATUSES = ("ANSWERED", "DELETED", "BANNED", "CLOSED_UNANSWERED", "DISABLED")
 CLOCK_SKEW_SECONDS = 30  # between Mercado Livre's answer dates and our clock
 DEAD_IMPORT_RETRY_SECONDS = 3600
 FULL_SWEEP_SECONDS = 3600
@@ -235,8 +236,10 @@ def handle_fetch_question(ctx, job):
 
 
 def _close(ctx, qid: str, known: dict | None, status: str) -> None:
-    """Remember that an imported question left UNANSWERED, so sweeps stop re-reading it."""
-    if known and known.get("message_id") and not known.get("closed"):
+    """Remember that an imported question reached a final status, so sweeps stop re-reading
+    it (UNDER_REVIEW is not final: the question may come back and be answered)."""
+    if status in FINAL_STATUSES and known and known.get("message_id") \
+            and not known.get("closed"):
         put_mapping(ctx, NS_QUESTION, qid, {**known, "closed": status})
 
 

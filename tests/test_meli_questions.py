@@ -503,3 +503,20 @@ def test_sweep_rotates_through_questions_whose_check_changes_nothing(make_settin
     for qid in (first, second):
         known = db_manager.mapping_get(b.conn, "ml_question", str(qid))
         assert known["checks"] == 3 and known["closed"] == "UNSETTLED"
+
+
+def test_question_under_review_is_not_closed_and_its_later_answer_is_mirrored(bridge):
+    # GIVEN an imported question put under review by Mercado Livre
+    qid = bridge.ask("Tem garantia?")
+    bridge.poll()
+    bridge.ml_post(f"/_standin/questions/{qid}", {"status": "UNDER_REVIEW"})
+    bridge.clock.advance(3700)
+    bridge.poll()
+    # WHEN it comes back and the seller answers it on Mercado Livre's site (no notification)
+    bridge.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Sim, 1 ano."})
+    bridge.clock.advance(3700)
+    bridge.poll()
+    # THEN the next sweep still re-reads it and the answer shows in the conversation
+    conv = _only_conversation(bridge)
+    assert [m["content"] for m in messages_of(conv)
+            if m["source_id"] == f"meli:answer:{qid}"] == ["Sim, 1 ano."]
