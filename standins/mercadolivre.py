@@ -77,6 +77,7 @@ class State:
         self.order_ids = itertools.count(2_000_010_000_000_000)
         self.auth_required = True
         self.normalize_answers = False
+        self.normalize_messages = False
 
 
 def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
@@ -402,6 +403,8 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
                 return _messaging_err(403, "forbidden",
                                       f"Receiver does not belong to order {pack_id}")
             attachment_ids = body.get("attachments") or []
+            if state.normalize_messages:  # stored as shown on the site
+                text = " ".join(text.split())
             metas = []
             for a in attachment_ids:
                 if a not in state.attachments:
@@ -488,12 +491,15 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
 
     @app.post("/_standin/options")
     def standin_options():
-        """Behaviour switches: {"normalize_answers": true} stores answers with their
-        whitespace collapsed, so the stored text differs from the text sent."""
+        """Behaviour switches: {"normalize_answers": true} / {"normalize_messages": true}
+        store answers / post-sale messages with their whitespace collapsed, so the stored
+        text differs from the text sent."""
         body = request.get_json(force=True)
         with state.lock:
             if "normalize_answers" in body:
                 state.normalize_answers = bool(body["normalize_answers"])
+            if "normalize_messages" in body:
+                state.normalize_messages = bool(body["normalize_messages"])
         return jsonify({"ok": True})
 
     @app.post("/_standin/items")

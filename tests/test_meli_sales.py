@@ -612,3 +612,23 @@ def test_sync_that_died_after_chatwoot_took_the_message_does_not_duplicate_it(ma
         b.poll()
     # THEN the message is in Chatwoot once
     assert [m["content"] for m in _public(_sale_conversation(b))] == ["Cadê meu pedido?"]
+
+
+def test_lost_part_stored_with_whitespace_collapsed_is_not_sent_again(bridge):
+    # GIVEN Mercado Livre stores sale messages with the whitespace collapsed, takes the reply
+    # and loses its answer
+    bridge.ml_post("/_standin/options", {"normalize_messages": True})
+    pack = bridge.sale(buyer_id=8805)["conversation_id"]
+    bridge.buyer_writes(pack, "Oi")
+    bridge.poll()
+    bridge.fail_ml(f"/messages/packs/{pack}/sellers", 503, method="POST", apply=True)
+    hook = bridge.agent_replies(_sale_conversation(bridge)["id"], "Enviamos  hoje,\nobrigado.")
+    bridge.drain()
+    # WHEN the reply is retried
+    bridge.clock.advance(3600)
+    bridge.drain()
+    # THEN the part Mercado Livre already has is recognised and not sent twice
+    assert [m["text"] for m in bridge.ml_state()["sent_messages"]] == ["Enviamos hoje, obrigado."]
+    reply = [m for m in messages_of(_sale_conversation(bridge))
+             if m["id"] == hook["message_id"]][0]
+    assert reply["status"] == "delivered"
