@@ -109,6 +109,12 @@ class MeliTokenSource:
             if fresh:
                 return fresh
             row = db_manager.token_get(self.conn, PROVIDER)
+            if row is not None and row["status"] == "disconnected":
+                # another process gave up (invalid_grant) while this one waited for the lock
+                raise MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
+                                        "/oauth/mercadolivre/start", True,
+                                        retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
+                                        code="disconnected")
             if row is None or not row["refresh_token"]:
                 raise MercadoLivreError(401, "sem refresh token do Mercado Livre", True,
                                         retry_after_seconds=DISCONNECTED_RETRY_SECONDS,

@@ -233,3 +233,25 @@ def test_oauth_states_are_pruned_with_the_other_short_lived_mappings(bridge):
     assert bridge.conn.execute(count, (meli_auth.STATE_NAMESPACE,)).fetchone()[0] == 1
     db_manager.prune_jobs(bridge.conn, older_than=bridge.clock() + 1)
     assert bridge.conn.execute(count, (meli_auth.STATE_NAMESPACE,)).fetchone()[0] == 0
+
+
+def test_refresh_that_waited_for_the_lock_does_not_refresh_a_disconnected_account(
+        bridge, monkeypatch):
+    # GIVEN an expired token, and another process marks the account disconnected
+    # (invalid_grant) while this one waits for the refresh lock
+    _store(bridge, "APP_USR-old", "TG-old", bridge.clock() - 10)
+    real_acquire = db_manager.acquire_lock
+
+    def acquire_after_the_other_gave_up(conn, *args, **kw):
+        db_manager.token_set_status(conn, meli_auth.PROVIDER, "disconnected", "invalid_grant",
+                                    now=bridge.clock())
+        return real_acquire(conn, *args, **kw)
+
+    monkeypatch.setattr(meli_auth.db_manager, "acquire_lock", acquire_after_the_other_gave_up)
+    source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
+    # WHEN this process gets the lock
+    with pytest.raises(MercadoLivreError) as raised:
+        source.access_token()
+    # THEN it reports the disconnection and does not spend the refresh token
+    assert raised.value.code == "disconnected"
+    assert bridge.ml_state()["refresh_calls"] == 0
