@@ -33,7 +33,9 @@ def poll_messages(ctx) -> dict:
     poll gets a sync job (reads use mark_as_read=false, so counts persist until answered), and
     so does a pack that left the list (the seller answered on Mercado Livre's site). A reply
     sent by ponte reads its pack with mark_as_read and drops it from the snapshot, so the
-    buyer's next message counts as a change even when the count is the same again."""
+    buyer's next message counts as a change even when the count is the same again (also when
+    that reply ran while this poll waited for Mercado Livre's answer)."""
+    forgotten_before = db_manager.mapping_get(ctx.conn, NS_UNREAD, "forgotten") or {}
     answer = ml(ctx).unread_messages()
     current: dict[str, int] = {}
     for result in answer.get("results") or []:
@@ -41,6 +43,15 @@ def poll_messages(ctx) -> dict:
         if parsed:
             current[parsed[0]] = int(result.get("count") or 0)
     with db_manager.transaction(ctx.conn):
+        # A reply that read its pack with mark_as_read while this poll waited for Mercado
+        # Livre: the count seen here predates it, so it is not kept (the buyer's next message
+        # must count as a change).
+        forgotten = db_manager.mapping_get(ctx.conn, NS_UNREAD, "forgotten") or {}
+        for pack, generation in forgotten.items():
+            if forgotten_before.get(pack) != generation:
+                current.pop(pack, None)
+        if forgotten:
+            db_manager.mapping_put(ctx.conn, NS_UNREAD, "forgotten", {}, now=ctx.now())
         previous = db_manager.mapping_get(ctx.conn, NS_UNREAD, "last") or {}
         changed = [pack for pack, count in current.items() if previous.get(pack) != count]
         changed += [pack for pack in previous if pack not in current]
@@ -57,6 +68,9 @@ def poll_messages(ctx) -> dict:
 def forget_unread(ctx, pack_id: str) -> None:
     """Drop a pack from the unread snapshot; call inside the caller's transaction, right after
     reading the pack with mark_as_read (its count went to 0 without the poll seeing it)."""
+    forgotten = db_manager.mapping_get(ctx.conn, NS_UNREAD, "forgotten") or {}
+    forgotten[str(pack_id)] = int(forgotten.get(str(pack_id)) or 0) + 1
+    db_manager.mapping_put(ctx.conn, NS_UNREAD, "forgotten", forgotten, now=ctx.now())
     snapshot = db_manager.mapping_get(ctx.conn, NS_UNREAD, "last") or {}
     if snapshot.pop(str(pack_id), None) is not None:
         db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", snapshot, now=ctx.now())

@@ -632,3 +632,41 @@ def test_lost_part_stored_with_whitespace_collapsed_is_not_sent_again(bridge):
     reply = [m for m in messages_of(_sale_conversation(bridge))
              if m["id"] == hook["message_id"]][0]
     assert reply["status"] == "delivered"
+
+
+def test_poll_racing_a_reply_does_not_lose_the_buyers_next_message(bridge, monkeypatch):
+    # GIVEN a sale with one unread message and an agent reply queued
+    import meli_sales
+    pack = bridge.sale(buyer_id=8802)["conversation_id"]
+    bridge.buyer_writes(pack, "primeira")
+    bridge.poll()
+    bridge.agent_replies(_sale_conversation(bridge)["id"], "Olá!")
+    real = meli_sales.ml
+
+    class Racing:
+        """The unread poll's GET answers (count 1) before the reply runs, and its snapshot is
+        written after the reply read the pack with mark_as_read."""
+
+        def __init__(self, client):
+            self.client = client
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+        def unread_messages(self):
+            answer = self.client.unread_messages()
+            monkeypatch.setattr(meli_sales, "ml", real)
+            bridge.drain()
+            return answer
+
+    monkeypatch.setattr(meli_sales, "ml", lambda ctx: Racing(real(ctx)))
+    # WHEN that poll races the reply, and then the buyer writes again (count 1 again)
+    meli_sales.poll_messages(bridge.ctx)
+    bridge.drain()
+    bridge.buyer_writes(pack, "segunda")
+    for _ in range(3):
+        bridge.clock.advance(60)
+        bridge.poll()
+    # THEN the buyer's second message reaches Chatwoot
+    assert [m["content"] for m in _public(_sale_conversation(bridge))] == \
+        ["primeira", "Olá!", "segunda"]
