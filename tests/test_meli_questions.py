@@ -520,3 +520,27 @@ def test_question_under_review_is_not_closed_and_its_later_answer_is_mirrored(br
     conv = _only_conversation(bridge)
     assert [m["content"] for m in messages_of(conv)
             if m["source_id"] == f"meli:answer:{qid}"] == ["Sim, 1 ano."]
+
+
+def test_dead_mirror_rearmed_by_an_operator_does_not_post_the_answer_twice(make_settings,
+                                                                             serve, clock):
+    # GIVEN one attempt per job; the seller answers on Mercado Livre's site, and Chatwoot
+    # stores the mirrored answer but loses its reply
+    b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
+    qid = b.ask("Tem preto?")
+    b.poll()
+    b.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Tem sim."})
+    requests.post(f"{b.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations/", "method": "POST",
+                        "status": 503, "apply": True}, timeout=5)
+    b.notify_ml("questions", f"/questions/{qid}", "seller-typed")
+    b.drain()
+    [dead] = b.jobs(status="dead", kind="ml.mirror_answer")
+    # WHEN an operator re-arms it (attempts reset to 0)
+    assert db_manager.retry_dead_job(b.conn, dead["id"], clock())
+    b.drain()
+    # THEN the answer is in the conversation once, labelled
+    conv = _only_conversation(b)
+    assert [m["content"] for m in messages_of(conv)
+            if m["source_id"] == f"meli:answer:{qid}"] == ["Tem sim."]
+    assert "respondida-no-ml" in conv["labels"]
