@@ -14,7 +14,8 @@ import meli_texts as texts
 from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
 from db_manager import FollowUp
 from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
-                         NS_CONVERSATION, NS_OUTGOING, NS_QUESTION, NS_THREAD, QUESTION_MAX_PAGES, QUESTION_PAGE,
+                         NS_CONVERSATION, NS_OUTGOING, NS_QUESTION, NS_THREAD,
+                         QUESTION_MAX_PAGES, QUESTION_PAGE,
                          add_label, cache_item, cw, ensure_contact, find_conversation,
                          find_message_by_source,
                          fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,

@@ -42,8 +42,8 @@ SALE_NOT_FOUND = (f"{PREFIX} o Mercado Livre não encontrou a conversa desta ven
 DELIVERY_GAVE_UP = (f"{PREFIX} não consegui entregar esta mensagem ao Mercado Livre depois de "
                     "{attempts} tentativas (último erro: {error}). Envie de novo quando o "
                     "Mercado Livre voltar.")
-DELIVERY_MAYBE_SENT = (f"{PREFIX} não consegui confirmar a entrega desta mensagem ao Mercado Livre "
-                       "depois de {attempts} tentativas (último erro: {error}). Ela pode ter sido "
+DELIVERY_MAYBE_SENT = (f"{PREFIX} não consegui confirmar a entrega desta mensagem ao Mercado "
+                       "Livre depois de {attempts} tentativas (último erro: {error}). Ela pode ter sido "
                        "entregue: confira no Mercado Livre antes de enviar de novo.")
 QUESTION_ANSWERED_ON_ML = (f"{PREFIX} esta pergunta já foi respondida no Mercado Livre (direto no "
                            "site) com outro texto; esta mensagem não foi enviada. A resposta que "
