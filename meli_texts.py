@@ -6,7 +6,7 @@ Must not: call peers or the database.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from mercado_livre_api import BLOCKED_SUBSTATUS_PT
 
@@ -72,13 +72,21 @@ def money(value, currency: str = "BRL") -> str:
     return f"R$ {text}" if currency in ("BRL", "", None) else f"{currency} {text}"
 
 
+# Brasília time; Brazil has had no daylight saving time since 2019.
+_BRT = timezone(timedelta(hours=-3))
+
+
 def _date(value: str | None) -> str:
+    """Mercado Livre's ISO date (any offset, often -04:00) as Brasília time for the agent."""
     if not value:
         return ""
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%d/%m/%Y %H:%M")
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(_BRT).strftime("%d/%m/%Y %H:%M")
 
 
 def question_message(question: dict, item: dict | None, others: list[dict]) -> str:

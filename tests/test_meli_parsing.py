@@ -128,3 +128,10 @@ def test_money_and_summary_in_portuguese():
 def test_blocked_substatus_in_words():
     assert "mediação" in meli_texts.sale_blocked("blocked_by_mediation")
     assert "blocked_by_something_new" in meli_texts.sale_blocked("blocked_by_something_new")
+
+
+def test_dates_shown_to_agents_are_brasilia_time():
+    import meli_texts
+    assert meli_texts._date("2026-01-07T14:23:12.000-04:00") == "07/01/2026 15:23"
+    assert meli_texts._date("2026-01-07T14:23:12Z") == "07/01/2026 11:23"
+    assert meli_texts._date("not a date") == "not a date"
