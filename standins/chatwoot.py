@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 
 from flask import Flask, Response, g, jsonify, redirect, request
 
+from standins.failures import next_failure
+
 DEFAULT_TOKEN = "standin-chatwoot-token"
 DEFAULT_ACCOUNT = 1
 MESSAGE_TYPES = {"incoming": 0, "outgoing": 1, "activity": 2, "template": 3}
@@ -147,17 +149,11 @@ def create_app(spec_path: str | None = None) -> Flask:
         if request.path.startswith("/_standin"):
             return None
         with state.lock:
-            for failure in state.failures:
-                if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]) \
-                        and failure.get("method", request.method) == request.method:
-                    if failure.get("after", 0) > 0:  # let this many matching calls through
-                        failure["after"] -= 1
-                        continue
-                    failure["count"] -= 1
-                    if failure.get("apply"):  # the call happens; only its answer is lost
-                        g.standin_lost_answer = failure
-                        break
-                    return jsonify({"error": "standin failure"}), failure["status"]
+            failure = next_failure(state.failures, request.method, request.path)
+        if failure and failure.get("apply"):  # the call happens; only its answer is lost
+            g.standin_lost_answer = failure
+        elif failure:
+            return jsonify({"error": "standin failure"}), failure["status"]
         if not request.path.startswith("/api/"):
             return None
         body = _request_body()

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 
 from flask import Flask, Response, g, jsonify, redirect, request
 
+from standins.failures import next_failure
+
 AGENT_MLB = 3037675074
 DEFAULT_SELLER = 779432305
 DEFAULT_CLIENT_ID = "5503910054141466"
@@ -97,26 +99,20 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
             state.calls.append({"method": request.method, "path": request.path,
                                 "query": {k: v for k, v in request.args.items()},
                                 "at": time.time()})
-            for failure in state.failures:
-                if failure["count"] > 0 and request.path.startswith(failure["path_prefix"]) \
-                        and failure.get("method", request.method) == request.method:
-                    if failure.get("after", 0) > 0:  # let this many matching calls through
-                        failure["after"] -= 1
-                        continue
-                    failure["count"] -= 1
-                    if failure.get("apply"):  # the call happens; only its answer is lost
-                        g.standin_lost_answer = failure
-                        break
-                    status = failure["status"]
-                    body = failure.get("body") or {"message": "standin failure", "error":
-                                                   "internal_error" if status >= 500
-                                                   else "local_rate_limited",
-                                                   "status": status, "cause": []}
-                    response = jsonify(body)
-                    response.status_code = status
-                    if failure.get("retry_after") is not None:
-                        response.headers["Retry-After"] = str(failure["retry_after"])
-                    return response
+            failure = next_failure(state.failures, request.method, request.path)
+            if failure and failure.get("apply"):  # the call happens; only its answer is lost
+                g.standin_lost_answer = failure
+            elif failure:
+                status = failure["status"]
+                body = failure.get("body") or {"message": "standin failure", "error":
+                                               "internal_error" if status >= 500
+                                               else "local_rate_limited",
+                                               "status": status, "cause": []}
+                response = jsonify(body)
+                response.status_code = status
+                if failure.get("retry_after") is not None:
+                    response.headers["Retry-After"] = str(failure["retry_after"])
+                return response
         if state.auth_required and not request.path.startswith(PUBLIC_PATHS):
             header = request.headers.get("Authorization", "")
             if not header.startswith("Bearer ") or header[7:] not in state.access_tokens:

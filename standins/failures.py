@@ -1,0 +1,18 @@
+"""Failure injection shared by the stand-ins: `/_standin/fail` rules that make matching calls
+fail, either before anything happens or after the call was applied (only the answer is lost)."""
+from __future__ import annotations
+
+
+def next_failure(failures: list[dict], method: str, path: str) -> dict | None:
+    """The rule that fails this call, if any, consuming one of its `count`. A rule is
+    `{"path_prefix", "count", "status", "method"?, "after"? (calls to let through first),
+    "apply"? (apply the call, then lose its answer)}`. Call under the stand-in's lock."""
+    for failure in failures:
+        if failure["count"] > 0 and path.startswith(failure["path_prefix"]) \
+                and failure.get("method", method) == method:
+            if failure.get("after", 0) > 0:
+                failure["after"] -= 1
+                continue
+            failure["count"] -= 1
+            return failure
+    return None
