@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 VERSION = "0.1.0"
 APP_NAME = "ponte"

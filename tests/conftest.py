@@ -2,7 +2,6 @@
 servers for the stand-in peers."""
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import threading

@@ -1,7 +1,6 @@
 """Bridge A at its edges: bad input changes nothing, the bot API, Kommo OAuth, and crashes."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,12 +10,11 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-import requests
 
 import db_manager
 import kommo_auth
 from standins import kommo as kommo_standin
-from tests.bridge_a_harness import ADMIN, N8N_KEY, SECRET, BridgeA
+from tests.bridge_a_harness import N8N_KEY, SECRET, BridgeA
 from tests.conftest import payload_text
 
 ROOT = Path(__file__).resolve().parent.parent

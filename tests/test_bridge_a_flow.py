@@ -6,7 +6,7 @@ import pytest
 
 import db_manager
 import whatsapp_jobs
-from tests.bridge_a_harness import ADMIN, N8N_KEY, SECRET, BridgeA
+from tests.bridge_a_harness import N8N_KEY, BridgeA
 from tests.conftest import payload_text
 
 

@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 import db_manager

@@ -1,7 +1,6 @@
 """The operators' routes and the web process's guarantees: JSON errors, limits, request ids."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
