@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 from flask import Flask, Response, g, jsonify, redirect, request
 
-from standins.failures import next_failure
+from standins.failures import answer_after_apply, next_failure
 
 DEFAULT_TOKEN = "standin-chatwoot-token"
 DEFAULT_ACCOUNT = 1
@@ -173,15 +173,8 @@ def create_app(spec_path: str | None = None) -> Flask:
 
     @app.after_request
     def _after(response):
-        failure = g.pop("standin_lost_answer", None)
-        if failure is None:
-            return response
-        if failure.get("sleep"):  # past the client's timeout: the caller sees a timeout
-            time.sleep(float(failure["sleep"]))
-            return response
-        lost = jsonify({"error": "standin failure after applying the request"})
-        lost.status_code = int(failure["status"])
-        return lost
+        return answer_after_apply(response, g.pop("standin_lost_answer", None),
+                                  {"error": "standin failure after applying the request"})
 
     def account_ok(account_id) -> bool:
         return str(account_id) == str(state.account_id)

@@ -2,6 +2,10 @@
 fail, either before anything happens or after the call was applied (only the answer is lost)."""
 from __future__ import annotations
 
+import time
+
+from flask import jsonify
+
 
 def next_failure(failures: list[dict], method: str, path: str) -> dict | None:
     """The rule that fails this call, if any, consuming one of its `count`. A rule is
@@ -16,3 +20,16 @@ def next_failure(failures: list[dict], method: str, path: str) -> dict | None:
             failure["count"] -= 1
             return failure
     return None
+
+
+def answer_after_apply(response, failure: dict | None, error_body: dict):
+    """For an `apply` rule: the call already happened; now lose its answer, either by waiting
+    past the client's timeout (`sleep`) or by answering `status` with `error_body`."""
+    if failure is None:
+        return response
+    if failure.get("sleep"):
+        time.sleep(float(failure["sleep"]))
+        return response
+    lost = jsonify(error_body)
+    lost.status_code = int(failure["status"])
+    return lost

@@ -21,6 +21,8 @@ import uuid
 
 from flask import Flask, jsonify, request
 
+from standins.failures import next_failure
+
 DEFAULT_TOKEN = "kommo-standin-long-lived-token"
 ACCOUNT_ID = "31257294"
 SUBDOMAIN = "minhaloja"
@@ -84,13 +86,9 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
                 state.recent.popleft()
             if state.max_rps and len(state.recent) > state.max_rps:
                 return _problem(429, "Too Many Requests", "too many requests per second")
-            for failure in state.failures:
-                if request.path.startswith(failure["path_prefix"]) and failure["times"] != 0:
-                    failure["times"] -= 1
-                    if failure.get("status", 0) == 0:
-                        time.sleep(failure.get("delay", 5))
-                        return None
-                    return _problem(failure["status"], "Injected failure")
+            failure = next_failure(state.failures, request.method, request.path)
+            if failure:
+                return _problem(failure["status"], "Injected failure")
         if request.path == "/oauth2/access_token":
             return None
         auth = request.headers.get("Authorization", "")
@@ -221,13 +219,13 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
 
     @app.post("/_standin/fail")
     def standin_fail():
-        """{"path_prefix": "/api/v4/talks", "status": 503, "times": 3}; status 0 = slow."""
+        """{"path_prefix": "/api/v4/talks", "status": 503, "count": 3} (see standins.failures)."""
         body = request.get_json(force=True)
         with state.lock:
             if body.get("clear"):
                 state.failures.clear()
             else:
-                state.failures.append({"times": 1, **body})
+                state.failures.append({"count": 1, **body})
         return jsonify(ok=True)
 
     @app.post("/_standin/reset")

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from flask import Flask, Response, g, jsonify, redirect, request
 
-from standins.failures import next_failure
+from standins.failures import answer_after_apply, next_failure
 
 AGENT_MLB = 3037675074
 DEFAULT_SELLER = 779432305
@@ -122,15 +122,9 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
     @app.after_request
     def _after(response):
         failure = g.pop("standin_lost_answer", None)
-        if failure is None:
-            return response
-        if failure.get("sleep"):  # past the client's timeout: the caller sees a timeout
-            time.sleep(float(failure["sleep"]))
-            return response
-        lost = jsonify({"message": "standin failure after applying the request",
-                        "error": "internal_error", "status": failure["status"], "cause": []})
-        lost.status_code = failure["status"]
-        return lost
+        return answer_after_apply(response, failure, {
+            "message": "standin failure after applying the request", "error": "internal_error",
+            "status": failure and failure["status"], "cause": []})
 
     # --- OAuth ----------------------------------------------------------------------------------
 

@@ -360,7 +360,7 @@ def test_closed_talk_is_not_retried_and_the_seller_is_told(bridge):
 
 
 def test_kommo_down_while_replying_then_delivered(bridge, clock):
-    bridge.kommo_fails(path_prefix="/api/v4/talks", status=503, times=2)
+    bridge.kommo_fails(path_prefix="/api/v4/talks", status=503, count=2)
     bridge.customer_says("oi")
     bridge.run_jobs()
     assert bridge.chat_messages() == []
