@@ -285,16 +285,6 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
                 return _err(404, "order_not_found", "Order not found")
             return jsonify(order)
 
-    @app.get("/orders/search")
-    def orders_search():
-        with state.lock:
-            rows = sorted(state.orders.values(), key=lambda o: o["date_created"], reverse=True)
-            limit = int(request.args.get("limit", 50))
-            offset = int(request.args.get("offset", 0))
-            return jsonify({"query": "", "display": "complete",
-                            "paging": {"total": len(rows), "offset": offset, "limit": limit},
-                            "results": rows[offset:offset + limit]})
-
     @app.get("/packs/<int:pack_id>")
     def pack_get(pack_id):
         with state.lock:
