@@ -93,6 +93,8 @@ class JobContext:
             self.clients = Clients(self.settings, self.conn, self.now)
 
 
+# A handler may set `handler.atomic = True` when it only writes to the database (see
+# `_run_atomic`).
 Handler = Callable[[JobContext, Job], Any]
 DeadHandler = Callable[[JobContext, Job, str], list]
 
@@ -131,8 +133,9 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
         handler = handlers.get(job.kind)
         if handler is None:
             raise JobFailed(f"no handler for kind {job.kind}", retryable=False)
-        result, follow_ups = _split_result(handler(ctx, job))
-        if db_manager.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+        run = _run_atomic if getattr(handler, "atomic", False) else _run_then_complete
+        follow_ups = run(ctx, job, handler)
+        if follow_ups is not None:
             log.info("job_done", extra={"elapsed_ms": _ms(started),
                                         "follow_ups": len(follow_ups)})
         else:
@@ -145,6 +148,33 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     finally:
         ponte_logging.job_context_var.reset(token)
     return job
+
+
+def _run_then_complete(ctx: JobContext, job: Job, handler: Handler) -> list | None:
+    """The usual handler: talks to a peer outside any transaction, then the job is completed
+    with its follow-ups. Returns the follow-ups, or None when the lease was lost."""
+    result, follow_ups = _split_result(handler(ctx, job))
+    if db_manager.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+        return follow_ups
+    return None
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+def _run_atomic(ctx: JobContext, job: Job, handler: Handler) -> list | None:
+    """A handler marked `atomic = True` only writes to the database: it runs inside the
+    transaction that completes its job, so its writes and the completion commit together or
+    not at all (a crash halfway leaves the job to run again from scratch)."""
+    try:
+        with db_manager.transaction(ctx.conn):
+            result, follow_ups = _split_result(handler(ctx, job))
+            if not db_manager.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+                raise _LeaseLost  # another worker took the job over: undo what we wrote
+    except _LeaseLost:
+        return None
+    return follow_ups
 
 
 def _dead_hook(ctx: JobContext, on_dead: dict[str, DeadHandler]):

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -183,6 +186,48 @@ def test_run_next_job_maps_handler_outcomes(settings, db, clock):
     assert dead_notes and "talk closed" in dead_notes[0]
 
 
+def test_atomic_handler_commits_its_writes_with_the_completion_or_not_at_all(settings, db,
+                                                                             clock):
+    failures = [RuntimeError("crashed half-way")]
+
+    def apply(ctx, job):
+        db_manager.mapping_put(ctx.conn, "applied", job.dedupe_key, {"n": 1}, now=ctx.now())
+        if failures:
+            raise failures.pop()
+        return {"applied": True}, [FollowUp("after", "after-1", {})]
+
+    apply.atomic = True
+    ctx = JobContext(settings, db, now=clock)
+    handlers = {"apply": apply, "after": lambda c, j: None}
+    db_manager.enqueue_job(db, "apply", "d1", {}, now=clock())
+    run_next_job(ctx, handlers)
+    # the failed run left nothing behind
+    assert db_manager.mapping_get(db, "applied", "d1") is None
+    assert db_manager.get_job(db, dedupe_key="d1")["status"] == "pending"
+    assert db_manager.get_job(db, dedupe_key="after-1") is None
+    clock.advance(3600)
+    while run_next_job(ctx, handlers):
+        pass
+    job = db_manager.get_job(db, dedupe_key="d1")
+    assert job["status"] == "done" and job["result"] == {"applied": True}
+    assert db_manager.mapping_get(db, "applied", "d1") == {"n": 1}
+    assert db_manager.get_job(db, dedupe_key="after-1")["status"] == "done"
+
+
+def test_atomic_handler_that_lost_its_lease_writes_nothing(settings, db, clock):
+    def slow_apply(ctx, job):
+        db_manager.mapping_put(ctx.conn, "applied", job.dedupe_key, {"n": 1}, now=ctx.now())
+        # meanwhile the lease expired and another poller took the job over
+        db.execute("UPDATE jobs SET locked_by = 'someone-else' WHERE id = ?", (job.id,))
+        return {"applied": True}
+
+    slow_apply.atomic = True
+    db_manager.enqueue_job(db, "apply", "d2", {}, now=clock())
+    run_next_job(JobContext(settings, db, now=clock), {"apply": slow_apply})
+    assert db_manager.mapping_get(db, "applied", "d2") is None
+    assert db_manager.get_job(db, dedupe_key="d2")["status"] == "running"
+
+
 def _migrate_in_process(path: str, barrier, results) -> None:
     barrier.wait()
     try:
@@ -221,6 +266,34 @@ def test_transaction_rolls_back_everything_on_error(db, clock):
             db_manager.enqueue_job(db, "k", "x", {}, now=clock())
             raise RuntimeError("half-way")
     assert db_manager.get_job(db, dedupe_key="x") is None
+
+
+def test_a_writer_waits_for_the_write_lock_and_gets_it_soon_after_release(db, settings, clock):
+    holder = db_manager.connect(settings.database_path)
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.15, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    with db_manager.transaction(db):
+        db_manager.enqueue_job(db, "k", "after-wait", {}, now=clock())
+    waited = time.monotonic() - started
+    # Released at 0.15 s; SQLite's own busy handler, sleeping in 25-50 ms steps by then, would
+    # only try again at 0.178 s.
+    assert 0.145 <= waited < 0.17
+    assert db_manager.get_job(db, dedupe_key="after-wait")["status"] == "pending"
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] == db_manager.BUSY_TIMEOUT_MS
+
+
+def test_a_writer_gives_up_after_the_busy_timeout(db, settings, clock, monkeypatch):
+    monkeypatch.setattr(db_manager, "BUSY_TIMEOUT_MS", 150)
+    holder = db_manager.connect(settings.database_path)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with db_manager.transaction(db):
+            db_manager.enqueue_job(db, "k", "never", {}, now=clock())
+    assert 0.14 <= time.monotonic() - started < 1.0
+    holder.execute("ROLLBACK")
+    assert db_manager.get_job(db, dedupe_key="never") is None and not db.in_transaction
 
 
 def test_cross_process_lock_is_exclusive_until_expiry(db, clock):
