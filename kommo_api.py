@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+from urllib.parse import unquote_plus
 
 from peer_http import PeerClient, PeerError
 
@@ -173,25 +174,57 @@ class KommoParseError(ValueError):
 
 
 _KEY = re.compile(r"^([A-Za-z_]+)((?:\[[^\[\]]*\])*)$")
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+# Kommo sends the same few dozen keys in every webhook; splitting a key (percent-decoding and a
+# regex) is most of the parsing time, so split keys are remembered. Bounded: a flood of made-up
+# keys cannot grow it.
+_KEY_PARTS_CACHE: dict[str, tuple[str, ...]] = {}
+_KEY_PARTS_CACHE_MAX = 4096
 
 
-def nest_form(pairs: Iterable[tuple[str, str]]) -> dict:
-    """Turn PHP-style flat keys (`message[add][0][text]`) into nested dicts. Raises
-    KommoParseError on keys that are not of that shape or that contradict each other."""
+def key_parts(key: str) -> tuple[str, ...]:
+    """Split a PHP-style form key: `message[add][0][text]` → ('message', 'add', '0', 'text').
+    Raises KommoParseError on keys that are not of that shape."""
+    match = _KEY.match(key)
+    if not match:
+        raise KommoParseError(f"malformed key {key[:60]!r}")
+    return (match.group(1), *_BRACKETS.findall(match.group(2)))
+
+
+def form_fields(raw: bytes) -> list[tuple[tuple[str, ...], str]]:
+    """Decode an `application/x-www-form-urlencoded` body into (key parts, value) pairs, in
+    order. Decoding as browsers, werkzeug and `urllib.parse.parse_qsl` do: `&` separates pairs,
+    `+` is a space, `%XX` escapes are UTF-8 (invalid bytes replaced), a pair without `=` has an
+    empty value, empty pairs are skipped."""
+    fields = []
+    for chunk in raw.decode("utf-8", "replace").split("&"):
+        if not chunk:
+            continue
+        key, _, value = chunk.partition("=")
+        parts = _KEY_PARTS_CACHE.get(key)
+        if parts is None:
+            parts = key_parts(unquote_plus(key))
+            if len(_KEY_PARTS_CACHE) < _KEY_PARTS_CACHE_MAX:
+                _KEY_PARTS_CACHE[key] = parts
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        fields.append((parts, value))
+    return fields
+
+
+def nest_form(fields: Iterable[tuple[tuple[str, ...], str]]) -> dict:
+    """Turn (key parts, value) pairs into nested dicts. Raises KommoParseError on keys that
+    contradict each other (`a[b]=1` and `a[b][c]=2`)."""
     root: dict = {}
-    for key, value in pairs:
-        match = _KEY.match(key)
-        if not match:
-            raise KommoParseError(f"malformed key {key[:60]!r}")
-        parts = [match.group(1)] + re.findall(r"\[([^\[\]]*)\]", match.group(2))
+    for parts, value in fields:
         node = root
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise KommoParseError(f"conflicting key {key[:60]!r}")
+                raise KommoParseError(f"conflicting key {'/'.join(parts)[:60]!r}")
             node = child
         if isinstance(node.get(parts[-1]), dict):
-            raise KommoParseError(f"conflicting key {key[:60]!r}")
+            raise KommoParseError(f"conflicting key {'/'.join(parts)[:60]!r}")
         node[parts[-1]] = value
     return root
 
@@ -246,14 +279,14 @@ def _message(item: dict, default_direction: str) -> KommoMessage:
         attachments=tuple(attachments))
 
 
-def parse_kommo_webhook(pairs: Iterable[tuple[str, str]]) -> KommoWebhook:
-    """Parse a Kommo account webhook body (form pairs, as `request.form.items(multi=True)`).
+def parse_kommo_webhook(raw: bytes) -> KommoWebhook:
+    """Parse a Kommo account webhook body (`application/x-www-form-urlencoded` bytes).
 
     Returns every chat message (`message[add]`, Kommo's documented variant without the `message`
     wrapper, and `outgoing_message[add]`), every lead note, and what was ignored. Raises
     KommoParseError when the body is not a Kommo webhook at all.
     """
-    data = nest_form(pairs)
+    data = nest_form(form_fields(raw))
     if not data:
         raise KommoParseError("empty body")
     account = data.get("account") if isinstance(data.get("account"), dict) else {}

@@ -7,7 +7,6 @@ Must not: call Kommo or n8n inside a webhook request (only the OAuth code exchan
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import urllib.parse
@@ -21,6 +20,7 @@ import whatsapp_intake
 import whatsapp_store
 from kommo_api import KommoError, KommoParseError, parse_kommo_webhook
 from n8n_api import parse_send_response
+from ponte_logging import request_id_var
 from web_common import get_db, json_error, now, require_bearer, settings, token_matches
 
 log = logging.getLogger("ponte.kommo.web")
@@ -36,7 +36,13 @@ OAUTH_STATE_TTL_SECONDS = 1800
 @blueprint.route("/webhooks/kommo", methods=["GET", "POST"], strict_slashes=False)
 @blueprint.route("/webhooks/kommo/<secret>", methods=["GET", "POST"], strict_slashes=False)
 def kommo_webhook(secret: str | None = None):
-    """Kommo → ponte. Kommo does not sign webhooks: the secret travels in the URL."""
+    """Kommo → ponte. Kommo does not sign webhooks: the secret travels in the URL.
+
+    The body is parsed here (malformed → 400, nothing recorded) and recorded as it came, in one
+    statement; the poller applies it in arrival order (`whatsapp_intake.apply_delivery`). The
+    request does only what a durable, validated ack needs: this route is what Kommo's retries
+    and bursts hit.
+    """
     given = secret or request.args.get("secret", "")
     if not token_matches(given, settings().kommo_webhook_secret):
         log.warning("kommo_webhook_bad_secret")
@@ -46,9 +52,9 @@ def kommo_webhook(secret: str | None = None):
     if request.mimetype != "application/x-www-form-urlencoded":
         return json_error(415, "unsupported_media_type",
                           "O Kommo envia application/x-www-form-urlencoded.")
-    raw = request.get_data(cache=True)
+    raw = request.get_data()
     try:
-        hook = parse_kommo_webhook(request.form.items(multi=True))
+        hook = parse_kommo_webhook(raw)
     except KommoParseError as exc:
         return json_error(400, "bad_kommo_payload", f"Corpo não é um webhook do Kommo: {exc}")
     expected_account = settings().kommo_account_id
@@ -56,23 +62,10 @@ def kommo_webhook(secret: str | None = None):
         log.warning("kommo_webhook_wrong_account", extra={"account_id": hook.account_id})
         return json_error(401, "wrong_account", "Webhook de outra conta do Kommo.")
     conn = get_db()
-    delivery_key = "kommo-delivery:" + hashlib.sha256(raw).hexdigest()
     with db_manager.transaction(conn):
-        summary = whatsapp_intake.record_webhook(conn, settings(), hook, now())
-        first = db_manager.record_event(
-            conn, "kommo", delivery_key, _event_type(hook),
-            "accepted" if (summary.messages_new or summary.commands) else "ignored",
-            summary.as_dict(), now=now())
-    # Routine deliveries are in Gunicorn's access log and the poller's job lines; INFO only for
-    # what a person did (commands). Keeps the hot path cheap.
-    log.log(logging.INFO if summary.commands else logging.DEBUG, "kommo_webhook_recorded",
-            extra={"duplicate_delivery": not first, **summary.as_dict()})
-    return jsonify(ok=True, **summary.as_dict())
-
-
-def _event_type(hook) -> str:
-    kinds = (["message"] if hook.messages else []) + (["note"] if hook.notes else [])
-    return "+".join(kinds) or "other"
+        outcome = whatsapp_intake.record_delivery(conn, hook, raw, now(),
+                                                  request_id_var.get())
+    return jsonify(ok=True, recorded=outcome)
 
 
 # --- n8n asynchronous answer --------------------------------------------------------------------

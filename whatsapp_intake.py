@@ -16,11 +16,18 @@ from dataclasses import dataclass, field
 import bot_control
 import db_manager
 import whatsapp_store
-from kommo_api import KommoMessage, KommoNote, KommoWebhook
+from kommo_api import KommoMessage, KommoNote, KommoWebhook, parse_kommo_webhook
 from n8n_api import N8nAsyncAnswer
 
 log = logging.getLogger("ponte.whatsapp")
 
+INTAKE = "kommo.intake"
+# One order for every delivery: a #pausar note must be applied before the customer message
+# that came after it, whichever contact the note's lead belongs to.
+INTAKE_ORDER = "kommo-intake"
+# Applying a delivery only touches the database; if it fails, it is a bug, and the deliveries
+# behind it must not wait through a long backoff.
+INTAKE_MAX_ATTEMPTS = 3
 FORWARD = "n8n.forward_message"
 SEND_REPLY = "kommo.send_reply"
 ADD_NOTE = "kommo.add_note"
@@ -47,8 +54,49 @@ class IntakeSummary:
         return {k: v for k, v in self.__dict__.items() if v}
 
 
+def delivery_key(raw: bytes) -> str:
+    """Dedupe key of a webhook delivery: Kommo's retries re-send the same body."""
+    return "kommo-delivery:" + hashlib.sha256(raw).hexdigest()
+
+
+def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
+                    request_id: str | None = None) -> str:
+    """Record one parsed webhook delivery before it is acknowledged (inside the caller's
+    transaction): a `kommo.intake` job holding the body as it came when it has messages or
+    notes, else an ignored event. A re-delivery changes nothing. Returns 'queued', 'ignored'
+    or 'duplicate'."""
+    key = delivery_key(raw)
+    if hook.messages or hook.notes:
+        new = db_manager.enqueue_job(
+            conn, INTAKE, key, {"body": raw.decode("utf-8", "replace"), "received_at": now,
+                                "request_id": request_id},
+            ordering_key=INTAKE_ORDER, max_attempts=INTAKE_MAX_ATTEMPTS, now=now)
+        return "queued" if new else "duplicate"
+    new = db_manager.record_event(
+        conn, "kommo", key, "other", "ignored",
+        {"ignored": [f"{i.key}: {i.reason}" for i in hook.ignored]}, request_id=request_id,
+        now=now)
+    return "ignored" if new else "duplicate"
+
+
+def apply_delivery(conn, settings, key: str, payload: dict) -> IntakeSummary:
+    """Apply a delivery recorded by `record_delivery` (inside the caller's transaction), with
+    its arrival time as the clock (debounce windows and pauses date from when Kommo called),
+    and log it in the events table."""
+    hook = parse_kommo_webhook(payload["body"].encode())
+    received_at = payload["received_at"]
+    summary = record_webhook(conn, settings, hook, received_at)
+    kinds = (["message"] if hook.messages else []) + (["note"] if hook.notes else [])
+    db_manager.record_event(conn, "kommo", key, "+".join(kinds) or "other",
+                            "accepted" if (summary.messages_new or summary.commands)
+                            else "ignored", summary.as_dict(),
+                            request_id=payload.get("request_id"), now=received_at)
+    return summary
+
+
 def record_webhook(conn, settings, hook: KommoWebhook, now: float) -> IntakeSummary:
-    """Record a parsed Kommo webhook (inside the caller's transaction)."""
+    """Apply a parsed Kommo webhook (inside the caller's transaction): dedupe, bursts, pauses
+    and commands."""
     summary = IntakeSummary()
     for message in hook.messages:
         if message.from_customer:

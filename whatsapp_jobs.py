@@ -1,4 +1,4 @@
-"""Jobs of bridge A, run by the poller: forward a burst to n8n, deliver answers into the
+"""Jobs of bridge A, run by the poller: apply recorded Kommo webhooks, forward a burst to n8n, deliver answers into the
 WhatsApp chat, confirm commands on the lead, auto-resume paused bots.
 
 Owns: `HANDLERS`, `ON_DEAD`, `SCHEDULES` of bridge A.
@@ -14,12 +14,13 @@ import bot_control
 import db_manager
 import kommo_api
 import kommo_auth
+import whatsapp_intake
 import whatsapp_store
 from db_manager import FollowUp, Job
 from job_runner import JobContext, JobDeferred, JobFailed
 from n8n_api import extract_answer
-from whatsapp_intake import (ADD_NOTE, BOT_COMMAND, FORWARD, SEND_REPLY, correlation_for,
-                             ordering_key, reply_follow_ups)
+from whatsapp_intake import (ADD_NOTE, BOT_COMMAND, FORWARD, INTAKE, SEND_REPLY,
+                             correlation_for, ordering_key, reply_follow_ups)
 
 log = logging.getLogger("ponte.whatsapp")
 
@@ -150,6 +151,20 @@ def send_reply(ctx: JobContext, job: Job):
     return {"sent": "talk", "kommo_message_id": kommo_message_id}
 
 
+def intake(ctx: JobContext, job: Job):
+    """Apply a Kommo webhook the web process recorded: new customer messages join a burst for
+    n8n, seller commands take effect (database only, in arrival order)."""
+    summary = whatsapp_intake.apply_delivery(ctx.conn, ctx.settings, job.dedupe_key,
+                                             job.payload)
+    # Routine deliveries are already in the job lines; INFO only for what a person did.
+    log.log(logging.INFO if summary.commands else logging.DEBUG, "kommo_webhook_applied",
+            extra={"request_id_webhook": job.payload.get("request_id"), **summary.as_dict()})
+    return summary.as_dict()
+
+
+intake.atomic = True
+
+
 def add_note(ctx: JobContext, job: Job):
     """Write a note on the lead (where the seller reads; never reaches the customer)."""
     lead_id = job.payload.get("lead_id")
@@ -270,7 +285,7 @@ def auto_resume(ctx: JobContext) -> int:
     return resumed
 
 
-HANDLERS = {FORWARD: forward_message, SEND_REPLY: send_reply, ADD_NOTE: add_note,
+HANDLERS = {INTAKE: intake, FORWARD: forward_message, SEND_REPLY: send_reply, ADD_NOTE: add_note,
             BOT_COMMAND: bot_command}
 ON_DEAD = {FORWARD: forward_dead, SEND_REPLY: reply_dead, BOT_COMMAND: command_dead}
 SCHEDULES = [(30, auto_resume), (300, kommo_auth.refresh_if_due)]

@@ -78,6 +78,11 @@ class BridgeA:
     def kommo_fails(self, **body):
         requests.post(self.kommo.url + "/_standin/fail", json=body)
 
+    def intake_results(self) -> list[dict]:
+        """What the poller made of each Kommo webhook (the `kommo.intake` jobs), oldest first."""
+        jobs = db_manager.list_jobs(self.db, kind="kommo.intake", limit=10_000)
+        return [j["result"] for j in reversed(jobs)]
+
     def counts(self) -> dict:
         return {"events": db_manager.count_events(self.db),
                 "jobs": len(db_manager.list_jobs(self.db, limit=10_000)),

@@ -91,13 +91,15 @@ def test_url_check_and_url_variants(bridge):
     body = kommo_standin.message_form("oi", message_id="q1")
     response = bridge.web.post(f"/webhooks/kommo?secret={SECRET}", data=body,
                                content_type="application/x-www-form-urlencoded")
-    assert response.status_code == 200 and response.get_json()["messages_new"] == 1
+    assert response.status_code == 200 and response.get_json()["recorded"] == "queued"
+    bridge.run_jobs()
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi"]
 
 
 def test_unhandled_events_are_recorded_as_ignored_and_answered_200(bridge):
     for name in ("add_lead", "add_talk"):
         response = bridge.kommo_posts(payload_text(f"kommo/{name}.form").strip())
-        assert response.status_code == 200 and response.get_json()["ignored"]
+        assert response.status_code == 200 and response.get_json()["recorded"] == "ignored"
     assert db_manager.count_events(bridge.db, status="ignored") == 2
     assert bridge.counts()["jobs"] == 0
 
@@ -105,14 +107,19 @@ def test_unhandled_events_are_recorded_as_ignored_and_answered_200(bridge):
 def test_documented_variant_without_message_wrapper(bridge):
     body = kommo_standin.message_form("oi sem wrapper").replace("message%5Badd%5D", "add")
     response = bridge.kommo_posts(body)
-    assert response.status_code == 200 and response.get_json()["messages_new"] == 1
+    assert response.status_code == 200 and response.get_json()["recorded"] == "queued"
+    bridge.run_jobs()
+    assert bridge.intake_results() == [{"messages_new": 1}]
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi sem wrapper"]
 
 
 def test_several_messages_in_one_post_are_all_recorded(bridge):
     first = kommo_standin.message_form("um", message_id="a1", index=0)
     second = kommo_standin.message_form("dois", message_id="a2", index=1)
     response = bridge.kommo_posts(first + "&" + second.split("&", 3)[3])
-    assert response.get_json()["messages_new"] == 2
+    assert response.get_json()["recorded"] == "queued"
+    bridge.run_jobs()
+    assert bridge.intake_results() == [{"messages_new": 2}]
 
 
 def test_media_message_attachments_reach_n8n(bridge):
@@ -129,7 +136,7 @@ def test_webhook_secret_never_reaches_the_logs(bridge):
     bridge.seller_notes("#pausar")
     bridge.run_jobs()
     logs = "".join(p.read_text() for p in Path(bridge.settings.log_dir).glob("*.log"))
-    assert "kommo_webhook_recorded" in logs and "n8n_forwarded" in logs
+    assert "kommo_webhook_applied" in logs and "n8n_forwarded" in logs
     assert SECRET not in logs and N8N_KEY not in logs and kommo_standin.DEFAULT_TOKEN not in logs
 
 
@@ -137,6 +144,7 @@ def test_webhook_secret_never_reaches_the_logs(bridge):
 
 def test_bot_api_pause_status_resume_and_list(bridge):
     bridge.customer_says("oi")
+    bridge.run_jobs()
     assert bridge.api("get", "/bot/status/93589657", token="nope").status_code == 401
     response = bridge.api("post", "/bot/pause/93589657", json={"reason": "negociação"})
     assert response.status_code == 200 and response.get_json()["paused"] is True
@@ -246,7 +254,7 @@ def test_poller_killed_mid_job_then_reply_sent_exactly_once(bridge, clock, tmp_p
         "KOMMO_BASE_URL": bridge.settings.kommo_base_url, "KOMMO_WEBHOOK_SECRET": SECRET,
         "KOMMO_ACCESS_TOKEN": kommo_standin.DEFAULT_TOKEN,
         "N8N_WEBHOOK_URL": bridge.settings.n8n_webhook_url, "N8N_API_KEY": N8N_KEY,
-        "KOMMO_MAX_RPS": 0, "JOB_LEASE_SECONDS": 30}.items()}
+        "KOMMO_MAX_RPS": 0, "JOB_LEASE_SECONDS": 30, "BOT_DEBOUNCE_SECONDS": 0}.items()}
     script = CRASHING_POLLER.format(root=str(ROOT), env=env)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "running"

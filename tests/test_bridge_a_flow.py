@@ -43,13 +43,40 @@ def test_one_message_delivered_five_times_gives_one_n8n_call_and_one_reply(bridg
     assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
 
 
+def test_retries_that_arrive_before_the_poller_runs_are_recorded_once(bridge):
+    body = payload_text("kommo/add_message_incoming_text.form").strip()
+    answers = [bridge.kommo_posts(body).get_json()["recorded"] for _ in range(5)]
+    assert answers == ["queued"] + ["duplicate"] * 4
+    # a re-delivery whose body differs (another account link) is caught by the message id
+    bridge.kommo_posts(body.replace("minhaloja", "minhaloja2"))
+    bridge.run_jobs()
+    assert bridge.intake_results() == [{"messages_new": 1}, {"messages_duplicate": 1}]
+    assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
+
+
+def test_deliveries_are_applied_in_arrival_order(bridge):
+    # GIVEN the seller's #pausar note arrives just before the customer's next message, and the
+    # poller gets to both only afterwards
+    bridge.customer_says("oi", message_id="m1")
+    bridge.run_jobs()
+    bridge.seller_notes("#pausar")
+    bridge.customer_says("alguém aí?", message_id="m2")
+    # WHEN the poller runs
+    bridge.run_jobs()
+    # THEN the note took effect first: the message is kept, not sent to n8n
+    assert len(bridge.n8n_calls()) == 1
+    assert bridge.db.execute("SELECT status FROM kommo_messages WHERE kommo_message_id = 'm2'"
+                             ).fetchone()[0] == "skipped_paused"
+
+
 def test_burst_in_the_debounce_window_becomes_one_call_in_order(make_settings, serve, clock):
     bridge = BridgeA(make_settings, serve, clock, BOT_DEBOUNCE_SECONDS=3,
                      BOT_DEBOUNCE_MAX_SECONDS=15)
     for i, text in enumerate(["oi", "tudo bem?", "queria saber do frete", "para Campinas"]):
         bridge.customer_says(text, created_at=1_790_000_000 + i)
         clock.advance(1)
-        assert bridge.run_jobs() == 0  # window still open
+        bridge.run_jobs()
+        assert bridge.n8n_calls() == []  # window still open
     clock.advance(3)
     bridge.run_jobs()
     [call] = bridge.n8n_calls()
@@ -86,8 +113,10 @@ def test_seller_note_pauses_then_voltar_resumes(bridge):
     # WHEN the seller writes #pausar in a note on the lead (real-shaped note_lead body)
     assert bridge.kommo_posts(payload_text("kommo/note_lead_pausar.form").strip()).status_code \
         == 200
-    # THEN the bot is paused at once, before any job runs
+    # THEN the bot is paused as soon as the poller applies the delivery, before it confirms
+    assert bridge.run_jobs(max_jobs=1) == 1
     assert bridge.bot_state()["status"] == "paused"
+    assert "🤖 Bot pausado. Vendedor assumindo conversa." not in bridge.lead_notes()
     bridge.run_jobs()
     assert bridge.lead_notes()[-1] == "🤖 Bot pausado. Vendedor assumindo conversa."
     # AND the customer's next messages are kept but not sent to n8n
@@ -177,6 +206,7 @@ def test_late_asynchronous_answer_after_pause_is_not_delivered(make_settings, se
     correlation = bridge.n8n_calls()[0]["correlation_id"]
     bridge.seller_notes("#pausar")
     bridge.seller_notes("#voltar", note_id="2")  # even after #voltar: that answer is stale
+    bridge.run_jobs()
     response = bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "oi!",
                                          "correlation_id": correlation})
     assert response.status_code == 202 and response.get_json()["suppressed"] is True
@@ -201,6 +231,7 @@ def test_asynchronous_answer_through_send_response(make_settings, serve, clock):
 
 def test_send_response_validation(bridge):
     bridge.customer_says("oi")
+    bridge.run_jobs()
     assert bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "x"},
                                     key="wrong").status_code == 401
     assert bridge.n8n_answers_later({"conversation_id": "999", "response_text": "x"}
@@ -211,8 +242,17 @@ def test_send_response_validation(bridge):
     assert bad.status_code == 400 and bad.get_json()["error"] == "bad_json"
 
 
-def test_should_send_false_sends_nothing_and_handoff_pauses_with_a_note(bridge):
+@pytest.fixture
+def async_bridge(make_settings, serve, clock):
+    """An n8n workflow that answers through /send-response, after the customer's message was
+    forwarded."""
+    return BridgeA(make_settings, serve, clock, n8n_mode="empty")
+
+
+def test_should_send_false_sends_nothing_and_handoff_pauses_with_a_note(async_bridge):
+    bridge = async_bridge
     bridge.customer_says("quero um humano")
+    bridge.run_jobs()
     response = bridge.n8n_answers_later({"contact_id": "93589657", "response_text": "ok",
                                          "should_send": False, "should_handoff": True})
     assert response.status_code == 202 and response.get_json()["handoff"] is True
@@ -223,8 +263,10 @@ def test_should_send_false_sends_nothing_and_handoff_pauses_with_a_note(bridge):
     assert bridge.chat_messages() == []  # should_send false: nothing to the customer
 
 
-def test_handoff_farewell_reaches_the_customer_and_then_the_bot_is_quiet(bridge):
+def test_handoff_farewell_reaches_the_customer_and_then_the_bot_is_quiet(async_bridge):
+    bridge = async_bridge
     bridge.customer_says("quero falar com um humano")
+    bridge.run_jobs()
     response = bridge.n8n_answers_later({"conversation_id": "1874", "should_handoff": True,
                                          "response_text": "Vou te passar para um atendente.",
                                          "correlation_id": "c-handoff"})
@@ -239,8 +281,10 @@ def test_handoff_farewell_reaches_the_customer_and_then_the_bot_is_quiet(bridge)
     assert bridge.chat_messages() == ["Vou te passar para um atendente."]
 
 
-def test_send_response_without_correlation_id_is_deduplicated(bridge):
+def test_send_response_without_correlation_id_is_deduplicated(async_bridge):
+    bridge = async_bridge
     bridge.customer_says("oi")
+    bridge.run_jobs()
     body = {"contact_id": "93589657", "response_text": "Olá!"}
     assert bridge.n8n_answers_later(body).get_json()["queued"] == 1
     assert bridge.n8n_answers_later(body).get_json()["duplicate"] is True
@@ -314,11 +358,15 @@ def test_burst_waiting_for_retry_is_dropped_after_a_pause_and_resume(bridge, clo
     assert bridge.chat_messages() == []
 
 
-def test_pause_on_another_lead_of_the_same_contact_applies_at_once(bridge):
+def test_pause_on_another_lead_of_the_same_contact_applies_to_the_contact(bridge):
     bridge.customer_says("oi", lead_id="111", message_id="x1")
     bridge.customer_says("de novo", lead_id="222", message_id="x2")
+    bridge.run_jobs()
     bridge.seller_notes("#pausar", lead_id="111", note_id="5")
+    bridge.customer_says("e aí?", lead_id="222", message_id="x3")
+    bridge.run_jobs()
     assert bridge.bot_state()["status"] == "paused"
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi\nde novo"]
 
 
 def test_a_command_that_cannot_be_applied_is_reported_on_the_lead(bridge, clock):
@@ -332,9 +380,11 @@ def test_auto_resume_does_not_undo_a_new_pause(make_settings, serve, clock):
     bridge = BridgeA(make_settings, serve, clock, BOT_AUTO_RESUME_HOURS=1)
     bridge.customer_says("oi")
     bridge.seller_notes("#pausar", note_id="1")
+    bridge.run_jobs()
     clock.advance(3601)
     due = whatsapp_store.due_auto_resumes(bridge.db, clock())
     bridge.seller_notes("#pausar de novo", note_id="2")  # lands between select and update
+    bridge.run_jobs()
     assert not whatsapp_store.set_active(bridge.db, "93589657", "auto", clock(),
                                          only_if_pause_count=due[0]["pause_count"])
     assert bridge.bot_state()["status"] == "paused"
@@ -347,6 +397,8 @@ def test_our_own_reply_reported_back_by_kommo_does_not_pause(make_settings, serv
     bridge.run_jobs()
     sent = bridge.kommo_state()["sent"][0]
     bridge.kommo_posts(k.outgoing_form(sent["text"], message_id=sent["id"]))
+    bridge.run_jobs()
+    assert bridge.intake_results()[-1] == {"ignored": [f"message {sent['id']}: our own reply"]}
     assert bridge.bot_state()["status"] == "active"
 
 
@@ -390,6 +442,7 @@ def test_seller_chat_message_with_a_command_pauses(bridge):
     from standins import kommo as k
     bridge.customer_says("oi")
     bridge.kommo_posts(k.outgoing_form("#pausar"))
+    bridge.run_jobs()
     assert bridge.bot_state()["status"] == "paused"
 
 
