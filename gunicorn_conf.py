@@ -30,15 +30,17 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
 forwarded_allow_ips = "*"
 
 
+_secrets = _ponte_config.secret_values(_settings)
+
+
 class _ScrubbingLogger(_Logger):
     """Gunicorn's logger with URL-borne secrets removed from every access-log line."""
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
-        secrets = _ponte_config.secret_values(_settings)
         for key in ("r", "U", "q", "f", "{raw_uri}e"):
             if isinstance(atoms.get(key), str):
-                atoms[key] = _ponte_logging.scrub(atoms[key], secrets)
+                atoms[key] = _ponte_logging.scrub(atoms[key], _secrets)
         return atoms
 
 

@@ -6,12 +6,13 @@ Must not: call a peer inside a webhook request, or do work at import time (no mo
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 import uuid
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import bridges
@@ -50,7 +51,7 @@ def create_app(settings=None, clock=None) -> Flask:
     except Exception as exc:  # /health will say why; the web must still answer
         log.error("db_migrate_failed", extra={"error": str(exc)})
 
-    _install_request_hooks(app)
+    app.wsgi_app = RequestIds(app.wsgi_app, settings.max_body_bytes)
     _install_error_handlers(app)
     _install_operator_routes(app)
     for blueprint in bridges.blueprints(settings):
@@ -60,26 +61,40 @@ def create_app(settings=None, clock=None) -> Flask:
     return app
 
 
-def _install_request_hooks(app: Flask) -> None:
-    @app.before_request
-    def assign_request_id():
-        given = request.headers.get("X-Request-Id", "")
-        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        g.request_token = ponte_logging.request_id_var.set(g.request_id)
-        g.started = time.monotonic()
-        limit = web_common.settings().max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return json_error(413, *_ERROR_TEXT[413])
+class RequestIds:
+    """WSGI middleware in front of Flask, run on every request (so plain WSGI, cheap):
 
-    @app.after_request
-    def stamp_request_id(response):
-        response.headers["X-Request-Id"] = getattr(g, "request_id", "")
-        return response
+    - every request gets an id — the caller's `X-Request-Id` when it is a sane one, else a new
+      one — that log lines written during the request carry and the answer echoes;
+    - a declared body over `max_body_bytes` gets 413 before any route runs (Flask's own limit
+      only applies when a route reads the body).
+    """
 
-    @app.teardown_request
-    def forget_request_id(_exc):
-        token = g.pop("request_token", None)
-        if token is not None:
+    def __init__(self, wsgi_app, max_body_bytes: int):
+        self.wsgi_app = wsgi_app
+        self.max_body_bytes = max_body_bytes
+
+    def __call__(self, environ, start_response):
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+        def start_with_id(status, headers, exc_info=None):
+            headers.append(("X-Request-Id", request_id))
+            return start_response(status, headers, exc_info)
+
+        declared = environ.get("CONTENT_LENGTH", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            code, message = _ERROR_TEXT[413]
+            body = json.dumps({"error": code, "message": message, "request_id": request_id},
+                              ensure_ascii=False).encode()
+            start_with_id("413 Request Entity Too Large",
+                          [("Content-Type", "application/json"),
+                           ("Content-Length", str(len(body)))])
+            return [body]
+        token = ponte_logging.request_id_var.set(request_id)
+        try:
+            return self.wsgi_app(environ, start_with_id)
+        finally:
             ponte_logging.request_id_var.reset(token)
 
 
