@@ -134,6 +134,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX bot_states_until ON bot_states(until_at) WHERE status = 'paused';
     """,
+    # 3: urgent kinds are claimed first (see claim_next_job)
+    """
+    CREATE INDEX jobs_ready_by_kind ON jobs(kind, available_at) WHERE status = 'pending';
+    """,
 ]
 
 
@@ -229,14 +233,19 @@ def _begin_immediate(conn: sqlite3.Connection) -> None:
         while True:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                return
+                break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(pause)
             pause = min(pause * 2, 0.002)
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except BaseException:
+            if conn.in_transaction:  # never leave a transaction that nobody will commit
+                conn.execute("ROLLBACK")
+            raise
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
@@ -315,16 +324,24 @@ _NOT_BLOCKED = """(j.ordering_key IS NULL OR NOT EXISTS (
 
 
 def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
-                   worker: str | None = None) -> Job | None:
+                   worker: str | None = None, urgent_kinds: tuple[str, ...] = ()) -> Job | None:
     """Claim the next runnable job: running with an expired lease (its worker died), else
-    pending and due. A job with an `ordering_key` waits while an earlier job with the same key
-    is still pending or running, so one conversation's jobs run in order. Call
-    `bury_worn_out_jobs()` first so a job that keeps killing its worker is not re-run."""
+    pending and due — of one of `urgent_kinds` first, if any is due. A job with an
+    `ordering_key` waits while an earlier job with the same key is still pending or running,
+    so one conversation's jobs run in order. Call `bury_worn_out_jobs()` first so a job that
+    keeps killing its worker is not re-run."""
     with transaction(conn):
-        # Two queries instead of one OR, so each can walk its index in order.
+        # Separate queries instead of one OR, so each can walk its index in order.
         row = conn.execute(
             f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
             f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", (now,)).fetchone()
+        for kind in urgent_kinds:
+            if row is not None:
+                break
+            row = conn.execute(
+                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?"
+                f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
+                f" LIMIT 1", (kind, now)).fetchone()
         if row is None:
             row = conn.execute(
                 f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"

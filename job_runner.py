@@ -94,7 +94,8 @@ class JobContext:
 
 
 # A handler may set `handler.atomic = True` when it only writes to the database (see
-# `_run_atomic`).
+# `_run_atomic`), and `handler.urgent = True` when its due jobs must run before any other due
+# job (inbound deliveries: a seller's pause must land before a reply queued earlier is sent).
 Handler = Callable[[JobContext, Job], Any]
 DeadHandler = Callable[[JobContext, Job, str], list]
 
@@ -122,12 +123,16 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
                                                 on_dead=_dead_hook(ctx, on_dead)):
         log.error("job_failed", extra={"job_id": buried.id, "kind": buried.kind,
                                        "new_status": "dead", "error": "lease expired too often"})
+    urgent = tuple(kind for kind, h in handlers.items() if getattr(h, "urgent", False))
     job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                    worker=worker or f"poller-{os.getpid()}")
+                                    worker=worker or f"poller-{os.getpid()}",
+                                    urgent_kinds=urgent)
     if job is None:
         return None
     token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,
                                                "attempt": job.attempt})
+    # A job recorded by a webhook carries its request id: the job's log lines join that request.
+    request_token = ponte_logging.request_id_var.set(job.payload.get("request_id"))
     started = time.monotonic()
     try:
         handler = handlers.get(job.kind)
@@ -146,6 +151,7 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
         _fail(ctx, job, exc, on_dead, started)
     finally:
+        ponte_logging.request_id_var.reset(request_token)
         ponte_logging.job_context_var.reset(token)
     return job
 

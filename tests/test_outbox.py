@@ -186,6 +186,15 @@ def test_run_next_job_maps_handler_outcomes(settings, db, clock):
     assert dead_notes and "talk closed" in dead_notes[0]
 
 
+def test_urgent_kinds_are_claimed_before_older_due_jobs(db, clock):
+    db_manager.enqueue_job(db, "reply", "older", {}, now=clock())
+    clock.advance(5)
+    db_manager.enqueue_job(db, "intake", "newer", {}, now=clock())
+    first = db_manager.claim_next_job(db, clock(), LEASE, urgent_kinds=("intake",))
+    second = db_manager.claim_next_job(db, clock(), LEASE, urgent_kinds=("intake",))
+    assert (first.dedupe_key, second.dedupe_key) == ("newer", "older")
+
+
 def test_atomic_handler_commits_its_writes_with_the_completion_or_not_at_all(settings, db,
                                                                              clock):
     failures = [RuntimeError("crashed half-way")]
@@ -271,14 +280,14 @@ def test_transaction_rolls_back_everything_on_error(db, clock):
 def test_a_writer_waits_for_the_write_lock_and_gets_it_soon_after_release(db, settings, clock):
     holder = db_manager.connect(settings.database_path)
     holder.execute("BEGIN IMMEDIATE")
-    threading.Timer(0.15, lambda: holder.execute("COMMIT")).start()
+    threading.Timer(0.23, lambda: holder.execute("COMMIT")).start()
     started = time.monotonic()
     with db_manager.transaction(db):
         db_manager.enqueue_job(db, "k", "after-wait", {}, now=clock())
     waited = time.monotonic() - started
-    # Released at 0.15 s; SQLite's own busy handler, sleeping in 25-50 ms steps by then, would
-    # only try again at 0.178 s.
-    assert 0.145 <= waited < 0.17
+    # Released at 0.23 s; SQLite's own busy handler tries at 0.228 s and then, sleeping 100 ms,
+    # only at 0.328 s.
+    assert 0.225 <= waited < 0.30
     assert db_manager.get_job(db, dedupe_key="after-wait")["status"] == "pending"
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == db_manager.BUSY_TIMEOUT_MS
 
