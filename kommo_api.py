@@ -176,10 +176,11 @@ class KommoParseError(ValueError):
 _KEY = re.compile(r"^([A-Za-z_]+)((?:\[[^\[\]]*\])*)$")
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 # Kommo sends the same few dozen keys in every webhook; splitting a key (percent-decoding and a
-# regex) is most of the parsing time, so split keys are remembered. Bounded: a flood of made-up
-# keys cannot grow it.
+# regex) is most of the parsing time, so split keys are remembered. Bounded in count and key
+# size: a flood of made-up keys cannot grow it.
 _KEY_PARTS_CACHE: dict[str, tuple[str, ...]] = {}
 _KEY_PARTS_CACHE_MAX = 4096
+_KEY_CACHED_MAX_CHARS = 200
 
 
 def key_parts(key: str) -> tuple[str, ...]:
@@ -204,7 +205,7 @@ def form_fields(raw: bytes) -> list[tuple[tuple[str, ...], str]]:
         parts = _KEY_PARTS_CACHE.get(key)
         if parts is None:
             parts = key_parts(unquote_plus(key))
-            if len(_KEY_PARTS_CACHE) < _KEY_PARTS_CACHE_MAX:
+            if len(_KEY_PARTS_CACHE) < _KEY_PARTS_CACHE_MAX and len(key) <= _KEY_CACHED_MAX_CHARS:
                 _KEY_PARTS_CACHE[key] = parts
         if "%" in value or "+" in value:
             value = unquote_plus(value)
@@ -233,7 +234,15 @@ def _indexed(block: Any) -> list[tuple[str, dict]]:
     if not isinstance(block, dict):
         return []
     items = [(k, v) for k, v in block.items() if isinstance(v, dict)]
-    return sorted(items, key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9)
+    for key, _ in items:
+        if not _is_number(key):
+            raise KommoParseError(f"index {key[:20]!r} is not a number")
+    return sorted(items, key=lambda kv: int(kv[0]))
+
+
+def _is_number(text: str) -> bool:
+    # str.isdigit() also accepts "²", which int() refuses.
+    return text.isascii() and text.isdigit()
 
 
 _MAX_EPOCH = 4_102_444_800  # 2100-01-01: anything later is not a Kommo timestamp
@@ -251,7 +260,7 @@ def _epoch(item: dict, key: str) -> int:
     text = _str(item, key).strip()
     if not text:
         return 0
-    if not text.isdigit() or int(text) > _MAX_EPOCH:
+    if not _is_number(text) or int(text) > _MAX_EPOCH:
         raise KommoParseError(f"field {key!r} is not a Unix timestamp")
     return int(text)
 

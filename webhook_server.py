@@ -6,6 +6,7 @@ Must not: call a peer inside a webhook request, or do work at import time (no mo
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -66,8 +67,8 @@ class RequestIds:
 
     - every request gets an id — the caller's `X-Request-Id` when it is a sane one, else a new
       one — that log lines written during the request carry and the answer echoes;
-    - a declared body over `max_body_bytes` gets 413 before any route runs (Flask's own limit
-      only applies when a route reads the body).
+    - a body over `max_body_bytes` gets 413 before any route runs, declared or chunked (Flask's
+      own limit only applies when a route reads the body, and cuts a chunked one silently).
     """
 
     def __init__(self, wsgi_app, max_body_bytes: int):
@@ -83,7 +84,14 @@ class RequestIds:
             return start_response(status, headers, exc_info)
 
         declared = environ.get("CONTENT_LENGTH", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        too_large = declared.isdigit() and int(declared) > self.max_body_bytes
+        if not declared and environ.get("wsgi.input_terminated"):
+            # A chunked body has no declared length, and werkzeug would silently cut it at the
+            # limit: read it here (up to one byte past the limit) and give Flask a sized body.
+            body = environ["wsgi.input"].read(self.max_body_bytes + 1)
+            too_large = len(body) > self.max_body_bytes
+            environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+        if too_large:
             code, message = _ERROR_TEXT[413]
             body = json.dumps({"error": code, "message": message, "request_id": request_id},
                               ensure_ascii=False).encode()

@@ -10,6 +10,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+import requests
 
 import db_manager
 import kommo_auth
@@ -43,6 +44,10 @@ def test_wrong_secret_is_401_and_records_nothing(bridge):
     ("foo=bar", "application/x-www-form-urlencoded", 400),
     ("message[add][0]=x&message[add][0][id]=y", "application/x-www-form-urlencoded", 400),
     ("message]]add=1", "application/x-www-form-urlencoded", 400),
+    ("account[id]=1&message[add][%C2%B2][id]=m1&message[add][%C2%B2][text]=oi",
+     "application/x-www-form-urlencoded", 400),  # "²" passes str.isdigit() but not int()
+    ("account[id]=1&message[add][0][id]=m1&message[add][0][created_at]=%C2%B2",
+     "application/x-www-form-urlencoded", 400),
     ('{"message": {"add": []}}', "application/json", 415),
 ])
 def test_malformed_bodies_get_4xx_json_and_record_nothing(bridge, body, content_type, status):
@@ -77,6 +82,22 @@ def test_huge_body_is_413_and_records_nothing(bridge):
     response = bridge.kommo_posts(body)
     assert response.status_code == 413 and response.get_json()["error"] == "payload_too_large"
     assert bridge.counts() == NOTHING
+
+
+def test_chunked_bodies_are_limited_too_and_read_whole(bridge, serve):
+    web = serve(bridge.app)  # over real HTTP: a chunked body has no Content-Length
+    url = f"{web.url}/webhooks/kommo/{SECRET}"
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    huge = kommo_standin.message_form("x" * 2_000_000).encode()
+    response = requests.post(url, data=(huge[i:i + 65536] for i in range(0, len(huge), 65536)),
+                             headers=headers)
+    assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
+    assert bridge.counts() == NOTHING
+    small = kommo_standin.message_form("oi, em pedaços").encode()
+    response = requests.post(url, data=iter([small[:100], small[100:]]), headers=headers)
+    assert response.json()["recorded"] == "queued"
+    bridge.run_jobs()
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi, em pedaços"]
 
 
 def test_other_account_is_refused(make_settings, serve, clock):
@@ -131,12 +152,16 @@ def test_media_message_attachments_reach_n8n(bridge):
 
 
 def test_webhook_secret_never_reaches_the_logs(bridge):
-    bridge.customer_says("oi")
+    bridge.kommo_posts(kommo_standin.message_form("oi"),
+                       headers={"X-Request-Id": "kommo-call-4711"})
     bridge.run_jobs()
     bridge.seller_notes("#pausar")
     bridge.run_jobs()
     logs = "".join(p.read_text() for p in Path(bridge.settings.log_dir).glob("*.log"))
     assert "kommo_webhook_applied" in logs and "n8n_forwarded" in logs
+    # the poller's lines about that delivery carry the request id of the webhook call
+    assert any('"kind": "kommo.intake"' in line and '"request_id": "kommo-call-4711"' in line
+               and '"job_done"' in line for line in logs.splitlines())
     assert SECRET not in logs and N8N_KEY not in logs and kommo_standin.DEFAULT_TOKEN not in logs
 
 
