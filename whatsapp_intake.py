@@ -123,7 +123,10 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
     attachments = [{"type": a.type, "link": a.link, "file_name": a.file_name}
                    for a in msg.attachments]
     state = whatsapp_store.get_bot_state(conn, msg.contact_id)
-    if state["status"] == "paused":
+    # A message is applied a moment after it arrived; if a seller or the API changed the bot
+    # meanwhile, it arrived under the previous state: paused (so it waits), or active with a
+    # pause since (a burst from before a pause is never sent).
+    if state["status"] == "paused" or _changed_after(state, now):
         if whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
                                          msg.message_type, attachments, msg.created_at or now,
                                          now, "skipped_paused", None):
@@ -138,6 +141,10 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
         summary.messages_new += 1
     else:
         summary.messages_duplicate += 1
+
+
+def _changed_after(state: dict, moment: float) -> bool:
+    return bool(state.get("since_at")) and state["since_at"] > moment
 
 
 def _batch_for(conn, settings, msg: KommoMessage, pause_count: int, now: float) -> str | None:
@@ -173,10 +180,12 @@ def _record_seller_chat_message(conn, settings, msg: KommoMessage, now: float,
     command = bot_control.parse_command(msg.text)
     who = msg.author_name or msg.author_user_id or "vendedor"
     if command:
-        _apply_and_confirm(conn, settings, command, lead_id=msg.lead_id, contact_id=msg.contact_id,
-                         by=who, by_kind="seller", source="chat",
-                         dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now)
-        summary.commands.append(command.name)
+        if _apply_and_confirm(conn, settings, command, lead_id=msg.lead_id,
+                              contact_id=msg.contact_id, by=who, by_kind="seller", source="chat",
+                              dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now):
+            summary.commands.append(command.name)
+        else:
+            summary.ignored.append(f"seller message {msg.message_id}: already applied")
     elif settings.bot_pause_on_human_reply and msg.contact_id:
         state = whatsapp_store.get_bot_state(conn, msg.contact_id)
         if state["status"] == "active":
@@ -197,32 +206,44 @@ def _record_note(conn, settings, note: KommoNote, now: float, summary: IntakeSum
     if command is None:
         summary.ignored.append(f"note {note.note_id}: not a command")
         return
-    _apply_and_confirm(conn, settings, command, lead_id=note.lead_id, contact_id=None,
-                     by=f"usuário {note.created_by}", by_kind="seller", source="note",
-                     dedupe_key=f"kommo-note:{note.note_id}", now=now)
-    summary.commands.append(command.name)
+    if _apply_and_confirm(conn, settings, command, lead_id=note.lead_id, contact_id=None,
+                          by=f"usuário {note.created_by}", by_kind="seller", source="note",
+                          dedupe_key=f"kommo-note:{note.note_id}", now=now):
+        summary.commands.append(command.name)
+    else:
+        summary.ignored.append(f"note {note.note_id}: already applied")
 
 
 def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id: str | None,
                      contact_id: str | None, by: str, by_kind: str, source: str,
-                     dedupe_key: str, now: float) -> None:
+                     dedupe_key: str, now: float) -> bool:
     """Apply the command now when we know the contact (a pause must stop the very next customer
     message), and queue the job that confirms it on the lead (and asks Kommo for the contact
-    first when the lead was never seen in a message)."""
+    first when the lead was never seen in a message). False when it was applied before."""
     if not contact_id and lead_id:
         contact_id = whatsapp_store.contact_of_lead(conn, lead_id)
     payload = {"lead_id": lead_id, "contact_id": contact_id, "command": command.name,
                "word": command.word, "reason": command.reason, "by": by, "by_kind": by_kind,
                "source": source}
     if db_manager.get_job(conn, dedupe_key=dedupe_key):
-        return  # the same note delivered again
-    if contact_id:
+        return False  # the same note delivered again
+    if contact_id and command.name in ("pause", "resume") and _changed_after(
+            whatsapp_store.get_bot_state(conn, contact_id), now):
+        # Someone (the API, the assistant's handoff) changed the bot after this command was
+        # written: the newer decision stands.
+        state = whatsapp_store.get_bot_state(conn, contact_id)
+        payload["superseded"] = True
+        payload["confirmation"] = (f"🤖 Comando #{command.word or command.name} não aplicado: "
+                                   "o bot mudou de estado depois dele.\n"
+                                   + bot_control.status_text(state))
+    elif contact_id:
         payload["confirmation"] = bot_control.apply_command(
             conn, contact_id, command, by, by_kind, now, settings.bot_auto_resume_hours)
     db_manager.enqueue_job(conn, BOT_COMMAND, dedupe_key, payload,
                            ordering_key=ordering_key(contact_id) if contact_id else None, now=now)
     log.info("bot_command_recorded", extra={"command": command.name, "source": source,
                                             "contact_id": contact_id, "lead_id": lead_id})
+    return True
 
 
 # --- HTTP API and n8n's asynchronous answers ----------------------------------------------------

@@ -158,11 +158,15 @@ def intake(ctx: JobContext, job: Job):
                                              job.payload)
     # Routine deliveries are already in the job lines; INFO only for what a person did.
     log.log(logging.INFO if summary.commands else logging.DEBUG, "kommo_webhook_applied",
-            extra={"request_id_webhook": job.payload.get("request_id"), **summary.as_dict()})
+            extra=summary.as_dict())
     return summary.as_dict()
 
 
 intake.atomic = True
+# Applied before anything else that is due: a #pausar that arrived while the poller was busy
+# (a slow n8n) must stop a reply queued before it, as it did when commands applied in the
+# webhook request.
+intake.urgent = True
 
 
 def add_note(ctx: JobContext, job: Job):
@@ -199,14 +203,34 @@ def bot_command(ctx: JobContext, job: Job):
             confirmation = bot_control.apply_command(ctx.conn, contact_id, command, p["by"],
                                                      p["by_kind"], ctx.now(),
                                                      ctx.settings.bot_auto_resume_hours)
-    if p["command"] == "pause" and p["by_kind"] == "ai":
+    if p.get("superseded"):
+        pass  # the confirmation already says the command lost to a newer change
+    elif p["command"] == "pause" and p["by_kind"] == "ai":
         confirmation = "🤖 O assistente pediu um humano: bot pausado. Vendedor, assuma a conversa."
-    if p["command"] == "pause" and p["by_kind"] == "human_reply":
+    elif p["command"] == "pause" and p["by_kind"] == "human_reply":
         confirmation = ("🤖 Bot pausado porque um vendedor respondeu no chat. "
                         "Escreva #voltar numa nota para reativar.")
     return {"contact_id": contact_id}, [FollowUp(ADD_NOTE, f"note:{job.dedupe_key}", {
         "lead_id": p.get("lead_id"), "contact_id": contact_id, "text": confirmation},
         ordering_key=ordering_key(contact_id))]
+
+
+INTAKE_DEAD_NOTE = ("⚠️ A ponte não conseguiu processar uma mensagem ou nota deste lead (erro "
+                    "interno) e o assistente não vai responder a ela. Atenda o cliente por "
+                    "aqui; o operador encontra a entrega em /admin/jobs?status=dead.")
+
+
+def intake_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
+    """A delivery could not be applied (a defect, since applying only touches the database):
+    tell the seller on every lead it concerns, so no customer waits in silence."""
+    try:
+        hook = kommo_api.parse_kommo_webhook(job.payload["body"].encode())
+    except kommo_api.KommoParseError:
+        return []
+    leads = {m.lead_id for m in hook.messages if m.lead_id} | \
+        {n.lead_id for n in hook.notes if n.lead_id}
+    return [FollowUp(ADD_NOTE, f"note:{job.dedupe_key}:{lead}",
+                     {"lead_id": lead, "text": INTAKE_DEAD_NOTE}) for lead in sorted(leads)]
 
 
 def command_dead(ctx: JobContext, job: Job, error: str) -> list[FollowUp]:
@@ -287,5 +311,5 @@ def auto_resume(ctx: JobContext) -> int:
 
 HANDLERS = {INTAKE: intake, FORWARD: forward_message, SEND_REPLY: send_reply, ADD_NOTE: add_note,
             BOT_COMMAND: bot_command}
-ON_DEAD = {FORWARD: forward_dead, SEND_REPLY: reply_dead, BOT_COMMAND: command_dead}
+ON_DEAD = {INTAKE: intake_dead, FORWARD: forward_dead, SEND_REPLY: reply_dead, BOT_COMMAND: command_dead}
 SCHEDULES = [(30, auto_resume), (300, kommo_auth.refresh_if_due)]

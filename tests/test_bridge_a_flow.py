@@ -6,6 +6,7 @@ import pytest
 
 import db_manager
 import whatsapp_jobs
+import whatsapp_store
 from tests.bridge_a_harness import N8N_KEY, BridgeA
 from tests.conftest import payload_text
 
@@ -52,6 +53,68 @@ def test_retries_that_arrive_before_the_poller_runs_are_recorded_once(bridge):
     bridge.run_jobs()
     assert bridge.intake_results() == [{"messages_new": 1}, {"messages_duplicate": 1}]
     assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
+
+
+def test_a_delivery_that_fails_half_way_leaves_nothing_and_is_applied_once_later(
+        bridge, clock, monkeypatch):
+    # GIVEN applying the delivery breaks after the message was written (a defect, a crash)
+    real_record_event, failures = db_manager.record_event, [RuntimeError("crash")]
+
+    def record_event_once_broken(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_record_event(*args, **kwargs)
+
+    monkeypatch.setattr(db_manager, "record_event", record_event_once_broken)
+    bridge.customer_says("oi", message_id="m-crash")
+    bridge.run_jobs()
+    # THEN nothing of it was kept, and the delivery waits for its retry
+    assert bridge.counts()["messages"] == 0 and bridge.n8n_calls() == []
+    assert db_manager.list_jobs(bridge.db, kind="n8n.forward_message") == []
+    assert db_manager.list_jobs(bridge.db, kind="kommo.intake")[0]["status"] == "pending"
+    # WHEN it is retried, THEN it is applied once: one n8n call, one reply
+    clock.advance(60)
+    bridge.run_jobs()
+    assert bridge.counts()["messages"] == 1
+    assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
+
+
+def test_a_delivery_that_keeps_failing_is_reported_on_the_lead(bridge, clock, monkeypatch):
+    monkeypatch.setattr(whatsapp_store, "upsert_conversation",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("defect")))
+    bridge.customer_says("oi", message_id="m-dead")
+    for _ in range(4):
+        bridge.run_jobs()
+        clock.advance(3600)
+    assert db_manager.list_jobs(bridge.db, kind="kommo.intake")[0]["status"] == "dead"
+    assert bridge.lead_notes()[-1] == whatsapp_jobs.INTAKE_DEAD_NOTE
+    assert bridge.n8n_calls() == []
+
+
+def test_a_command_older_than_the_bots_last_change_does_not_undo_it(bridge, clock):
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    bridge.seller_notes("#voltar", note_id="31")  # written by a seller...
+    clock.advance(1)
+    pause = bridge.api("post", "/bot/pause/93589657", json={"by": "Ana"})  # ...then, via the API
+    assert pause.get_json()["status"] == "paused"
+    bridge.run_jobs()  # the note is applied after the newer API pause
+    assert bridge.bot_state()["status"] == "paused"
+    assert bridge.lead_notes()[-1].startswith("🤖 Comando #voltar não aplicado")
+
+
+def test_a_message_from_during_a_pause_is_not_sent_after_the_resume(bridge, clock):
+    bridge.customer_says("oi", message_id="m1")
+    bridge.run_jobs()
+    bridge.api("post", "/bot/pause/93589657")
+    clock.advance(1)
+    bridge.customer_says("ainda aí?", message_id="m2")  # arrives while paused...
+    clock.advance(1)
+    bridge.api("post", "/bot/resume/93589657")  # ...and is applied after the resume
+    bridge.run_jobs()
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi"]
+    assert bridge.db.execute("SELECT status FROM kommo_messages WHERE kommo_message_id = 'm2'"
+                             ).fetchone()[0] == "skipped_paused"
 
 
 def test_deliveries_are_applied_in_arrival_order(bridge):
@@ -139,8 +202,11 @@ def test_same_note_delivered_twice_is_applied_and_confirmed_once(bridge):
     bridge.customer_says("olá")
     note = payload_text("kommo/note_lead_pausar.form").strip()
     bridge.kommo_posts(note)
-    bridge.kommo_posts(note)
+    bridge.kommo_posts(note)  # the same body: recorded once
+    bridge.kommo_posts(note.replace("minhaloja", "minhaloja2"))  # another body, same note id
     bridge.run_jobs()
+    assert bridge.intake_results()[1:] == [{"commands": ["pause"]},
+                                           {"ignored": ["note 213313359: already applied"]}]
     assert bridge.bot_state()["pause_count"] == 1
     assert bridge.lead_notes().count("🤖 Bot pausado. Vendedor assumindo conversa.") == 1
 
@@ -191,7 +257,8 @@ def test_auto_resume_after_the_configured_hours(make_settings, serve, clock):
 
 def test_answer_produced_before_a_pause_is_not_delivered(bridge):
     bridge.customer_says("quero falar com alguém")
-    assert bridge.run_jobs(max_jobs=1) == 1  # n8n answered; the reply job is queued
+    assert bridge.run_jobs(max_jobs=2) == 2  # applied, n8n answered; the reply job is queued
+    assert len(bridge.n8n_calls()) == 1 and bridge.chat_messages() == []
     bridge.seller_notes("#pausar")
     bridge.run_jobs()
     assert len(bridge.n8n_calls()) == 1 and bridge.chat_messages() == []
@@ -338,7 +405,8 @@ def test_fallback_is_not_sent_after_the_seller_paused(make_settings, serve, cloc
     bridge = BridgeA(make_settings, serve, clock, n8n_mode="down", JOB_MAX_ATTEMPTS=1,
                      BOT_FALLBACK_MESSAGE="Já já te respondemos")
     bridge.customer_says("oi")
-    assert bridge.run_jobs(max_jobs=1) == 1  # n8n fails for good: note + fallback queued
+    assert bridge.run_jobs(max_jobs=2) == 2  # applied; n8n fails for good: note + fallback queued
+    assert db_manager.list_jobs(bridge.db, kind="n8n.forward_message")[0]["status"] == "dead"
     bridge.seller_notes("#pausar")  # ...and the seller takes over before they run
     bridge.run_jobs()
     assert "não respondeu" in " ".join(bridge.lead_notes())
