@@ -194,15 +194,23 @@ def connect(path: str) -> sqlite3.Connection:
 def _set_wal(conn: sqlite3.Connection) -> None:
     # Switching a fresh file to WAL needs an exclusive lock and SQLite does not call the busy
     # handler for it: when web and poller start together, one of them must wait and try again.
+    _execute_when_unlocked(conn, "PRAGMA journal_mode = WAL", pause=0.02, max_pause=0.02)
+
+
+def _execute_when_unlocked(conn: sqlite3.Connection, sql: str, pause: float,
+                           max_pause: float) -> None:
+    """Run `sql`, trying again while the database is locked (sleeping `pause`, doubling up to
+    `max_pause`), for at most BUSY_TIMEOUT_MS."""
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
     while True:
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(sql)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 2, max_pause)
 
 
 @contextlib.contextmanager
@@ -229,16 +237,7 @@ def _begin_immediate(conn: sqlite3.Connection) -> None:
     # same overall timeout.
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        deadline, pause = time.monotonic() + BUSY_TIMEOUT_MS / 1000, 0.00005
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+        _execute_when_unlocked(conn, "BEGIN IMMEDIATE", pause=0.00005, max_pause=0.002)
     finally:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
