@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 from flask import Flask, Response, g, jsonify, redirect, request
 
-from standins.failures import answer_after_apply, next_failure
+from standins.failures import add_rule, answer_after_apply, next_failure
 
 DEFAULT_TOKEN = "standin-chatwoot-token"
 DEFAULT_ACCOUNT = 1
@@ -397,10 +397,7 @@ def create_app(spec_path: str | None = None) -> Flask:
         (replaced by `status`, or delayed `sleep` seconds past the client's timeout)."""
         body = request.get_json(force=True)
         with state.lock:
-            if body.get("clear"):
-                state.failures.clear()
-            else:
-                state.failures.append({"count": 1, **body})
+            add_rule(state.failures, body)
         return jsonify({"ok": True})
 
     @app.post("/_standin/agent_reply")

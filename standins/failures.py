@@ -7,6 +7,15 @@ import time
 from flask import jsonify
 
 
+def add_rule(failures: list[dict], body: dict) -> None:
+    """Apply a `/_standin/fail` body: `{"clear": true}` removes every rule; anything else is one
+    more rule (see `next_failure`; `count` defaults to 1). Call under the stand-in's lock."""
+    if body.get("clear"):
+        failures.clear()
+    else:
+        failures.append({"count": 1, **body})
+
+
 def next_failure(failures: list[dict], method: str, path: str) -> dict | None:
     """The rule that fails this call, if any, consuming one of its `count`. A rule is
     `{"path_prefix", "count", "status", "method"?, "after"? (calls to let through first),

@@ -21,7 +21,7 @@ import uuid
 
 from flask import Flask, jsonify, request
 
-from standins.failures import next_failure
+from standins.failures import add_rule, next_failure
 
 DEFAULT_TOKEN = "kommo-standin-long-lived-token"
 ACCOUNT_ID = "31257294"
@@ -222,10 +222,7 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
         """{"path_prefix": "/api/v4/talks", "status": 503, "count": 3} (see standins.failures)."""
         body = request.get_json(force=True)
         with state.lock:
-            if body.get("clear"):
-                state.failures.clear()
-            else:
-                state.failures.append({"count": 1, **body})
+            add_rule(state.failures, body)
         return jsonify(ok=True)
 
     @app.post("/_standin/reset")

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from flask import Flask, Response, g, jsonify, redirect, request
 
-from standins.failures import answer_after_apply, next_failure
+from standins.failures import add_rule, answer_after_apply, next_failure
 
 AGENT_MLB = 3037675074
 DEFAULT_SELLER = 779432305
@@ -674,10 +674,7 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
         the client's timeout. `{"clear": true}` removes every failure."""
         body = request.get_json(force=True)
         with state.lock:
-            if body.get("clear"):
-                state.failures.clear()
-            else:
-                state.failures.append({"count": 1, **body})
+            add_rule(state.failures, body)
         return jsonify({"ok": True})
 
     @app.post("/_standin/notify")
