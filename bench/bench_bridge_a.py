@@ -21,15 +21,11 @@ docs/benchmarks.md (everything else in that file is kept).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import errno
 import http.client
 import itertools
-import math
 import os
-import platform
 import random
-import re
 import selectors
 import signal
 import socket
@@ -45,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchlib import (cpu_seconds, free_port, machine, n, percentile, proc_status,  # noqa: E402
+                      update_doc, wait_for)
 from standins import kommo as kommo_standin  # noqa: E402
 from standins import n8n as n8n_standin  # noqa: E402
 
@@ -129,34 +127,6 @@ _children: list[subprocess.Popen] = []
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process, in kB (empty if it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return out
-
-
 def proc_pss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as fh:
@@ -166,16 +136,6 @@ def proc_pss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def system_busy_seconds() -> float:
@@ -229,16 +189,6 @@ def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
         return status
     except OSError:
         return None
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError(f"tempo esgotado esperando {what}")
 
 
 class Gunicorn:
@@ -508,11 +458,11 @@ def merge_runs(runs: list[dict]) -> dict:
         sum(sum(r["socket_errors"].values()) for r in runs)
     kinds: dict[str, int] = {}
     for r in runs:
-        for code, n in r["statuses"].items():
+        for code, count in r["statuses"].items():
             if code != 200:
-                kinds[f"HTTP {code}"] = kinds.get(f"HTTP {code}", 0) + n
-        for name, n in r["socket_errors"].items():
-            kinds[name] = kinds.get(name, 0) + n
+                kinds[f"HTTP {code}"] = kinds.get(f"HTTP {code}", 0) + count
+        for name, count in r["socket_errors"].items():
+            kinds[name] = kinds.get(name, 0) + count
     client = sum(r["client_cpu_s"] for r in runs)
     server = sum(r["server_cpu_s"] for r in runs)
     busy = sum(r["system_busy_s"] for r in runs)
@@ -897,29 +847,6 @@ def bench_breakdown(tmp: str) -> dict:
 
 # --- report -----------------------------------------------------------------------------------
 
-def machine() -> dict:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import gunicorn
-
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "gunicorn": gunicorn.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def n(v: float, digits: int = 1) -> str:
-    """pt-BR number: 1.234,5."""
-    text = f"{v:,.{digits}f}"
-    return text.replace(",", "X").replace(".", ",").replace("X", ".")
-
-
 def mib(kb: float) -> str:
     return n(kb / 1024) + " MiB"
 
@@ -1130,19 +1057,6 @@ def findings(ing: dict, e2e: dict) -> str:
     return "\n\n".join(out)
 
 
-def update_doc(path: str, section: str) -> None:
-    """Replace our section (up to the next `## ` heading) or append it; keep everything else."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks da ponte\n"
-    pattern = re.compile(r"^" + re.escape(SECTION) + r"[^\n]*\n.*?(?=^## |\Z)", re.S | re.M)
-    block = section.rstrip("\n") + "\n\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark da ponte A (Kommo ⇄ n8n).")
     parser.add_argument("--quick", action="store_true", help="rodada curta")
@@ -1155,7 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
     watchdog(HARD_DEADLINE_S)
     duration, rounds = (3.0, 1) if args.quick else (10.0, 2)
     messages, warmup = (60, 5) if args.quick else (300, 10)
-    m = machine()
+    import gunicorn
+
+    m = machine(gunicorn=gunicorn.__version__)
     try:
         with tempfile.TemporaryDirectory(prefix="ponte-bench-a-") as tmp:
             print(f"(1) ingestão de webhooks: {CONCURRENCY} conexões, {rounds} x {duration:.0f}s "
@@ -1170,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(ing, e2e, m, args.quick, findings(ing, e2e))
     print(section)
     if not args.no_doc:
-        update_doc(DOC_PATH, section)
+        update_doc(DOC_PATH, SECTION, section)
         print(f"atualizado: {os.path.relpath(DOC_PATH, ROOT)}", file=sys.stderr)
     return 0
 

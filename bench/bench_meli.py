@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 import chatwoot_api  # noqa: E402
+from benchlib import free_port, percentile  # noqa: E402
 import config  # noqa: E402
 import db_manager  # noqa: E402
 import meli_jobs  # noqa: E402
@@ -48,12 +48,6 @@ for s in servers:
 print(servers[0].server_port, servers[1].server_port, flush=True)
 sys.stdin.read()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(ml_url: str, cw_url: str, db_path: str, log_dir: str) -> dict:
@@ -238,7 +232,7 @@ def _load(senders: int, per_sender: int, url: str, make) -> dict:
     latencies.sort()
 
     def pct(p):
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 1)
+        return round(percentile(latencies, p * 100) * 1000, 1)
 
     return {"senders": senders, "requests": len(latencies), "statuses": statuses,
             "p50_ms": pct(0.50), "p95_ms": pct(0.95),
