@@ -24,6 +24,9 @@ BRT = dt.timezone(dt.timedelta(hours=-3), "BRT")
 
 TEXT_PAUSED = "🤖 Bot pausado. Vendedor assumindo conversa."
 TEXT_RESUMED = "🤖 Bot reativado. Assumindo atendimento automático."
+TEXT_PAUSED_BY_AI = "🤖 O assistente pediu um humano: bot pausado. Vendedor, assuma a conversa."
+TEXT_PAUSED_BY_HUMAN_REPLY = ("🤖 Bot pausado porque um vendedor respondeu no chat. "
+                              "Escreva #voltar numa nota para reativar.")
 TEXT_HELP = ("🤖 Comandos do bot (escreva numa nota do lead):\n"
              "#pausar [motivo] — pausa o bot para este contato (você assume)\n"
              "#voltar — reativa o bot\n"
@@ -83,6 +86,10 @@ def apply_command(conn, contact_id: str, command: Command, by: str, by_kind: str
     if command.name == "pause":
         until = now + auto_resume_hours * 3600 if auto_resume_hours > 0 else None
         whatsapp_store.set_paused(conn, contact_id, by, by_kind, command.reason, now, until)
+        if by_kind == "ai":
+            return TEXT_PAUSED_BY_AI
+        if by_kind == "human_reply":
+            return TEXT_PAUSED_BY_HUMAN_REPLY
         text = TEXT_PAUSED
         if command.reason:
             text += f"\nMotivo: {command.reason}"

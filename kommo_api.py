@@ -22,11 +22,6 @@ class KommoError(PeerError):
     peer = "kommo"
 
 
-# 402: add-on quota / tariff, 422: talk closed, 403: scope or account blocked. Retrying cannot
-# fix any of them; the seller must act.
-_NOT_RETRYABLE = {400, 402, 403, 404, 405, 422}
-
-
 class KommoClient(PeerClient):
     """Kommo REST v4 client. `token_source.access_token()` gives the current token and
     `token_source.refresh_after_401()` one refresh when Kommo says 401."""
@@ -44,9 +39,9 @@ class KommoClient(PeerClient):
         return {"Authorization": f"Bearer {self.token_source.access_token()}"}
 
     def _error_from_response(self, response) -> PeerError:
+        # 402 (add-on quota), 422 (talk closed), 403 (scope, blocked account) are not in
+        # peer_http's retryable statuses: retrying cannot fix them, the seller must act.
         error = super()._error_from_response(response)
-        if response.status_code in _NOT_RETRYABLE:
-            error.retryable = False
         if response.status_code == 429 and error.retry_after_seconds is None:
             body = error.body if isinstance(error.body, dict) else {}
             error.retry_after_seconds = float(body.get("retry_after") or 2)

@@ -74,17 +74,23 @@ def extract_answer(answer: Any) -> list[str] | None:
         return None
     for key in ANSWER_KEYS:
         value = answer.get(key)
-        if isinstance(value, str) and value.strip():
-            return [value]
-        if isinstance(value, list):
-            texts = [v for v in value if isinstance(v, str) and v.strip()]
-            if texts:
-                return texts
+        texts = _texts(value)
+        if texts:
+            return texts
         if isinstance(value, dict):
             nested = extract_answer(value)
             if nested:
                 return nested
     return None
+
+
+def _texts(value: Any) -> list[str]:
+    """A non-blank string as one text, or the non-blank strings of a list; else []."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str) and v.strip()]
+    return []
 
 
 @dataclass(frozen=True)
@@ -116,15 +122,8 @@ def parse_send_response(body: Any) -> N8nAsyncAnswer:
     contact_id = str(body.get("contact_id") or "").strip()
     if not conversation_id and not contact_id:
         raise ValueError("informe conversation_id ou contact_id")
-    texts = []
-    for key in ("response_text", "response", "output", "text", "answer", "message"):
-        value = body.get(key)
-        if isinstance(value, str) and value.strip():
-            texts = [value]
-            break
-        if isinstance(value, list) and any(isinstance(v, str) and v.strip() for v in value):
-            texts = [v for v in value if isinstance(v, str) and v.strip()]
-            break
+    texts = next(filter(None, (_texts(body.get(key)) for key in (
+        "response_text", "response", "output", "text", "answer", "message"))), [])
     should_send = _truthy(body.get("should_send"), True)
     should_handoff = _truthy(body.get("should_handoff"), False)
     if should_send and not texts and not should_handoff:

@@ -227,12 +227,10 @@ def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id:
                "source": source}
     if db_manager.get_job(conn, dedupe_key=dedupe_key):
         return False  # the same note delivered again
-    if contact_id and command.name in ("pause", "resume") and _changed_after(
-            whatsapp_store.get_bot_state(conn, contact_id), now):
+    state = whatsapp_store.get_bot_state(conn, contact_id) if contact_id else None
+    if state and command.name in ("pause", "resume") and _changed_after(state, now):
         # Someone (the API, the assistant's handoff) changed the bot after this command was
         # written: the newer decision stands.
-        state = whatsapp_store.get_bot_state(conn, contact_id)
-        payload["superseded"] = True
         payload["confirmation"] = (f"🤖 Comando #{command.word or command.name} não aplicado: "
                                    "o bot mudou de estado depois dele.\n"
                                    + bot_control.status_text(state))

@@ -203,13 +203,6 @@ def bot_command(ctx: JobContext, job: Job):
             confirmation = bot_control.apply_command(ctx.conn, contact_id, command, p["by"],
                                                      p["by_kind"], ctx.now(),
                                                      ctx.settings.bot_auto_resume_hours)
-    if p.get("superseded"):
-        pass  # the confirmation already says the command lost to a newer change
-    elif p["command"] == "pause" and p["by_kind"] == "ai":
-        confirmation = "🤖 O assistente pediu um humano: bot pausado. Vendedor, assuma a conversa."
-    elif p["command"] == "pause" and p["by_kind"] == "human_reply":
-        confirmation = ("🤖 Bot pausado porque um vendedor respondeu no chat. "
-                        "Escreva #voltar numa nota para reativar.")
     return {"contact_id": contact_id}, [FollowUp(ADD_NOTE, f"note:{job.dedupe_key}", {
         "lead_id": p.get("lead_id"), "contact_id": contact_id, "text": confirmation},
         ordering_key=ordering_key(contact_id))]

@@ -50,14 +50,12 @@ def contact_of_lead(conn: sqlite3.Connection, lead_id: str) -> str | None:
 
 
 def get_conversation(conn: sqlite3.Connection, contact_id: str | None = None,
-                     talk_id: str | None = None, lead_id: str | None = None) -> dict | None:
-    """A conversation by contact, talk or lead id."""
+                     talk_id: str | None = None) -> dict | None:
+    """A conversation by contact or talk id."""
     if contact_id:
         sql, arg = "kommo_contact_id = ?", contact_id
     elif talk_id:
         sql, arg = "kommo_talk_id = ?", talk_id
-    elif lead_id:
-        sql, arg = "kommo_lead_id = ?", lead_id
     else:
         return None
     row = conn.execute(f"SELECT * FROM kommo_conversations WHERE {sql}"
@@ -108,13 +106,6 @@ def set_batch_status(conn: sqlite3.Connection, batch_key: str, status: str) -> N
     conn.execute("UPDATE kommo_messages SET status = ? WHERE batch_key = ?", (status, batch_key))
 
 
-def message_counts(conn: sqlite3.Connection, contact_id: str) -> dict[str, int]:
-    """How many messages of a contact are in each status."""
-    return {r[0]: r[1] for r in conn.execute(
-        "SELECT status, COUNT(*) FROM kommo_messages WHERE kommo_contact_id = ? GROUP BY status",
-        (contact_id,))}
-
-
 # --- bot states -------------------------------------------------------------------------------
 
 def get_bot_state(conn: sqlite3.Connection, contact_id: str) -> dict:
@@ -129,9 +120,9 @@ def get_bot_state(conn: sqlite3.Connection, contact_id: str) -> dict:
 
 
 def set_paused(conn: sqlite3.Connection, contact_id: str, by: str, by_kind: str, reason: str,
-               now: float, until_at: float | None) -> int:
+               now: float, until_at: float | None) -> None:
     """Pause (or re-pause) the bot for a contact; every pause bumps `pause_count` so answers
-    produced before it can be recognised and dropped. Returns the new `pause_count`."""
+    produced before it can be recognised and dropped."""
     conn.execute(
         """INSERT INTO bot_states (kommo_contact_id, status, changed_by, paused_by_kind, reason,
                since_at, until_at, pause_count, updated_at)
@@ -142,7 +133,6 @@ def set_paused(conn: sqlite3.Connection, contact_id: str, by: str, by_kind: str,
                until_at = excluded.until_at, pause_count = pause_count + 1,
                updated_at = excluded.updated_at""",
         (contact_id, by, by_kind, reason, now, until_at, now))
-    return get_bot_state(conn, contact_id)["pause_count"]
 
 
 def set_active(conn: sqlite3.Connection, contact_id: str, by: str, now: float,
