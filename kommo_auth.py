@@ -90,6 +90,12 @@ class TokenSource:
             db_manager.release_lock(self.conn, LOCK_NAME, owner)
 
 
+def build_client(settings, conn, now=time.time) -> KommoClient:
+    """The Kommo client of a process, with tokens from the settings or the database."""
+    return KommoClient(settings.kommo_base_url, TokenSource(settings, conn, now),
+                       max_rps=settings.kommo_max_rps)
+
+
 def _token_client(settings) -> KommoClient:
     return KommoClient(settings.kommo_base_url, token_source=None, max_rps=0)
 

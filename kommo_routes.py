@@ -189,9 +189,14 @@ def oauth_callback():
         return json_error(400, "access_denied", "Autorização recusada no Kommo.")
     code, state = request.args.get("code", ""), request.args.get("state", "")
     conn = get_db()
-    saved = db_manager.mapping_get(conn, "oauth-state", state) if state else None
-    if not saved or saved.get("provider") != "kommo" or \
-            now() - saved["at"] > OAUTH_STATE_TTL_SECONDS:
+    with db_manager.transaction(conn):  # check and consume the state at once: one exchange
+        saved = db_manager.mapping_get(conn, "oauth-state", state) if state else None
+        valid = bool(saved) and saved.get("provider") == "kommo" and \
+            now() - saved["at"] <= OAUTH_STATE_TTL_SECONDS
+        if valid and code:
+            db_manager.mapping_put(conn, "oauth-state", state, {"provider": "used", "at": now()},
+                                   now=now())
+    if not valid:
         return json_error(400, "bad_state", "Link de autorização inválido ou vencido; gere outro "
                                             "em /oauth/status.")
     if not code:
@@ -201,6 +206,4 @@ def oauth_callback():
     except KommoError as exc:
         log.error("kommo_oauth_exchange_failed", extra={"status": exc.status})
         return json_error(502, "exchange_failed", "O Kommo recusou o código de autorização.")
-    with db_manager.transaction(conn):
-        db_manager.mapping_put(conn, "oauth-state", state, {"provider": "used", "at": now()})
     return jsonify(ok=True, message="Kommo conectado à ponte.")

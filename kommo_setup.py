@@ -22,8 +22,7 @@ OUTGOING_EVENT = "add_outgoing_message"
 def _client(settings) -> kommo_api.KommoClient:
     conn = db_manager.connect(settings.database_path)
     db_manager.migrate(conn)
-    return kommo_api.KommoClient(settings.kommo_base_url, kommo_auth.TokenSource(settings, conn),
-                                 max_rps=settings.kommo_max_rps)
+    return kommo_auth.build_client(settings, conn)
 
 
 def create_field(settings, name: str) -> int:
