@@ -153,8 +153,6 @@ SETTINGS: tuple[Setting, ...] = (
        "respondida.", group="chatwoot"),
 )
 
-SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
-
 # Which keys make a bridge usable. A bridge with none of them set is simply off; a bridge with
 # some set but not all is a configuration error (one line listing every missing key).
 BRIDGE_REQUIRED = {
@@ -221,13 +219,12 @@ Settings = dataclasses.make_dataclass(
         "__str__": _settings_repr,
         "__doc__": "All settings of ponte, frozen. Build it with `load_settings()`.",
         "bridge_enabled": lambda self, name: name in self.enabled_bridges,
-        "redacted": lambda self: redacted_settings(self),
         "replace": lambda self, **changes: dataclasses.replace(self, **changes),
     },
 )
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,
+def load_settings(environ: Mapping[str, str] | None = None, *,
                   partial_bridges_ok: bool = False) -> "Settings":
     """Build `Settings` from `environ` (default: `os.environ`, after loading `.env` if present).
 
@@ -235,11 +232,11 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
     (`partial_bridges_ok=True` lets setup commands run while a bridge is being configured).
     """
     if environ is None:
-        if dotenv:
-            _load_dotenv()
+        _load_dotenv()
         environ = os.environ
     values: dict[str, Any] = {}
     problems: list[str] = []
+    invalid_names: set[str] = set()
     for s in SETTINGS:
         raw = environ.get(s.name)
         if raw is None or (s.kind in ("str", "url") and is_placeholder(raw)):
@@ -249,11 +246,12 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
             values[s.attr] = _convert(s, raw)
         except ValueError as exc:
             problems.append(f"{s.name} inválido ({exc})")
+            invalid_names.add(s.name)
             values[s.attr] = s.default
     enabled = []
     for bridge, keys in BRIDGE_REQUIRED.items():
         missing = [k for k in keys if values[k.lower()] in ("", None)]
-        invalid = [p for p in problems if p.split(" ", 1)[0] in keys]
+        invalid = [k for k in keys if k in invalid_names]
         if len(missing) == len(keys) and not invalid:
             continue  # bridge not configured at all: off, not an error
         if missing:
@@ -287,9 +285,10 @@ def redacted_settings(settings: "Settings") -> dict[str, Any]:
 
 
 def secret_values(settings: "Settings") -> list[str]:
-    """The raw secret values, so the log formatter can scrub them from any text."""
-    return [str(getattr(settings, s.attr)) for s in SETTINGS
-            if s.secret and len(str(getattr(settings, s.attr))) >= 4]
+    """The raw secret values, so logs can be scrubbed of them; longest first, so a secret that
+    contains another is replaced whole."""
+    values = [str(getattr(settings, s.attr)) for s in SETTINGS if s.secret]
+    return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 
 def _load_dotenv() -> None:

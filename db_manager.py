@@ -647,16 +647,6 @@ def mapping_keys_open(conn: sqlite3.Connection, namespace: str, has_field: str,
     return [row[0] for row in rows]
 
 
-def mapping_add(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
-                now: float | None = None) -> bool:
-    """Store a value only if the key is new; False when it already existed."""
-    cur = conn.execute(
-        "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(namespace, key) DO NOTHING", (namespace, str(key), dumps(value),
-                                                    now or time.time()))
-    return cur.rowcount == 1
-
-
 # --- tokens -------------------------------------------------------------------------------------
 
 def token_get(conn: sqlite3.Connection, provider: str) -> dict | None:

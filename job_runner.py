@@ -54,12 +54,8 @@ class Clients:
 
     @functools.cached_property
     def kommo(self):
-        import kommo_api
         import kommo_auth
-        s = self.settings
-        return kommo_api.KommoClient(s.kommo_base_url, kommo_auth.TokenSource(s, self.conn,
-                                                                              self.now),
-                                     max_rps=s.kommo_max_rps)
+        return kommo_auth.build_client(self.settings, self.conn, self.now)
 
     @functools.cached_property
     def n8n(self):
@@ -118,15 +114,17 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     nothing was due."""
     s = ctx.settings
     on_dead = on_dead or {}
-    for buried in db_manager.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
-                                                s.job_max_age_seconds,
-                                                on_dead=_dead_hook(ctx, on_dead)):
-        log.error("job_failed", extra={"job_id": buried.id, "kind": buried.kind,
-                                       "new_status": "dead", "error": "lease expired too often"})
     urgent = tuple(kind for kind, h in handlers.items() if getattr(h, "urgent", False))
-    job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                    worker=worker or f"poller-{os.getpid()}",
-                                    urgent_kinds=urgent)
+    with db_manager.transaction(ctx.conn):  # one write lock for both, taken for every job
+        buried = db_manager.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
+                                               s.job_max_age_seconds,
+                                               on_dead=_dead_hook(ctx, on_dead))
+        job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
+                                        worker=worker or f"poller-{os.getpid()}",
+                                        urgent_kinds=urgent)
+    for dead in buried:
+        log.error("job_failed", extra={"job_id": dead.id, "kind": dead.kind,
+                                       "new_status": "dead", "error": "lease expired too often"})
     if job is None:
         return None
     token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,

@@ -43,7 +43,7 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, process_name: str, secrets: list[str]):
         super().__init__()
         self.process_name = process_name
-        self.secrets = sorted(secrets, key=len, reverse=True)
+        self.secrets = secrets  # longest first (config.secret_values)
 
     def format(self, record: logging.LogRecord) -> str:
         # stdout and the daily file share this formatter: build the line once per record.
