@@ -174,16 +174,22 @@ def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | 
     return None
 
 
-def find_conversation(ctx, contact_id: int, inbox_id: int, attribute: str,
-                      value: str) -> dict | None:
-    """The contact's conversation in `inbox_id` whose custom attribute `attribute` is `value`:
-    one an earlier run created before its answer was lost (timeout, crash)."""
-    for conversation in cw(ctx).list_contact_conversations(contact_id):
+def open_conversation(ctx, inbox_id: int, contact: dict, attribute: str, value: str,
+                      custom_attributes: dict, additional_attributes: dict) -> int:
+    """The id of the contact's conversation in `inbox_id` whose custom attribute `attribute` is
+    `value`: one an earlier run created before its answer was lost (a timeout, a crash, a job
+    that died and was re-armed), else a new one with these attributes."""
+    client = cw(ctx)
+    for conversation in client.list_contact_conversations(contact["contact_id"]):
         attrs = conversation.get("custom_attributes")
         if str(conversation.get("inbox_id")) == str(inbox_id) and isinstance(attrs, dict) \
                 and str(attrs.get(attribute) or "") == str(value):
-            return conversation
-    return None
+            return int(conversation["id"])
+    conversation = client.create_conversation(inbox_id, contact["contact_id"],
+                                              contact["source_id"],
+                                              custom_attributes=custom_attributes,
+                                              additional_attributes=additional_attributes)
+    return int(conversation["id"])
 
 
 def conversation_target(ctx, conversation_id: int, custom_attributes: dict | None) -> dict | None:
@@ -206,11 +212,22 @@ def reply_in_flight(ctx, message_id) -> bool:
     return (get_mapping(ctx, NS_OUTGOING, str(message_id)) or {}).get("in_flight") is not None
 
 
+def failure_follow_up(reply: dict, note: str, reason: str) -> FollowUp:
+    """The job that tells the agent a reply did not reach Mercado Livre: a private note with
+    `note`, and the message marked failed with `reason`."""
+    return FollowUp("chatwoot.report_failure", f"cw-fail:{reply['message_id']}",
+                    {"conversation_id": reply["conversation_id"],
+                     "message_id": reply["message_id"], "note": note, "external_error": reason})
+
+
+def squash(text: str) -> str:
+    """`text` with every run of whitespace as one space (to compare texts typed elsewhere)."""
+    return " ".join(str(text).split())
+
+
 def refuse(reply: dict, note: str, reason: str, extra: dict | None = None):
     """Job result + the follow-up that tells the agent (private note, message marked failed)."""
-    follow = FollowUp("chatwoot.report_failure", f"cw-fail:{reply['message_id']}",
-                      {"conversation_id": reply["conversation_id"],
-                       "message_id": reply["message_id"], "note": note, "external_error": reason})
+    follow = failure_follow_up(reply, note, reason)
     log.info("chatwoot_reply_refused", extra={"reason": reason,
                                               "chatwoot_message_id": reply["message_id"]})
     return {"status": "refused", "reason": reason, **(extra or {})}, [follow]

@@ -16,10 +16,10 @@ from db_manager import FollowUp
 from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          NS_CONVERSATION, NS_OUTGOING, NS_QUESTION, NS_THREAD,
                          QUESTION_MAX_PAGES, QUESTION_PAGE,
-                         add_label, cache_item, cw, ensure_contact, find_conversation,
-                         find_message_by_source,
+                         add_label, cache_item, cw, ensure_contact, find_message_by_source,
                          fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,
-                         put_mapping, questions_inbox, refuse, short_error, thumbnail)
+                         open_conversation, put_mapping, questions_inbox, refuse, short_error,
+                         squash, thumbnail)
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
                                question_sort_key)
 
@@ -161,17 +161,11 @@ def handle_import_question(ctx, job):
     created_now = not conversation_id
     if not conversation_id:
         contact = ensure_contact(ctx, questions_inbox(ctx), buyer)
-        # An earlier run (this job before a timeout or crash, or before it died and was
-        # re-armed with a fresh attempt count) may have created it and lost the answer.
-        conversation = find_conversation(ctx, contact["contact_id"], questions_inbox(ctx),
-                                         "meli_question_id", qid)
-        if conversation is None:
-            conversation = client.create_conversation(
-                questions_inbox(ctx), contact["contact_id"], contact["source_id"],
-                custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
-                                   "meli_buyer_id": buyer},
-                additional_attributes={"meli_resource": "questions", "meli_item_id": item_id})
-        conversation_id = int(conversation["id"])
+        conversation_id = open_conversation(
+            ctx, questions_inbox(ctx), contact, "meli_question_id", qid,
+            custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
+                               "meli_buyer_id": buyer},
+            additional_attributes={"meli_resource": "questions", "meli_item_id": item_id})
         known = {"conversation_id": conversation_id, "item_id": item_id, "buyer_id": buyer}
         with db_manager.transaction(ctx.conn):
             db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
@@ -339,7 +333,7 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
         q = {}
     status = q.get("status")
     answer = q.get("answer") or {}
-    if status == "ANSWERED" and (_squash(answer.get("text") or "") == _squash(text)
+    if status == "ANSWERED" and (squash(answer.get("text") or "") == squash(text)
                                  or _created_during(answer.get("date_created"), reached or [])):
         return "ours"
     if status == "ANSWERED":
@@ -352,10 +346,6 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
     if exc.code == "not_unanswered_question":
         return texts.QUESTION_ALREADY_ANSWERED
     return texts.ML_REFUSED.format(detail=short_error(exc))
-
-
-def _squash(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _created_during(date_created: str | None, windows: list) -> bool:

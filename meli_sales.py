@@ -16,10 +16,11 @@ from chatwoot_api import BRIDGE_ORIGIN_KEY, ChatwootError, markdown_to_text
 from db_manager import FollowUp
 from meli_common import (MAX_REPLY_PARTS, NS_CONVERSATION, NS_ML_MESSAGE, NS_OUTGOING, NS_PACK,
                          NS_UNREAD, PACK_PAGE, buyer_nickname, cw, ensure_contact,
-                         find_conversation, find_message_by_source, get_mapping, log, ml,
-                         note_follow_up, put_mapping, refuse, sales_inbox, short_error)
+                         find_message_by_source, get_mapping, log, ml,
+                         note_follow_up, open_conversation, put_mapping, refuse, sales_inbox,
+                         short_error, squash)
 from mercado_livre_api import (ATTACHMENT_MAX_BYTES, SELLER_MESSAGE_MAX_CHARS, MercadoLivreError,
-                               attachment_mime, is_agent_mediated, message_sort_key,
+                               attachment_mime, is_agent_mediated, message_sort_key, message_text,
                                pack_id_of_message, parse_pack_resource, plain_post_sale_text,
                                reply_recipient, split_message)
 
@@ -115,10 +116,8 @@ def handle_sync_pack(ctx, job):
             return {"status": "no_conversation"}
         raise
     seller = str(ctx.settings.ml_seller_id)
-    app_id = str(ctx.settings.ml_client_id)
     new = [m for m in messages if _unmirrored(ctx, m)]
-    ours = [m for m in new if str((m.get("from") or {}).get("user_id")) == seller
-            and str(m.get("client_id")) == app_id]
+    ours = [m for m in new if _sent_by_ponte(ctx, m)]
     for m in ours:  # sent by ponte itself: already in Chatwoot as the agent's message
         put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"sent_by_ponte": True})
     new = [m for m in new if m not in ours]
@@ -192,7 +191,9 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
     (private) message; before creating it, looks for one an earlier run created."""
     known = get_mapping(ctx, NS_PACK, pack_id) or {}
     client = cw(ctx)
-    if not known.get("conversation_id"):
+    # The summary is posted only after the mapping is written: without a mapping there is none.
+    fresh = not known.get("conversation_id")
+    if fresh:
         orders = sale_orders(ctx, pack_id)
         buyer = (orders[0].get("buyer") or {}) if orders else {}
         buyer_id = str(buyer.get("id") or "")
@@ -201,17 +202,12 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
         if not buyer.get("nickname"):  # recent order samples omit it; the profile has it
             buyer["nickname"] = buyer_nickname(ctx, buyer_id)
         contact = ensure_contact(ctx, sales_inbox(ctx), buyer_id, buyer["nickname"])
-        # An earlier sync (timed out, crashed, or died and replaced by a newer sync job) may
-        # have created it and lost the answer.
-        conversation = find_conversation(ctx, contact["contact_id"], sales_inbox(ctx),
-                                         "meli_pack_id", pack_id)
-        if conversation is None:
-            conversation = client.create_conversation(
-                sales_inbox(ctx), contact["contact_id"], contact["source_id"],
-                custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
-                                   "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
-                additional_attributes={"meli_resource": "messages"})
-        known = {"conversation_id": int(conversation["id"]), "buyer_id": buyer_id,
+        conversation_id = open_conversation(
+            ctx, sales_inbox(ctx), contact, "meli_pack_id", pack_id,
+            custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
+                               "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
+            additional_attributes={"meli_resource": "messages"})
+        known = {"conversation_id": conversation_id, "buyer_id": buyer_id,
                  "summary_posted": False, "summary": texts.order_summary(pack_id, orders)}
         with db_manager.transaction(ctx.conn):
             db_manager.mapping_put(ctx.conn, NS_PACK, pack_id, known, now=ctx.now())
@@ -220,7 +216,7 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
                                    now=ctx.now())
     if not known.get("summary_posted"):
         source_id = f"meli:order-summary:{pack_id}"
-        if find_message_by_source(ctx, known["conversation_id"], source_id) is None:
+        if fresh or find_message_by_source(ctx, known["conversation_id"], source_id) is None:
             client.create_message(known["conversation_id"], known["summary"], private=True,
                                   source_id=source_id,
                                   content_attributes={BRIDGE_ORIGIN_KEY: "ponte"})
@@ -370,10 +366,8 @@ def _lost_answer(ctx, messages: list[dict], text: str) -> dict | None:
     """The newest message of the pack that ponte sent with this text but never recorded (its
     answer was lost), or None. Parts whose answer arrived are recorded with their Chatwoot
     message id; a sync may have marked a lost one `sent_by_ponte` without it."""
-    seller, app_id = str(ctx.settings.ml_seller_id), str(ctx.settings.ml_client_id)
     for m in reversed(messages):
-        if str((m.get("from") or {}).get("user_id")) != seller \
-                or str(m.get("client_id")) != app_id or _squash(_text_of(m)) != _squash(text):
+        if not _sent_by_ponte(ctx, m) or squash(message_text(m)) != squash(text):
             continue
         if (get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) or {}).get("chatwoot_message_id"):
             continue
@@ -388,13 +382,6 @@ def _unmirrored(ctx, message: dict) -> bool:
     return known is None or bool(known.get("posting"))
 
 
-def _squash(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _text_of(message: dict) -> str:
-    text = message.get("text") or ""
-    return (text.get("plain") or "") if isinstance(text, dict) else str(text)
 
 
 def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:
@@ -445,3 +432,9 @@ def _upload_attachments(ctx, attachments: list[dict],
                 raise
             skipped.append(f"{name} (recusado pelo Mercado Livre: {short_error(exc)[:120]})")
     return ids, skipped
+
+
+def _sent_by_ponte(ctx, message: dict) -> bool:
+    """Written by the seller through our application (ponte), not typed on Mercado Livre."""
+    return str((message.get("from") or {}).get("user_id")) == str(ctx.settings.ml_seller_id) \
+        and str(message.get("client_id")) == str(ctx.settings.ml_client_id)
