@@ -165,12 +165,10 @@ class ChatwootClient(PeerClient):
             body["content_attributes"] = content_attributes
         return self._request("POST", path, json=body) or {}
 
-    def create_private_note(self, conversation_id: int, content: str,
-                            source_id: str | None = None) -> dict:
+    def create_private_note(self, conversation_id: int, content: str) -> dict:
         """A note only agents see."""
         return self.create_message(conversation_id, content, message_type="outgoing",
-                                   private=True, source_id=source_id,
-                                   content_attributes={BRIDGE_ORIGIN_KEY: "ponte"})
+                                   private=True, content_attributes={BRIDGE_ORIGIN_KEY: "ponte"})
 
     def update_message_status(self, conversation_id: int, message_id: int, status: str,
                               external_error: str = "") -> dict:

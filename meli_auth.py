@@ -1,8 +1,8 @@
 """Mercado Livre credentials: OAuth start/callback helpers and the single-flight refresh.
 
 Owns: `MeliTokenSource` (what `MercadoLivreClient` asks for a token), `build_client()`,
-`start_authorization()` / `complete_authorization()` for the two OAuth routes, and `status()`
-for /health. Mercado Livre refresh tokens are single-use ("only the last one generated works"),
+`start_authorization()` / `complete_authorization()` for the two OAuth routes, and
+`refresh_if_due()` for the poller. Mercado Livre refresh tokens are single-use ("only the last one generated works"),
 so a refresh runs under a cross-process lock: lock, re-read, refresh, persist the rotated pair
 atomically, then use it; `invalid_grant` re-reads once, then marks the account disconnected.
 Must not: hold routes or job logic; log tokens.
@@ -75,10 +75,7 @@ class MeliTokenSource:
                                     retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
                                     code="not_connected")
         if row["status"] == "disconnected":
-            raise MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
-                                    "/oauth/mercadolivre/start", True,
-                                    retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
-                                    code="disconnected")
+            raise _disconnected()
         if not row["access_token"] or (row["expires_at"] is not None and
                                        row["expires_at"] - self.now() < REFRESH_MARGIN_SECONDS):
             return self.refresh(row["access_token"])
@@ -90,10 +87,7 @@ class MeliTokenSource:
         authorization (/oauth/mercadolivre/start) brings it back."""
         row = db_manager.token_get(self.conn, PROVIDER)
         if row is not None and row["status"] == "disconnected":
-            raise MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
-                                    "/oauth/mercadolivre/start", True,
-                                    retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
-                                    code="disconnected")
+            raise _disconnected()
         owner = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while not db_manager.acquire_lock(self.conn, LOCK_NAME, owner, LOCK_TTL_SECONDS,
@@ -111,10 +105,7 @@ class MeliTokenSource:
             row = db_manager.token_get(self.conn, PROVIDER)
             if row is not None and row["status"] == "disconnected":
                 # another process gave up (invalid_grant) while this one waited for the lock
-                raise MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
-                                        "/oauth/mercadolivre/start", True,
-                                        retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
-                                        code="disconnected")
+                raise _disconnected()
             if row is None or not row["refresh_token"]:
                 raise MercadoLivreError(401, "sem refresh token do Mercado Livre", True,
                                         retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
@@ -149,6 +140,20 @@ class MeliTokenSource:
                                                   >= REFRESH_MARGIN_SECONDS):
             return row["access_token"]
         return None
+
+
+def _disconnected() -> MercadoLivreError:
+    return MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
+                             "/oauth/mercadolivre/start", True,
+                             retry_after_seconds=DISCONNECTED_RETRY_SECONDS, code="disconnected")
+
+
+def refresh_if_due(ctx) -> None:
+    """Poller task: refresh the pair ahead of expiry, off the request path."""
+    row = db_manager.token_get(ctx.conn, PROVIDER)
+    if row and row["status"] == "ok" and row["refresh_token"] and row["expires_at"] is not None \
+            and row["expires_at"] - ctx.now() < REFRESH_MARGIN_SECONDS * 3:
+        ctx.clients.meli.token_source.refresh(row["access_token"])
 
 
 def _token_client(settings) -> MercadoLivreClient:
@@ -218,14 +223,3 @@ def complete_authorization(settings, conn, code: str, state: str, now: float,
         raise OAuthError(f"Você autorizou a conta {answer.get('user_id')}, mas ML_SELLER_ID é "
                          f"{seller}. Entre no Mercado Livre com a conta do vendedor.", 409)
     return store_token_answer(conn, answer, now)
-
-
-def status(conn) -> dict:
-    """Connection state for /health and the logs (never the tokens)."""
-    row = db_manager.token_get(conn, PROVIDER)
-    if row is None:
-        return {"connected": False, "status": "not_connected",
-                "detail": "abra /oauth/mercadolivre/start"}
-    return {"connected": row["status"] == "ok" and bool(row["access_token"]
-                                                         or row["refresh_token"]),
-            "status": row["status"], "detail": row["detail"], "expires_at": row["expires_at"]}

@@ -17,10 +17,11 @@ the next unsent part).
 """
 from __future__ import annotations
 
-import db_manager
+import meli_auth
 import meli_texts as texts
 from db_manager import FollowUp
-from meli_common import conversation_target, cw, log, refuse, reply_in_flight
+from meli_common import (conversation_target, cw, failure_follow_up, log, refuse,
+                         reply_in_flight)
 from meli_questions import (answer_question, handle_fetch_question, handle_import_question,
                             handle_mark_answered, handle_mirror_answer, poll_questions)
 from meli_sales import (handle_fetch_message, handle_fetch_order, handle_sync_pack,
@@ -48,11 +49,8 @@ def on_dead_forward_reply(ctx, job, error: str) -> list[FollowUp]:
     reply = job.payload
     note = texts.DELIVERY_MAYBE_SENT if reply_in_flight(ctx, reply["message_id"]) \
         else texts.DELIVERY_GAVE_UP
-    return [FollowUp("chatwoot.report_failure", f"cw-fail:{reply['message_id']}",
-                     {"conversation_id": reply["conversation_id"],
-                      "message_id": reply["message_id"],
-                      "note": note.format(attempts=job.attempt, error=error[:200]),
-                      "external_error": "mercadolivre_unavailable"})]
+    return [failure_follow_up(reply, note.format(attempts=job.attempt, error=error[:200]),
+                              "mercadolivre_unavailable")]
 
 
 def handle_mark_delivered(ctx, job):
@@ -78,17 +76,6 @@ def handle_note(ctx, job):
     """`chatwoot.note`: a private note for the agents."""
     cw(ctx).create_private_note(int(job.payload["conversation_id"]), job.payload["note"])
     return {"status": "noted"}
-
-
-def refresh_token_if_due(ctx) -> None:
-    """Schedule: refresh the Mercado Livre pair ahead of expiry, off the request path."""
-    import meli_auth
-
-    row = db_manager.token_get(ctx.conn, meli_auth.PROVIDER)
-    if row and row["status"] == "ok" and row["refresh_token"] and row["expires_at"] is not None \
-            and row["expires_at"] - ctx.now() < meli_auth.REFRESH_MARGIN_SECONDS * 3:
-        source = meli_auth.MeliTokenSource(ctx.settings, ctx.conn, ctx.now)
-        source.refresh(row["access_token"])
 
 
 def _guarded(task):
@@ -129,5 +116,5 @@ ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply, "ml.sync_pack": on_d
 SCHEDULES = [
     (lambda s: s.ml_poll_questions_seconds, _guarded(poll_questions)),
     (lambda s: s.ml_poll_messages_seconds, _guarded(poll_messages)),
-    (60, _guarded(refresh_token_if_due)),
+    (60, _guarded(meli_auth.refresh_if_due)),
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from mercado_livre_api import BLOCKED_SUBSTATUS_PT
+from mercado_livre_api import BLOCKED_SUBSTATUS_PT, message_text
 
 PREFIX = "⚠️ ponte:"
 
@@ -139,9 +139,7 @@ def order_summary(pack_id: str, orders: list[dict]) -> str:
 
 def ml_message_text(message: dict, skipped: list[str]) -> str:
     """A post-sale message as shown in Chatwoot."""
-    text = message.get("text") or ""
-    if isinstance(text, dict):  # older shape: {"plain": "..."}
-        text = text.get("plain") or ""
+    text = message_text(message)
     extra = []
     if (message.get("message_moderation") or {}).get("status") in ("rejected", "pending"):
         extra.append(f"({PREFIX} mensagem em moderação no Mercado Livre)")

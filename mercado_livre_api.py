@@ -470,6 +470,13 @@ _TYPOGRAPHY = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201
                              "\u2026": "...", "\u00a0": " ", "\u2009": " ", "\u200b": ""})
 
 
+def message_text(message: dict) -> str:
+    """The text of a post-sale message (`text` is a string, or `{"plain": ...}` in the older
+    shape)."""
+    text = message.get("text") or ""
+    return (text.get("plain") or "") if isinstance(text, dict) else str(text)
+
+
 def plain_post_sale_text(text: str) -> str:
     """Post-sale messages accept ISO-8859-1 plus some emoji: replace the typographic characters
     editors insert (curly quotes, dashes, ellipsis, bullets) by their plain forms."""
