@@ -14,7 +14,7 @@ from typing import Any
 import db_manager
 from chatwoot_api import ChatwootClient, ChatwootError
 from db_manager import FollowUp
-from mercado_livre_api import MercadoLivreError
+from mercado_livre_api import ITEM_FIELDS, MercadoLivreError
 from peer_http import PeerError
 
 log = logging.getLogger("ponte.meli")
@@ -123,7 +123,7 @@ def item_info(ctx, item_id: str) -> dict | None:
     if not item_id:
         return None
     cached = get_mapping(ctx, NS_ITEM, item_id)
-    if cached and ctx.now() - cached.get("fetched_at", 0) < ITEM_CACHE_SECONDS:
+    if _fresh(ctx, cached):
         return cached
     try:
         item = ml(ctx).get_item(item_id)
@@ -136,8 +136,7 @@ def item_info(ctx, item_id: str) -> dict | None:
 
 def cache_item(ctx, item: dict) -> dict:
     """Keep the fields the bridge shows, with the time they were read."""
-    info = {k: item.get(k) for k in ("id", "title", "price", "currency_id", "permalink",
-                                     "thumbnail", "secure_thumbnail", "status")}
+    info = {k: item.get(k) for k in ITEM_FIELDS}
     info["fetched_at"] = ctx.now()
     put_mapping(ctx, NS_ITEM, item.get("id"), info)
     return info
@@ -162,8 +161,12 @@ def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
 
 def fresh_item(ctx, item_id: str) -> bool:
     """True when the item is cached and younger than an hour."""
-    cached = get_mapping(ctx, NS_ITEM, item_id)
-    return bool(cached) and ctx.now() - cached.get("fetched_at", 0) < ITEM_CACHE_SECONDS
+    return _fresh(ctx, get_mapping(ctx, NS_ITEM, item_id))
+
+
+def _fresh(ctx, cached_item: dict | None) -> bool:
+    return bool(cached_item) and \
+        ctx.now() - cached_item.get("fetched_at", 0) < ITEM_CACHE_SECONDS
 
 
 def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | None:

@@ -116,6 +116,11 @@ class TokenSource(Protocol):
     def refresh(self, stale_access_token: str) -> str: ...
 
 
+# What the bridge reads and shows of an item.
+ITEM_FIELDS = ("id", "title", "price", "currency_id", "permalink", "thumbnail",
+               "secure_thumbnail", "status")
+
+
 class MercadoLivreClient(PeerClient):
     """Thin client of api.mercadolibre.com. A 401 asks the token source for a fresh token once."""
 
@@ -202,9 +207,8 @@ class MercadoLivreClient(PeerClient):
 
     def get_item(self, item_id: str) -> dict:
         """An item's title, price, link and thumbnail."""
-        return self._request("GET", f"/items/{item_id}", params={
-            "attributes": "id,title,price,currency_id,permalink,thumbnail,secure_thumbnail,status"
-        }) or {}
+        return self._request("GET", f"/items/{item_id}",
+                             params={"attributes": ",".join(ITEM_FIELDS)}) or {}
 
     def get_items(self, item_ids: list[str]) -> dict[str, dict]:
         """Multiget (≤ 20 ids a call); returns {item_id: item} for the ids found."""
@@ -213,9 +217,7 @@ class MercadoLivreClient(PeerClient):
         for start in range(0, len(ids), 20):
             chunk = ids[start:start + 20]
             rows = self._request("GET", "/items", params={
-                "ids": ",".join(chunk),
-                "attributes": "id,title,price,currency_id,permalink,thumbnail,secure_thumbnail,"
-                              "status"}) or []
+                "ids": ",".join(chunk), "attributes": ",".join(ITEM_FIELDS)}) or []
             for row in rows:
                 body = row.get("body") if isinstance(row, dict) and "body" in row else row
                 if isinstance(body, dict) and body.get("id") and row.get("code", 200) == 200:
