@@ -21,6 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 BUSY_TIMEOUT_MS = 10_000
+# Every web commit is a webhook's ack, and a WAL checkpoint runs inside the commit that crosses
+# the threshold: copying pages into the database file plus two fsyncs, ~10 ms at SQLite's
+# default of 1,000 pages, on that webhook's clock. The poller keeps the default and commits
+# after every job and every heartbeat, so it is the one that checkpoints; the web's own
+# threshold only bounds the WAL (~40 MB) when the poller is down or far behind.
+WEB_WAL_AUTOCHECKPOINT_PAGES = 10_000
+# After a checkpoint, SQLite reuses the WAL file but keeps its size; a burst must not leave a
+# big file behind.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_CAP_SECONDS = 900.0
 
@@ -171,8 +180,9 @@ class FollowUp:
     ordering_key: str | None = None
 
 
-def connect(path: str) -> sqlite3.Connection:
+def connect(path: str, wal_autocheckpoint_pages: int = 1000) -> sqlite3.Connection:
     """Open the database (creating its folder), in WAL mode with a busy timeout and foreign keys.
+    The web passes `WEB_WAL_AUTOCHECKPOINT_PAGES` (see there).
 
     The connection is in autocommit mode: writes go through `transaction()`.
     """
@@ -185,6 +195,8 @@ def connect(path: str) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _set_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint_pages)}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
     except (sqlite3.Error, OSError) as exc:

@@ -1,7 +1,8 @@
 """Request-time helpers shared by every blueprint: the database connection of this worker, the
 settings, the clock, JSON errors and bearer-token checks.
 
-Owns: `get_db()`, `settings()`, `now()`, `json_error()`, `require_bearer()`, `bearer_token()`.
+Owns: `get_db()`, `connection()`, `settings()`, `now()`, `json_error()`, `require_bearer()`,
+`bearer_token()`.
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
@@ -27,15 +28,20 @@ def now() -> float:
 
 def get_db():
     """This worker thread's SQLite connection (opened once, reused across requests)."""
+    return connection(settings().database_path)
+
+
+def connection(path: str):
+    """This worker thread's connection to the database at `path` (opened once, reused)."""
     import db_manager
 
-    path = settings().database_path
     conns = getattr(_local, "conns", None)
     if conns is None:
         conns = _local.conns = {}
     conn = conns.get(path)
     if conn is None:
-        conn = conns[path] = db_manager.connect(path)
+        conn = conns[path] = db_manager.connect(
+            path, wal_autocheckpoint_pages=db_manager.WEB_WAL_AUTOCHECKPOINT_PAGES)
     return conn
 
 

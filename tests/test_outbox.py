@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import sqlite3
 import threading
@@ -10,6 +11,7 @@ import time
 import pytest
 
 import db_manager
+import web_common
 from db_manager import FollowUp
 from job_runner import JobContext, JobFailed, run_next_job
 from kommo_api import KommoError  # any PeerError subclass
@@ -261,6 +263,21 @@ def test_migrations_run_concurrently_from_two_processes(tmp_path):
     conn = db_manager.connect(path)
     assert db_manager.schema_version(conn) == len(db_manager.MIGRATIONS)
     assert db_manager.migrate(conn) == len(db_manager.MIGRATIONS)  # idempotent
+
+
+def test_web_commits_leave_wal_checkpoints_to_the_poller(settings, clock):
+    web = web_common.connection(settings.database_path)
+    db_manager.migrate(web)
+    db_size = os.path.getsize(settings.database_path)
+    for i in range(400):  # ~1,500 WAL pages: past SQLite's default threshold of 1,000
+        with db_manager.transaction(web):
+            db_manager.enqueue_job(web, "intake", f"k{i}", {"body": "x" * 12000}, now=clock())
+    # no webhook ack paid for a checkpoint: every page is still only in the WAL
+    assert os.path.getsize(settings.database_path + "-wal") > 1000 * 4096
+    assert os.path.getsize(settings.database_path) == db_size
+    # the poller's next commit (a heartbeat) copies them into the database file
+    db_manager.beat(db_manager.connect(settings.database_path), "poller", clock())
+    assert os.path.getsize(settings.database_path) > db_size + 400 * 12000
 
 
 def test_connect_uses_wal_and_foreign_keys(db):
