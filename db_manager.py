@@ -147,6 +147,18 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_ready_by_kind ON jobs(kind, available_at) WHERE status = 'pending';
     """,
+    # 4: jobs staged by a webhook's ack (see stage_job)
+    """
+    CREATE TABLE staged_jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        ordering_key TEXT,
+        payload TEXT NOT NULL,
+        max_attempts INTEGER,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -329,6 +341,37 @@ def enqueue_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: d
     return cur.lastrowid if cur.rowcount == 1 else None
 
 
+def stage_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: dict,
+              ordering_key: str | None = None, max_attempts: int | None = None,
+              now: float | None = None) -> bool:
+    """Add a job the cheap way, for a webhook that must answer fast (inside the caller's
+    transaction): a row of `staged_jobs`, whose only index is the unique key, instead of a row
+    of `jobs` and its four indexes; with the WAL frames that go with them, that is ~40 % of a
+    webhook's write. `claim_next_job` moves staged jobs into `jobs`, in the order they were
+    staged, before it picks one; until then the job counts in `queue_stats`. Returns False
+    (and changes nothing) when a job with `dedupe_key` is staged or in `jobs` already."""
+    if conn.execute("SELECT 1 FROM jobs WHERE dedupe_key = ?", (dedupe_key,)).fetchone():
+        return False
+    cur = conn.execute(
+        "INSERT INTO staged_jobs (kind, dedupe_key, ordering_key, payload, max_attempts,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(dedupe_key) DO NOTHING",
+        (kind, dedupe_key, ordering_key, dumps(payload), max_attempts, now or time.time()))
+    return cur.rowcount == 1
+
+
+def _move_staged_jobs(conn: sqlite3.Connection, now: float) -> None:
+    # Inside the claim's write transaction, so nothing can be staged meanwhile.
+    if conn.execute("SELECT 1 FROM staged_jobs LIMIT 1").fetchone() is None:
+        return
+    # "WHERE true": SQLite's rule for INSERT ... SELECT with an ON CONFLICT clause.
+    conn.execute(
+        "INSERT INTO jobs (kind, dedupe_key, ordering_key, payload, status, max_attempts,"
+        " available_at, created_at, updated_at) SELECT kind, dedupe_key, ordering_key, payload,"
+        " 'pending', max_attempts, created_at, created_at, ? FROM staged_jobs WHERE true"
+        " ORDER BY id ON CONFLICT(dedupe_key) DO NOTHING", (now,))
+    conn.execute("DELETE FROM staged_jobs")
+
+
 _NOT_BLOCKED = """(j.ordering_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM jobs AS e WHERE e.ordering_key = j.ordering_key AND e.id < j.id
           AND e.status IN ('pending', 'running')))"""
@@ -340,8 +383,9 @@ def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
     pending and due — of one of `urgent_kinds` first, if any is due. A job with an
     `ordering_key` waits while an earlier job with the same key is still pending or running,
     so one conversation's jobs run in order. Call `bury_worn_out_jobs()` first so a job that
-    keeps killing its worker is not re-run."""
+    keeps killing its worker is not re-run. Staged jobs (`stage_job`) become jobs first."""
     with transaction(conn):
+        _move_staged_jobs(conn, now)
         # Separate queries instead of one OR, so each can walk its index in order.
         row = conn.execute(
             f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
@@ -543,17 +587,21 @@ def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
         counts[row["status"]] = row["n"]
     due = conn.execute("SELECT COUNT(*), MIN(available_at) FROM jobs WHERE status = 'pending'"
                        " AND available_at <= ?", (now,)).fetchone()
-    counts["due"] = due[0]
-    counts["oldest_due_seconds"] = round(now - due[1], 3) if due[1] else 0.0
+    staged = conn.execute("SELECT COUNT(*), MIN(created_at) FROM staged_jobs").fetchone()
+    counts["pending"] += staged[0]
+    counts["due"] = due[0] + staged[0]
+    oldest = min((t for t in (due[1], staged[1]) if t is not None), default=None)
+    counts["oldest_due_seconds"] = round(now - oldest, 3) if oldest else 0.0
     return counts
 
 
 def next_job_due_at(conn: sqlite3.Connection) -> float | None:
     """When the next job can be claimed: the earliest pending job not blocked by an earlier job
-    of its conversation, or the earliest lease to expire."""
+    of its conversation, a staged job, or the earliest lease to expire."""
     row = conn.execute(
         f"SELECT MIN(t) FROM (SELECT MIN(j.available_at) AS t FROM jobs AS j"
         f" WHERE j.status = 'pending' AND {_NOT_BLOCKED}"
+        f" UNION ALL SELECT MIN(created_at) FROM staged_jobs"
         f" UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running')").fetchone()
     return row[0]
 

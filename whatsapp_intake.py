@@ -62,12 +62,12 @@ def delivery_key(raw: bytes) -> str:
 def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
                     request_id: str | None = None) -> str:
     """Record one parsed webhook delivery before it is acknowledged (inside the caller's
-    transaction): a `kommo.intake` job holding the body as it came when it has messages or
-    notes, else an ignored event. A re-delivery changes nothing. Returns 'queued', 'ignored'
+    transaction): a `kommo.intake` job (staged: `db_manager.stage_job`) holding the body as it
+    came when it has messages or notes, else an ignored event. A re-delivery changes nothing. Returns 'queued', 'ignored'
     or 'duplicate'."""
     key = delivery_key(raw)
     if hook.messages or hook.notes:
-        new = db_manager.enqueue_job(
+        new = db_manager.stage_job(
             conn, INTAKE, key, {"body": raw.decode("utf-8", "replace"), "received_at": now,
                                 "request_id": request_id},
             ordering_key=INTAKE_ORDER, max_attempts=INTAKE_MAX_ATTEMPTS, now=now)

@@ -572,7 +572,8 @@ def bench_ingest(tmp: str, duration: float, rounds: int) -> dict:
             if server:
                 server.stop()
     db_path = env_p["DATABASE_PATH"]
-    recorded = _count(db_path, "SELECT COUNT(*) FROM jobs WHERE kind = 'kommo.intake'")
+    recorded = _count(db_path, "SELECT (SELECT COUNT(*) FROM jobs WHERE kind = 'kommo.intake')"
+                               " + (SELECT COUNT(*) FROM staged_jobs WHERE kind = 'kommo.intake')")
     print(f"  poller aplicando os {recorded} webhooks gravados...", file=sys.stderr)
     apply = apply_backlog(tmp, env_p, recorded)
     return {"ponte": merge_runs(runs_p), "trivial": merge_runs(runs_t),
@@ -595,7 +596,8 @@ def _count(db_path: str, sql: str) -> int:
 def apply_backlog(tmp: str, env: dict, recorded: int) -> dict:
     """Run the real poller over the webhooks recorded under load; how fast it applies them."""
     db_path = env["DATABASE_PATH"]
-    pending = "SELECT COUNT(*) FROM jobs WHERE kind = 'kommo.intake' AND status != 'done'"
+    pending = ("SELECT (SELECT COUNT(*) FROM jobs WHERE kind = 'kommo.intake' AND status != 'done')"
+               " + (SELECT COUNT(*) FROM staged_jobs)")
     log = open(os.path.join(tmp, "apply-poller.log"), "ab")
     env = {**env, "LOG_LEVEL": "WARNING"}  # one job_done line per webhook is not the point here
     started = time.monotonic()

@@ -85,5 +85,6 @@ class BridgeA:
 
     def counts(self) -> dict:
         return {"events": db_manager.count_events(self.db),
-                "jobs": len(db_manager.list_jobs(self.db, limit=10_000)),
+                "jobs": len(db_manager.list_jobs(self.db, limit=10_000))
+                + self.db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0],
                 "messages": self.db.execute("SELECT COUNT(*) FROM kommo_messages").fetchone()[0]}

@@ -197,6 +197,48 @@ def test_urgent_kinds_are_claimed_before_older_due_jobs(db, clock):
     assert (first.dedupe_key, second.dedupe_key) == ("newer", "older")
 
 
+def _stage(db, key, ordering_key=None, now=None):
+    with db_manager.transaction(db):
+        return db_manager.stage_job(db, "intake", key, {"key": key}, ordering_key=ordering_key,
+                                    max_attempts=3, now=now)
+
+
+def test_staged_jobs_are_counted_at_once_and_become_jobs_in_staging_order(db, clock):
+    db_manager.enqueue_job(db, "intake", "running-one", {}, ordering_key="in", now=clock())
+    running = db_manager.claim_next_job(db, clock(), LEASE)
+    clock.advance(1)
+    assert _stage(db, "s1", ordering_key="in", now=clock())
+    clock.advance(1)
+    assert _stage(db, "s2", ordering_key="in", now=clock())
+    # waiting to be moved, they already count as pending and due, and wake the poller
+    stats = db_manager.queue_stats(db, clock())
+    assert (stats["pending"], stats["due"], stats["oldest_due_seconds"]) == (2, 2, 1.0)
+    assert db_manager.next_job_due_at(db) == clock() - 1
+    # a claim moves them into jobs; their ordering key still waits for the running job
+    assert db_manager.claim_next_job(db, clock(), LEASE) is None
+    moved = db_manager.list_jobs(db, kind="intake")
+    assert [(j["dedupe_key"], j["status"], j["max_attempts"]) for j in moved] == [
+        ("s2", "pending", 3), ("s1", "pending", 3), ("running-one", "running", None)]
+    assert moved[1]["available_at"] == moved[1]["created_at"] == clock() - 1
+    assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
+    db_manager.complete_job(db, running, now=clock())
+    order = [db_manager.claim_next_job(db, clock(), LEASE) for _ in range(2)]
+    assert [j.dedupe_key for j in order[:1]] == ["s1"] and order[1] is None
+    db_manager.complete_job(db, order[0], now=clock())
+    assert db_manager.claim_next_job(db, clock(), LEASE).payload == {"key": "s2"}
+
+
+def test_staging_a_job_that_exists_staged_or_moved_changes_nothing(db, clock):
+    assert _stage(db, "k1", now=clock())
+    assert not _stage(db, "k1", now=clock())  # still staged
+    db_manager.claim_next_job(db, clock(), LEASE)
+    assert not _stage(db, "k1", now=clock())  # now in jobs
+    db_manager.enqueue_job(db, "other", "k2", {}, now=clock())
+    assert not _stage(db, "k2", now=clock())
+    assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
+    assert sorted(j["dedupe_key"] for j in db_manager.list_jobs(db)) == ["k1", "k2"]
+
+
 def test_atomic_handler_commits_its_writes_with_the_completion_or_not_at_all(settings, db,
                                                                              clock):
     failures = [RuntimeError("crashed half-way")]
