@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BridgeModules:
-    """Names of the modules of one bridge. The routes module exposes `blueprint`; the jobs
+    """Names of the modules of one bridge. The routes module exposes `blueprint`, and optionally
+    `PLAIN_ROUTES` (see `webhook_server.PlainRoutes`); the jobs
     module exposes `HANDLERS`, and optionally `ON_DEAD` and `SCHEDULES`
     (a list of `(interval_seconds_from_settings, task(ctx))`)."""
 
@@ -44,6 +45,17 @@ def blueprints(settings) -> list:
             module = _module(bridge.routes)
             if module is not None:
                 out.append(module.blueprint)
+    return out
+
+
+def plain_routes(settings) -> list[tuple]:
+    """(path pattern, WSGI handler) pairs of the enabled bridges, served before Flask."""
+    out = []
+    for bridge in BRIDGES:
+        if settings.bridge_enabled(bridge.name):
+            module = _module(bridge.routes)
+            if module is not None:
+                out += getattr(module, "PLAIN_ROUTES", [])
     return out
 
 

@@ -1,5 +1,5 @@
-"""HTTP routes of bridge A: the Kommo webhook, n8n's asynchronous answers, the bot API and the
-Kommo OAuth callback.
+"""HTTP routes of bridge A: n8n's asynchronous answers, the bot API and the Kommo OAuth
+callback, plus the Kommo webhook (served before Flask by `kommo_webhook`).
 
 Owns: the `kommo` blueprint — authentication, parsing and recording (one transaction) before
 the 2xx answer.
@@ -16,12 +16,12 @@ from flask import Blueprint, jsonify, request
 import bot_control
 import db_manager
 import kommo_auth
+import kommo_webhook
 import whatsapp_intake
 import whatsapp_store
-from kommo_api import KommoError, KommoParseError, parse_kommo_webhook
+from kommo_api import KommoError
 from n8n_api import parse_send_response
-from ponte_logging import request_id_var
-from web_common import get_db, json_error, now, require_bearer, settings, token_matches
+from web_common import get_db, json_error, now, require_bearer, settings
 
 log = logging.getLogger("ponte.kommo.web")
 
@@ -31,41 +31,9 @@ KOMMO_AUTHORIZE_URL = "https://www.kommo.com/oauth"
 OAUTH_STATE_TTL_SECONDS = 1800
 
 
-# --- Kommo account webhook ----------------------------------------------------------------------
+# --- Kommo account webhook: a plain WSGI handler, see kommo_webhook ---------------------------
 
-@blueprint.route("/webhooks/kommo", methods=["GET", "POST"], strict_slashes=False)
-@blueprint.route("/webhooks/kommo/<secret>", methods=["GET", "POST"], strict_slashes=False)
-def kommo_webhook(secret: str | None = None):
-    """Kommo → ponte. Kommo does not sign webhooks: the secret travels in the URL.
-
-    The body is parsed here (malformed → 400, nothing recorded) and recorded as it came, in one
-    statement; the poller applies it in arrival order (`whatsapp_intake.apply_delivery`). The
-    request does only what a durable, validated ack needs: this route is what Kommo's retries
-    and bursts hit.
-    """
-    given = secret or request.args.get("secret", "")
-    if not token_matches(given, settings().kommo_webhook_secret):
-        log.warning("kommo_webhook_bad_secret")
-        return json_error(401, "bad_secret", "Segredo do webhook inválido.")
-    if request.method == "GET":  # Kommo checks the URL when the webhook is saved
-        return jsonify(ok=True, service="ponte", webhook="kommo")
-    if request.mimetype != "application/x-www-form-urlencoded":
-        return json_error(415, "unsupported_media_type",
-                          "O Kommo envia application/x-www-form-urlencoded.")
-    raw = request.get_data()
-    try:
-        hook = parse_kommo_webhook(raw)
-    except KommoParseError as exc:
-        return json_error(400, "bad_kommo_payload", f"Corpo não é um webhook do Kommo: {exc}")
-    expected_account = settings().kommo_account_id
-    if expected_account and hook.account_id != expected_account:
-        log.warning("kommo_webhook_wrong_account", extra={"account_id": hook.account_id})
-        return json_error(401, "wrong_account", "Webhook de outra conta do Kommo.")
-    conn = get_db()
-    with db_manager.transaction(conn):
-        outcome = whatsapp_intake.record_delivery(conn, hook, raw, now(),
-                                                  request_id_var.get())
-    return jsonify(ok=True, recorded=outcome)
+PLAIN_ROUTES = [(kommo_webhook.PATH, kommo_webhook.handle)]
 
 
 # --- n8n asynchronous answer --------------------------------------------------------------------

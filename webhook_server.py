@@ -52,7 +52,8 @@ def create_app(settings=None, clock=None) -> Flask:
     except Exception as exc:  # /health will say why; the web must still answer
         log.error("db_migrate_failed", extra={"error": str(exc)})
 
-    app.wsgi_app = RequestIds(app.wsgi_app, settings.max_body_bytes)
+    app.wsgi_app = RequestIds(PlainRoutes(app.wsgi_app, bridges.plain_routes(settings), app.config),
+                              settings.max_body_bytes)
     _install_error_handlers(app)
     _install_operator_routes(app)
     for blueprint in bridges.blueprints(settings):
@@ -104,6 +105,26 @@ class RequestIds:
             return self.wsgi_app(environ, start_with_id)
         finally:
             ponte_logging.request_id_var.reset(token)
+
+
+class PlainRoutes:
+    """WSGI middleware: the URLs a bridge serves without Flask (its `PLAIN_ROUTES`, pairs of a
+    path pattern and a `handler(environ, start_response, app_config, *path_groups)`); every
+    other request goes on to Flask. Only for a webhook so hot that Flask's own per-request cost
+    matters (see kommo_webhook)."""
+
+    def __init__(self, wsgi_app, routes, app_config):
+        self.wsgi_app = wsgi_app
+        self.routes = routes
+        self.app_config = app_config
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for pattern, handler in self.routes:
+            match = pattern.match(path)
+            if match:
+                return handler(environ, start_response, self.app_config, *match.groups())
+        return self.wsgi_app(environ, start_response)
 
 
 def _install_error_handlers(app: Flask) -> None:

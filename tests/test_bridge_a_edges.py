@@ -117,6 +117,34 @@ def test_url_check_and_url_variants(bridge):
     assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi"]
 
 
+def test_other_methods_get_json_answers(bridge):
+    head = bridge.web.head(f"/webhooks/kommo/{SECRET}")
+    assert head.status_code == 200 and head.data == b""
+    put = bridge.web.put(f"/webhooks/kommo/{SECRET}", data="x=1")
+    assert put.status_code == 405 and put.get_json()["error"] == "method_not_allowed"
+    assert put.headers["Allow"] == "GET, HEAD, POST" and put.headers["X-Request-Id"]
+    # the secret is checked first: a wrong one learns nothing about the route
+    assert bridge.web.put("/webhooks/kommo/wrong-secret", data="x=1").status_code == 401
+    assert bridge.counts() == NOTHING
+
+
+def test_database_busy_past_the_timeout_is_a_json_500_and_kommo_retries(bridge, monkeypatch):
+    monkeypatch.setattr(db_manager, "BUSY_TIMEOUT_MS", 150)
+    holder = db_manager.connect(bridge.settings.database_path)
+    holder.execute("BEGIN IMMEDIATE")  # another writer that never lets go
+    body = kommo_standin.message_form("oi", message_id="busy-1")
+    response = bridge.kommo_posts(body)
+    holder.execute("ROLLBACK")
+    assert response.status_code == 500 and response.get_json()["error"] == "internal_error"
+    assert bridge.counts() == NOTHING
+    # Kommo sends it again: recorded once, applied once
+    assert bridge.kommo_posts(body).get_json()["recorded"] == "queued"
+    bridge.run_jobs()
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi"]
+    logs = "".join(p.read_text() for p in Path(bridge.settings.log_dir).glob("*.log"))
+    assert '"unhandled_error"' in logs and SECRET not in logs
+
+
 def test_unhandled_events_are_recorded_as_ignored_and_answered_200(bridge):
     for name in ("add_lead", "add_talk"):
         response = bridge.kommo_posts(payload_text(f"kommo/{name}.form").strip())
