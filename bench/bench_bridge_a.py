@@ -1047,7 +1047,7 @@ def findings(ing: dict, e2e: dict) -> str:
             f"de Little, a latência média é {CONCURRENCY} ÷ vazão "
             f"(≈ {n(1000 * CONCURRENCY / p['rps'])} ms a {n(p['rps'], 0)} req/s). O app trivial "
             f"teve p99 de {n(t['p99'])} ms com a mesma carga. A cauda da ponte vem também dos "
-            f"checkpoints: sem o poller rodando, o web faz um a cada ~3.000 webhooks, e o "
+            f"checkpoints: sem o poller rodando, o web faz um a cada ~3.500 webhooks, e o "
             f"webhook que o dispara espera a cópia para o banco e dois `fsync` (máximo "
             f"{n(p['max'])} ms). Em produção o poller faz esses checkpoints. Com carga moderada "
             f"({MODERATE_RPS} req/s, muito mais do que uma conta do Kommo manda), o ack da ponte "
