@@ -1,15 +1,16 @@
 """Gunicorn settings for the web process, read from ponte's own settings (and `.env`).
 
-Owns: bind address, workers, timeouts, and an access log that never shows a credential (the
-Kommo webhook secret travels in the URL path).
+Owns: bind address, workers, timeouts, and access and error logs that never show a credential
+(the Kommo webhook secret travels in the URL path).
 """
 # Gunicorn reads every public module-level name as one of its settings (and it has a setting
 # called `config`), so our imports are private names.
+import sys as _sys
+from logging import Formatter as _Formatter
+
 import config as _ponte_config
 import ponte_logging as _ponte_logging
 from gunicorn.glogging import Logger as _Logger
-
-import sys as _sys
 
 try:
     _settings = _ponte_config.load_settings()
@@ -34,7 +35,12 @@ _secrets = _ponte_config.secret_values(_settings)
 
 
 class _ScrubbingLogger(_Logger):
-    """Gunicorn's logger with URL-borne secrets removed from every access-log line."""
+    """Gunicorn's logger with URL-borne secrets removed from every access-log line and from its
+    error log (e.g. "Error handling request /webhooks/kommo/<secret>")."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        self.error_log.addFilter(_scrub_record)
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
@@ -42,6 +48,14 @@ class _ScrubbingLogger(_Logger):
             if isinstance(atoms.get(key), str):
                 atoms[key] = _ponte_logging.scrub(atoms[key], _secrets)
         return atoms
+
+
+def _scrub_record(record) -> bool:
+    record.msg, record.args = _ponte_logging.scrub(record.getMessage(), _secrets), ()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _ponte_logging.scrub(_Formatter().formatException(record.exc_info),
+                                               _secrets)
+    return True
 
 
 logger_class = _ScrubbingLogger

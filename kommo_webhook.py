@@ -4,12 +4,12 @@ Owns: that one URL — secret check, form parsing, account check, recording the 
 the JSON answer.
 Must not: call Kommo or n8n, or answer 2xx before the delivery is committed.
 
-Why plain WSGI instead of a Flask view: this is the URL that Kommo's retries and bursts hit,
-and the issue sets its throughput against a trivial Flask endpoint. Measured in one process
-(bench numbers in docs/benchmarks.md): Flask's request and response objects cost more than the
-parse and the durable write together. So this handler runs in front of Flask
-(`webhook_server.PlainRoutes`), inside the same middleware that gives every request its id and
-body limit, and answers with the same JSON error shape as the Flask routes.
+Why plain WSGI instead of a Flask view: this is the URL that Kommo's retries and bursts hit.
+Measured (docs/benchmarks.md, part 4), the same work in a Flask view costs about twice the CPU:
+Flask's request and response objects cost more than the parse and the durable write together.
+So this handler runs in front of Flask (`webhook_server.PlainRoutes`), inside the middleware
+that gives every request its id and body limit, and answers with the JSON error shape of the
+Flask routes (`web_common.error_body`).
 """
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def handle(environ, start_response, app_config, secret: str | None):
     """Answer one request to the Kommo webhook URL. `secret` is the path segment after
     `/webhooks/kommo/` (None when absent: then `?secret=` is used); `app_config` is the Flask
     app's config (settings and clock)."""
+    try:
+        return _handle(environ, start_response, app_config, secret)
+    except Exception:  # nothing was recorded: Kommo sends the delivery again
+        # No path in the line: it carries the secret.
+        log.exception("unhandled_error", extra={"route": "kommo_webhook"})
+        return _error(start_response, 500, "internal_error",
+                      "Erro interno; o webhook não foi gravado e o Kommo vai reenviá-lo.")
+
+
+def _handle(environ, start_response, app_config, secret: str | None):
     settings = app_config["PONTE_SETTINGS"]
     if secret is None:
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
@@ -61,7 +71,10 @@ def handle(environ, start_response, app_config, secret: str | None):
         return _error(start_response, 415, "unsupported_media_type",
                       "O Kommo envia application/x-www-form-urlencoded.")
     # webhook_server.RequestIds has already refused bodies over the limit, chunked ones too.
-    raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit():
+        return _error(start_response, 400, "bad_content_length", "Content-Length inválido.")
+    raw = environ["wsgi.input"].read(int(length))
     try:
         hook = parse_kommo_webhook(raw)
     except KommoParseError as exc:
@@ -70,21 +83,15 @@ def handle(environ, start_response, app_config, secret: str | None):
     if settings.kommo_account_id and hook.account_id != settings.kommo_account_id:
         log.warning("kommo_webhook_wrong_account", extra={"account_id": hook.account_id})
         return _error(start_response, 401, "wrong_account", "Webhook de outra conta do Kommo.")
-    try:
-        conn = web_common.connection(settings.database_path)
-        with db_manager.transaction(conn):
-            outcome = whatsapp_intake.record_delivery(conn, hook, raw, app_config["PONTE_CLOCK"](),
-                                                      request_id_var.get())
-    except Exception:  # the delivery was not recorded: Kommo will send it again
-        log.exception("unhandled_error", extra={"path": "/webhooks/kommo"})
-        return _error(start_response, 500, "internal_error",
-                      "Erro interno; o webhook não foi gravado e o Kommo vai reenviá-lo.")
+    conn = web_common.connection(settings.database_path)
+    with db_manager.transaction(conn):
+        outcome = whatsapp_intake.record_delivery(conn, hook, raw, app_config["PONTE_CLOCK"](),
+                                                  request_id_var.get())
     return _answer(start_response, 200, _RECORDED[outcome])
 
 
 def _error(start_response, status: int, code: str, message: str, headers=()):
-    body = json.dumps({"error": code, "message": message, "request_id": request_id_var.get()},
-                      ensure_ascii=False).encode()
+    body = json.dumps(web_common.error_body(code, message), ensure_ascii=False).encode()
     return _answer(start_response, status, body, headers=headers)
 
 

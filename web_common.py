@@ -1,8 +1,8 @@
 """Request-time helpers shared by every blueprint: the database connection of this worker, the
 settings, the clock, JSON errors and bearer-token checks.
 
-Owns: `get_db()`, `connection()`, `settings()`, `now()`, `json_error()`, `require_bearer()`,
-`bearer_token()`.
+Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `json_error()`,
+`require_bearer()`, `bearer_token()`.
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
@@ -45,12 +45,17 @@ def connection(path: str):
     return conn
 
 
-def json_error(status: int, code: str, message: str, **extra):
-    """A JSON error answer: `{"error": code, "message": message, "request_id": ...}`."""
+def error_body(code: str, message: str, **extra) -> dict:
+    """The body of every JSON error answer: `{"error": code, "message": message,
+    "request_id": ...}`."""
     from ponte_logging import request_id_var
 
-    body = {"error": code, "message": message, "request_id": request_id_var.get(), **extra}
-    response = jsonify(body)
+    return {"error": code, "message": message, "request_id": request_id_var.get(), **extra}
+
+
+def json_error(status: int, code: str, message: str, **extra):
+    """A JSON error answer of a Flask route (body: `error_body`)."""
+    response = jsonify(error_body(code, message, **extra))
     response.status_code = status
     return response
 

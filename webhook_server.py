@@ -1,7 +1,9 @@
 """The web process: inbound webhooks and the operators' API, served by Gunicorn.
 
 Owns: `create_app()`, the operator routes (`/`, `/health`, `/config`, `/metrics`, `/admin/jobs`),
-request ids, body limits and JSON error answers. Bridge routes come from `bridges.blueprints()`.
+request ids, body limits and JSON error answers (`RequestIds`), and the dispatch of the few URLs a
+bridge serves as plain WSGI, before Flask (`PlainRoutes`). Bridge routes come from
+`bridges.blueprints()` and `bridges.plain_routes()`.
 Must not: call a peer inside a webhook request, or do work at import time (no module-level app).
 """
 from __future__ import annotations
@@ -84,24 +86,23 @@ class RequestIds:
             headers.append(("X-Request-Id", request_id))
             return start_response(status, headers, exc_info)
 
-        declared = environ.get("CONTENT_LENGTH", "")
-        too_large = declared.isdigit() and int(declared) > self.max_body_bytes
-        if not declared and environ.get("wsgi.input_terminated"):
-            # A chunked body has no declared length, and werkzeug would silently cut it at the
-            # limit: read it here (up to one byte past the limit) and give Flask a sized body.
-            body = environ["wsgi.input"].read(self.max_body_bytes + 1)
-            too_large = len(body) > self.max_body_bytes
-            environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
-        if too_large:
-            code, message = _ERROR_TEXT[413]
-            body = json.dumps({"error": code, "message": message, "request_id": request_id},
-                              ensure_ascii=False).encode()
-            start_with_id("413 Request Entity Too Large",
-                          [("Content-Type", "application/json"),
-                           ("Content-Length", str(len(body)))])
-            return [body]
         token = ponte_logging.request_id_var.set(request_id)
         try:
+            declared = environ.get("CONTENT_LENGTH", "")
+            too_large = declared.isdigit() and int(declared) > self.max_body_bytes
+            if not declared and environ.get("wsgi.input_terminated"):
+                # A chunked body has no declared length, and werkzeug would silently cut it at
+                # the limit: read it here (up to one byte past the limit), pass on a sized body.
+                body = environ["wsgi.input"].read(self.max_body_bytes + 1)
+                too_large = len(body) > self.max_body_bytes
+                environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+            if too_large:
+                body = json.dumps(web_common.error_body(*_ERROR_TEXT[413]),
+                                  ensure_ascii=False).encode()
+                start_with_id("413 Request Entity Too Large",
+                              [("Content-Type", "application/json"),
+                               ("Content-Length", str(len(body)))])
+                return [body]
             return self.wsgi_app(environ, start_with_id)
         finally:
             ponte_logging.request_id_var.reset(token)
@@ -167,7 +168,7 @@ def _install_operator_routes(app: Flask) -> None:
         stats = db_manager.queue_stats(conn, web_common.now())
         lines = ["# TYPE ponte_jobs gauge"]
         lines += [f'ponte_jobs{{status="{k}"}} {v}' for k, v in stats.items()
-                  if k in ("pending", "running", "done", "dead", "due")]
+                  if k in ("pending", "running", "done", "dead", "due", "staged")]
         lines += ["# TYPE ponte_oldest_due_job_seconds gauge",
                   f"ponte_oldest_due_job_seconds {stats['oldest_due_seconds']}"]
         beat = db_manager.last_beat(conn, "poller")
@@ -182,9 +183,11 @@ def _install_operator_routes(app: Flask) -> None:
         status = request.args.get("status") or None
         if status not in (None, "pending", "running", "done", "dead"):
             return json_error(400, "bad_status", "status deve ser pending, running, done ou dead.")
-        jobs = db_manager.list_jobs(web_common.get_db(), status=status,
-                                    kind=request.args.get("kind") or None)
-        return jsonify(jobs=jobs)
+        conn = web_common.get_db()
+        jobs = db_manager.list_jobs(conn, status=status, kind=request.args.get("kind") or None)
+        # Staged jobs are not in `jobs` yet (the poller moves them as it claims): count them, so
+        # an operator whose poller is down sees where the pending ones are.
+        return jsonify(jobs=jobs, staged=db_manager.queue_stats(conn)["staged"])
 
     @app.post("/admin/jobs/<int:job_id>/retry")
     @require_bearer("admin_token")
@@ -206,7 +209,7 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
         conn = web_common.get_db()
         stats = db_manager.queue_stats(conn, now)
         report["queue"] = {"pending": stats["pending"], "running": stats["running"],
-                           "due": stats["due"], "dead": stats["dead"],
+                           "due": stats["due"], "dead": stats["dead"], "staged": stats["staged"],
                            "oldest_due_seconds": stats["oldest_due_seconds"]}
         beat = db_manager.last_beat(conn, "poller")
         if beat is None:

@@ -63,8 +63,8 @@ def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
                     request_id: str | None = None) -> str:
     """Record one parsed webhook delivery before it is acknowledged (inside the caller's
     transaction): a `kommo.intake` job (staged: `db_manager.stage_job`) holding the body as it
-    came when it has messages or notes, else an ignored event. A re-delivery changes nothing. Returns 'queued', 'ignored'
-    or 'duplicate'."""
+    came when it has messages or notes, else an ignored event. A re-delivery changes nothing.
+    Returns 'queued', 'ignored' or 'duplicate'."""
     key = delivery_key(raw)
     if hook.messages or hook.notes:
         new = db_manager.stage_job(

@@ -14,6 +14,7 @@ import requests
 
 import db_manager
 import kommo_auth
+import kommo_webhook
 from standins import kommo as kommo_standin
 from tests.bridge_a_harness import N8N_KEY, SECRET, BridgeA
 from tests.conftest import payload_text
@@ -125,6 +126,22 @@ def test_other_methods_get_json_answers(bridge):
     assert put.headers["Allow"] == "GET, HEAD, POST" and put.headers["X-Request-Id"]
     # the secret is checked first: a wrong one learns nothing about the route
     assert bridge.web.put("/webhooks/kommo/wrong-secret", data="x=1").status_code == 401
+    assert bridge.counts() == NOTHING
+
+
+def test_bad_content_length_and_unexpected_errors_get_json_answers(bridge, monkeypatch):
+    body = kommo_standin.message_form("oi", message_id="cl-1")
+    response = bridge.web.post(f"/webhooks/kommo/{SECRET}", data=body,
+                               content_type="application/x-www-form-urlencoded",
+                               environ_overrides={"CONTENT_LENGTH": "-1"})
+    assert response.status_code == 400 and response.get_json()["error"] == "bad_content_length"
+    # a defect anywhere in the handler: JSON 500 with the request id, nothing recorded
+    monkeypatch.setattr(kommo_webhook, "parse_kommo_webhook",
+                        lambda raw: (_ for _ in ()).throw(RuntimeError("defect")))
+    response = bridge.kommo_posts(body, headers={"X-Request-Id": "kommo-call-defect"})
+    assert response.status_code == 500 and response.get_json() == {
+        "error": "internal_error", "request_id": "kommo-call-defect",
+        "message": "Erro interno; o webhook não foi gravado e o Kommo vai reenviá-lo."}
     assert bridge.counts() == NOTHING
 
 
@@ -329,3 +346,13 @@ def test_poller_killed_mid_job_then_reply_sent_exactly_once(bridge, clock, tmp_p
     bridge.run_jobs()
     assert len(bridge.chat_messages()) == 1
     assert db_manager.get_job(bridge.db, job["id"])["status"] == "done"
+
+
+def test_operators_see_deliveries_waiting_for_the_poller(bridge):
+    bridge.customer_says("oi")
+    assert bridge.api("get", "/admin/jobs").get_json()["staged"] == 1
+    queue = bridge.web.get("/health").get_json()["queue"]
+    assert (queue["staged"], queue["pending"], queue["due"]) == (1, 1, 1)
+    assert 'ponte_jobs{status="staged"} 1' in bridge.web.get("/metrics").get_data(as_text=True)
+    bridge.run_jobs()
+    assert bridge.api("get", "/admin/jobs").get_json()["staged"] == 0

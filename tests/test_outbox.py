@@ -237,6 +237,24 @@ def test_staging_a_job_that_exists_staged_or_moved_changes_nothing(db, clock):
     assert not _stage(db, "k2", now=clock())
     assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
     assert sorted(j["dedupe_key"] for j in db_manager.list_jobs(db)) == ["k1", "k2"]
+    # and the other way round: a staged key cannot be enqueued
+    assert _stage(db, "k3", now=clock())
+    assert db_manager.enqueue_job(db, "other", "k3", {"x": 1}, now=clock()) is None
+    db_manager.claim_next_job(db, clock(), LEASE)
+    assert db_manager.get_job(db, dedupe_key="k3")["payload"] == {"key": "k3"}
+
+
+def test_a_staged_backlog_moves_a_batch_per_claim_in_order(db, clock, monkeypatch):
+    monkeypatch.setattr(db_manager, "STAGED_MOVE_BATCH", 3)
+    for i in range(7):
+        assert _stage(db, f"b{i}", now=clock() + i)
+    claimed = []
+    while (job := db_manager.claim_next_job(db, clock() + 10, LEASE)) is not None:
+        claimed.append(job.dedupe_key)
+        staged = db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0]
+        assert staged == max(0, 7 - 3 * len(claimed))  # one batch per claim, no more
+        db_manager.complete_job(db, job, now=clock())
+    assert claimed == [f"b{i}" for i in range(7)]
 
 
 def test_atomic_handler_commits_its_writes_with_the_completion_or_not_at_all(settings, db,
@@ -318,8 +336,11 @@ def test_web_commits_leave_wal_checkpoints_to_the_poller(settings, clock):
     assert os.path.getsize(settings.database_path + "-wal") > 1000 * 4096
     assert os.path.getsize(settings.database_path) == db_size
     # the poller's next commit (a heartbeat) copies them into the database file
-    db_manager.beat(db_manager.connect(settings.database_path), "poller", clock())
+    poller = db_manager.connect(settings.database_path)
+    db_manager.beat(poller, "poller", clock())
     assert os.path.getsize(settings.database_path) > db_size + 400 * 12000
+    poller.close()
+    web_common._local.conns.pop(settings.database_path).close()
 
 
 def test_connect_uses_wal_and_foreign_keys(db):
