@@ -37,26 +37,24 @@ def _module(name: str):
         raise
 
 
-def blueprints(settings) -> list:
-    """Flask blueprints of the enabled bridges."""
-    out = []
+def _enabled_modules(settings, part: str):
+    """The `part` ("routes" or "jobs") modules of the enabled bridges built in this checkout."""
     for bridge in BRIDGES:
         if settings.bridge_enabled(bridge.name):
-            module = _module(bridge.routes)
+            module = _module(getattr(bridge, part))
             if module is not None:
-                out.append(module.blueprint)
-    return out
+                yield module
+
+
+def blueprints(settings) -> list:
+    """Flask blueprints of the enabled bridges."""
+    return [module.blueprint for module in _enabled_modules(settings, "routes")]
 
 
 def plain_routes(settings) -> list[tuple]:
     """(path pattern, WSGI handler) pairs of the enabled bridges, served before Flask."""
-    out = []
-    for bridge in BRIDGES:
-        if settings.bridge_enabled(bridge.name):
-            module = _module(bridge.routes)
-            if module is not None:
-                out += getattr(module, "PLAIN_ROUTES", [])
-    return out
+    return [route for module in _enabled_modules(settings, "routes")
+            for route in getattr(module, "PLAIN_ROUTES", [])]
 
 
 def handlers() -> tuple[dict, dict]:
@@ -74,11 +72,6 @@ def handlers() -> tuple[dict, dict]:
 
 def schedules(settings) -> list[tuple]:
     """(interval_seconds, task) pairs of the enabled bridges."""
-    out = []
-    for bridge in BRIDGES:
-        if settings.bridge_enabled(bridge.name):
-            module = _module(bridge.jobs)
-            if module is not None:
-                for interval, task in getattr(module, "SCHEDULES", []):
-                    out.append((interval(settings) if callable(interval) else interval, task))
-    return out
+    return [(interval(settings) if callable(interval) else interval, task)
+            for module in _enabled_modules(settings, "jobs")
+            for interval, task in getattr(module, "SCHEDULES", [])]
