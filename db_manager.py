@@ -1,10 +1,11 @@
 """The state database: connections, schema and the spine's SQL (bridge A's tables are queried
 by whatsapp_store; their schema is here so migrations stay in one ordered list).
 
-Owns: connections (WAL, busy timeout, foreign keys), numbered migrations (`PRAGMA user_version`),
-`transaction()` (BEGIN IMMEDIATE), the inbound event log, the job outbox (enqueue / claim with a
-lease / complete / fail with backoff / dead letters / retry / prune), ordering per conversation,
-heartbeats, cross-process locks, key-value mappings, tokens and bot states.
+Owns: connections (WAL, busy timeout, foreign keys, the checkpointer thread), numbered
+migrations (`PRAGMA user_version`), `transaction()` (BEGIN IMMEDIATE), the inbound event log,
+the job outbox (enqueue or stage / claim with a lease / complete / fail with backoff / dead
+letters / retry / prune), ordering per conversation, heartbeats, cross-process locks, key-value
+mappings, tokens and bot states.
 Must not: call a peer, import flask or a peer module. Times are UTC epoch seconds (REAL, because
 debounce windows and wake-up latency are sub-second).
 """
@@ -14,20 +15,26 @@ import contextlib
 import json
 import os
 import random
+import logging
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+_log = logging.getLogger("ponte.db")
+
 BUSY_TIMEOUT_MS = 10_000
 # SQLite checkpoints the WAL inside each commit made while the WAL is over the threshold: it
 # copies pages into the database file, with two fsyncs — ~10 ms at SQLite's default of 1,000
-# pages. Every web commit is a webhook's ack, so the web must not be the one doing it. The poller
-# keeps the default and commits after every job and on every heartbeat (5 s, even when idle), so
-# it checkpoints; the web's own threshold only bounds the WAL (~40 MB) while the poller is down.
+# pages, and ~40 ms at 10,000. Every web commit is a webhook's ack, so the web checkpoints in a
+# background thread instead (`start_checkpointer`, run by each Gunicorn worker); the poller
+# keeps the default and commits after every job and on every heartbeat. The web's own threshold
+# is only the bound (~40 MB) for a web process without that thread while the poller is down.
 WAL_AUTOCHECKPOINT_PAGES = 1000
 WEB_WAL_AUTOCHECKPOINT_PAGES = 10_000
+CHECKPOINT_EVERY_SECONDS = 1.0
 # After a checkpoint, SQLite reuses the WAL file but keeps its size; a burst must not leave a
 # big file behind.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -215,6 +222,29 @@ def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES
         return conn
     except (sqlite3.Error, OSError) as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+
+
+def start_checkpointer(path: str, every_seconds: float = CHECKPOINT_EVERY_SECONDS,
+                       stop: threading.Event | None = None) -> threading.Thread:
+    """Checkpoint the WAL of the database at `path` every `every_seconds`, in a daemon thread
+    with its own connection (PASSIVE: it never blocks a writer, and SQLite releases the GIL while
+    it copies and syncs), until `stop` is set. Returns the started thread."""
+    stop = stop or threading.Event()
+
+    def run() -> None:
+        conn = connect(path)
+        try:
+            while not stop.wait(every_seconds):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # next turn; the commits' own threshold still holds
+                    _log.warning("wal_checkpoint_failed", extra={"error": str(exc)})
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run, name="wal-checkpointer", daemon=True)
+    thread.start()
+    return thread
 
 
 def _set_wal(conn: sqlite3.Connection) -> None:

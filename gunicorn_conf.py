@@ -1,7 +1,7 @@
 """Gunicorn settings for the web process, read from ponte's own settings (and `.env`).
 
-Owns: bind address, workers, timeouts, and access and error logs that never show a credential
-(the Kommo webhook secret travels in the URL path).
+Owns: bind address, workers, timeouts, access and error logs that never show a credential (the
+Kommo webhook secret travels in the URL path), and each worker's WAL checkpointer thread.
 """
 # Gunicorn reads every public module-level name as one of its settings (and it has a setting
 # called `config`), so our imports are private names.
@@ -9,6 +9,7 @@ import sys as _sys
 from logging import Formatter as _Formatter
 
 import config as _ponte_config
+import db_manager as _db_manager
 import ponte_logging as _ponte_logging
 from gunicorn.glogging import Logger as _Logger
 
@@ -59,3 +60,9 @@ def _scrub_record(record) -> bool:
 
 
 logger_class = _ScrubbingLogger
+
+
+def post_worker_init(worker):
+    """Gunicorn hook, in each worker once the app is loaded: checkpoint the WAL in a background
+    thread, so that no webhook ack waits for a checkpoint (see db_manager)."""
+    _db_manager.start_checkpointer(_settings.database_path)

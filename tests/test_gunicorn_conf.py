@@ -1,0 +1,67 @@
+"""gunicorn_conf.py as Gunicorn loads it: the error log's scrubbing and the worker hook."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import time
+
+import pytest
+from gunicorn.config import Config
+
+import db_manager
+
+SECRET = "error-log-secret-0123456789"
+
+
+@pytest.fixture
+def gunicorn_conf(tmp_path, monkeypatch):
+    env = {"PONTE_ENV_FILE": str(tmp_path / "none.env"), "DATABASE_PATH": str(tmp_path / "p.db"),
+           "LOG_DIR": str(tmp_path / "logs"), "KOMMO_WEBHOOK_SECRET": SECRET,
+           "KOMMO_BASE_URL": "http://127.0.0.1:9", "KOMMO_ACCESS_TOKEN": "kommo-token-0123456789",
+           "N8N_WEBHOOK_URL": "http://127.0.0.1:9/wh", "N8N_API_KEY": "n8n-key-0123456789abcdef"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delitem(sys.modules, "gunicorn_conf", raising=False)
+    yield importlib.import_module("gunicorn_conf")
+    sys.modules.pop("gunicorn_conf", None)
+
+
+def test_error_log_never_shows_the_webhook_secret(gunicorn_conf, tmp_path):
+    cfg = Config()
+    cfg.set("errorlog", str(tmp_path / "error.log"))
+    logger = gunicorn_conf.logger_class(cfg)
+    try:  # what Gunicorn writes when a request escapes the app
+        raise ValueError(f"bad url /webhooks/kommo/{SECRET}")
+    except ValueError:
+        logger.exception("Error handling request %s", f"/webhooks/kommo/{SECRET}?x=1")
+    text = (tmp_path / "error.log").read_text()
+    assert "Error handling request /webhooks/kommo/***" in text and "ValueError" in text
+    assert SECRET not in text
+
+
+def test_each_worker_checkpoints_the_wal_in_the_background(gunicorn_conf, monkeypatch):
+    path = os.environ["DATABASE_PATH"]
+    web = db_manager.connect(path, db_manager.WEB_WAL_AUTOCHECKPOINT_PAGES)
+    db_manager.migrate(web)
+    for i in range(400):  # ~1,500 WAL pages, under the web's own threshold
+        with db_manager.transaction(web):
+            db_manager.stage_job(web, "intake", f"k{i}", {"body": "x" * 12000}, now=time.time())
+    size = os.path.getsize(path)
+    started, stop = [], threading.Event()
+    real_start = db_manager.start_checkpointer
+    monkeypatch.setattr(db_manager, "start_checkpointer", lambda p: started.append(
+        real_start(p, every_seconds=0.02, stop=stop)))
+    try:
+        gunicorn_conf.post_worker_init(worker=None)
+        deadline = time.monotonic() + 5
+        while os.path.getsize(path) < size + 400 * 12000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert os.path.getsize(path) > size + 400 * 12000  # the pages reached the database file
+        assert started and started[0].name == "wal-checkpointer" and started[0].daemon
+    finally:
+        stop.set()
+        for thread in started:
+            thread.join(5)
+        web.close()
