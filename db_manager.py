@@ -29,9 +29,11 @@ BUSY_TIMEOUT_MS = 10_000
 # SQLite checkpoints the WAL inside each commit made while the WAL is over the threshold: it
 # copies pages into the database file, with two fsyncs — ~10 ms at SQLite's default of 1,000
 # pages, and ~40 ms at 10,000. Every web commit is a webhook's ack, so the web checkpoints in a
-# background thread instead (`start_checkpointer`, run by each Gunicorn worker); the poller
-# keeps the default and commits after every job and on every heartbeat. The web's own threshold
-# is only the bound (~40 MB) for a web process without that thread while the poller is down.
+# background thread instead (`start_checkpointer`, run by each Gunicorn worker), and its commits
+# only at 10,000 pages; the poller keeps the default and commits after every job and on every
+# heartbeat. Under a sustained burst a checkpoint that runs beside the writers never finds the
+# WAL fully copied, so the WAL is not restarted and keeps growing; past 10,000 pages the acks
+# checkpoint again too, but then only copy the little the thread has not.
 WAL_AUTOCHECKPOINT_PAGES = 1000
 WEB_WAL_AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_EVERY_SECONDS = 1.0
@@ -227,19 +229,24 @@ def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES
 def start_checkpointer(path: str, every_seconds: float = CHECKPOINT_EVERY_SECONDS,
                        stop: threading.Event | None = None) -> threading.Thread:
     """Checkpoint the WAL of the database at `path` every `every_seconds`, in a daemon thread
-    with its own connection (PASSIVE: it never blocks a writer, and SQLite releases the GIL while
-    it copies and syncs), until `stop` is set. Returns the started thread."""
+    with its own connection (PASSIVE: it never blocks a writer, and Python's sqlite3 releases the
+    GIL while SQLite copies and syncs), until `stop` is set. A failure (the volume not mounted
+    yet, a disk error) is logged once and retried on every turn; the commits' own threshold still
+    holds meanwhile. Returns the started thread."""
     stop = stop or threading.Event()
 
     def run() -> None:
-        conn = connect(path)
-        try:
-            while not stop.wait(every_seconds):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:  # next turn; the commits' own threshold still holds
+        conn, failing = None, False
+        while not stop.wait(every_seconds):
+            try:
+                conn = conn or connect(path)
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                failing = False
+            except (sqlite3.Error, DatabaseError) as exc:
+                if not failing:
                     _log.warning("wal_checkpoint_failed", extra={"error": str(exc)})
-        finally:
+                failing = True
+        if conn is not None:
             conn.close()
 
     thread = threading.Thread(target=run, name="wal-checkpointer", daemon=True)
@@ -399,8 +406,8 @@ STAGED_MOVE_BATCH = 500
 
 
 def _move_staged_jobs(conn: sqlite3.Connection, now: float) -> None:
-    # Inside the claim's write transaction, so nothing can be staged meanwhile; later staged
-    # rows always get higher job ids, so moving in batches keeps the staging order.
+    # Inside the claim's write transaction, so nothing can be staged meanwhile. Staged ids only
+    # grow and each batch takes the lowest ones, so moving in batches keeps the staging order.
     last_id = conn.execute("SELECT MAX(id) FROM (SELECT id FROM staged_jobs ORDER BY id LIMIT ?)",
                            (STAGED_MOVE_BATCH,)).fetchone()[0]
     if last_id is None:
@@ -620,6 +627,11 @@ def _job_dict(row: sqlite3.Row) -> dict:
     d["payload"] = json.loads(d["payload"])
     d["result"] = json.loads(d["result"]) if d["result"] else None
     return d
+
+
+def count_staged_jobs(conn: sqlite3.Connection) -> int:
+    """How many jobs wait in `staged_jobs` for the poller to move them into `jobs`."""
+    return conn.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0]
 
 
 def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:

@@ -52,7 +52,11 @@ class _ScrubbingLogger(_Logger):
 
 
 def _scrub_record(record) -> bool:
-    record.msg, record.args = _ponte_logging.scrub(record.getMessage(), _secrets), ()
+    try:
+        text = record.getMessage()
+    except Exception:  # a malformed call must still be logged, not raise at the caller
+        text = f"{record.msg} {record.args!r}"
+    record.msg, record.args = _ponte_logging.scrub(text, _secrets), ()
     if record.exc_info and not record.exc_text:
         record.exc_text = _ponte_logging.scrub(_Formatter().formatException(record.exc_info),
                                                _secrets)

@@ -45,7 +45,7 @@ def handle(environ, start_response, app_config, secret: str | None):
         return _handle(environ, start_response, app_config, secret)
     except Exception:  # nothing was recorded: Kommo sends the delivery again
         # No path in the line: it carries the secret.
-        log.exception("unhandled_error", extra={"route": "kommo_webhook"})
+        log.exception("unhandled_error", extra={"path": "/webhooks/kommo/***"})
         return _error(start_response, 500, "internal_error",
                       "Erro interno; o webhook não foi gravado e o Kommo vai reenviá-lo.")
 
@@ -72,7 +72,7 @@ def _handle(environ, start_response, app_config, secret: str | None):
                       "O Kommo envia application/x-www-form-urlencoded.")
     # webhook_server.RequestIds has already refused bodies over the limit, chunked ones too.
     length = environ.get("CONTENT_LENGTH") or "0"
-    if not length.isdigit():
+    if not (length.isascii() and length.isdigit()):  # "²" passes isdigit() but not int()
         return _error(start_response, 400, "bad_content_length", "Content-Length inválido.")
     raw = environ["wsgi.input"].read(int(length))
     try:

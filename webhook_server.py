@@ -89,7 +89,8 @@ class RequestIds:
         token = ponte_logging.request_id_var.set(request_id)
         try:
             declared = environ.get("CONTENT_LENGTH", "")
-            too_large = declared.isdigit() and int(declared) > self.max_body_bytes
+            too_large = declared.isascii() and declared.isdigit() and \
+                int(declared) > self.max_body_bytes
             if not declared and environ.get("wsgi.input_terminated"):
                 # A chunked body has no declared length, and werkzeug would silently cut it at
                 # the limit: read it here (up to one byte past the limit), pass on a sized body.
@@ -187,7 +188,7 @@ def _install_operator_routes(app: Flask) -> None:
         jobs = db_manager.list_jobs(conn, status=status, kind=request.args.get("kind") or None)
         # Staged jobs are not in `jobs` yet (the poller moves them as it claims): count them, so
         # an operator whose poller is down sees where the pending ones are.
-        return jsonify(jobs=jobs, staged=db_manager.queue_stats(conn)["staged"])
+        return jsonify(jobs=jobs, staged=db_manager.count_staged_jobs(conn))
 
     @app.post("/admin/jobs/<int:job_id>/retry")
     @require_bearer("admin_token")

@@ -1015,8 +1015,8 @@ def findings(ing: dict, e2e: dict) -> str:
         "corpo, numa tabela que só tem a chave única em vez dos quatro índices de `jobs`. O "
         "poller passa os jobs de `staged_jobs` para `jobs` no início de cada `claim` e aplica "
         "cada entrega na ordem de chegada (deduplicação por id de mensagem, rajadas, pausas, "
-        "comandos) na mesma transação que conclui o job. Nenhum ack espera um checkpoint do "
-        "WAL: cada worker os faz numa *thread* própria, uma vez por segundo.",
+        "comandos) na mesma transação que conclui o job. Os checkpoints do WAL ficam, em regra, "
+        "fora do ack: cada worker os faz numa *thread* própria, uma vez por segundo.",
         f"Por que não uma view Flask: a mesma chamada numa view Flask custa "
         f"{n(bd['flask_view_ms'], 3)} ms de CPU dentro do processo, contra "
         f"{n(bd['app_ms'], 3)} ms no handler WSGI (4); sob carga, a view Flask só com a "
@@ -1028,7 +1028,7 @@ def findings(ing: dict, e2e: dict) -> str:
         "- Segunda, o corpo gravado como job numa view Flask, espera curta pelo lock de escrita "
         "(50 µs dobrando até 2 ms): 53 %, p99 35 ms.\n"
         "- Terceira, esta: handler WSGI, `staged_jobs` e checkpoint fora do ack: 72–80 % do "
-        "trivial nas execuções desta sessão. Com o checkpoint ainda dentro do commit que "
+        "trivial nas execuções de 23/11/2026. Com o checkpoint ainda dentro do commit que "
         "passava do limite (10.000 páginas), o webhook que o disparava levava ~40 ms dentro do "
         "handler; numa *thread*, o pior caso medido dentro do handler caiu para ~14 ms. O p99 "
         "de ponta a ponta variou entre ~20 e ~23 ms de uma execução para outra.",

@@ -136,8 +136,10 @@ def test_bad_content_length_and_unexpected_errors_get_json_answers(bridge, monke
                                environ_overrides={"CONTENT_LENGTH": "-1"})
     assert response.status_code == 400 and response.get_json()["error"] == "bad_content_length"
     # a defect anywhere in the handler: JSON 500 with the request id, nothing recorded
-    monkeypatch.setattr(kommo_webhook, "parse_kommo_webhook",
-                        lambda raw: (_ for _ in ()).throw(RuntimeError("defect")))
+    def broken_parser(raw):
+        raise RuntimeError("defect")
+
+    monkeypatch.setattr(kommo_webhook, "parse_kommo_webhook", broken_parser)
     response = bridge.kommo_posts(body, headers={"X-Request-Id": "kommo-call-defect"})
     assert response.status_code == 500 and response.get_json() == {
         "error": "internal_error", "request_id": "kommo-call-defect",

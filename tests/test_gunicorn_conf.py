@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -24,8 +25,15 @@ def gunicorn_conf(tmp_path, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delitem(sys.modules, "gunicorn_conf", raising=False)
+    error_log = logging.getLogger("gunicorn.error")
+    handlers = list(error_log.handlers)
     yield importlib.import_module("gunicorn_conf")
     sys.modules.pop("gunicorn_conf", None)
+    for handler in set(error_log.handlers) - set(handlers):  # what the logger under test added
+        error_log.removeHandler(handler)
+        handler.close()
+    for log_filter in list(error_log.filters):
+        error_log.removeFilter(log_filter)
 
 
 def test_error_log_never_shows_the_webhook_secret(gunicorn_conf, tmp_path):
@@ -65,3 +73,18 @@ def test_each_worker_checkpoints_the_wal_in_the_background(gunicorn_conf, monkey
         for thread in started:
             thread.join(5)
         web.close()
+
+
+def test_the_checkpointer_outlives_a_database_it_cannot_open_yet(tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    stop = threading.Event()
+    thread = db_manager.start_checkpointer(str(blocker / "p.db"), every_seconds=0.01, stop=stop)
+    time.sleep(0.2)  # ~20 failed turns
+    try:
+        assert thread.is_alive()
+        warnings = [r for r in caplog.records if r.getMessage() == "wal_checkpoint_failed"]
+        assert len(warnings) == 1  # once per failing streak, not once per turn
+    finally:
+        stop.set()
+        thread.join(5)

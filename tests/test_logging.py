@@ -49,4 +49,3 @@ def test_old_log_files_are_deleted(tmp_path):
     old.write_text("{}\n")
     handler.prune(time.time())
     assert not old.exists()
-

@@ -246,8 +246,8 @@ def test_staging_a_job_that_exists_staged_or_moved_changes_nothing(db, clock):
 
 def test_a_staged_backlog_moves_a_batch_per_claim_in_order(db, clock, monkeypatch):
     monkeypatch.setattr(db_manager, "STAGED_MOVE_BATCH", 3)
-    for i in range(7):
-        assert _stage(db, f"b{i}", now=clock() + i)
+    for i in range(7):  # one timestamp: the claim order can only come from the staging order
+        assert _stage(db, f"b{i}", now=clock())
     claimed = []
     while (job := db_manager.claim_next_job(db, clock() + 10, LEASE)) is not None:
         claimed.append(job.dedupe_key)
@@ -325,7 +325,7 @@ def test_migrations_run_concurrently_from_two_processes(tmp_path):
     assert db_manager.migrate(conn) == len(db_manager.MIGRATIONS)  # idempotent
 
 
-def test_web_commits_leave_wal_checkpoints_to_the_poller(settings, clock):
+def test_web_commits_do_not_checkpoint_below_the_web_threshold(settings, clock):
     web = web_common.connection(settings.database_path)
     db_manager.migrate(web)
     db_size = os.path.getsize(settings.database_path)
