@@ -41,8 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchlib import (cpu_seconds, free_port, machine, n, percentile, proc_status,  # noqa: E402
-                      update_doc, wait_for)
+from benchlib import (cpu_seconds, machine, n, percentile, proc_status,  # noqa: E402
+                      update_doc)
+from standins.support import free_port, wait_for  # noqa: E402
 from standins import kommo as kommo_standin  # noqa: E402
 from standins import n8n as n8n_standin  # noqa: E402
 
@@ -210,9 +211,9 @@ class Gunicorn:
         want = int(env.get("WEB_WORKERS", 2))
         try:
             wait_for(lambda: self.proc.poll() is None and http_status(self.port, ready_path), 30,
-                     f"gunicorn {app_spec} na porta {self.port} (log: {log_path})")
+                     what=f"gunicorn {app_spec} na porta {self.port} (log: {log_path})")
             self.workers = wait_for(lambda: len(children_of(self.proc.pid)) >= want
-                                    and children_of(self.proc.pid), 30, f"{want} workers")
+                                    and children_of(self.proc.pid), 30, what=f"{want} workers")
         except BaseException:
             stop_process(self.proc)
             raise
@@ -609,7 +610,7 @@ def apply_backlog(tmp: str, env: dict, recorded: int) -> dict:
     cpu0 = 0.0
     try:
         wait_for(lambda: _count(db_path, pending) == 0 or poller.poll() is not None,
-                 max(60.0, recorded / 200), "o poller aplicar os webhooks")
+                 max(60.0, recorded / 200), what="o poller aplicar os webhooks")
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(poller.pid) - cpu0
     finally:
@@ -671,7 +672,8 @@ def bench_e2e(tmp: str, messages: int, warmup: int, seed: int = 11) -> dict:
                                   stdout=poller_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         _children.append(poller)
-        wait_for(lambda: http_status(web.port, "/health") == 200, 30, "/health 200 (poller)")
+        wait_for(lambda: http_status(web.port, "/health") == 200, 30,
+                 what="/health 200 (poller)")
         stack = lambda: web.pids() + ([poller.pid] if poller.poll() is None else [])  # noqa: E731
         poller_cpu0 = cpu_seconds(poller.pid)
         t_begin = time.time()
@@ -694,8 +696,8 @@ def bench_e2e(tmp: str, messages: int, warmup: int, seed: int = 11) -> dict:
                 return len(n8n_state["calls"]) >= total and len(kommo_state.sent) >= total
 
             try:
-                wait_for(all_done, 60, "todas as chamadas ao n8n e respostas ao Kommo")
-            except RuntimeError as exc:
+                wait_for(all_done, 60, what="todas as chamadas ao n8n e respostas ao Kommo")
+            except TimeoutError as exc:
                 print(f"  aviso: {exc}", file=sys.stderr)
             time.sleep(1.0)  # anything duplicated would show up now
         poller_cpu = cpu_seconds(poller.pid) - poller_cpu0

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 import chatwoot_api  # noqa: E402
-from benchlib import free_port, percentile  # noqa: E402
+from benchlib import percentile  # noqa: E402
+from standins.support import free_port  # noqa: E402
 import config  # noqa: E402
 import db_manager  # noqa: E402
 import meli_jobs  # noqa: E402

@@ -28,8 +28,9 @@ if ROOT not in sys.path:
 
 import config  # noqa: E402
 from benchlib import (cpu_seconds, machine, percentile, proc_status,  # noqa: E402
-                      update_doc, wait_for)
+                      update_doc)
 import db_manager  # noqa: E402
+from standins.support import wait_for  # noqa: E402
 
 DOC_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
 SECTION = "## Fila (outbox)"
@@ -180,8 +181,8 @@ def bench_latency(tmp: str, samples: int, seed: int = 7) -> dict:
     rng = random.Random(seed)
     not_idle = 0
     try:
-        wait_for(lambda: db_manager.last_beat(conn, "poller") is not None, 30, "poller start",
-                 interval=0.005)
+        wait_for(lambda: db_manager.last_beat(conn, "poller") is not None, 30, interval=0.005,
+                 what="poller start")
         ids = []
         warmup = 5
         cpu_start = None
@@ -197,8 +198,8 @@ def bench_latency(tmp: str, samples: int, seed: int = 7) -> dict:
                     {"enqueued_at": time.time(), "warmup": i < warmup})
             ids.append(job_id)
             time.sleep(rng.uniform(0.05, 0.2))
-        wait_for(lambda: len(_read_results(results_path)) >= len(ids), 30, "last jobs",
-                 interval=0.005)
+        wait_for(lambda: len(_read_results(results_path)) >= len(ids), 30, interval=0.005,
+                 what="last jobs")
         cpu_s = cpu_seconds(proc.pid) - cpu_start
         wall_s = time.monotonic() - wall_start
         mem = proc_status(proc.pid)

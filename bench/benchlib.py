@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: percentiles, /proc readings of a process, free ports,
-waiting, the machine's description, pt-BR numbers and the update of one section of a doc."""
+"""What the benchmark scripts share: percentiles, /proc readings of a process, the machine's
+description, pt-BR numbers and the update of one section of a doc. (Free ports and waiting come
+from standins.support, shared with the tests and the demo.)"""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,8 +8,6 @@ import math
 import os
 import platform
 import re
-import socket
-import time
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -17,12 +16,6 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return float("nan")
     k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
     return sorted_values[k]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -47,17 +40,6 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll `predicate` until it returns something true (returned), or raise after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"tempo esgotado esperando {what}")
 
 
 def machine(**extra) -> dict:

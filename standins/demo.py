@@ -24,10 +24,12 @@ from werkzeug.serving import make_server
 
 from standins import kommo as kommo_standin
 from standins import n8n as n8n_standin
+from standins.support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "demo-admin-token"
 KOMMO_SECRET = "demo-kommo-secret-0123456789"
+STEP_TIMEOUT_SECONDS = 15.0  # each step of the script waits at most this for ponte
 N8N_KEY = "demo-n8n-key"
 
 
@@ -43,16 +45,6 @@ class Served:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
                          daemon=True).start()
-
-
-def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 def start_ponte(env: dict, workdir: Path) -> subprocess.Popen:
@@ -82,20 +74,20 @@ def whatsapp_scenario(ponte: str, kommo: Served, n8n: Served) -> bool:
     say("1) A cliente Maria escreve no WhatsApp: “Olá, vocês entregam em Campinas?”")
     say("   O Kommo chama o webhook da ponte (form-urlencoded, como o Kommo real).")
     post(kommo_standin.message_form("Olá, vocês entregam em Campinas?"))
-    call = wait_for(lambda: calls())
+    call = wait_for(calls, STEP_TIMEOUT_SECONDS)
     if not call:
         say("   ✗ o n8n não recebeu a mensagem"); return False
     say(f"   → n8n recebeu: message_text=“{call[0]['body']['message_text']}”, "
         f"conversation_id={call[0]['body']['conversation_id']}, chat_type="
         f"{call[0]['body']['chat_type']}")
-    sent = wait_for(lambda: state()["sent"])
+    sent = wait_for(lambda: state()["sent"], STEP_TIMEOUT_SECONDS)
     if not sent:
         say("   ✗ a resposta não chegou ao chat"); return False
     say(f"   → resposta no chat do WhatsApp (talk {sent[0]['talk_id']}): “{sent[0]['text']}”")
     say()
     say("2) O vendedor escreve a nota “#pausar” no lead (a nota nunca chega ao cliente).")
     post(kommo_standin.note_form("#pausar", note_id="1001"))
-    note = wait_for(lambda: state()["notes"])
+    note = wait_for(lambda: state()["notes"], STEP_TIMEOUT_SECONDS)
     say(f"   → nota de confirmação no lead: “{note[0]['text']}”" if note else "   ✗ sem nota")
     say("3) Maria escreve de novo: “Alguém aí?” — o bot está pausado, então nada vai ao n8n.")
     post(kommo_standin.message_form("Alguém aí?"))
@@ -105,7 +97,8 @@ def whatsapp_scenario(ponte: str, kommo: Served, n8n: Served) -> bool:
         else "   ✗ o n8n foi chamado com o bot pausado!")
     say("4) O vendedor escreve “#voltar” numa nota.")
     post(kommo_standin.note_form("#voltar", note_id="1002"))
-    notes = wait_for(lambda: len(state()["notes"]) >= 2 and state()["notes"])
+    notes = wait_for(lambda: len(state()["notes"]) >= 2 and state()["notes"],
+                     STEP_TIMEOUT_SECONDS)
     say(f"   → “{notes[-1]['text']}”" if notes else "   ✗ sem nota")
     say()
     return bool(paused_ok and notes)
@@ -151,7 +144,7 @@ def main(argv=None) -> int:
     proc = start_ponte(env, workdir)
     ok = False
     try:
-        healthy = wait_for(lambda: _health(ponte_url), timeout=30, step=0.3)
+        healthy = wait_for(lambda: _health(ponte_url), timeout=30, interval=0.3)
         if not healthy:
             say(f"✗ a ponte não respondeu /health; veja {workdir / 'ponte.log'}")
             return 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from dataclasses import dataclass, field
 
 import requests
@@ -18,6 +17,7 @@ from werkzeug.serving import make_server
 
 from standins import chatwoot as chatwoot_standin
 from standins import mercadolivre as ml_standin
+from standins.support import wait_for
 
 SELLER = ml_standin.DEFAULT_SELLER
 QUESTIONS_INBOX, SALES_INBOX = 7, 8
@@ -74,13 +74,7 @@ def stop(parts: Parts) -> None:
 
 
 def _wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return None
+    return wait_for(predicate, timeout, interval=0.2)
 
 
 def scenario(parts: Parts, ponte_url: str, say) -> bool:

@@ -2,7 +2,6 @@
 servers for the stand-in peers."""
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -93,12 +92,6 @@ def serve():
     yield start
     for s in served:
         s.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def venv_bin() -> Path:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port
+from standins.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

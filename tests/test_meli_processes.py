@@ -7,24 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import requests
 
 from standins import chatwoot as standin_chatwoot
 from standins import mercadolivre as standin_ml
-from tests.conftest import ROOT, free_port, venv_bin
+from standins.support import free_port, wait_for
+from tests.conftest import ROOT, venv_bin
 from tests.meli_support import SELLER, bridge_env
 
 
 def _wait_for(condition, timeout: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)  # waiting for other processes, not for time to pass in the code
-    raise AssertionError(f"timed out waiting for {what}")
+    # waiting for other processes, not for time to pass in the code
+    return wait_for(condition, timeout, what=what)
 
 
 def _stop(proc: subprocess.Popen):

@@ -249,7 +249,7 @@ def test_mercado_livre_down_while_agent_answers_delivers_later_in_order(bridge):
 
 def test_unreachable_mercado_livre_is_retried_later(bridge):
     from poller import Poller
-    from tests.conftest import free_port
+    from standins.support import free_port
 
     sale = bridge.sale(buyer_id=788)
     bridge.buyer_writes(sale["conversation_id"], "Oi")

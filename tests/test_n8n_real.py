@@ -14,7 +14,7 @@ import requests
 import db_manager
 from poller import Poller
 from standins import kommo as kommo_standin
-from tests.conftest import free_port
+from standins.support import free_port
 from webhook_server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent

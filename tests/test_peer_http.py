@@ -7,7 +7,7 @@ import pytest
 from flask import Flask
 
 from peer_http import PeerClient, PeerError, RateLimiter
-from tests.conftest import free_port
+from standins.support import free_port
 
 
 def _peer_app():

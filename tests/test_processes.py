@@ -14,23 +14,15 @@ from pathlib import Path
 import requests
 
 import db_manager
-from tests.conftest import free_port, venv_bin
+from standins.support import free_port, wait_for
+from tests.conftest import venv_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except requests.RequestException as exc:
-            last = exc
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+    return wait_for(predicate, timeout, interval=0.2, what=what,
+                    ignoring=(requests.RequestException,))
 
 
 def _start_supervisor(tmp_path: Path, app_dir: Path, env_extra: dict) -> tuple:
