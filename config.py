@@ -284,11 +284,20 @@ def redacted_settings(settings: "Settings") -> dict[str, Any]:
     return out
 
 
+def split_list(value: str | None) -> list[str]:
+    """The items of a comma-separated setting (e.g. one webhook secret per Chatwoot inbox)."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 def secret_values(settings: "Settings") -> list[str]:
-    """The raw secret values, so logs can be scrubbed of them; longest first, so a secret that
-    contains another is replaced whole."""
-    values = [str(getattr(settings, s.attr)) for s in SETTINGS if s.secret]
-    return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
+    """The raw secret values, so logs can be scrubbed of them — each item of a comma-separated
+    one too; longest first, so a secret that contains another is replaced whole."""
+    values = set()
+    for s in SETTINGS:
+        if s.secret:
+            raw = str(getattr(settings, s.attr))
+            values.update([raw, *split_list(raw)])
+    return sorted((v for v in values if len(v) >= 4), key=lambda v: (-len(v), v))
 
 
 def _load_dotenv() -> None:

@@ -15,6 +15,7 @@ import logging
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
+import config
 import db_manager
 import meli_auth
 import web_common
@@ -40,7 +41,7 @@ def _chatwoot_authentic(s, raw: bytes, url_token: str) -> tuple[bool, str]:
     """Signature when Chatwoot signs (v4.13+); the URL token for versions that do not."""
     signature = request.headers.get("X-Chatwoot-Signature")
     # Each API inbox has its own secret: CHATWOOT_WEBHOOK_SECRET may list them, comma-separated.
-    secrets = [x.strip() for x in (s.chatwoot_webhook_secret or "").split(",") if x.strip()]
+    secrets = config.split_list(s.chatwoot_webhook_secret)
     if secrets and signature:
         timestamp = request.headers.get("X-Chatwoot-Timestamp")
         ok = any(verify_chatwoot_signature(secret, timestamp, raw, signature, web_common.now())

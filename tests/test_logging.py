@@ -29,6 +29,15 @@ def test_log_lines_are_json_with_stable_keys_and_scrubbed(make_settings, capsys)
     assert "very-secret-token-value" not in json.dumps(entry)
 
 
+def test_each_of_several_comma_separated_secrets_is_scrubbed(make_settings, capsys):
+    s = make_settings(CHATWOOT_WEBHOOK_SECRET="inbox-one-secret-1111, inbox-two-secret-2222")
+    ponte_logging.setup_logging(s, "web")
+    logging.getLogger("ponte.test").warning("bad_signature",
+                                            extra={"tried": "inbox-two-secret-2222"})
+    out = capsys.readouterr().out
+    assert "bad_signature" in out and "inbox-two-secret-2222" not in out
+
+
 def test_request_and_job_context_are_in_every_line(make_settings):
     s = make_settings()
     ponte_logging.setup_logging(s, "web", to_stdout=False)
