@@ -43,7 +43,25 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_CAP_SECONDS = 900.0
 
-MIGRATIONS: list[str] = [
+
+def _catch_up_first_release(conn: sqlite3.Connection) -> None:
+    # Migration 2 was changed after the first release had applied it, so a database from then
+    # is at version >= 2 without those changes; a newer one has them. Bring the first up to
+    # date and leave the second as it is. kommo_conversations_lead is an index nothing queries.
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(bot_states)")}
+    if "paused_by" in columns:
+        conn.execute("ALTER TABLE bot_states RENAME COLUMN paused_by TO changed_by")
+    conn.execute("CREATE TABLE IF NOT EXISTS kommo_leads (kommo_lead_id TEXT PRIMARY KEY,"
+                 " kommo_contact_id TEXT NOT NULL, updated_at REAL NOT NULL)")
+    conn.execute("INSERT OR IGNORE INTO kommo_leads (kommo_lead_id, kommo_contact_id, updated_at)"
+                 " SELECT kommo_lead_id, kommo_contact_id, updated_at FROM kommo_conversations"
+                 " WHERE kommo_lead_id != ''")
+    conn.execute("CREATE INDEX IF NOT EXISTS kommo_messages_received"
+                 " ON kommo_messages(received_at)")
+    conn.execute("DROP INDEX IF EXISTS kommo_conversations_lead")
+
+
+MIGRATIONS: list = [
     # 1: the spine — events, jobs, heartbeats, locks, mappings, tokens
     """
     CREATE TABLE events (
@@ -169,6 +187,9 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # 5: catch up databases made by the first release, whose migration 2 had no kommo_leads,
+    # no kommo_messages_received and bot_states.paused_by (see _catch_up_first_release)
+    _catch_up_first_release,
 ]
 
 
@@ -323,9 +344,14 @@ def migrate(conn: sqlite3.Connection) -> int:
             version = schema_version(conn)
             if version >= len(MIGRATIONS):
                 return version
-            for statement in _split_sql(MIGRATIONS[version]):
-                conn.execute(statement)
+            step = MIGRATIONS[version]
+            if callable(step):  # a step SQL alone cannot express
+                step(conn)
+            else:
+                for statement in _split_sql(step):
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version + 1}")
+
 
 
 def _split_sql(script: str) -> list[str]:

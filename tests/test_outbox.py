@@ -7,11 +7,13 @@ import random
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import db_manager
 import web_common
+import whatsapp_store
 from db_manager import FollowUp
 from job_runner import JobContext, JobFailed, run_next_job
 from kommo_api import KommoError  # any PeerError subclass
@@ -341,6 +343,26 @@ def test_web_commits_do_not_checkpoint_below_the_web_threshold(settings, clock):
     assert os.path.getsize(settings.database_path) > db_size + 400 * 12000
     poller.close()
     web_common._local.conns.pop(settings.database_path).close()
+
+
+def test_a_database_of_the_first_release_is_brought_up_to_date(tmp_path):
+    path = str(tmp_path / "first.db")
+    old = sqlite3.connect(path)
+    old.executescript((Path(__file__).parent / "fixtures" / "schema_first_release.sql").read_text())
+    old.execute("INSERT INTO kommo_conversations (kommo_contact_id, kommo_lead_id, updated_at)"
+                " VALUES ('93589657', '28455849', 1.0)")
+    old.execute("INSERT INTO bot_states (kommo_contact_id, status, paused_by, reason, since_at,"
+                " updated_at) VALUES ('93589657', 'paused', 'Ana', 'vou atender', 5.0, 5.0)")
+    old.commit()
+    old.close()
+    conn = db_manager.connect(path)
+    assert db_manager.migrate(conn) == len(db_manager.MIGRATIONS)
+    state = whatsapp_store.get_bot_state(conn, "93589657")
+    assert (state["status"], state["changed_by"], state["reason"]) == ("paused", "Ana",
+                                                                       "vou atender")
+    assert whatsapp_store.contact_of_lead(conn, "28455849") == "93589657"
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "kommo_messages_received" in indexes and "kommo_conversations_lead" not in indexes
 
 
 def test_connect_uses_wal_and_foreign_keys(db):
