@@ -49,6 +49,18 @@ class Command:
     reason: str
 
 
+def may_answer(state: dict, asked_under_pause_count: int, handoff_farewell: bool = False) -> bool:
+    """Never talk over the human: an AI answer goes out (or a question goes to the AI) only
+    with the bot active and under the same pause count as when it was asked — a pause since
+    then, even one already undone by #voltar, makes it stale. The one exception is the AI's own
+    handoff farewell, sent while the bot is paused by the AI in that very handoff."""
+    if state["pause_count"] != asked_under_pause_count:
+        return False
+    if state["status"] == "active":
+        return True
+    return handoff_farewell and state["paused_by_kind"] == "ai"
+
+
 def _fold(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).lower()

@@ -693,7 +693,7 @@ def next_job_due_at(conn: sqlite3.Connection) -> float | None:
 
 # Mappings that only matter for a while (answers to match, OAuth states, throttles); the
 # others (conversation ids, watermarks) live as long as the conversation they point to.
-SHORT_LIVED_MAPPINGS = ("n8n-correlation", "n8n-answer", "oauth-state", "kommo", "kommo-sent",
+SHORT_LIVED_MAPPINGS = ("n8n-correlation", "oauth-state", "kommo", "kommo-sent",
                         "ml_oauth_state")
 
 

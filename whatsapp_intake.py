@@ -262,9 +262,6 @@ def api_command(conn, settings, contact_id: str, command: bot_control.Command, b
     return {**bot_control.state_json(state), "message": confirmation}
 
 
-ASYNC_DEDUPE_SECONDS = 300
-
-
 def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> dict:
     """Record an answer posted to `/send-response`. Raises LookupError for an unknown
     conversation. Returns what was done (`queued`, `suppressed`, `duplicate`, `handoff`)."""
@@ -278,21 +275,19 @@ def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> d
     result = {"conversation_id": conversation["kommo_talk_id"], "contact_id": contact_id,
               "queued": 0, "handoff": False, "suppressed": False, "duplicate": False}
     correlation = answer.correlation_id or _answer_fingerprint(contact_id, answer)
-    if not answer.correlation_id:
-        # Without an id, the same text for the same contact within a few minutes is n8n
-        # retrying, not a new answer.
-        seen = db_manager.mapping_get(conn, "n8n-answer", correlation)
-        if seen and now - seen < ASYNC_DEDUPE_SECONDS:
-            result["duplicate"] = True
-            return result
-        db_manager.mapping_put(conn, "n8n-answer", correlation, now, now=now)
+    # Without an id, the same answer for the same contact is n8n retrying: its reply jobs,
+    # keyed by the answer's fingerprint, exist already (until they are pruned).
+    if not answer.correlation_id and db_manager.get_job(conn, dedupe_key=reply_key(correlation,
+                                                                                    0)):
+        result["duplicate"] = True
+        return result
     state = whatsapp_store.get_bot_state(conn, contact_id)
     # The question this answers was asked under some pause count; a pause since then (even if
     # already undone by #voltar) makes the answer stale.
     asked = db_manager.mapping_get(conn, "n8n-correlation", answer.correlation_id) \
         if answer.correlation_id else None
-    asked_pause_count = asked["pause_count"] if asked else state["pause_count"]
-    stale = state["status"] == "paused" or state["pause_count"] != asked_pause_count
+    stale = not bot_control.may_answer(state, asked["pause_count"] if asked
+                                       else state["pause_count"])
     if stale:
         log.warning("n8n_answer_suppressed_paused", extra={"contact_id": contact_id,
                                                           "correlation_id": correlation})
@@ -322,11 +317,16 @@ def _answer_fingerprint(contact_id: str, answer: N8nAsyncAnswer) -> str:
 def reply_follow_ups(contact_id: str, conversation: dict, texts: list[str], correlation: str,
                      pause_count: int, source: str) -> list[db_manager.FollowUp]:
     """One `kommo.send_reply` job per text, deduplicated by correlation id and position."""
-    return [db_manager.FollowUp(SEND_REPLY, f"n8n-reply:{correlation}:{index}", {
+    return [db_manager.FollowUp(SEND_REPLY, reply_key(correlation, index), {
         "contact_id": contact_id, "talk_id": conversation["kommo_talk_id"],
         "lead_id": conversation["kommo_lead_id"], "text": text, "correlation_id": correlation,
         "pause_count": pause_count, "source": source}, ordering_key=ordering_key(contact_id))
         for index, text in enumerate(texts)]
+
+
+def reply_key(correlation: str, index: int) -> str:
+    """Dedupe key of the `index`-th reply of the answer `correlation`."""
+    return f"n8n-reply:{correlation}:{index}"
 
 
 def enqueue_replies(conn, contact_id: str, conversation: dict, texts: list[str],

@@ -78,8 +78,7 @@ def forward_message(ctx: JobContext, job: Job):
             whatsapp_store.set_open_batch(conn, contact_id, None, None)
     messages = whatsapp_store.batch_messages(conn, job.dedupe_key)
     state = whatsapp_store.get_bot_state(conn, contact_id)
-    if state["status"] == "paused" or \
-            state["pause_count"] != job.payload.get("pause_count", state["pause_count"]):
+    if not bot_control.may_answer(state, job.payload.get("pause_count", state["pause_count"])):
         with db_manager.transaction(conn):
             whatsapp_store.set_batch_status(conn, job.dedupe_key, "skipped_paused")
         log.info("n8n_forward_skipped_paused", extra={"contact_id": contact_id})
@@ -105,23 +104,13 @@ def forward_message(ctx: JobContext, job: Job):
         follow_ups
 
 
-def may_deliver(state: dict, payload: dict) -> bool:
-    """Never talk over the human: an answer goes out only under the same pause count it was
-    produced under, with the bot active — or, for the AI's own handoff farewell, paused by the
-    AI in that very handoff."""
-    if state["pause_count"] != payload.get("pause_count", 0):
-        return False
-    if state["status"] == "active":
-        return True
-    return payload.get("source") == "n8n-handoff" and state["paused_by_kind"] == "ai"
-
-
 def send_reply(ctx: JobContext, job: Job):
     """Deliver one answer into the customer's WhatsApp chat, unless a seller paused the bot
     since the question was sent to n8n."""
     p = job.payload
     state = whatsapp_store.get_bot_state(ctx.conn, p["contact_id"])
-    if not may_deliver(state, p):
+    if not bot_control.may_answer(state, p.get("pause_count", 0),
+                                  handoff_farewell=p.get("source") == "n8n-handoff"):
         log.warning("reply_suppressed_paused", extra={"contact_id": p["contact_id"],
                                                       "correlation_id": p.get("correlation_id")})
         return {"suppressed": "paused"}

@@ -355,6 +355,8 @@ def test_send_response_without_correlation_id_is_deduplicated(async_bridge):
     body = {"contact_id": "93589657", "response_text": "Olá!"}
     assert bridge.n8n_answers_later(body).get_json()["queued"] == 1
     assert bridge.n8n_answers_later(body).get_json()["duplicate"] is True
+    bridge.clock.advance(600)  # later retries are reported as duplicates too, not dropped
+    assert bridge.n8n_answers_later(body).get_json()["duplicate"] is True
     bridge.run_jobs()
     assert bridge.chat_messages().count("Olá!") == 1
 
