@@ -593,7 +593,10 @@ def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, no
 
 
 def retry_dead_job(conn: sqlite3.Connection, job_id: int, now: float | None = None) -> bool:
-    """Put a dead job back in the queue with a fresh attempt budget. False if not dead."""
+    """Put a dead job back in the queue with a fresh attempt budget. False if not dead (or not
+    an id SQLite can hold)."""
+    if not 0 <= job_id < 2**63:
+        return False
     now = now or time.time()
     with transaction(conn):
         cur = conn.execute(

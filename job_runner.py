@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sqlite3
 import time
 import traceback
@@ -120,7 +119,7 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
                                                s.job_max_age_seconds,
                                                on_dead=_dead_hook(ctx, on_dead))
         job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                        worker=worker or f"poller-{os.getpid()}",
+                                        worker=worker,
                                         urgent_kinds=urgent)
     for dead in buried:
         log.error("job_failed", extra={"job_id": dead.id, "kind": dead.kind,

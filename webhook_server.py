@@ -91,7 +91,7 @@ class RequestIds:
             declared = environ.get("CONTENT_LENGTH", "")
             too_large = declared.isascii() and declared.isdigit() and \
                 int(declared) > self.max_body_bytes
-            if not declared and environ.get("wsgi.input_terminated"):
+            if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
                 # A chunked body has no declared length, and werkzeug would silently cut it at
                 # the limit: read it here (up to one byte past the limit), pass on a sized body.
                 body = environ["wsgi.input"].read(self.max_body_bytes + 1)
@@ -193,8 +193,6 @@ def _install_operator_routes(app: Flask) -> None:
     @app.post("/admin/jobs/<int:job_id>/retry")
     @require_bearer("admin_token")
     def retry_job(job_id: int):
-        if job_id >= 2**63:
-            return json_error(404, "not_dead", "Job inexistente ou não está em 'dead'.")
         if not db_manager.retry_dead_job(web_common.get_db(), job_id, web_common.now()):
             return json_error(404, "not_dead", "Job inexistente ou não está em 'dead'.")
         return jsonify(ok=True, job_id=job_id, status="pending"), 202
