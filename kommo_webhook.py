@@ -29,9 +29,6 @@ log = logging.getLogger("ponte.kommo.web")
 # `/webhooks/kommo`, `/webhooks/kommo/<secret>`, each with or without a trailing slash.
 PATH = re.compile(r"^/webhooks/kommo(?:/([^/]+))?/?$")
 
-_STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized",
-                 405: "405 Method Not Allowed", 415: "415 Unsupported Media Type",
-                 500: "500 Internal Server Error"}
 _RECORDED = {outcome: json.dumps({"ok": True, "recorded": outcome}).encode()
              for outcome in ("queued", "duplicate", "ignored")}
 _URL_CHECK = json.dumps({"ok": True, "service": "ponte", "webhook": "kommo"}).encode()
@@ -62,7 +59,7 @@ def _handle(environ, start_response, app_config, secret: str | None):
         return _error(start_response, 401, "bad_secret", "Segredo do webhook inválido.")
     method = environ["REQUEST_METHOD"]
     if method in ("GET", "HEAD"):  # Kommo checks the URL when the webhook is saved
-        return _answer(start_response, 200, _URL_CHECK, head=method == "HEAD")
+        return web_common.wsgi_json(start_response, 200, _URL_CHECK, head=method == "HEAD")
     if method != "POST":
         return _error(start_response, 405, "method_not_allowed",
                       "Método não permitido nesta rota.", [("Allow", "GET, HEAD, POST")])
@@ -87,15 +84,9 @@ def _handle(environ, start_response, app_config, secret: str | None):
     with db_manager.transaction(conn):
         outcome = whatsapp_intake.record_delivery(conn, hook, raw, app_config["PONTE_CLOCK"](),
                                                   request_id_var.get())
-    return _answer(start_response, 200, _RECORDED[outcome])
+    return web_common.wsgi_json(start_response, 200, _RECORDED[outcome])
 
 
 def _error(start_response, status: int, code: str, message: str, headers=()):
-    body = json.dumps(web_common.error_body(code, message), ensure_ascii=False).encode()
-    return _answer(start_response, status, body, headers=headers)
-
-
-def _answer(start_response, status: int, body: bytes, headers=(), head=False):
-    start_response(_STATUS_LINES[status], [("Content-Type", "application/json"),
-                                           ("Content-Length", str(len(body))), *headers])
-    return [b""] if head else [body]
+    return web_common.wsgi_json(start_response, status, web_common.error_body(code, message),
+                                headers=headers)

@@ -1,14 +1,16 @@
 """Request-time helpers shared by every blueprint: the database connection of this worker, the
 settings, the clock, JSON errors and bearer-token checks.
 
-Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `json_error()`,
-`require_bearer()`, `bearer_token()`.
+Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `wsgi_json()`,
+`json_error()`, `require_bearer()`, `bearer_token()`.
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
 
 import functools
 import hmac
+import http
+import json
 import threading
 
 from flask import current_app, jsonify, request
@@ -51,6 +53,17 @@ def error_body(code: str, message: str, **extra) -> dict:
     from ponte_logging import request_id_var
 
     return {"error": code, "message": message, "request_id": request_id_var.get(), **extra}
+
+
+def wsgi_json(start_response, status: int, body: bytes | dict, headers=(), head=False):
+    """Answer a plain WSGI request (no Flask) with JSON: `body` as bytes already encoded, or a
+    dict to encode. `head` leaves the body out (a HEAD request)."""
+    if isinstance(body, dict):
+        body = json.dumps(body, ensure_ascii=False).encode()
+    status_line = f"{status} {http.HTTPStatus(status).phrase}"
+    start_response(status_line, [("Content-Type", "application/json"),
+                                 ("Content-Length", str(len(body))), *headers])
+    return [b""] if head else [body]
 
 
 def json_error(status: int, code: str, message: str, **extra):

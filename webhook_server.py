@@ -9,7 +9,6 @@ Must not: call a peer inside a webhook request, or do work at import time (no mo
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 import time
@@ -98,12 +97,8 @@ class RequestIds:
                 too_large = len(body) > self.max_body_bytes
                 environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
             if too_large:
-                body = json.dumps(web_common.error_body(*_ERROR_TEXT[413]),
-                                  ensure_ascii=False).encode()
-                start_with_id("413 Request Entity Too Large",
-                              [("Content-Type", "application/json"),
-                               ("Content-Length", str(len(body)))])
-                return [body]
+                return web_common.wsgi_json(start_with_id, 413,
+                                            web_common.error_body(*_ERROR_TEXT[413]))
             return self.wsgi_app(environ, start_with_id)
         finally:
             ponte_logging.request_id_var.reset(token)
