@@ -247,13 +247,12 @@ def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
 
 
-def start_checkpointer(path: str, every_seconds: float = CHECKPOINT_EVERY_SECONDS,
-                       stop: threading.Event | None = None) -> threading.Thread:
-    """Checkpoint the WAL of the database at `path` every `every_seconds`, in a daemon thread
-    with its own connection (PASSIVE: it never blocks a writer, and Python's sqlite3 releases the
-    GIL while SQLite copies and syncs), until `stop` is set. A failure (the volume not mounted
-    yet, a disk error) is logged once and retried on every turn; the commits' own threshold still
-    holds meanwhile. Returns the started thread."""
+def start_periodic(path: str, every_seconds: float, work, name: str, failure_event: str,
+                   stop: threading.Event | None = None) -> threading.Thread:
+    """Run `work(conn)` every `every_seconds` in a daemon thread named `name`, with its own
+    connection to the database at `path` (a connection must not be shared by two threads'
+    work), until `stop` is set. A failure (the volume not mounted yet, a disk error) is logged
+    once as `failure_event` and retried on every turn. Returns the started thread."""
     stop = stop or threading.Event()
 
     def run() -> None:
@@ -261,18 +260,28 @@ def start_checkpointer(path: str, every_seconds: float = CHECKPOINT_EVERY_SECOND
         while not stop.wait(every_seconds):
             try:
                 conn = conn or connect(path)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                work(conn)
                 failing = False
             except (sqlite3.Error, DatabaseError) as exc:
                 if not failing:
-                    _log.warning("wal_checkpoint_failed", extra={"error": str(exc)})
+                    _log.warning(failure_event, extra={"error": str(exc)})
                 failing = True
         if conn is not None:
             conn.close()
 
-    thread = threading.Thread(target=run, name="wal-checkpointer", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def start_checkpointer(path: str, every_seconds: float = CHECKPOINT_EVERY_SECONDS,
+                       stop: threading.Event | None = None) -> threading.Thread:
+    """Checkpoint the WAL of the database at `path` every `every_seconds` in a thread
+    (`start_periodic`; PASSIVE: it never blocks a writer, and Python's sqlite3 releases the GIL
+    while SQLite copies and syncs); the commits' own threshold still holds if it fails."""
+    return start_periodic(path, every_seconds,
+                          lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(),
+                          "wal-checkpointer", "wal_checkpoint_failed", stop)
 
 
 def _set_wal(conn: sqlite3.Connection) -> None:

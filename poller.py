@@ -46,6 +46,7 @@ class Poller:
         self.handlers = handlers if handlers is not None else default_handlers
         self.on_dead = on_dead if on_dead is not None else default_on_dead
         self.stopping = False
+        self._stopped = threading.Event()  # wakes the heartbeat thread at once on stop
         self.worker = worker_name()
         self.busy_since: float | None = None
         self.scheduler = schedule.Scheduler()
@@ -110,8 +111,8 @@ class Poller:
         process, for the next due job, or for the next scheduled task."""
         self.recover_orphans()
         self.heartbeat()
-        beats = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
-        beats.start()
+        db_manager.start_periodic(self.settings.database_path, HEARTBEAT_SECONDS,
+                                  self.heartbeat, "heartbeat", "heartbeat_failed", self._stopped)
         self.scheduler.run_all()
         while not self.stopping:
             # Read before running: a commit by the web process during run_once() must wake us.
@@ -127,25 +128,12 @@ class Poller:
                     break
         log.info("poller_stopped")
 
-    def _beat_forever(self) -> None:
-        # Its own connection: a sqlite3 connection must not be shared by two threads' work.
-        conn = db_manager.connect(self.settings.database_path)
-        while not self.stopping:
-            try:
-                self.heartbeat(conn)
-            except sqlite3.Error:
-                log.exception("heartbeat_failed")
-            for _ in range(int(HEARTBEAT_SECONDS / 0.1)):
-                if self.stopping:
-                    break
-                time.sleep(0.1)
-        conn.close()
-
     def request_stop(self, *_args) -> None:
         """Warm shutdown: the job in progress finishes, nothing new starts."""
         if not self.stopping:
             log.info("poller_stopping")
         self.stopping = True
+        self._stopped.set()
 
 
 _STARTED_AT = int(time.time())
