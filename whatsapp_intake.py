@@ -117,6 +117,9 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
     if not msg.message_id or not msg.contact_id:
         summary.ignored.append("message without id or contact_id")
         return
+    if whatsapp_store.message_exists(conn, msg.message_id):  # Kommo sent it again
+        summary.messages_duplicate += 1
+        return
     whatsapp_store.upsert_conversation(conn, msg.contact_id, msg.lead_id, msg.talk_id,
                                        msg.chat_id, msg.author_name, msg.origin, now)
     whatsapp_store.remember_lead(conn, msg.lead_id, msg.contact_id, now)
@@ -127,32 +130,26 @@ def _record_customer_message(conn, settings, msg: KommoMessage, now: float,
     # meanwhile, it arrived under the previous state: paused (so it waits), or active with a
     # pause since (a burst from before a pause is never sent).
     if state["status"] == "paused" or _changed_after(state, now):
-        if whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
-                                         msg.message_type, attachments, msg.created_at or now,
-                                         now, "skipped_paused", None):
-            summary.messages_skipped_paused += 1
-        else:
-            summary.messages_duplicate += 1
+        whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
+                                      msg.message_type, attachments, msg.created_at or now, now,
+                                      "skipped_paused", None)
+        summary.messages_skipped_paused += 1
         return
     batch_key = _batch_for(conn, settings, msg, state["pause_count"], now)
-    if whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
-                                     msg.message_type, attachments, msg.created_at or now, now,
-                                     "queued", batch_key):
-        summary.messages_new += 1
-    else:
-        summary.messages_duplicate += 1
+    whatsapp_store.insert_message(conn, msg.message_id, msg.contact_id, msg.text,
+                                  msg.message_type, attachments, msg.created_at or now, now,
+                                  "queued", batch_key)
+    summary.messages_new += 1
 
 
 def _changed_after(state: dict, moment: float) -> bool:
     return bool(state.get("since_at")) and state["since_at"] > moment
 
 
-def _batch_for(conn, settings, msg: KommoMessage, pause_count: int, now: float) -> str | None:
+def _batch_for(conn, settings, msg: KommoMessage, pause_count: int, now: float) -> str:
     """The forward job this message rides on: the contact's still-waiting burst if its window
     is open, else a new job (which remembers the pause count: a burst from before a pause is
-    never sent, even after #voltar). Returns None for a duplicate message."""
-    if whatsapp_store.message_exists(conn, msg.message_id):
-        return None
+    never sent, even after #voltar)."""
     debounce = max(0.0, settings.bot_debounce_seconds)
     conversation = whatsapp_store.get_conversation(conn, contact_id=msg.contact_id)
     open_key = conversation.get("open_batch_key") if conversation else None
@@ -187,12 +184,12 @@ def _record_seller_chat_message(conn, settings, msg: KommoMessage, now: float,
         else:
             summary.ignored.append(f"seller message {msg.message_id}: already applied")
     elif settings.bot_pause_on_human_reply and msg.contact_id:
-        state = whatsapp_store.get_bot_state(conn, msg.contact_id)
-        if state["status"] == "active":
-            pause = bot_control.Command("pause", "auto", "vendedor respondeu no chat")
-            _apply_and_confirm(conn, settings, pause, lead_id=msg.lead_id,
-                             contact_id=msg.contact_id, by=who, by_kind="human_reply",
-                             source="chat", dedupe_key=f"kommo-outmsg:{msg.message_id}", now=now)
+        pause = bot_control.Command("pause", "auto", "vendedor respondeu no chat")
+        if whatsapp_store.get_bot_state(conn, msg.contact_id)["status"] == "active" and \
+                _apply_and_confirm(conn, settings, pause, lead_id=msg.lead_id,
+                                   contact_id=msg.contact_id, by=who, by_kind="human_reply",
+                                   source="chat", dedupe_key=f"kommo-outmsg:{msg.message_id}",
+                                   now=now):
             summary.commands.append("pause(human_reply)")
     else:
         summary.ignored.append(f"seller message {msg.message_id}")

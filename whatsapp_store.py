@@ -39,7 +39,10 @@ def remember_lead(conn: sqlite3.Connection, lead_id: str, contact_id: str, now: 
         conn.execute("INSERT INTO kommo_leads (kommo_lead_id, kommo_contact_id, updated_at)"
                      " VALUES (?, ?, ?) ON CONFLICT(kommo_lead_id) DO UPDATE SET"
                      " kommo_contact_id = excluded.kommo_contact_id,"
-                     " updated_at = excluded.updated_at", (lead_id, contact_id, now))
+                     " updated_at = excluded.updated_at"
+                     # an unchanged lead (every message of a conversation) writes nothing
+                     " WHERE kommo_leads.kommo_contact_id != excluded.kommo_contact_id",
+                     (lead_id, contact_id, now))
 
 
 def contact_of_lead(conn: sqlite3.Connection, lead_id: str) -> str | None:
