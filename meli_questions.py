@@ -7,8 +7,6 @@ Must not: serve HTTP; know wire formats (the peer modules).
 """
 from __future__ import annotations
 
-from datetime import datetime
-
 import db_manager
 import meli_texts as texts
 from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
@@ -21,7 +19,7 @@ from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          open_conversation, put_mapping, questions_inbox, refuse, short_error,
                          squash, thumbnail)
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
-                               question_sort_key)
+                               parse_date, question_sort_key)
 
 FINAL_STATUSES = ("ANSWERED", "DELETED", "BANNED", "CLOSED_UNANSWERED", "DISABLED")
 CLOCK_SKEW_SECONDS = 30  # between Mercado Livre's answer dates and our clock
@@ -351,10 +349,10 @@ def _explain_answer_error(ctx, qid: str, text: str, exc: MercadoLivreError,
 def _created_during(date_created: str | None, windows: list) -> bool:
     """True when an answer's creation time falls inside one of the windows (with a little
     slack for clock skew) in which a POST of ours may have reached Mercado Livre."""
-    try:
-        created = datetime.fromisoformat(str(date_created).replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    moment = parse_date(date_created)
+    if moment is None:
         return False
+    created = moment.timestamp()
     return any(start - CLOCK_SKEW_SECONDS <= created <= end + CLOCK_SKEW_SECONDS
                for start, end in windows)
 

@@ -6,9 +6,9 @@ Must not: call peers or the database.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 
-from mercado_livre_api import BLOCKED_SUBSTATUS_PT, message_text
+from mercado_livre_api import BLOCKED_SUBSTATUS_PT, message_text, parse_date
 
 PREFIX = "⚠️ ponte:"
 
@@ -78,14 +78,9 @@ _BRT = timezone(timedelta(hours=-3))
 
 def _date(value: str | None) -> str:
     """Mercado Livre's ISO date (any offset, often -04:00) as Brasília time for the agent."""
-    if not value:
-        return ""
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return value
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+    moment = parse_date(value)
+    if moment is None:
+        return value or ""
     return moment.astimezone(_BRT).strftime("%d/%m/%Y %H:%M")
 
 

@@ -15,7 +15,7 @@ import re
 import secrets
 import urllib.parse
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from peer_http import PeerClient, PeerError, RateLimiter
@@ -428,14 +428,20 @@ def reply_recipient(messages: list[dict], seller_id: str, site_id: str,
     return str(buyer_id)
 
 
+def parse_date(raw) -> datetime | None:
+    """A Mercado Livre ISO date ("Z" or an offset, often -04:00; none means UTC) as an aware
+    datetime, or None when it is missing or not a date."""
+    try:
+        moment = datetime.fromisoformat(str(raw or "").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def question_sort_key(question: dict) -> tuple:
     """Questions sort by creation instant (their dates carry local offsets), then id."""
-    raw = str(question.get("date_created") or "")
-    try:
-        instant = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        instant = 0.0
-    return instant, int(question.get("id") or 0)
+    moment = parse_date(question.get("date_created"))
+    return (moment.timestamp() if moment else 0.0), int(question.get("id") or 0)
 
 
 def message_sort_key(message: dict) -> str:
