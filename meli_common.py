@@ -29,7 +29,7 @@ NS_ML_MESSAGE = "ml_message"       # ML message id → {chatwoot_message_id} | {
 NS_UNREAD = "ml_unread"            # "last" → {pack id: unread count} of the last poll
 NS_ITEM = "ml_item"                # item id → {title, price, currency_id, permalink, thumbnail}
 NS_OUTGOING = "cw_outgoing"        # Chatwoot message id → {parts_sent, attachment_ids, ...}
-NS_ANSWERED = "ml_answered"        # question id → {chatwoot_message_id, text} or {mirrored}
+NS_ANSWERED = "ml_answered"        # question id → {chatwoot_message_id} or {mirrored}
 
 QUESTION_PAGE = 50
 QUESTION_MAX_PAGES = 20            # Mercado Livre refuses offsets past 1,000

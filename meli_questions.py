@@ -106,8 +106,9 @@ def _check_questions_gone(ctx, unanswered: set[str]) -> int:
 
 def _queue_check(ctx, qid: str) -> None:
     """One sweep slot for a question that left UNANSWERED: queue a re-read unless the last one
-    is still queued or died (a question that keeps failing gets no new dead job every hour),
-    and store `checked_at`, which moves the question to the back of the sweep's queue. After
+    is still queued or died (a question that keeps failing gets no new dead job every hour).
+    Writing the mapping bumps its `updated_at`, which moves the question to the back of the
+    sweep's queue (`mapping_keys_open` is oldest first). After
     SWEEP_CHECK_LIMIT slots with nothing settled the question is closed for the sweep."""
     known = db_manager.mapping_get(ctx.conn, NS_QUESTION, qid) or {}
     checks = int(known.get("checks") or 0)
@@ -117,7 +118,7 @@ def _queue_check(ctx, qid: str) -> None:
         last = f"ml-question-check:{qid}:{checks + 1}"
         db_manager.enqueue_job(ctx.conn, "ml.fetch_question", last, {"question_id": qid},
                                now=ctx.now())
-    known.update(checks=checks + 1, checked_at=ctx.now(), check_key=last)
+    known.update(checks=checks + 1, check_key=last)
     if checks + 1 >= SWEEP_CHECK_LIMIT:
         known["closed"] = "UNSETTLED"
         log.warning("ml_question_sweep_gave_up", extra={"ml_question_id": qid,
@@ -260,7 +261,7 @@ def handle_mirror_answer(ctx, job):
                                    source_id=source_id,
                                    content_attributes={BRIDGE_ORIGIN_KEY: "mercadolivre",
                                                        "meli_question_id": qid})
-        put_mapping(ctx, NS_ANSWERED, qid, {"mirrored": True, "text": p["text"]})
+        put_mapping(ctx, NS_ANSWERED, qid, {"mirrored": True})
     add_label(ctx, conversation_id, LABEL_ANSWERED_ON_ML)
     return {"status": "mirrored"}
 
@@ -284,17 +285,17 @@ def answer_question(ctx, job, reply: dict, qid: str):
             message_id=ours["chatwoot_message_id"]), "already_answered")
     if not ours:
         # In flight before the POST: a run that loses Mercado Livre's answer (timeout, crash,
-        # job died and re-armed) knows its POST may have gone through, and when.
+        # job died and re-armed) knows its POST may have gone through; an error that may have
+        # reached Mercado Livre also records when (`reached`).
         key = str(reply["message_id"])
         flight = get_mapping(ctx, NS_OUTGOING, key) or {}
-        flight.update(in_flight=True, posted_at=ctx.now())
+        flight["in_flight"], posted_at = True, ctx.now()
         put_mapping(ctx, NS_OUTGOING, key, flight)
         try:
             ml(ctx).answer_question(qid, text)
         except MercadoLivreError as exc:
             if exc.may_have_reached:
-                flight["reached"] = flight.get("reached", []) + [[flight["posted_at"],
-                                                                  ctx.now()]]
+                flight["reached"] = flight.get("reached", []) + [[posted_at, ctx.now()]]
             if not flight.get("reached"):
                 flight["in_flight"] = None
             put_mapping(ctx, NS_OUTGOING, key, flight)
@@ -303,7 +304,7 @@ def answer_question(ctx, job, reply: dict, qid: str):
             outcome = _explain_answer_error(ctx, qid, text, exc, flight.get("reached") or [])
             if outcome != "ours":
                 return refuse(reply, outcome, exc.code or str(exc.status))
-        put_mapping(ctx, NS_ANSWERED, qid, {"chatwoot_message_id": reply["message_id"], "text": text})
+        put_mapping(ctx, NS_ANSWERED, qid, {"chatwoot_message_id": reply["message_id"]})
     follow_ups = [FollowUp("chatwoot.mark_answered", f"cw-answered:{reply['message_id']}",
                            {"conversation_id": reply["conversation_id"],
                             "message_id": reply["message_id"], "question_id": qid})]

@@ -292,7 +292,6 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
         raise
     with db_manager.transaction(ctx.conn):
         forget_unread(ctx, pack_id)
-        db_manager.mapping_put(ctx.conn, NS_OUTGOING, key, progress, now=ctx.now())
     _sync_if_unmirrored(ctx, pack_id, messages, reply["message_id"])
     if status.get("status") == "blocked" and progress["parts_sent"] == 0:
         return refuse(reply, texts.sale_blocked(status.get("substatus")), "blocked")
