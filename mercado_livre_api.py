@@ -89,9 +89,6 @@ class MercadoLivreError(PeerError):
                  code: str = ""):
         super().__init__(status, detail, retryable, retry_after_seconds, body)
         self.code = code or _error_code(body)
-        # True when the request left ponte and its outcome is unknown (timeout, connection
-        # reset, 5xx): Mercado Livre may have acted on it. Set by MercadoLivreClient.
-        self.may_have_reached = False
 
 
 def _error_code(body: Any) -> str:
@@ -106,6 +103,16 @@ def _error_code(body: Any) -> str:
         if isinstance(body.get("message"), str):
             return body["message"]
     return ""
+
+
+def _before_sending(token_call, *args):
+    """A token call made before a request is sent: if it fails (its own POST timed out, say),
+    the request never left, so the error did not reach Mercado Livre with it."""
+    try:
+        return token_call(*args)
+    except PeerError as exc:
+        exc.may_have_reached = False
+        raise
 
 
 class TokenSource(Protocol):
@@ -140,38 +147,26 @@ class MercadoLivreClient(PeerClient):
         # Only the messaging pool has a published limit (500 GET + 500 POST per minute).
         self.messaging_limiter = RateLimiter(messaging_rpm / 60.0, burst=20)
         self._current_token = ""
-        self._sending = False
 
     # --- plumbing -------------------------------------------------------------------------------
 
     def _auth_headers(self) -> dict[str, str]:
         if self.token_source is None:
             return {}
-        self._current_token = self.token_source.access_token()
-        self._sending = True
+        self._current_token = _before_sending(self.token_source.access_token)
         return {"Authorization": f"Bearer {self._current_token}"}
 
     def _request(self, method: str, path: str, **kwargs) -> Any:
         if path.startswith("/messages"):
             self.messaging_limiter.acquire()
         try:
-            return self._tagged_request(method, path, **kwargs)
+            return super()._request(method, path, **kwargs)
         except MercadoLivreError as exc:
             if exc.status != 401 or not kwargs.get("auth", True) or self.token_source is None \
                     or exc.code in NO_REFRESH_CODES:
                 raise
-            self.token_source.refresh(self._current_token)
-            return self._tagged_request(method, path, **kwargs)
-
-    def _tagged_request(self, method: str, path: str, **kwargs) -> Any:
-        """One call; a failure is tagged `may_have_reached` when the request was sent (the
-        token was at hand) and no answer says it was refused (timeout, reset, 5xx)."""
-        self._sending = not kwargs.get("auth", True) or self.token_source is None
-        try:
+            _before_sending(self.token_source.refresh, self._current_token)
             return super()._request(method, path, **kwargs)
-        except MercadoLivreError as exc:
-            exc.may_have_reached = self._sending and (exc.status is None or exc.status >= 500)
-            raise
 
     def _error_from_response(self, response) -> PeerError:
         err = super()._error_from_response(response)

@@ -22,7 +22,9 @@ RETRYABLE_STATUSES = {408, 409, 423, 425, 429, 500, 502, 503, 504}
 
 
 class PeerError(Exception):
-    """A failed call to a peer. `retryable` tells the outbox whether trying later can help."""
+    """A failed call to a peer. `retryable` tells the outbox whether trying later can help;
+    `may_have_reached` is True when the request left ponte and its outcome is unknown (a read
+    timeout, a reset connection, a 5xx): the peer may have acted on it."""
 
     peer = "peer"
 
@@ -33,6 +35,7 @@ class PeerError(Exception):
         self.retryable = retryable
         self.retry_after_seconds = retry_after_seconds
         self.body = body
+        self.may_have_reached = False
         super().__init__(f"{self.peer} {status or 'no-status'}: {detail}")
 
 
@@ -102,18 +105,28 @@ class PeerClient:
                 break
             except requests.exceptions.ConnectionError as exc:
                 # A refused connection never reached the peer: one immediate retry is safe.
-                if attempt == 1 and "refused" in str(exc).lower():
+                refused = "refused" in str(exc).lower()
+                if attempt == 1 and refused:
                     continue
-                raise self.error_class(None, f"connection error: {type(exc).__name__}", True)
+                err = self.error_class(None, f"connection error: {type(exc).__name__}", True)
+                err.may_have_reached = not (refused or
+                                            isinstance(exc, requests.exceptions.ConnectTimeout))
+                raise err
             except requests.exceptions.Timeout:
-                raise self.error_class(None, f"timeout after {timeout}s", True)
+                err = self.error_class(None, f"timeout after {timeout}s", True)
+                err.may_have_reached = True
+                raise err
             except requests.exceptions.RequestException as exc:
-                raise self.error_class(None, f"request error: {type(exc).__name__}", True)
+                err = self.error_class(None, f"request error: {type(exc).__name__}", True)
+                err.may_have_reached = True
+                raise err
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
         log.debug("peer_call", extra={"peer": self.peer, "method": method, "path": _path_only(path),
                                       "status": response.status_code, "elapsed_ms": elapsed_ms})
         if response.status_code >= 400:
-            raise self._error_from_response(response)
+            err = self._error_from_response(response)
+            err.may_have_reached = response.status_code >= 500
+            raise err
         if not expect_json:
             return response
         if not response.content or not response.content.strip():

@@ -51,6 +51,7 @@ def test_http_errors_are_mapped(client, code, retryable):
     with pytest.raises(PeerError) as err:
         client._request("GET", f"/status/{code}")
     assert err.value.status == code and err.value.retryable is retryable
+    assert err.value.may_have_reached is (code >= 500)  # a 4xx answer says it was refused
     if code == 429:
         assert err.value.retry_after_seconds == 7
 
@@ -59,6 +60,7 @@ def test_timeout_is_a_retryable_error(client):
     with pytest.raises(PeerError) as err:
         client._request("GET", "/slow")
     assert err.value.status is None and err.value.retryable and "timeout" in err.value.detail
+    assert err.value.may_have_reached  # the request was sent; its outcome is unknown
 
 
 def test_connection_refused_is_a_retryable_error():
@@ -66,6 +68,7 @@ def test_connection_refused_is_a_retryable_error():
     with pytest.raises(PeerError) as err:
         client._request("GET", "/ok")
     assert err.value.retryable and "connection" in err.value.detail
+    assert not err.value.may_have_reached
 
 
 def test_rate_limiter_spaces_calls():
