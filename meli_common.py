@@ -178,16 +178,22 @@ def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | 
 
 
 def open_conversation(ctx, inbox_id: int, contact: dict, attribute: str, value: str,
-                      custom_attributes: dict, additional_attributes: dict) -> int:
-    """The id of the contact's conversation in `inbox_id` whose custom attribute `attribute` is
-    `value`: one an earlier run created before its answer was lost (a timeout, a crash, a job
-    that died and was re-armed), else a new one with these attributes."""
+                      custom_attributes: dict, additional_attributes: dict,
+                      namespace: str, key: str) -> int:
+    """A new conversation of the contact in `inbox_id` with these attributes — or the one an
+    earlier run created before its answer was lost (a timeout, a crash, a job that died and was
+    re-armed). Each run marks the caller's mapping `namespace`/`key` as `opening` before it
+    creates, so the contact's conversations are searched (for `attribute` = `value`) only when
+    such a run may have existed."""
     client = cw(ctx)
-    for conversation in client.list_contact_conversations(contact["contact_id"]):
-        attrs = conversation.get("custom_attributes")
-        if str(conversation.get("inbox_id")) == str(inbox_id) and isinstance(attrs, dict) \
-                and str(attrs.get(attribute) or "") == str(value):
-            return int(conversation["id"])
+    pending = get_mapping(ctx, namespace, key) or {}
+    if pending.get("opening"):
+        for conversation in client.list_contact_conversations(contact["contact_id"]):
+            attrs = conversation.get("custom_attributes")
+            if str(conversation.get("inbox_id")) == str(inbox_id) and isinstance(attrs, dict) \
+                    and str(attrs.get(attribute) or "") == str(value):
+                return int(conversation["id"])
+    put_mapping(ctx, namespace, key, {**pending, "opening": True})
     conversation = client.create_conversation(inbox_id, contact["contact_id"],
                                               contact["source_id"],
                                               custom_attributes=custom_attributes,

@@ -164,7 +164,8 @@ def handle_import_question(ctx, job):
             ctx, questions_inbox(ctx), contact, "meli_question_id", qid,
             custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
                                "meli_buyer_id": buyer},
-            additional_attributes={"meli_resource": "questions", "meli_item_id": item_id})
+            additional_attributes={"meli_resource": "questions", "meli_item_id": item_id},
+            namespace=NS_QUESTION, key=qid)
         known = {"conversation_id": conversation_id, "item_id": item_id, "buyer_id": buyer}
         with db_manager.transaction(ctx.conn):
             db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
@@ -176,7 +177,7 @@ def handle_import_question(ctx, job):
                  "text": (q.get("text") or "")[:120]}], now=ctx.now())
     source_id = f"meli:question:{qid}"
     # A conversation recorded by an earlier run may already hold the message.
-    resumed = job.attempt > 1 or not created_now
+    resumed = not created_now
     existing = find_message_by_source(ctx, conversation_id, source_id) if resumed else None
     if existing is None:
         item = item_info(ctx, item_id)
