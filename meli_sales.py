@@ -116,7 +116,8 @@ def handle_sync_pack(ctx, job):
             return {"status": "no_conversation"}
         raise
     seller = str(ctx.settings.ml_seller_id)
-    new = [m for m in messages if _unmirrored(ctx, m)]
+    known = {m.get("id"): get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) for m in messages}
+    new = [m for m in messages if _unmirrored(known[m.get("id")])]
     ours = [m for m in new if _sent_by_ponte(ctx, m)]
     for m in ours:  # sent by ponte itself: already in Chatwoot as the agent's message
         put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"sent_by_ponte": True})
@@ -128,8 +129,7 @@ def handle_sync_pack(ctx, job):
     # What an earlier run (retried, crashed, or died and replaced by a fresh sync job) may have
     # posted without recording it: each message is marked `posting` before it goes to Chatwoot,
     # and each chunk of files has its source_id.
-    in_flight = any((get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) or {}).get("posting")
-                    for m in new)
+    in_flight = any((known[m.get("id")] or {}).get("posting") for m in new)
     posted = {m.get("source_id"): m for m in client.list_messages(conversation_id)
               if m.get("source_id")} if in_flight else {}
     mirrored = 0
@@ -374,20 +374,17 @@ def _lost_answer(ctx, messages: list[dict], text: str) -> dict | None:
     return None
 
 
-def _unmirrored(ctx, message: dict) -> bool:
-    """True for a Mercado Livre message not yet recorded in Chatwoot (unknown, or marked
-    `posting` by a run that did not see Chatwoot's answer)."""
-    known = get_mapping(ctx, NS_ML_MESSAGE, message.get("id"))
+def _unmirrored(known: dict | None) -> bool:
+    """True for a Mercado Livre message (its NS_ML_MESSAGE mapping: `known`) not yet recorded
+    in Chatwoot: unknown, or marked `posting` by a run that did not see Chatwoot's answer."""
     return known is None or bool(known.get("posting"))
-
-
 
 
 def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:
     """That read marked the buyer's messages as read, so the unread poll will not see any that
     arrived since the last sync: queue a sync for them."""
     seller = str(ctx.settings.ml_seller_id)
-    if any(_unmirrored(ctx, m)
+    if any(_unmirrored(get_mapping(ctx, NS_ML_MESSAGE, m.get("id")))
            and str((m.get("from") or {}).get("user_id")) != seller for m in messages):
         with db_manager.transaction(ctx.conn):
             db_manager.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
