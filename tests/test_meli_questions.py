@@ -127,7 +127,7 @@ def test_too_long_answer_is_refused_with_a_note_and_never_retried(bridge):
     messages = messages_of(_only_conversation(bridge))
     assert any(m["private"] and "2.001 caracteres" not in m["content"]
                and "2001 caracteres" in m["content"] for m in messages)
-    assert [m for m in messages if m["id"] == hook["message_id"]][0]["status"] == "failed"
+    assert _status(messages, hook["message_id"]) == "failed"
     assert bridge.jobs(status="pending") == [] and bridge.jobs(status="dead") == []
 
 
@@ -140,7 +140,7 @@ def test_deleted_question_gives_a_note_in_portuguese(bridge):
     bridge.drain()
     messages = messages_of(_only_conversation(bridge))
     assert any(m["private"] and "excluída" in m["content"] for m in messages)
-    assert [m for m in messages if m["id"] == hook["message_id"]][0]["status"] == "failed"
+    assert _status(messages, hook["message_id"]) == "failed"
 
 
 def test_closed_item_gives_a_note(bridge):
@@ -283,9 +283,7 @@ def test_chatwoot_down_after_the_answer_went_out_retries_only_the_marking(bridge
     assert len(bridge.ml_state()["answers"]) == 1  # the answer is never sent twice
     conv = _only_conversation(bridge)
     assert "respondida" in conv["labels"]
-    assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
-        "delivered"
-    assert not any(m["private"] for m in messages_of(conv))
+    _assert_delivered_without_note(conv, hook["message_id"])
 
 
 def test_mercado_livre_down_while_agent_answers_a_question_delivers_later(bridge):
@@ -353,9 +351,7 @@ def test_answer_taken_by_mercado_livre_whose_reply_was_lost_counts_as_ours_on_re
     # THEN it counts as delivered, with no "already answered" note
     conv = _only_conversation(bridge)
     assert len(bridge.ml_state()["answers"]) == 1
-    assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
-        "delivered"
-    assert not any(m["private"] for m in messages_of(conv))
+    _assert_delivered_without_note(conv, hook["message_id"])
 
 
 def test_mirrored_answer_is_not_posted_again_after_old_jobs_are_pruned(bridge):
@@ -442,9 +438,7 @@ def test_notification_while_our_answer_is_being_retried_does_not_mirror_it(bridg
     conv = _only_conversation(bridge)
     assert not any(m["source_id"] == f"meli:answer:{qid}" for m in messages_of(conv))
     assert "respondida-no-ml" not in conv["labels"]
-    assert [m for m in messages_of(conv) if m["id"] == hook["message_id"]][0]["status"] == \
-        "delivered"
-    assert not any(m["private"] for m in messages_of(conv))
+    _assert_delivered_without_note(conv, hook["message_id"])
 
 
 def test_retry_after_a_plain_outage_does_not_swallow_an_answer_typed_on_mercado_livre(bridge):
@@ -464,7 +458,7 @@ def test_retry_after_a_plain_outage_does_not_swallow_an_answer_typed_on_mercado_
     # the buyer sees is mirrored into the conversation
     conv = _only_conversation(bridge)
     msgs = messages_of(conv)
-    assert [m for m in msgs if m["id"] == hook["message_id"]][0]["status"] == "failed"
+    assert _status(msgs, hook["message_id"]) == "failed"
     assert any(m["private"] and "respondida no Mercado Livre" in m["content"] for m in msgs)
     assert [m["content"] for m in msgs if m.get("source_id") == f"meli:answer:{qid}"] == \
         ["Garantia de 90 dias."]
@@ -544,3 +538,12 @@ def test_dead_mirror_rearmed_by_an_operator_does_not_post_the_answer_twice(make_
     assert [m["content"] for m in messages_of(conv)
             if m["source_id"] == f"meli:answer:{qid}"] == ["Tem sim."]
     assert "respondida-no-ml" in conv["labels"]
+
+
+def _status(messages: list[dict], message_id) -> str:
+    return next(m for m in messages if m["id"] == message_id)["status"]
+
+
+def _assert_delivered_without_note(conv: dict, message_id) -> None:
+    assert _status(messages_of(conv), message_id) == "delivered"
+    assert not any(m["private"] for m in messages_of(conv))
