@@ -14,8 +14,9 @@ from dataclasses import dataclass
 class BridgeModules:
     """Names of the modules of one bridge. The routes module exposes `blueprint`, and optionally
     `PLAIN_ROUTES` (see `webhook_server.PlainRoutes`); the jobs
-    module exposes `HANDLERS`, and optionally `ON_DEAD` and `SCHEDULES`
-    (a list of `(interval_seconds_from_settings, task(ctx))`)."""
+    module exposes `HANDLERS`, and optionally `ON_DEAD`, `SCHEDULES`
+    (a list of `(interval_seconds_from_settings, task(ctx))`) and `PRUNE` (a list of
+    `prune(conn, older_than)` that delete the bridge's rows past retention)."""
 
     name: str
     routes: str
@@ -68,6 +69,13 @@ def handlers() -> tuple[dict, dict]:
         all_handlers.update(module.HANDLERS)
         all_on_dead.update(getattr(module, "ON_DEAD", {}))
     return all_handlers, all_on_dead
+
+
+def pruners() -> list:
+    """`prune(conn, older_than)` functions of every bridge: data past retention goes even if
+    its bridge is off now."""
+    return [prune for bridge in BRIDGES if (module := _module(bridge.jobs)) is not None
+            for prune in getattr(module, "PRUNE", [])]
 
 
 def schedules(settings) -> list[tuple]:

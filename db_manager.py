@@ -703,26 +703,24 @@ def next_job_due_at(conn: sqlite3.Connection) -> float | None:
     return row[0]
 
 
-# Mappings that only matter for a while (answers to match, OAuth states, throttles); the
-# others (conversation ids, watermarks) live as long as the conversation they point to.
-SHORT_LIVED_MAPPINGS = ("n8n-correlation", "oauth-state", "kommo", "kommo-sent",
-                        "ml_oauth_state")
-
-
 def prune_jobs(conn: sqlite3.Connection, older_than: float) -> int:
-    """Delete what is past its retention: done jobs finished before `older_than` (dead jobs
-    stay for an operator), inbound events, short-lived mappings and old customer messages."""
+    """Delete done jobs finished before `older_than` (dead jobs stay for an operator) and
+    inbound events received before it. Returns how many jobs. Each bridge prunes its own rows
+    (its jobs module's `PRUNE`, see bridges)."""
     with transaction(conn):
         cur = conn.execute("DELETE FROM jobs WHERE status = 'done' AND finished_at < ?",
                            (older_than,))
         conn.execute("DELETE FROM events WHERE received_at < ?", (older_than,))
-        conn.execute(f"DELETE FROM mappings WHERE updated_at < ? AND namespace IN"
-                     f" ({','.join('?' * len(SHORT_LIVED_MAPPINGS))})",
-                     (older_than, *SHORT_LIVED_MAPPINGS))
-        conn.execute("DELETE FROM kommo_messages WHERE received_at < ? AND (batch_key IS NULL"
-                     " OR batch_key NOT IN (SELECT dedupe_key FROM jobs"
-                     " WHERE status IN ('pending', 'running')))", (older_than,))
     return cur.rowcount
+
+
+def prune_mappings(conn: sqlite3.Connection, namespaces: tuple[str, ...],
+                   older_than: float) -> None:
+    """Delete the mappings of `namespaces` last written before `older_than`: for mappings that
+    only matter for a while (answers to match, OAuth states, throttles), not for those that
+    live as long as what they point to (conversation ids, watermarks)."""
+    conn.execute(f"DELETE FROM mappings WHERE updated_at < ? AND namespace IN"
+                 f" ({','.join('?' * len(namespaces))})", (older_than, *namespaces))
 
 
 def data_version(conn: sqlite3.Connection) -> int:

@@ -188,6 +188,11 @@ def redirect_uri(settings) -> str:
         f"{settings.public_base_url.rstrip('/')}/oauth/mercadolivre/callback"
 
 
+def prune_states(conn, older_than: float) -> None:
+    """Delete the OAuth states written before `older_than` (each is good for 15 minutes)."""
+    db_manager.prune_mappings(conn, (STATE_NAMESPACE,), older_than)
+
+
 def start_authorization(settings, conn, now: float) -> str:
     """Remember a fresh `state` (and PKCE verifier) and return the consent page URL."""
     state = secrets.token_urlsafe(24)

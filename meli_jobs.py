@@ -111,6 +111,7 @@ HANDLERS = {
 
 
 ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply, "ml.sync_pack": on_dead_sync_pack}
+PRUNE = [meli_auth.prune_states]
 
 
 SCHEDULES = [

@@ -77,10 +77,15 @@ class Poller:
         db_manager.beat(conn or self.conn, "poller", self.clock(),
                         {"busy_since": self.busy_since, "worker": self.worker})
 
-    def prune(self) -> None:
-        """Delete done jobs and old inbound events past their retention."""
-        cutoff = self.clock() - self.settings.job_retention_days * 86400
-        removed = db_manager.prune_jobs(self.conn, cutoff)
+    def prune(self, older_than: float | None = None) -> None:
+        """Delete what is past retention (JOB_RETENTION_DAYS, or before `older_than`): done jobs,
+        inbound events, and each bridge's own rows (`bridges.pruners`), in one transaction."""
+        if older_than is None:
+            older_than = self.clock() - self.settings.job_retention_days * 86400
+        with db_manager.transaction(self.conn):
+            removed = db_manager.prune_jobs(self.conn, older_than)
+            for prune in bridges.pruners():
+                prune(self.conn, older_than)
         if removed:
             log.info("jobs_pruned", extra={"count": removed})
 

@@ -1,7 +1,7 @@
 """Jobs of bridge A, run by the poller: apply recorded Kommo webhooks, forward a burst to n8n, deliver answers into the
 WhatsApp chat, confirm commands on the lead, auto-resume paused bots.
 
-Owns: `HANDLERS`, `ON_DEAD`, `SCHEDULES` of bridge A.
+Owns: `HANDLERS`, `ON_DEAD`, `SCHEDULES`, `PRUNE` of bridge A.
 Must not: parse webhooks (kommo_api) or hold SQL (whatsapp_store, db_manager).
 """
 from __future__ import annotations
@@ -295,3 +295,4 @@ HANDLERS = {INTAKE: intake, FORWARD: forward_message, SEND_REPLY: send_reply, AD
             BOT_COMMAND: bot_command}
 ON_DEAD = {INTAKE: intake_dead, FORWARD: forward_dead, SEND_REPLY: reply_dead, BOT_COMMAND: command_dead}
 SCHEDULES = [(30, auto_resume), (300, kommo_auth.refresh_if_due)]
+PRUNE = [whatsapp_store.prune]

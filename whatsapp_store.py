@@ -1,7 +1,8 @@
 """SQL of bridge A (WhatsApp via Kommo ⇄ n8n): conversations, customer messages and their
 bursts, bot states. The schema is migration 2 in db_manager.
 
-Owns: every statement on `kommo_conversations`, `kommo_messages` and `bot_states`.
+Owns: every statement on `kommo_conversations`, `kommo_messages` and `bot_states`, and what
+bridge A deletes past retention (`prune`).
 Must not: call a peer or decide anything (bot_control and whatsapp_jobs decide).
 Callers wrap writes in `db_manager.transaction()`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import db_manager
 from db_manager import dumps
 
 
@@ -169,3 +171,18 @@ def due_auto_resumes(conn: sqlite3.Connection, now: float) -> list[dict]:
     return [dict(r) for r in conn.execute(
         "SELECT * FROM bot_states WHERE status = 'paused' AND until_at IS NOT NULL"
         " AND until_at <= ?", (now,))]
+
+
+# Bridge A's mappings that only matter for a while: n8n answers to match, Kommo OAuth states,
+# the last Salesbot run per lead (to space runs), and the ids of messages ponte sent (to skip
+# their echo).
+SHORT_LIVED_MAPPINGS = ("n8n-correlation", "oauth-state", "kommo", "kommo-sent")
+
+
+def prune(conn: sqlite3.Connection, older_than: float) -> None:
+    """Delete bridge A's rows past retention: short-lived mappings, and customer messages
+    received before `older_than` unless a pending or running job still carries their burst."""
+    db_manager.prune_mappings(conn, SHORT_LIVED_MAPPINGS, older_than)
+    conn.execute("DELETE FROM kommo_messages WHERE received_at < ? AND (batch_key IS NULL"
+                 " OR batch_key NOT IN (SELECT dedupe_key FROM jobs"
+                 " WHERE status IN ('pending', 'running')))", (older_than,))

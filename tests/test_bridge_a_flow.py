@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import db_manager
+import whatsapp_intake
 import whatsapp_jobs
 import whatsapp_store
 from tests.bridge_a_harness import N8N_KEY, BridgeA
@@ -388,6 +389,27 @@ def test_n8n_down_for_a_while_then_delivered_in_order_per_contact(bridge, clock)
     replies = bridge.chat_messages("1874")
     assert len(replies) == 2 and "primeira" in replies[0] and "segunda" in replies[1]
     assert len(bridge.chat_messages("2000")) == 1
+
+
+def test_retention_drops_old_messages_and_short_lived_ids_but_not_a_burst_still_waiting(
+        bridge, clock):
+    # GIVEN a message answered long ago, and another contact's burst waiting for n8n to be back
+    bridge.customer_says("antiga", message_id="old")
+    bridge.run_jobs()
+    bridge.n8n_mode(mode="down")
+    bridge.customer_says("esperando", contact_id="42", talk_id="2000", lead_id="4242",
+                         message_id="waiting")
+    bridge.run_jobs()
+    namespaces = "SELECT DISTINCT namespace FROM mappings"
+    assert {"n8n-correlation", "kommo-sent"} <= {r[0] for r in bridge.db.execute(namespaces)}
+    # WHEN the retention (JOB_RETENTION_DAYS=7) has passed and the poller prunes
+    clock.advance(8 * 86400)
+    bridge.poller.prune()
+    # THEN the old message and the short-lived ids are gone; the waiting burst stays
+    messages = bridge.db.execute("SELECT kommo_message_id FROM kommo_messages").fetchall()
+    assert [r[0] for r in messages] == ["waiting"]
+    assert not {"n8n-correlation", "kommo-sent"} & {r[0] for r in bridge.db.execute(namespaces)}
+    assert db_manager.list_jobs(bridge.db, kind=whatsapp_intake.FORWARD)[0]["status"] == "pending"
 
 
 def test_n8n_never_answers_then_seller_gets_a_note_and_customer_the_fallback_once(
