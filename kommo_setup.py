@@ -39,11 +39,18 @@ def register_webhook(settings, with_outgoing: bool = False) -> int:
     if not settings.public_base_url:
         print("Defina PUBLIC_BASE_URL (ex.: https://ponte.seudominio.com.br).", file=sys.stderr)
         return 2
-    url = f"{settings.public_base_url}/webhooks/kommo/{settings.kommo_webhook_secret}"
+    if not settings.kommo_webhook_secret:
+        # Without it the URL would end in /webhooks/kommo/, which the ponte refuses (401).
+        print("Defina KOMMO_WEBHOOK_SECRET (um texto longo e aleatório, ex.: saída de "
+              "`openssl rand -hex 24`) e rode de novo.", file=sys.stderr)
+        return 2
+    base = f"{settings.public_base_url.rstrip('/')}/webhooks/kommo/"
     events = WEBHOOK_EVENTS + ([OUTGOING_EVENT] if with_outgoing else [])
     _client(settings).call("POST", "/api/v4/webhooks", json={
-        "destination": url, "settings": events, "sort": 10})
-    print("Webhook registrado no Kommo para os eventos: " + ", ".join(events))
+        "destination": base + settings.kommo_webhook_secret, "settings": events, "sort": 10})
+    # The secret is a credential: the terminal may be shared or recorded.
+    print(f"Webhook registrado no Kommo: {base}<KOMMO_WEBHOOK_SECRET>")
+    print("Eventos: " + ", ".join(events))
     return 0
 
 

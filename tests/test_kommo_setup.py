@@ -23,13 +23,26 @@ def test_create_field_prints_the_env_line(monkeypatch, tmp_path, serve, capsys):
     assert f"KOMMO_REPLY_FIELD_ID={field['id']}" in capsys.readouterr().out
 
 
-def test_register_webhook_subscribes_the_events(monkeypatch, tmp_path, serve):
+def test_register_webhook_subscribes_the_events(monkeypatch, tmp_path, serve, capsys):
     app = kommo_standin.create_app(max_rps=0)
     _env(monkeypatch, tmp_path, serve(app).url)
     assert kommo_setup.main(["register-webhook"]) == 0
     hooks = app.config["STATE"].webhooks
     assert hooks == {"https://ponte.loja.com.br/webhooks/kommo/segredo-longo-0123456789":
                      ["add_message", "note_lead"]}
+    out = capsys.readouterr().out
+    assert "https://ponte.loja.com.br/webhooks/kommo/<KOMMO_WEBHOOK_SECRET>" in out
+    assert "segredo-longo" not in out
+
+
+def test_register_webhook_without_a_secret_registers_nothing(monkeypatch, tmp_path, serve,
+                                                             capsys):
+    app = kommo_standin.create_app(max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    monkeypatch.setenv("KOMMO_WEBHOOK_SECRET", "")
+    assert kommo_setup.main(["register-webhook"]) == 2
+    assert app.config["STATE"].webhooks == {}
+    assert "KOMMO_WEBHOOK_SECRET" in capsys.readouterr().err
 
 
 def test_refused_token_is_reported(monkeypatch, tmp_path, serve, capsys):
