@@ -83,20 +83,27 @@ def bot_paused():
 @blueprint.post("/bot/pause/<contact_id>")
 @_bot_auth
 def bot_pause(contact_id: str):
-    body = _body()
+    body, refusal = _optional_body()
+    if refusal:
+        return refusal
     return _run_command(contact_id, "pausar", body.get("reason", ""), body.get("by"))
 
 
 @blueprint.post("/bot/resume/<contact_id>")
 @_bot_auth
 def bot_resume(contact_id: str):
-    return _run_command(contact_id, "voltar", "", _body().get("by"))
+    body, refusal = _optional_body()
+    if refusal:
+        return refusal
+    return _run_command(contact_id, "voltar", "", body.get("by"))
 
 
 @blueprint.post("/bot/command")
 @_bot_auth
 def bot_command():
-    body = _body()
+    body, refusal = _optional_body()
+    if refusal:
+        return refusal
     contact_id = body.get("contact_id")
     if isinstance(contact_id, int) and not isinstance(contact_id, bool):
         contact_id = str(contact_id)
@@ -106,9 +113,17 @@ def bot_command():
                         body.get("by"))
 
 
-def _body() -> dict:
+def _optional_body():
+    """(the JSON object sent, None), ({}, None) for no body at all, or (None, a 415/400 answer)
+    for a body that is not a JSON object: a typo must not pause a bot without its reason."""
+    if not request.get_data(cache=True):
+        return {}, None
+    if not request.is_json:
+        return None, json_error(415, "unsupported_media_type", "Envie application/json.")
     body = request.get_json(silent=True)
-    return body if isinstance(body, dict) else {}
+    if not isinstance(body, dict):
+        return None, json_error(400, "bad_json", "O corpo deve ser um objeto JSON.")
+    return body, None
 
 
 def _run_command(contact_id: str, name: str, reason, by):

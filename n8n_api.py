@@ -122,8 +122,11 @@ def parse_send_response(body: Any) -> N8nAsyncAnswer:
     contact_id = str(body.get("contact_id") or "").strip()
     if not conversation_id and not contact_id:
         raise ValueError("informe conversation_id ou contact_id")
-    texts = next(filter(None, (_texts(body.get(key)) for key in (
-        "response_text", "response", "output", "text", "answer", "message"))), [])
+    text_keys = ("response_text", "response", "output", "text", "answer", "message")
+    for key in text_keys:
+        if body.get(key) is not None and not isinstance(body[key], (str, list)):
+            raise ValueError(f"{key} deve ser um texto ou uma lista de textos")
+    texts = next(filter(None, (_texts(body.get(key)) for key in text_keys)), [])
     should_send = _truthy(body.get("should_send"), True)
     should_handoff = _truthy(body.get("should_handoff"), False)
     if should_send and not texts and not should_handoff:

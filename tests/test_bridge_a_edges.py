@@ -244,6 +244,12 @@ def test_bot_api_command_and_unknown_command(bridge):
     assert bridge.api("post", "/bot/command", json={"contact_id": "5", "command": "pausar",
                                                     "reason": {"a": 1}}).status_code == 400
     assert bridge.api("post", "/admin/jobs/99999999999999999999999/retry").status_code == 404
+    # a body that is not a JSON object is refused and changes nothing
+    for kwargs, status in (({"data": "{reason: x", "content_type": "application/json"}, 400),
+                           ({"json": ["pausar"]}, 400),
+                           ({"data": "reason=x", "content_type": "text/plain"}, 415)):
+        refused = bridge.api("post", "/bot/resume/5", **kwargs)
+        assert refused.status_code == status and refused.get_json()["error"]
     # state exists without any prior conversation
     assert bridge.api("get", "/bot/status/5").get_json()["status"] == "paused"
 
