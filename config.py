@@ -263,6 +263,16 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
             values["kommo_client_id"] and values["kommo_client_secret"]):
         problems.append("ponte 'whatsapp' sem credencial do Kommo: defina KOMMO_ACCESS_TOKEN ou "
                         "KOMMO_CLIENT_ID + KOMMO_CLIENT_SECRET")
+    if "mercadolivre" in enabled:
+        # Without these the bridge starts but cannot work: every agent reply would get 401, and
+        # nobody could connect the Mercado Livre account.
+        if not (values["chatwoot_webhook_secret"] or values["chatwoot_webhook_token"]):
+            problems.append("ponte 'mercadolivre' sem autenticação do webhook do Chatwoot: "
+                            "defina CHATWOOT_WEBHOOK_SECRET ou CHATWOOT_WEBHOOK_TOKEN")
+        if not (values["ml_redirect_uri"] or values["public_base_url"]
+                or values["ml_refresh_token"]):
+            problems.append("ponte 'mercadolivre' sem endereço de volta do OAuth: defina "
+                            "PUBLIC_BASE_URL (ou ML_REDIRECT_URI)")
     if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in enabled:
         missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
         if missing:
@@ -360,6 +370,9 @@ if __name__ == "__main__":  # pragma: no cover - helper for maintainers
         if not found.enabled_bridges:
             print("ponte: aviso: nenhuma ponte configurada (veja env.example); só /health e "
                   "/config vão responder.", file=sys.stderr)
+        if not found.admin_token:
+            print("ponte: aviso: ADMIN_TOKEN vazio; /config, /admin/* e /bot/* vão recusar "
+                  "todo pedido (401).", file=sys.stderr)
     elif "--table" in sys.argv:
         print(settings_table_markdown())
     else:

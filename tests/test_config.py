@@ -1,7 +1,10 @@
 """Settings: one declaration per setting, every problem reported at once, secrets masked."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,20 @@ def test_bridge_enabled_only_when_complete():
     assert s.bridge_enabled("whatsapp") and not s.bridge_enabled("mercadolivre")
 
 
+def test_mercado_livre_bridge_needs_chatwoot_webhook_auth_and_an_oauth_return_address():
+    env = {"ML_CLIENT_ID": "123", "ML_CLIENT_SECRET": "c" * 20, "ML_SELLER_ID": "99",
+           "CHATWOOT_BASE_URL": "https://chat.loja.com.br", "CHATWOOT_API_TOKEN": "t" * 20,
+           "CHATWOOT_ACCOUNT_ID": "1", "CHATWOOT_QUESTIONS_INBOX_ID": "2",
+           "CHATWOOT_SALES_INBOX_ID": "3"}
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings(env)
+    assert "CHATWOOT_WEBHOOK_SECRET ou CHATWOOT_WEBHOOK_TOKEN" in str(err.value)
+    assert "PUBLIC_BASE_URL" in str(err.value)
+    s = config.load_settings({**env, "CHATWOOT_WEBHOOK_TOKEN": "u" * 20,
+                              "PUBLIC_BASE_URL": "https://ponte.loja.com.br"})
+    assert s.bridge_enabled("mercadolivre")
+
+
 def test_secrets_are_masked_in_repr_and_redacted_view():
     env = {"ADMIN_TOKEN": "admin-super-secret-1", "KOMMO_ACCESS_TOKEN": "kommo-secret-token-2",
            "CHATWOOT_WEBHOOK_SECRET": "hmac-secret-3"}
@@ -80,3 +97,19 @@ def test_pasting_env_example_changes_no_default():
     pasted = dict(line.split("=", 1) for line in text.splitlines()
                   if line and not line.startswith("#"))
     assert config.load_settings(pasted) == config.load_settings({})
+
+
+def _check(tmp_path, **env):
+    base = {k: v for k, v in os.environ.items() if k not in {s.name for s in config.SETTINGS}}
+    base.update(PONTE_ENV_FILE=str(tmp_path / "none.env"), **env)
+    return subprocess.run([sys.executable, "config.py", "--check"], cwd=ROOT, env=base,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_stops_a_half_configured_bridge_and_only_warns_about_an_empty_one(tmp_path):
+    empty = _check(tmp_path)
+    assert empty.returncode == 0
+    assert "nenhuma ponte configurada" in empty.stderr and "ADMIN_TOKEN vazio" in empty.stderr
+    half = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com")
+    assert half.returncode == 2
+    assert "ponte 'whatsapp' incompleta" in half.stderr and "ADMIN_TOKEN" not in half.stderr
