@@ -113,6 +113,8 @@ def mercadolivre_notification():
         body = request.get_json(silent=True)
     except RecursionError:  # nested deeper than Python parses (silent only covers ValueError)
         body = None
+    if not isinstance(body, dict):
+        return jsonify(ok=True, ignored="invalid_json")
     note = parse_notification(body)
     if note is None:
         return jsonify(ok=True, ignored="topic")
