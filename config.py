@@ -250,8 +250,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
             values[s.attr] = s.default
     enabled = []
     for bridge, keys in BRIDGE_REQUIRED.items():
-        missing = [k for k in keys if values[k.lower()] in ("", None)]
         invalid = [k for k in keys if k in invalid_names]
+        missing = [k for k in keys if values[k.lower()] in ("", None) and k not in invalid]
         if len(missing) == len(keys) and not invalid:
             continue  # bridge not configured at all: off, not an error
         if missing:
@@ -283,6 +283,31 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
     if problems:
         raise ConfigError(problems)
     return Settings(**values, enabled_bridges=tuple(enabled))
+
+
+# Kommo blocks an integration that makes more than 7 requests per second.
+KOMMO_RPS_LIMIT = 7
+MIN_WEBHOOK_SECRET_LENGTH = 16
+
+
+def warnings(settings: "Settings") -> list[str]:
+    """Settings that work but are probably a mistake (`--check` prints them and goes on)."""
+    found = []
+    if not settings.enabled_bridges:
+        found.append("nenhuma ponte configurada (veja env.example); só /health e /config vão "
+                     "responder.")
+    if not settings.admin_token:
+        found.append("ADMIN_TOKEN vazio; /config, /admin/* e /bot/* vão recusar todo pedido "
+                     "(401).")
+    if settings.bridge_enabled("whatsapp"):
+        if len(settings.kommo_webhook_secret) < MIN_WEBHOOK_SECRET_LENGTH:
+            found.append(f"KOMMO_WEBHOOK_SECRET tem menos de {MIN_WEBHOOK_SECRET_LENGTH} "
+                         "caracteres: quem adivinhar a URL do webhook pode falar pela sua "
+                         "conta; use um texto longo e aleatório.")
+        if settings.kommo_max_rps > KOMMO_RPS_LIMIT:
+            found.append(f"KOMMO_MAX_RPS acima de {KOMMO_RPS_LIMIT}: o Kommo bloqueia a "
+                         "integração que passa disso.")
+    return found
 
 
 def redacted_settings(settings: "Settings") -> dict[str, Any]:
@@ -367,12 +392,8 @@ if __name__ == "__main__":  # pragma: no cover - helper for maintainers
                   "para desligar uma ponte, deixe todas as variáveis dela vazias.",
                   file=sys.stderr)
             sys.exit(2)
-        if not found.enabled_bridges:
-            print("ponte: aviso: nenhuma ponte configurada (veja env.example); só /health e "
-                  "/config vão responder.", file=sys.stderr)
-        if not found.admin_token:
-            print("ponte: aviso: ADMIN_TOKEN vazio; /config, /admin/* e /bot/* vão recusar "
-                  "todo pedido (401).", file=sys.stderr)
+        for warning in warnings(found):
+            print("ponte: aviso: " + warning, file=sys.stderr)
     elif "--table" in sys.argv:
         print(settings_table_markdown())
     else:

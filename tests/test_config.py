@@ -28,6 +28,8 @@ def test_config_error_lists_every_problem_at_once():
     text = "\n".join(err.value.problems)
     assert "PORT inválido" in text and "DEBUG inválido" in text
     assert "KOMMO_BASE_URL inválido" in text
+    incomplete = next(p for p in err.value.problems if p.startswith("ponte 'whatsapp'"))
+    assert "KOMMO_BASE_URL" not in incomplete  # reported once, as invalid, not also as missing
     assert "ponte 'mercadolivre' incompleta" in text and "ML_CLIENT_SECRET" in text
     assert "CHATWOOT_SALES_INBOX_ID" in text
     assert len(err.value.problems) >= 4
@@ -106,10 +108,16 @@ def _check(tmp_path, **env):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_check_stops_a_half_configured_bridge_and_only_warns_about_an_empty_one(tmp_path):
+def test_check_stops_a_half_configured_bridge_and_only_warns_about_risky_settings(tmp_path):
     empty = _check(tmp_path)
     assert empty.returncode == 0
     assert "nenhuma ponte configurada" in empty.stderr and "ADMIN_TOKEN vazio" in empty.stderr
+    risky = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com",
+                   KOMMO_WEBHOOK_SECRET="abc", KOMMO_ACCESS_TOKEN="t" * 40, KOMMO_MAX_RPS="10",
+                   N8N_WEBHOOK_URL="https://n8n.loja.com.br/webhook/x", N8N_API_KEY="k" * 20)
+    assert risky.returncode == 0
+    assert "KOMMO_WEBHOOK_SECRET tem menos de 16" in risky.stderr
+    assert "KOMMO_MAX_RPS acima de 7" in risky.stderr and "ADMIN_TOKEN" not in risky.stderr
     half = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com")
     assert half.returncode == 2
     assert "ponte 'whatsapp' incompleta" in half.stderr and "ADMIN_TOKEN" not in half.stderr
