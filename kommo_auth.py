@@ -43,7 +43,8 @@ class TokenSource:
             return self.settings.kommo_access_token
         row = db_manager.token_get(self.conn, PROVIDER)
         if row is None or not row["access_token"]:
-            raise KommoError(401, "Kommo não autorizado: abra /oauth/status", retryable=False)
+            raise KommoError(401, "Kommo não autorizado: defina KOMMO_ACCESS_TOKEN (token de longa "
+                             "duração) ou conecte pelo OAuth em /oauth/status", retryable=False)
         if row["expires_at"] and row["expires_at"] - self.now() < REFRESH_MARGIN_SECONDS:
             row = self.refresh(stale_access_token=row["access_token"])
         return row["access_token"]

@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    if not settings.kommo_base_url:
-        print("Defina KOMMO_BASE_URL e KOMMO_ACCESS_TOKEN no .env.", file=sys.stderr)
+    if not settings.kommo_base_url or not (settings.kommo_access_token
+                                           or settings.kommo_client_id):
+        print("Defina KOMMO_BASE_URL e KOMMO_ACCESS_TOKEN (ou o OAuth: KOMMO_CLIENT_ID...) no "
+              ".env.", file=sys.stderr)
         return 2
     try:
         if args.command == "create-field":

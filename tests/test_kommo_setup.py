@@ -50,3 +50,13 @@ def test_refused_token_is_reported(monkeypatch, tmp_path, serve, capsys):
     _env(monkeypatch, tmp_path, serve(app).url)
     assert kommo_setup.main(["create-field"]) == 1
     assert "O Kommo recusou" in capsys.readouterr().err
+
+
+def test_setup_without_a_kommo_credential_says_which_setting_is_missing(monkeypatch, tmp_path,
+                                                                        serve, capsys):
+    app = kommo_standin.create_app(max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    monkeypatch.setenv("KOMMO_ACCESS_TOKEN", "")
+    assert kommo_setup.main(["create-field"]) == 2
+    assert "KOMMO_ACCESS_TOKEN" in capsys.readouterr().err
+    assert app.config["STATE"].custom_fields == []
