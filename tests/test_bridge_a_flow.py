@@ -311,6 +311,10 @@ def test_send_response_validation(bridge):
     wrong_type = bridge.n8n_answers_later({"conversation_id": "1874", "response_text": 123})
     assert wrong_type.status_code == 400
     assert "response_text deve ser um texto" in wrong_type.get_json()["message"]
+    # an item passed along whole: the text is used, the object beside it is not an error
+    whole_item = bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "Oi!",
+                                           "message": {"role": "assistant"}, "text": 0})
+    assert whole_item.status_code == 202
 
 
 @pytest.fixture
