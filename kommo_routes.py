@@ -21,7 +21,7 @@ import whatsapp_intake
 import whatsapp_store
 from kommo_api import KommoError
 from n8n_api import parse_send_response
-from web_common import get_db, json_error, now, require_bearer, settings
+from web_common import get_db, json_error, now, request_json, require_bearer, settings
 
 log = logging.getLogger("ponte.kommo.web")
 
@@ -42,7 +42,7 @@ PLAIN_ROUTES = [(kommo_webhook.PATH, kommo_webhook.handle)]
 @require_bearer("n8n_api_key")
 def send_response():
     """n8n → ponte: an answer produced after the workflow's webhook call ended."""
-    body = request.get_json(silent=True)
+    body = request_json()
     if body is None:
         if not request.is_json:
             return json_error(415, "unsupported_media_type", "Envie application/json.")
@@ -120,7 +120,7 @@ def _optional_body():
         return {}, None
     if not request.is_json:
         return None, json_error(415, "unsupported_media_type", "Envie application/json.")
-    body = request.get_json(silent=True)
+    body = request_json()
     if not isinstance(body, dict):
         return None, json_error(400, "bad_json", "O corpo deve ser um objeto JSON.")
     return body, None

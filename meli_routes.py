@@ -109,10 +109,7 @@ def mercadolivre_notification():
     """Mercado Livre notification: always 200 fast (topics are switched off after slow or bad
     answers); the resource is fetched later with our own token."""
     s = web_common.settings()
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # nested deeper than Python parses (silent only covers ValueError)
-        body = None
+    body = web_common.request_json()
     if not isinstance(body, dict):
         return jsonify(ok=True, ignored="invalid_json")
     note = parse_notification(body)

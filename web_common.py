@@ -2,7 +2,7 @@
 settings, the clock, JSON errors and bearer-token checks.
 
 Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `wsgi_json()`,
-`json_error()`, `require_bearer()`, `bearer_token()`.
+`request_json()`, `json_error()`, `require_bearer()`, `bearer_token()`.
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
@@ -64,6 +64,15 @@ def wsgi_json(start_response, status: int, body: bytes | dict, headers=(), head=
     start_response(status_line, [("Content-Type", "application/json"),
                                  ("Content-Length", str(len(body))), *headers])
     return [b""] if head else [body]
+
+
+def request_json():
+    """The request's JSON body, or None when it is not valid JSON — nesting deeper than Python
+    parses included, which Flask's silent mode lets through as a RecursionError (a 500)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
 
 
 def json_error(status: int, code: str, message: str, **extra):

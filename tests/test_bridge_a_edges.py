@@ -246,6 +246,7 @@ def test_bot_api_command_and_unknown_command(bridge):
     assert bridge.api("post", "/admin/jobs/99999999999999999999999/retry").status_code == 404
     # a body that is not a JSON object is refused and changes nothing
     for kwargs, status in (({"data": "{reason: x", "content_type": "application/json"}, 400),
+                           ({"data": "[" * 100_000, "content_type": "application/json"}, 400),
                            ({"json": ["pausar"]}, 400),
                            ({"data": "reason=x", "content_type": "text/plain"}, 415)):
         refused = bridge.api("post", "/bot/resume/5", **kwargs)

@@ -308,6 +308,9 @@ def test_send_response_validation(bridge):
     bad = bridge.web.post("/send-response", data="{oops", content_type="application/json",
                           headers={"Authorization": f"Bearer {N8N_KEY}"})
     assert bad.status_code == 400 and bad.get_json()["error"] == "bad_json"
+    deep = bridge.web.post("/send-response", data="[" * 100_000, content_type="application/json",
+                           headers={"Authorization": f"Bearer {N8N_KEY}"})
+    assert deep.status_code == 400 and deep.get_json()["error"] == "bad_json"
     wrong_type = bridge.n8n_answers_later({"conversation_id": "1874", "response_text": 123})
     assert wrong_type.status_code == 400
     assert "response_text deve ser um texto" in wrong_type.get_json()["message"]
