@@ -263,7 +263,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
             values["kommo_client_id"] and values["kommo_client_secret"]):
         problems.append("ponte 'whatsapp' sem credencial do Kommo: defina KOMMO_ACCESS_TOKEN ou "
                         "KOMMO_CLIENT_ID + KOMMO_CLIENT_SECRET")
-    if "mercadolivre" in enabled:
+    if "mercadolivre" in enabled and not partial_bridges_ok:
         # Without these the bridge starts but cannot work: every agent reply would get 401, and
         # nobody could connect the Mercado Livre account.
         if not (values["chatwoot_webhook_secret"] or values["chatwoot_webhook_token"]):
@@ -297,16 +297,17 @@ def warnings(settings: "Settings") -> list[str]:
         found.append("nenhuma ponte configurada (veja env.example); só /health e /config vão "
                      "responder.")
     if not settings.admin_token:
-        found.append("ADMIN_TOKEN vazio; /config, /admin/* e /bot/* vão recusar todo pedido "
-                     "(401).")
+        found.append("ADMIN_TOKEN vazio; /config e /admin/* vão recusar todo pedido (401), e "
+                     "/bot/* só aceita o N8N_API_KEY.")
     if settings.bridge_enabled("whatsapp"):
         if len(settings.kommo_webhook_secret) < MIN_WEBHOOK_SECRET_LENGTH:
             found.append(f"KOMMO_WEBHOOK_SECRET tem menos de {MIN_WEBHOOK_SECRET_LENGTH} "
                          "caracteres: quem adivinhar a URL do webhook pode falar pela sua "
                          "conta; use um texto longo e aleatório.")
-        if settings.kommo_max_rps > KOMMO_RPS_LIMIT:
-            found.append(f"KOMMO_MAX_RPS acima de {KOMMO_RPS_LIMIT}: o Kommo bloqueia a "
-                         "integração que passa disso.")
+        if not 0 < settings.kommo_max_rps <= KOMMO_RPS_LIMIT:
+            found.append(f"KOMMO_MAX_RPS={settings.kommo_max_rps:g} (0 é sem limite): o Kommo "
+                         f"bloqueia a integração que passa de {KOMMO_RPS_LIMIT} pedidos por "
+                         f"segundo; use de 1 a {KOMMO_RPS_LIMIT}.")
     return found
 
 

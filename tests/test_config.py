@@ -61,9 +61,11 @@ def test_mercado_livre_bridge_needs_chatwoot_webhook_auth_and_an_oauth_return_ad
         config.load_settings(env)
     assert "CHATWOOT_WEBHOOK_SECRET ou CHATWOOT_WEBHOOK_TOKEN" in str(err.value)
     assert "PUBLIC_BASE_URL" in str(err.value)
-    s = config.load_settings({**env, "CHATWOOT_WEBHOOK_TOKEN": "u" * 20,
-                              "PUBLIC_BASE_URL": "https://ponte.loja.com.br"})
-    assert s.bridge_enabled("mercadolivre")
+    for return_address in ({"PUBLIC_BASE_URL": "https://ponte.loja.com.br"},
+                           {"ML_REDIRECT_URI": "https://ponte.loja.com.br/oauth/mercadolivre/callback"},
+                           {"ML_REFRESH_TOKEN": "TG-initial-refresh-token"}):
+        s = config.load_settings({**env, "CHATWOOT_WEBHOOK_TOKEN": "u" * 20, **return_address})
+        assert s.bridge_enabled("mercadolivre")
 
 
 def test_secrets_are_masked_in_repr_and_redacted_view():
@@ -117,7 +119,7 @@ def test_check_stops_a_half_configured_bridge_and_only_warns_about_risky_setting
                    N8N_WEBHOOK_URL="https://n8n.loja.com.br/webhook/x", N8N_API_KEY="k" * 20)
     assert risky.returncode == 0
     assert "KOMMO_WEBHOOK_SECRET tem menos de 16" in risky.stderr
-    assert "KOMMO_MAX_RPS acima de 7" in risky.stderr and "ADMIN_TOKEN" not in risky.stderr
+    assert "KOMMO_MAX_RPS=10" in risky.stderr and "ADMIN_TOKEN" not in risky.stderr
     half = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com")
     assert half.returncode == 2
     assert "ponte 'whatsapp' incompleta" in half.stderr and "ADMIN_TOKEN" not in half.stderr
