@@ -13,6 +13,7 @@ import config
 import db_manager
 import kommo_api
 import kommo_auth
+import ponte_logging
 
 WEBHOOK_EVENTS = ["add_message", "note_lead"]
 # Listed only in Kommo's changelog; not every plan accepts it, so it is opt-in.
@@ -42,7 +43,8 @@ def register_webhook(settings, with_outgoing: bool = False) -> int:
     if not settings.kommo_webhook_secret:
         # Without it the URL would end in /webhooks/kommo/, which the ponte refuses (401).
         print("Defina KOMMO_WEBHOOK_SECRET (um texto longo e aleatório, ex.: saída de "
-              "`openssl rand -hex 24`) e rode de novo.", file=sys.stderr)
+              "`python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"`) e rode de "
+              "novo.", file=sys.stderr)
         return 2
     base = f"{settings.public_base_url.rstrip('/')}/webhooks/kommo/"
     events = WEBHOOK_EVENTS + ([OUTGOING_EVENT] if with_outgoing else [])
@@ -71,15 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not settings.kommo_base_url or not (settings.kommo_access_token
                                            or settings.kommo_client_id):
-        print("Defina KOMMO_BASE_URL e KOMMO_ACCESS_TOKEN (ou o OAuth: KOMMO_CLIENT_ID...) no "
-              ".env.", file=sys.stderr)
+        print("Defina KOMMO_BASE_URL e KOMMO_ACCESS_TOKEN no .env (ou, em vez do token, "
+              "KOMMO_CLIENT_ID e KOMMO_CLIENT_SECRET, e conecte pelo OAuth).", file=sys.stderr)
         return 2
     try:
         if args.command == "create-field":
             return create_field(settings, args.name)
         return register_webhook(settings, args.with_outgoing)
     except kommo_api.KommoError as exc:
-        print(f"O Kommo recusou: {exc}", file=sys.stderr)
+        # Kommo's answer may quote what it was sent, webhook URL (and its secret) included.
+        print("O Kommo recusou: " + ponte_logging.scrub(str(exc), config.secret_values(settings)),
+              file=sys.stderr)
         return 1
 
 

@@ -171,7 +171,9 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
         body = request.get_json(silent=True) or {}
         if not str(body.get("destination", "")).startswith("https://") or \
                 not isinstance(body.get("settings"), list):
-            return _problem(400, "Bad Request", "destination (https) and settings required")
+            # Like Kommo's validation errors, the detail quotes the value it refused.
+            return _problem(400, "Bad Request", "destination (https) and settings required, "
+                            f"got destination={body.get('destination')!r}")
         with state.lock:
             state.webhooks[body["destination"]] = body["settings"]
         return jsonify({"destination": body["destination"], "settings": body["settings"],

@@ -60,3 +60,13 @@ def test_setup_without_a_kommo_credential_says_which_setting_is_missing(monkeypa
     assert kommo_setup.main(["create-field"]) == 2
     assert "KOMMO_ACCESS_TOKEN" in capsys.readouterr().err
     assert app.config["STATE"].custom_fields == []
+
+
+def test_a_refused_registration_does_not_print_the_secret(monkeypatch, tmp_path, serve, capsys):
+    app = kommo_standin.create_app(max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    monkeypatch.setenv("PUBLIC_BASE_URL", "http://ponte.loja.com.br")  # Kommo wants https
+    assert kommo_setup.main(["register-webhook"]) == 1
+    err = capsys.readouterr().err
+    assert "O Kommo recusou" in err and "http://ponte.loja.com.br/webhooks/kommo/***" in err
+    assert "segredo-longo" not in err
