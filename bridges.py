@@ -16,7 +16,8 @@ class BridgeModules:
     `PLAIN_ROUTES` (see `webhook_server.PlainRoutes`); the jobs
     module exposes `HANDLERS`, and optionally `ON_DEAD`, `SCHEDULES`
     (a list of `(interval_seconds_from_settings, task(ctx))`) and `PRUNE` (a list of
-    `prune(conn, older_than)` that delete the bridge's rows past retention)."""
+    `prune(conn, older_than)` that delete the bridge's rows past retention, in their own
+    transactions: `db_manager.delete_in_batches`)."""
 
     name: str
     routes: str

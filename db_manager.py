@@ -703,15 +703,33 @@ def next_job_due_at(conn: sqlite3.Connection) -> float | None:
     return row[0]
 
 
+# Rows deleted per write transaction by a clean-up: the write lock it holds is the one webhook
+# acks wait for, and the first clean-up after a long outage may have days of rows to delete.
+PRUNE_BATCH_ROWS = 2000
+
+
+def delete_in_batches(conn: sqlite3.Connection, table: str, where: str,
+                      params: tuple = ()) -> int:
+    """Delete the rows of `table` that match `where`, PRUNE_BATCH_ROWS per write transaction.
+    Returns how many rows went."""
+    removed = 0
+    while True:
+        with transaction(conn):
+            count = conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"
+                                 f" WHERE {where} LIMIT ?)", (*params, PRUNE_BATCH_ROWS)).rowcount
+        removed += count
+        if count < PRUNE_BATCH_ROWS:
+            return removed
+
+
 def prune_jobs(conn: sqlite3.Connection, older_than: float) -> int:
     """Delete done jobs finished before `older_than` (dead jobs stay for an operator) and
     inbound events received before it. Returns how many jobs. Each bridge prunes its own rows
     (its jobs module's `PRUNE`, see bridges)."""
-    with transaction(conn):
-        cur = conn.execute("DELETE FROM jobs WHERE status = 'done' AND finished_at < ?",
-                           (older_than,))
-        conn.execute("DELETE FROM events WHERE received_at < ?", (older_than,))
-    return cur.rowcount
+    removed = delete_in_batches(conn, "jobs", "status = 'done' AND finished_at < ?",
+                                (older_than,))
+    delete_in_batches(conn, "events", "received_at < ?", (older_than,))
+    return removed
 
 
 def prune_mappings(conn: sqlite3.Connection, namespaces: tuple[str, ...],
@@ -719,8 +737,8 @@ def prune_mappings(conn: sqlite3.Connection, namespaces: tuple[str, ...],
     """Delete the mappings of `namespaces` last written before `older_than`: for mappings that
     only matter for a while (answers to match, OAuth states, throttles), not for those that
     live as long as what they point to (conversation ids, watermarks)."""
-    conn.execute(f"DELETE FROM mappings WHERE updated_at < ? AND namespace IN"
-                 f" ({','.join('?' * len(namespaces))})", (older_than, *namespaces))
+    delete_in_batches(conn, "mappings", f"updated_at < ? AND namespace IN"
+                      f" ({','.join('?' * len(namespaces))})", (older_than, *namespaces))
 
 
 def data_version(conn: sqlite3.Connection) -> int:

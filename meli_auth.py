@@ -189,7 +189,8 @@ def redirect_uri(settings) -> str:
 
 
 def prune_states(conn, older_than: float) -> None:
-    """Delete the OAuth states written before `older_than` (each is good for 15 minutes)."""
+    """Delete the OAuth states written before `older_than` (each is good for 15 minutes);
+    takes its own transactions."""
     db_manager.prune_mappings(conn, (STATE_NAMESPACE,), older_than)
 
 

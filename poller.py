@@ -79,13 +79,13 @@ class Poller:
 
     def prune(self, older_than: float | None = None) -> None:
         """Delete what is past retention (JOB_RETENTION_DAYS, or before `older_than`): done jobs,
-        inbound events, and each bridge's own rows (`bridges.pruners`), in one transaction."""
+        inbound events, and each bridge's own rows (`bridges.pruners`), a batch of rows per
+        transaction (`db_manager.delete_in_batches`)."""
         if older_than is None:
             older_than = self.clock() - self.settings.job_retention_days * 86400
-        with db_manager.transaction(self.conn):
-            removed = db_manager.prune_jobs(self.conn, older_than)
-            for prune in bridges.pruners():
-                prune(self.conn, older_than)
+        removed = db_manager.prune_jobs(self.conn, older_than)
+        for prune in bridges.pruners():
+            prune(self.conn, older_than)
         if removed:
             log.info("jobs_pruned", extra={"count": removed})
 

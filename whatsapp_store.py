@@ -4,7 +4,7 @@ bursts, bot states. The schema is migration 2 in db_manager.
 Owns: every statement on `kommo_conversations`, `kommo_messages` and `bot_states`, and what
 bridge A deletes past retention (`prune`).
 Must not: call a peer or decide anything (bot_control and whatsapp_jobs decide).
-Callers wrap writes in `db_manager.transaction()`.
+Callers wrap writes in `db_manager.transaction()`, except for `prune`, which takes its own.
 """
 from __future__ import annotations
 
@@ -183,6 +183,6 @@ def prune(conn: sqlite3.Connection, older_than: float) -> None:
     """Delete bridge A's rows past retention: short-lived mappings, and customer messages
     received before `older_than` unless a pending or running job still carries their burst."""
     db_manager.prune_mappings(conn, SHORT_LIVED_MAPPINGS, older_than)
-    conn.execute("DELETE FROM kommo_messages WHERE received_at < ? AND (batch_key IS NULL"
-                 " OR batch_key NOT IN (SELECT dedupe_key FROM jobs"
-                 " WHERE status IN ('pending', 'running')))", (older_than,))
+    db_manager.delete_in_batches(
+        conn, "kommo_messages", "received_at < ? AND (batch_key IS NULL OR batch_key NOT IN"
+        " (SELECT dedupe_key FROM jobs WHERE status IN ('pending', 'running')))", (older_than,))

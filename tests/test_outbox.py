@@ -148,6 +148,15 @@ def test_follow_up_is_not_written_when_completion_is_lost(db, clock):
     assert db_manager.get_job(db, dedupe_key="c") is None
 
 
+def test_prune_deletes_a_backlog_bigger_than_one_batch(db, clock, monkeypatch):
+    monkeypatch.setattr(db_manager, "PRUNE_BATCH_ROWS", 3)
+    for i in range(7):
+        db_manager.enqueue_job(db, "k", f"old-{i}", {}, now=clock())
+        db_manager.complete_job(db, db_manager.claim_next_job(db, clock(), LEASE), now=clock())
+    assert db_manager.prune_jobs(db, clock() + 1) == 7
+    assert db_manager.list_jobs(db) == []
+
+
 def test_prune_removes_old_done_jobs_but_keeps_dead_ones(db, clock):
     for key in ("old", "dead"):
         db_manager.enqueue_job(db, "k", key, {}, now=clock())
