@@ -74,7 +74,8 @@ SETTINGS: tuple[Setting, ...] = (
        unit="tentativas"),
     _s("JOB_MAX_AGE_SECONDS", 86_400, "int", "Idade máxima de um job com falhas antes de ir para "
        "'dead'.", unit="segundos"),
-    _s("JOB_RETENTION_DAYS", 7, "int", "Dias que jobs concluídos ficam guardados.", unit="dias"),
+    _s("JOB_RETENTION_DAYS", 7, "int", "Dias que jobs concluídos, webhooks recebidos, mensagens "
+       "de clientes e dados de vida curta ficam guardados.", unit="dias"),
     _s("POLLER_HEARTBEAT_MAX_AGE_SECONDS", 30, "int", "Idade máxima do heartbeat do poller para "
        "/health responder 200.", unit="segundos"),
     # --- bridge A: Kommo / n8n ---------------------------------------------------------------
