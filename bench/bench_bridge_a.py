@@ -1049,6 +1049,28 @@ def findings(ing: dict, e2e: dict) -> str:
         "passava do limite (10.000 páginas), o webhook que o disparava levava ~40 ms dentro do "
         "handler; numa *thread*, o pior caso medido dentro do handler caiu para ~14 ms. O p99 "
         "de ponta a ponta variou entre ~20 e ~25 ms de uma execução para outra.",
+        "Onde está a cauda (experimentos de 23/11/2026, rodadas de 10 s com o `wrk` como "
+        "cliente, fora deste script): sem nenhum checkpoint durante a carga (só para medir: o "
+        "WAL cresce sem limite), o p99 da ponte foi de 13,8 e 14,6 ms, contra 9,5–12 ms do "
+        "trivial com o mesmo cliente. A maior parte da cauda é, então, o I/O dos checkpoints, "
+        "não o handler: só um `fsync` do WAL por segundo numa *thread*, sem copiar página "
+        "nenhuma, já levou o p99 a ~24 ms. Um registro de cada ack lento e de cada checkpoint "
+        "mostrou o resto: quando o WAL passa de 10.000 páginas entre dois recomeços (~1,3 s "
+        "sob carga contínua), os próprios acks fazem checkpoint, alguns levando 5–24 ms. O que "
+        "foi tentado e descartado, com o p99 medido:\n\n"
+        "- segurar o lock de escrita na *thread* enquanto o checkpoint termina, para o WAL "
+        "recomeçar do início: o `fsync` do arquivo do banco, que cresce, leva 5–8 ms com o lock "
+        "na mão; 22–25 ms;\n"
+        "- checkpoints a cada 100 ou 250 ms em vez de 1 s: 20–25 ms;\n"
+        "- acks que só fazem checkpoint acima de 100.000 páginas (o WAL pode chegar a "
+        "~400 MB): 19,0–21,8 ms, com máximos de 72–100 ms na carga moderada que vem depois;\n"
+        "- a *thread* do checkpoint com `nice` 19: 22,5–25,4 ms;\n"
+        "- páginas de 1.024 bytes (57 % menos bytes de WAL por webhook): 25–26 ms;\n"
+        "- pedir ao Linux que comece a gravar o WAL a cada 20 ms (`sync_file_range`, como o "
+        "`wal_writer_flush_after` do PostgreSQL): 17,4–20,5 ms com o `wrk` e 19,4–23,7 ms com o "
+        "cliente deste script, dentro da variação entre execuções.\n\n"
+        "Em execuções seguidas da mesma versão, o p99 variou de ~20 a ~29 ms (e o do app "
+        "trivial, de ~14 a ~25 ms) conforme o resto da máquina, que é compartilhada.",
     ]
     if ratio < GOAL_RATIO:
         out.append(
@@ -1066,9 +1088,8 @@ def findings(ing: dict, e2e: dict) -> str:
             f"`sync`, cada requisição espera na fila do `accept` as que chegaram antes. Pela lei "
             f"de Little, a latência média é {CONCURRENCY} ÷ vazão "
             f"(≈ {n(1000 * CONCURRENCY / p['rps'])} ms a {n(p['rps'], 0)} req/s). O app trivial "
-            f"teve p99 de {n(t['p99'])} ms com a mesma carga; a ponte, mais lenta, fica mais "
-            f"tempo na fila, e cada worker ainda disputa com o outro o lock de escrita do SQLite "
-            f"(quem segura o lock pode perder a CPU para o cliente de carga). Com carga moderada "
+            f"teve p99 de {n(t['p99'])} ms com a mesma carga. O que a ponte tem a mais na cauda "
+            f"é o I/O dos checkpoints do WAL sob carga contínua (parágrafo acima). Com carga moderada "
             f"({MODERATE_RPS} req/s, muito mais do que uma conta do Kommo manda), o ack da ponte "
             f"tem p99 de {n(ing['moderate_ponte']['p99'])} ms.")
     if e2e["p50"] > GOAL_E2E_P50_MS or e2e["p99"] > GOAL_E2E_P99_MS:
