@@ -2,10 +2,9 @@
 by whatsapp_store; their schema is here so migrations stay in one ordered list).
 
 Owns: connections (WAL, busy timeout, foreign keys, the checkpointer thread), numbered
-migrations (`PRAGMA user_version`), `transaction()` (BEGIN IMMEDIATE), the inbound event log,
-the job outbox (enqueue or stage / claim with a lease / complete / fail with backoff / dead
-letters / retry / prune), ordering per conversation, heartbeats, cross-process locks, key-value
-mappings, tokens and bot states.
+migrations (`PRAGMA user_version`), `transaction()` (BEGIN IMMEDIATE), batched clean-up
+deletes, the inbound event log, heartbeats, cross-process locks, key-value mappings and tokens.
+The job outbox's SQL is in outbox.
 Must not: call a peer, import flask or a peer module. Times are UTC epoch seconds (REAL, because
 debounce windows and wake-up latency are sub-second).
 """
@@ -14,13 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import logging
 import sqlite3
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 _log = logging.getLogger("ponte.db")
@@ -40,8 +36,6 @@ CHECKPOINT_EVERY_SECONDS = 1.0
 # After a checkpoint, SQLite reuses the WAL file but keeps its size; a burst must not leave a
 # big file behind.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
-BACKOFF_BASE_SECONDS = 2.0
-BACKOFF_CAP_SECONDS = 900.0
 
 
 def _catch_up_first_release(conn: sqlite3.Connection) -> None:
@@ -195,32 +189,6 @@ MIGRATIONS: list = [
 
 class DatabaseError(Exception):
     """The state database cannot be opened or used."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One claimed outbox job. `attempt` counts this run (1 for the first)."""
-
-    id: int
-    kind: str
-    dedupe_key: str
-    ordering_key: str | None
-    payload: dict[str, Any]
-    attempt: int
-    max_attempts: int | None
-    created_at: float
-    lease_token: str
-
-
-@dataclass(frozen=True)
-class FollowUp:
-    """A job to enqueue in the same transaction that completes its parent."""
-
-    kind: str
-    dedupe_key: str
-    payload: dict[str, Any]
-    available_at: float | None = None
-    ordering_key: str | None = None
 
 
 def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES
@@ -398,311 +366,6 @@ def count_events(conn: sqlite3.Connection, source: str | None = None,
     return conn.execute(sql, args).fetchone()[0]
 
 
-# --- job outbox ---------------------------------------------------------------------------------
-
-def enqueue_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: dict,
-                available_at: float | None = None, ordering_key: str | None = None,
-                max_attempts: int | None = None, now: float | None = None) -> int | None:
-    """Add a job unless one with `dedupe_key` exists, staged or not (then nothing changes).
-    Returns the new job id, or None for a duplicate."""
-    now = now or time.time()
-    if conn.execute("SELECT 1 FROM staged_jobs WHERE dedupe_key = ?", (dedupe_key,)).fetchone():
-        return None
-    cur = conn.execute(
-        "INSERT INTO jobs (kind, dedupe_key, ordering_key, payload, status, max_attempts,"
-        " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
-        " ON CONFLICT(dedupe_key) DO NOTHING",
-        (kind, dedupe_key, ordering_key, dumps(payload), max_attempts,
-         available_at if available_at is not None else now, now, now))
-    return cur.lastrowid if cur.rowcount == 1 else None
-
-
-def stage_job(conn: sqlite3.Connection, kind: str, dedupe_key: str, payload: dict,
-              ordering_key: str | None = None, max_attempts: int | None = None,
-              now: float | None = None) -> bool:
-    """Add a job the cheap way, for a webhook that must answer fast (inside the caller's
-    transaction): a row of `staged_jobs`, whose only index is the unique key, instead of a row
-    of `jobs` and its four indexes — ~3 WAL pages instead of ~6, and ~40 % less time.
-    `claim_next_job` moves staged jobs into `jobs`, in the order they were staged, before it
-    picks one; until then the job counts in `queue_stats` (as `staged`, and in `pending`).
-    Returns False (and changes nothing) when a job with `dedupe_key` is staged or in `jobs`."""
-    if conn.execute("SELECT 1 FROM jobs WHERE dedupe_key = ?", (dedupe_key,)).fetchone():
-        return False
-    cur = conn.execute(
-        "INSERT INTO staged_jobs (kind, dedupe_key, ordering_key, payload, max_attempts,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(dedupe_key) DO NOTHING",
-        (kind, dedupe_key, ordering_key, dumps(payload), max_attempts, now or time.time()))
-    return cur.rowcount == 1
-
-
-# Staged jobs moved per claim. The move holds the write lock that webhook acks wait for, so a
-# backlog left by a poller that was down moves a bounded batch at a time (~10 ms each).
-STAGED_MOVE_BATCH = 500
-
-
-def _move_staged_jobs(conn: sqlite3.Connection, now: float) -> None:
-    # Inside the claim's write transaction, so nothing can be staged meanwhile. Staged ids only
-    # grow and each batch takes the lowest ones, so moving in batches keeps the staging order.
-    last_id = conn.execute("SELECT MAX(id) FROM (SELECT id FROM staged_jobs ORDER BY id LIMIT ?)",
-                           (STAGED_MOVE_BATCH,)).fetchone()[0]
-    if last_id is None:
-        return
-    # "WHERE id <= ?" also satisfies SQLite's rule that INSERT ... SELECT with an ON CONFLICT
-    # clause needs a WHERE.
-    conn.execute(
-        "INSERT INTO jobs (kind, dedupe_key, ordering_key, payload, status, max_attempts,"
-        " available_at, created_at, updated_at) SELECT kind, dedupe_key, ordering_key, payload,"
-        " 'pending', max_attempts, created_at, created_at, ? FROM staged_jobs WHERE id <= ?"
-        " ORDER BY id ON CONFLICT(dedupe_key) DO NOTHING", (now, last_id))
-    conn.execute("DELETE FROM staged_jobs WHERE id <= ?", (last_id,))
-
-
-_NOT_BLOCKED = """(j.ordering_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM jobs AS e WHERE e.ordering_key = j.ordering_key AND e.id < j.id
-          AND e.status IN ('pending', 'running')))"""
-
-
-def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
-                   worker: str | None = None, urgent_kinds: tuple[str, ...] = ()) -> Job | None:
-    """Claim the next runnable job: running with an expired lease (its worker died), else
-    pending and due — of one of `urgent_kinds` first, if any is due. A job with an
-    `ordering_key` waits while an earlier job with the same key is still pending or running,
-    so one conversation's jobs run in order. Call `bury_worn_out_jobs()` first so a job that
-    keeps killing its worker is not re-run. Staged jobs (`stage_job`) become jobs first."""
-    with transaction(conn):
-        _move_staged_jobs(conn, now)
-        # Separate queries instead of one OR, so each can walk its index in order.
-        row = conn.execute(
-            f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
-            f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", (now,)).fetchone()
-        for kind in urgent_kinds:
-            if row is not None:
-                break
-            row = conn.execute(
-                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?"
-                f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
-                f" LIMIT 1", (kind, now)).fetchone()
-        if row is None:
-            row = conn.execute(
-                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
-                f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1", (now,)).fetchone()
-        if row is None:
-            return None
-        token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
-        conn.execute(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
-            " locked_by = ?, updated_at = ? WHERE id = ?",
-            (now + lease_seconds, token, now, row["id"]))
-    return _job(row, token, row["attempts"] + 1)
-
-
-def _job(row: sqlite3.Row, token: str, attempt: int) -> Job:
-    return Job(id=row["id"], kind=row["kind"], dedupe_key=row["dedupe_key"],
-               ordering_key=row["ordering_key"], payload=json.loads(row["payload"]),
-               attempt=attempt, max_attempts=row["max_attempts"], created_at=row["created_at"],
-               lease_token=token)
-
-
-def bury_worn_out_jobs(conn: sqlite3.Connection, now: float, max_attempts: int,
-                       max_age_seconds: float, on_dead=None) -> list[Job]:
-    """Dead-letter the jobs whose lease expired (their worker died) and that used up their
-    attempts or age, instead of running them again. `on_dead(job, error)` may return follow-up
-    jobs, written in the same transaction. Returns the buried jobs."""
-    buried = []
-    with transaction(conn):
-        rows = conn.execute(
-            "SELECT * FROM jobs WHERE status = 'running' AND locked_until <= ? AND"
-            " (attempts >= COALESCE(max_attempts, ?) OR created_at <= ?)",
-            (now, max_attempts, now - max_age_seconds)).fetchall()
-        for row in rows:
-            error = (f"worker died {row['attempts']} time(s) while running this job"
-                     " (lease expired)")
-            conn.execute(
-                "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
-                " locked_until = NULL, last_error = ? WHERE id = ?", (now, now, error, row["id"]))
-            job = _job(row, row["locked_by"] or "", row["attempts"])
-            _enqueue_follow_ups(conn, on_dead(job, error) if on_dead else [], now)
-            buried.append(job)
-    return buried
-
-
-def _enqueue_follow_ups(conn: sqlite3.Connection, follow_ups, now: float) -> None:
-    for f in follow_ups or []:
-        enqueue_job(conn, f.kind, f.dedupe_key, f.payload, available_at=f.available_at,
-                    ordering_key=f.ordering_key, now=now)
-
-
-def release_orphaned_jobs(conn: sqlite3.Connection, worker_prefix: str,
-                          is_alive, now: float) -> int:
-    """Make claimable at once the running jobs of workers named `<worker_prefix><name>` that
-    `is_alive(name)` says are gone, instead of waiting for their lease to end. Used by a poller
-    starting after a crash; a worker that cannot be judged keeps its lease."""
-    released = 0
-    with transaction(conn):
-        rows = conn.execute("SELECT id, locked_by FROM jobs WHERE status = 'running'"
-                            " AND locked_by LIKE ?", (worker_prefix + "%",)).fetchall()
-        for row in rows:
-            name = row["locked_by"][len(worker_prefix):].split(":", 1)[0]
-            if not is_alive(name):
-                conn.execute("UPDATE jobs SET locked_until = ? WHERE id = ?", (now, row["id"]))
-                released += 1
-    return released
-
-
-def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
-                 follow_ups: list[FollowUp] | tuple = (), now: float | None = None) -> bool:
-    """Mark `job` done and enqueue its follow-ups atomically. False (and nothing written) when
-    this worker lost its lease to another one."""
-    now = now or time.time()
-    with transaction(conn):
-        cur = conn.execute(
-            "UPDATE jobs SET status = 'done', finished_at = ?, updated_at = ?, locked_until = NULL,"
-            " result = ?, last_error = NULL WHERE id = ? AND locked_by = ? AND status = 'running'",
-            (now, now, dumps(result) if result is not None else None, job.id, job.lease_token))
-        if cur.rowcount != 1:
-            return False
-        _enqueue_follow_ups(conn, follow_ups, now)
-    return True
-
-
-def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (1-based): exponential from 2 s, capped at 15 min,
-    with jitter in [50 %, 100 %] so a peer coming back is not hit by every job at once."""
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * (2 ** max(0, attempt - 1)))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-
-
-def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, now: float,
-             max_attempts: int, max_age_seconds: float, retry_after_seconds: float | None = None,
-             rng: random.Random | None = None, on_dead=None) -> str:
-    """Record a failed run. Returns the new status: 'pending' (retry later), 'dead' (not
-    retryable, out of attempts or too old) or 'lost' (this worker no longer holds the lease).
-    When the job dies, `on_dead(job, error)` may return follow-up jobs (a note telling a human),
-    written in the same transaction so the news of a failure cannot be lost."""
-    limit = job.max_attempts or max_attempts
-    dead = (not retryable or job.attempt >= limit or now - job.created_at >= max_age_seconds)
-    with transaction(conn):
-        if dead:
-            cur = conn.execute(
-                "UPDATE jobs SET status = 'dead', finished_at = ?, updated_at = ?,"
-                " locked_until = NULL, last_error = ? WHERE id = ? AND locked_by = ?"
-                " AND status = 'running'", (now, now, error[:2000], job.id, job.lease_token))
-            if cur.rowcount == 1 and on_dead:
-                _enqueue_follow_ups(conn, on_dead(job, error), now)
-        else:
-            delay = max(backoff_seconds(job.attempt, rng), retry_after_seconds or 0)
-            cur = conn.execute(
-                "UPDATE jobs SET status = 'pending', available_at = ?, updated_at = ?,"
-                " locked_until = NULL, last_error = ? WHERE id = ? AND locked_by = ?"
-                " AND status = 'running'", (now + delay, now, error[:2000], job.id,
-                                            job.lease_token))
-    if cur.rowcount != 1:
-        return "lost"
-    return "dead" if dead else "pending"
-
-
-def retry_dead_job(conn: sqlite3.Connection, job_id: int, now: float | None = None) -> bool:
-    """Put a dead job back in the queue with a fresh attempt budget. False if not dead (or not
-    an id SQLite can hold)."""
-    if not 0 <= job_id < 2**63:
-        return False
-    now = now or time.time()
-    with transaction(conn):
-        cur = conn.execute(
-            "UPDATE jobs SET status = 'pending', attempts = 0, available_at = ?, created_at = ?,"
-            " updated_at = ?, finished_at = NULL WHERE id = ? AND status = 'dead'",
-            (now, now, now, job_id))
-    return cur.rowcount == 1
-
-
-def release_job(conn: sqlite3.Connection, job: Job, available_at: float, now: float) -> bool:
-    """Give a claimed job back without counting the attempt (e.g. it must wait longer)."""
-    with transaction(conn):
-        cur = conn.execute(
-            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, available_at = ?,"
-            " locked_until = NULL, updated_at = ? WHERE id = ? AND locked_by = ?"
-            " AND status = 'running'", (available_at, now, job.id, job.lease_token))
-    return cur.rowcount == 1
-
-
-def reschedule_pending_job(conn: sqlite3.Connection, dedupe_key: str, available_at: float,
-                           now: float, payload: dict | None = None) -> bool:
-    """Move a still-pending job (e.g. a debounce window being extended); False if it already
-    started or finished."""
-    sql = "UPDATE jobs SET available_at = ?, updated_at = ?"
-    args: list[Any] = [available_at, now]
-    if payload is not None:
-        sql += ", payload = ?"
-        args.append(dumps(payload))
-    cur = conn.execute(sql + " WHERE dedupe_key = ? AND status = 'pending'", args + [dedupe_key])
-    return cur.rowcount == 1
-
-
-def get_job(conn: sqlite3.Connection, job_id: int | None = None,
-            dedupe_key: str | None = None) -> dict | None:
-    """One job as a dict (payload decoded), by id or dedupe key."""
-    if job_id is not None:
-        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    else:
-        row = conn.execute("SELECT * FROM jobs WHERE dedupe_key = ?", (dedupe_key,)).fetchone()
-    return _job_dict(row) if row else None
-
-
-def list_jobs(conn: sqlite3.Connection, status: str | None = None, kind: str | None = None,
-              limit: int = 100) -> list[dict]:
-    """Jobs, newest first, optionally filtered by status and kind."""
-    sql, args = "SELECT * FROM jobs WHERE 1=1", []
-    if status:
-        sql, args = sql + " AND status = ?", args + [status]
-    if kind:
-        sql, args = sql + " AND kind = ?", args + [kind]
-    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
-    return [_job_dict(r) for r in rows]
-
-
-def _job_dict(row: sqlite3.Row) -> dict:
-    d = dict(row)
-    d["payload"] = json.loads(d["payload"])
-    d["result"] = json.loads(d["result"]) if d["result"] else None
-    return d
-
-
-def count_staged_jobs(conn: sqlite3.Connection) -> int:
-    """How many jobs wait in `staged_jobs` for the poller to move them into `jobs`."""
-    return conn.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0]
-
-
-def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
-    """Counts per status, how many are due now, and the age of the oldest due job. Staged
-    jobs (`stage_job`) are counted in `pending` and `due`, and alone in `staged`."""
-    now = now or time.time()
-    counts = {s: 0 for s in ("pending", "running", "done", "dead")}
-    for row in conn.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"):
-        counts[row["status"]] = row["n"]
-    due = conn.execute("SELECT COUNT(*), MIN(available_at) FROM jobs WHERE status = 'pending'"
-                       " AND available_at <= ?", (now,)).fetchone()
-    # The oldest staged job is the first one: ids follow staging order (no scan of the bodies).
-    staged = conn.execute("SELECT (SELECT COUNT(*) FROM staged_jobs),"
-                          " (SELECT created_at FROM staged_jobs ORDER BY id LIMIT 1)").fetchone()
-    counts["staged"] = staged[0]
-    counts["pending"] += staged[0]
-    counts["due"] = due[0] + staged[0]
-    oldest = min((t for t in (due[1], staged[1]) if t is not None), default=None)
-    counts["oldest_due_seconds"] = round(now - oldest, 3) if oldest else 0.0
-    return counts
-
-
-def next_job_due_at(conn: sqlite3.Connection) -> float | None:
-    """When the next job can be claimed: the earliest pending job not blocked by an earlier job
-    of its conversation, a staged job, or the earliest lease to expire."""
-    row = conn.execute(
-        f"SELECT MIN(t) FROM (SELECT MIN(j.available_at) AS t FROM jobs AS j"
-        f" WHERE j.status = 'pending' AND {_NOT_BLOCKED}"
-        f" UNION ALL SELECT (SELECT created_at FROM staged_jobs ORDER BY id LIMIT 1)"
-        f" UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running')").fetchone()
-    return row[0]
-
-
 # Rows deleted per write transaction by a clean-up: the write lock it holds is the one webhook
 # acks wait for, and the first clean-up after a long outage may have days of rows to delete.
 PRUNE_BATCH_ROWS = 2000
@@ -722,14 +385,9 @@ def delete_in_batches(conn: sqlite3.Connection, table: str, where: str,
             return removed
 
 
-def prune_jobs(conn: sqlite3.Connection, older_than: float) -> int:
-    """Delete done jobs finished before `older_than` (dead jobs stay for an operator) and
-    inbound events received before it. Returns how many jobs. Each bridge prunes its own rows
-    (its jobs module's `PRUNE`, see bridges)."""
-    removed = delete_in_batches(conn, "jobs", "status = 'done' AND finished_at < ?",
-                                (older_than,))
-    delete_in_batches(conn, "events", "received_at < ?", (older_than,))
-    return removed
+def prune_events(conn: sqlite3.Connection, older_than: float) -> int:
+    """Delete inbound events received before `older_than`, a batch per transaction."""
+    return delete_in_batches(conn, "events", "received_at < ?", (older_than,))
 
 
 def prune_mappings(conn: sqlite3.Connection, namespaces: tuple[str, ...],

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import db_manager
+import outbox
 import ponte_logging
-from db_manager import FollowUp, Job
+from outbox import FollowUp, Job
 from peer_http import PeerError
 
 log = logging.getLogger("ponte.jobs")
@@ -115,12 +116,12 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     on_dead = on_dead or {}
     urgent = tuple(kind for kind, h in handlers.items() if getattr(h, "urgent", False))
     with db_manager.transaction(ctx.conn):  # one write lock for both, taken for every job
-        buried = db_manager.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
-                                               s.job_max_age_seconds,
-                                               on_dead=_dead_hook(ctx, on_dead))
-        job = db_manager.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                        worker=worker,
-                                        urgent_kinds=urgent)
+        buried = outbox.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
+                                           s.job_max_age_seconds,
+                                           on_dead=_dead_hook(ctx, on_dead))
+        job = outbox.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
+                                    worker=worker,
+                                    urgent_kinds=urgent)
     for dead in buried:
         log.error("job_failed", extra={"job_id": dead.id, "kind": dead.kind,
                                        "new_status": "dead", "error": "lease expired too often"})
@@ -143,7 +144,7 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
         else:
             log.warning("job_lease_lost", extra={"elapsed_ms": _ms(started)})
     except JobDeferred as deferred:
-        db_manager.release_job(ctx.conn, job, deferred.available_at, ctx.now())
+        outbox.release_job(ctx.conn, job, deferred.available_at, ctx.now())
         log.info("job_deferred", extra={"until": deferred.available_at})
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
         _fail(ctx, job, exc, on_dead, started)
@@ -157,7 +158,7 @@ def _run_then_complete(ctx: JobContext, job: Job, handler: Handler) -> list | No
     """The usual handler: talks to a peer outside any transaction, then the job is completed
     with its follow-ups. Returns the follow-ups, or None when the lease was lost."""
     result, follow_ups = _split_result(handler(ctx, job))
-    if db_manager.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+    if outbox.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
         return follow_ups
     return None
 
@@ -173,7 +174,7 @@ def _run_atomic(ctx: JobContext, job: Job, handler: Handler) -> list | None:
     try:
         with db_manager.transaction(ctx.conn):
             result, follow_ups = _split_result(handler(ctx, job))
-            if not db_manager.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+            if not outbox.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
                 raise _LeaseLost  # another worker took the job over: undo what we wrote
     except _LeaseLost:
         return None
@@ -209,9 +210,9 @@ def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: flo
         detail = f"{type(exc).__name__}: {exc}"
         extra = {"traceback": traceback.format_exc(limit=6)}
     s = ctx.settings
-    status = db_manager.fail_job(ctx.conn, job, detail, retryable, ctx.now(), s.job_max_attempts,
-                                 s.job_max_age_seconds, retry_after_seconds=retry_after,
-                                 on_dead=_dead_hook(ctx, on_dead))
+    status = outbox.fail_job(ctx.conn, job, detail, retryable, ctx.now(), s.job_max_attempts,
+                             s.job_max_age_seconds, retry_after_seconds=retry_after,
+                             on_dead=_dead_hook(ctx, on_dead))
     level = logging.ERROR if status == "dead" else logging.WARNING
     log.log(level, "job_failed", extra={**extra, "error": detail[:300], "new_status": status,
                                         "elapsed_ms": _ms(started)})

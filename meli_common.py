@@ -13,8 +13,8 @@ from typing import Any
 
 import db_manager
 from chatwoot_api import ChatwootClient, ChatwootError
-from db_manager import FollowUp
 from mercado_livre_api import ITEM_FIELDS, MercadoLivreError
+from outbox import FollowUp
 from peer_http import PeerError
 
 log = logging.getLogger("ponte.meli")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import meli_auth
 import meli_texts as texts
-from db_manager import FollowUp
 from meli_common import (conversation_target, cw, failure_follow_up, log, refuse,
                          reply_in_flight)
 from meli_questions import (answer_question, handle_fetch_question, handle_import_question,
                             handle_mark_answered, handle_mirror_answer, poll_questions)
 from meli_sales import (handle_fetch_message, handle_fetch_order, handle_sync_pack,
                         on_dead_sync_pack, poll_messages, send_sale_message)
+from outbox import FollowUp
 from peer_http import PeerError
 
 __all__ = ["HANDLERS", "ON_DEAD", "SCHEDULES", "poll_questions", "poll_messages"]

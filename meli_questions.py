@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import db_manager
 import meli_texts as texts
+import outbox
 from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
-from db_manager import FollowUp
 from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          NS_CONVERSATION, NS_OUTGOING, NS_QUESTION, NS_THREAD,
                          QUESTION_MAX_PAGES, QUESTION_PAGE,
@@ -20,6 +20,7 @@ from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
                          squash, thumbnail)
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
                                parse_date, question_sort_key)
+from outbox import FollowUp
 
 FINAL_STATUSES = ("ANSWERED", "DELETED", "BANNED", "CLOSED_UNANSWERED", "DISABLED")
 CLOCK_SKEW_SECONDS = 30  # between Mercado Livre's answer dates and our clock
@@ -71,9 +72,9 @@ def poll_questions(ctx) -> dict:
                 log.warning("ml_items_prefetch_failed", extra={"status": exc.status})
         with db_manager.transaction(ctx.conn):
             for q in found:
-                if db_manager.enqueue_job(ctx.conn, "ml.import_question",
-                                          f"ml-question:{q['id']}", {"question": q},
-                                          now=ctx.now()):
+                if outbox.enqueue_job(ctx.conn, "ml.import_question",
+                                      f"ml-question:{q['id']}", {"question": q},
+                                      now=ctx.now()):
                     enqueued += 1
     checks = 0
     if full and complete:
@@ -113,11 +114,11 @@ def _queue_check(ctx, qid: str) -> None:
     known = db_manager.mapping_get(ctx.conn, NS_QUESTION, qid) or {}
     checks = int(known.get("checks") or 0)
     last = known.get("check_key")
-    job = db_manager.get_job(ctx.conn, dedupe_key=last) if last else None
+    job = outbox.get_job(ctx.conn, dedupe_key=last) if last else None
     if job is None or job["status"] == "done":
         last = f"ml-question-check:{qid}:{checks + 1}"
-        db_manager.enqueue_job(ctx.conn, "ml.fetch_question", last, {"question_id": qid},
-                               now=ctx.now())
+        outbox.enqueue_job(ctx.conn, "ml.fetch_question", last, {"question_id": qid},
+                           now=ctx.now())
     known.update(checks=checks + 1, check_key=last)
     if checks + 1 >= SWEEP_CHECK_LIMIT:
         known["closed"] = "UNSETTLED"
@@ -132,11 +133,11 @@ def _needs_import(ctx, question_id) -> bool:
     still unanswered, instead of waiting for an operator."""
     if (get_mapping(ctx, NS_QUESTION, question_id) or {}).get("message_id"):
         return False
-    job = db_manager.get_job(ctx.conn, dedupe_key=f"ml-question:{question_id}")
+    job = outbox.get_job(ctx.conn, dedupe_key=f"ml-question:{question_id}")
     if job is None:
         return True
     if job["status"] == "dead" and (job["finished_at"] or 0) < ctx.now() - DEAD_IMPORT_RETRY_SECONDS:
-        db_manager.retry_dead_job(ctx.conn, job["id"], now=ctx.now())
+        outbox.retry_dead_job(ctx.conn, job["id"], now=ctx.now())
         log.info("ml_question_import_rearmed", extra={"ml_question_id": str(question_id),
                                                       "job_id": job["id"]})
     return False

@@ -18,6 +18,7 @@ from flask import Blueprint, Response, jsonify, redirect, request
 import config
 import db_manager
 import meli_auth
+import outbox
 import web_common
 from chatwoot_api import classify_chatwoot_event, verify_chatwoot_signature
 from mercado_livre_api import parse_notification
@@ -95,9 +96,9 @@ def chatwoot_webhook(url_token: str = ""):
                                        "chatwoot_conversation_id": reply.conversation_id},
                                       now=now)
         if new:
-            db_manager.enqueue_job(conn, "chatwoot.forward_reply",
-                                   f"chatwoot-msg:{reply.message_id}", reply.to_payload(),
-                                   ordering_key=f"cw-out:{reply.conversation_id}", now=now)
+            outbox.enqueue_job(conn, "chatwoot.forward_reply",
+                               f"chatwoot-msg:{reply.message_id}", reply.to_payload(),
+                               ordering_key=f"cw-out:{reply.conversation_id}", now=now)
     log.info("chatwoot_reply_queued" if new else "chatwoot_reply_duplicate",
              extra={"peer": "chatwoot", "chatwoot_message_id": reply.message_id,
                     "chatwoot_conversation_id": reply.conversation_id})
@@ -127,7 +128,7 @@ def mercadolivre_notification():
         new = db_manager.record_event(conn, "mercadolivre", key, note.topic, "queued",
                                       {"resource": note.resource}, now=now)
         if new:
-            db_manager.enqueue_job(conn, kind, key, {field: note.resource_id}, now=now)
+            outbox.enqueue_job(conn, kind, key, {field: note.resource_id}, now=now)
     return jsonify(ok=True, queued=new)
 
 

@@ -12,8 +12,8 @@ import uuid
 
 import db_manager
 import meli_texts as texts
+import outbox
 from chatwoot_api import BRIDGE_ORIGIN_KEY, ChatwootError, markdown_to_text
-from db_manager import FollowUp
 from meli_common import (MAX_REPLY_PARTS, NS_CONVERSATION, NS_ML_MESSAGE, NS_OUTGOING, NS_PACK,
                          NS_UNREAD, PACK_PAGE, buyer_nickname, cw, ensure_contact,
                          find_message_by_source, get_mapping, log, ml,
@@ -23,6 +23,7 @@ from mercado_livre_api import (ATTACHMENT_MAX_BYTES, SELLER_MESSAGE_MAX_CHARS, M
                                attachment_mime, is_agent_mediated, message_sort_key, message_text,
                                pack_id_of_message, parse_pack_resource, plain_post_sale_text,
                                reply_recipient, split_message)
+from outbox import FollowUp
 
 
 CHATWOOT_MAX_FILES = 15
@@ -57,10 +58,10 @@ def poll_messages(ctx) -> dict:
         changed = [pack for pack, count in current.items() if previous.get(pack) != count]
         changed += [pack for pack in previous if pack not in current]
         for pack in changed:
-            db_manager.enqueue_job(ctx.conn, "ml.sync_pack",
-                                   f"ml-pack-sync:{pack}:unread:{uuid.uuid4().hex[:12]}",
-                                   {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}",
-                                   now=ctx.now())
+            outbox.enqueue_job(ctx.conn, "ml.sync_pack",
+                               f"ml-pack-sync:{pack}:unread:{uuid.uuid4().hex[:12]}",
+                               {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}",
+                               now=ctx.now())
         if current != previous:
             db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", current, now=ctx.now())
     return {"packs": len(current), "enqueued": len(changed)}
@@ -387,9 +388,9 @@ def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) ->
     if any(_unmirrored(get_mapping(ctx, NS_ML_MESSAGE, m.get("id")))
            and str((m.get("from") or {}).get("user_id")) != seller for m in messages):
         with db_manager.transaction(ctx.conn):
-            db_manager.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
-                                   {"pack_id": pack_id}, ordering_key=f"ml-pack-in:{pack_id}",
-                                   now=ctx.now())
+            outbox.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
+                               {"pack_id": pack_id}, ordering_key=f"ml-pack-in:{pack_id}",
+                               now=ctx.now())
 
 
 def _upload_attachments(ctx, attachments: list[dict],

@@ -20,6 +20,7 @@ import schedule
 import bridges
 import config
 import db_manager
+import outbox
 import ponte_logging
 from job_runner import JobContext, run_next_job
 
@@ -65,8 +66,8 @@ class Poller:
     def recover_orphans(self) -> int:
         """Jobs left running by a poller that died (SIGKILL, OOM) run again now, not after
         their lease."""
-        released = db_manager.release_orphaned_jobs(self.conn, "poller-", _worker_alive,
-                                                     self.clock())
+        released = outbox.release_orphaned_jobs(self.conn, "poller-", _worker_alive,
+                                                 self.clock())
         if released:
             log.warning("orphaned_jobs_released", extra={"count": released})
         return released
@@ -83,7 +84,8 @@ class Poller:
         transaction (`db_manager.delete_in_batches`)."""
         if older_than is None:
             older_than = self.clock() - self.settings.job_retention_days * 86400
-        removed = db_manager.prune_jobs(self.conn, older_than)
+        removed = outbox.prune_jobs(self.conn, older_than)
+        db_manager.prune_events(self.conn, older_than)
         for prune in bridges.pruners():
             prune(self.conn, older_than)
         if removed:
@@ -123,7 +125,7 @@ class Poller:
             # Read before running: a commit by the web process during run_once() must wake us.
             last_version = db_manager.data_version(self.conn)
             self.run_once()
-            next_due = db_manager.next_job_due_at(self.conn)
+            next_due = outbox.next_job_due_at(self.conn)
             wake_at = time.monotonic() + min(1.0, max(0.0, self.scheduler.idle_seconds or 1.0))
             if next_due is not None:
                 wake_at = min(wake_at, time.monotonic() + max(0.0, next_due - self.clock()))

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 import bridges
 import config
 import db_manager
+import outbox
 import ponte_logging
 import web_common
 from web_common import json_error, require_bearer
@@ -161,7 +162,7 @@ def _install_operator_routes(app: Flask) -> None:
     @app.get("/metrics")
     def metrics():
         conn = web_common.get_db()
-        stats = db_manager.queue_stats(conn, web_common.now())
+        stats = outbox.queue_stats(conn, web_common.now())
         lines = ["# TYPE ponte_jobs gauge"]
         lines += [f'ponte_jobs{{status="{k}"}} {v}' for k, v in stats.items()
                   if k in ("pending", "running", "done", "dead", "due", "staged")]
@@ -180,15 +181,15 @@ def _install_operator_routes(app: Flask) -> None:
         if status not in (None, "pending", "running", "done", "dead"):
             return json_error(400, "bad_status", "status deve ser pending, running, done ou dead.")
         conn = web_common.get_db()
-        jobs = db_manager.list_jobs(conn, status=status, kind=request.args.get("kind") or None)
+        jobs = outbox.list_jobs(conn, status=status, kind=request.args.get("kind") or None)
         # Staged jobs are not in `jobs` yet (the poller moves them as it claims): count them, so
         # an operator whose poller is down sees where the pending ones are.
-        return jsonify(jobs=jobs, staged=db_manager.count_staged_jobs(conn))
+        return jsonify(jobs=jobs, staged=outbox.count_staged_jobs(conn))
 
     @app.post("/admin/jobs/<int:job_id>/retry")
     @require_bearer("admin_token")
     def retry_job(job_id: int):
-        if not db_manager.retry_dead_job(web_common.get_db(), job_id, web_common.now()):
+        if not outbox.retry_dead_job(web_common.get_db(), job_id, web_common.now()):
             return json_error(404, "not_dead", "Job inexistente ou não está em 'dead'.")
         return jsonify(ok=True, job_id=job_id, status="pending"), 202
 
@@ -201,7 +202,7 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
     report: dict = {"status": "ok", "version": config.VERSION}
     try:
         conn = web_common.get_db()
-        stats = db_manager.queue_stats(conn, now)
+        stats = outbox.queue_stats(conn, now)
         report["queue"] = {"pending": stats["pending"], "running": stats["running"],
                            "due": stats["due"], "dead": stats["dead"], "staged": stats["staged"],
                            "oldest_due_seconds": stats["oldest_due_seconds"]}

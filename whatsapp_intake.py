@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import bot_control
 import db_manager
+import outbox
 import whatsapp_store
 from kommo_api import KommoMessage, KommoNote, KommoWebhook, parse_kommo_webhook
 from n8n_api import N8nAsyncAnswer
@@ -62,12 +63,12 @@ def delivery_key(raw: bytes) -> str:
 def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
                     request_id: str | None = None) -> str:
     """Record one parsed webhook delivery before it is acknowledged (inside the caller's
-    transaction): a `kommo.intake` job (staged: `db_manager.stage_job`) holding the body as it
+    transaction): a `kommo.intake` job (staged: `outbox.stage_job`) holding the body as it
     came when it has messages or notes, else an ignored event. A re-delivery changes nothing.
     Returns 'queued', 'ignored' or 'duplicate'."""
     key = delivery_key(raw)
     if hook.messages or hook.notes:
-        new = db_manager.stage_job(
+        new = outbox.stage_job(
             conn, INTAKE, key, {"body": raw.decode("utf-8", "replace"), "received_at": now,
                                 "request_id": request_id},
             ordering_key=INTAKE_ORDER, max_attempts=INTAKE_MAX_ATTEMPTS, now=now)
@@ -158,13 +159,13 @@ def _batch_for(conn, settings, msg: KommoMessage, pause_count: int, now: float) 
         due = min(now + debounce, started + max(debounce, settings.bot_debounce_max_seconds))
         # Only a job that has not started can take more messages; once claimed, the burst is
         # closed and this message opens the next one.
-        if db_manager.reschedule_pending_job(conn, open_key, due, now):
+        if outbox.reschedule_pending_job(conn, open_key, due, now):
             return open_key
     batch_key = f"kommo-msg:{msg.message_id}"
-    db_manager.enqueue_job(conn, FORWARD, batch_key,
-                           {"contact_id": msg.contact_id, "pause_count": pause_count},
-                           available_at=now + debounce, ordering_key=ordering_key(msg.contact_id),
-                           now=now)
+    outbox.enqueue_job(conn, FORWARD, batch_key,
+                       {"contact_id": msg.contact_id, "pause_count": pause_count},
+                       available_at=now + debounce, ordering_key=ordering_key(msg.contact_id),
+                       now=now)
     whatsapp_store.set_open_batch(conn, msg.contact_id, batch_key, now)
     return batch_key
 
@@ -222,7 +223,7 @@ def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id:
     payload = {"lead_id": lead_id, "contact_id": contact_id, "command": command.name,
                "word": command.word, "reason": command.reason, "by": by, "by_kind": by_kind,
                "source": source}
-    if db_manager.get_job(conn, dedupe_key=dedupe_key):
+    if outbox.get_job(conn, dedupe_key=dedupe_key):
         return False  # the same note delivered again
     state = whatsapp_store.get_bot_state(conn, contact_id) if contact_id else None
     if state and command.name in ("pause", "resume") and _changed_after(state, now):
@@ -234,8 +235,8 @@ def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id:
     elif contact_id:
         payload["confirmation"] = bot_control.apply_command(
             conn, contact_id, command, by, by_kind, now, settings.bot_auto_resume_hours)
-    db_manager.enqueue_job(conn, BOT_COMMAND, dedupe_key, payload,
-                           ordering_key=ordering_key(contact_id) if contact_id else None, now=now)
+    outbox.enqueue_job(conn, BOT_COMMAND, dedupe_key, payload,
+                       ordering_key=ordering_key(contact_id) if contact_id else None, now=now)
     log.info("bot_command_recorded", extra={"command": command.name, "source": source,
                                             "contact_id": contact_id, "lead_id": lead_id})
     return True
@@ -252,9 +253,9 @@ def api_command(conn, settings, contact_id: str, command: bot_control.Command, b
                                              settings.bot_auto_resume_hours)
     lead_id = conversation["kommo_lead_id"] if conversation else None
     if lead_id and command.name in ("pause", "resume"):
-        db_manager.enqueue_job(conn, ADD_NOTE, f"bot-api:{uuid.uuid4().hex}",
-                               {"lead_id": lead_id, "text": confirmation},
-                               ordering_key=ordering_key(contact_id), now=now)
+        outbox.enqueue_job(conn, ADD_NOTE, f"bot-api:{uuid.uuid4().hex}",
+                           {"lead_id": lead_id, "text": confirmation},
+                           ordering_key=ordering_key(contact_id), now=now)
     state = whatsapp_store.get_bot_state(conn, contact_id)
     return {**bot_control.state_json(state), "message": confirmation}
 
@@ -274,8 +275,7 @@ def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> d
     correlation = answer.correlation_id or _answer_fingerprint(contact_id, answer)
     # Without an id, the same answer for the same contact is n8n retrying: its reply jobs,
     # keyed by the answer's fingerprint, exist already (until they are pruned).
-    if not answer.correlation_id and db_manager.get_job(conn, dedupe_key=reply_key(correlation,
-                                                                                    0)):
+    if not answer.correlation_id and outbox.get_job(conn, dedupe_key=reply_key(correlation, 0)):
         result["duplicate"] = True
         return result
     state = whatsapp_store.get_bot_state(conn, contact_id)
@@ -312,9 +312,9 @@ def _answer_fingerprint(contact_id: str, answer: N8nAsyncAnswer) -> str:
 
 
 def reply_follow_ups(contact_id: str, conversation: dict, texts: list[str], correlation: str,
-                     pause_count: int, source: str) -> list[db_manager.FollowUp]:
+                     pause_count: int, source: str) -> list[outbox.FollowUp]:
     """One `kommo.send_reply` job per text, deduplicated by correlation id and position."""
-    return [db_manager.FollowUp(SEND_REPLY, reply_key(correlation, index), {
+    return [outbox.FollowUp(SEND_REPLY, reply_key(correlation, index), {
         "contact_id": contact_id, "talk_id": conversation["kommo_talk_id"],
         "lead_id": conversation["kommo_lead_id"], "text": text, "correlation_id": correlation,
         "pause_count": pause_count, "source": source}, ordering_key=ordering_key(contact_id))
@@ -331,8 +331,8 @@ def enqueue_replies(conn, contact_id: str, conversation: dict, texts: list[str],
     """Queue the reply jobs of an answer; returns how many were new."""
     return sum(1 for f in reply_follow_ups(contact_id, conversation, texts, correlation,
                                            pause_count, source)
-               if db_manager.enqueue_job(conn, f.kind, f.dedupe_key, f.payload,
-                                         ordering_key=f.ordering_key, now=now))
+               if outbox.enqueue_job(conn, f.kind, f.dedupe_key, f.payload,
+                                     ordering_key=f.ordering_key, now=now))
 
 
 def correlation_for(batch_key: str) -> str:

@@ -14,11 +14,12 @@ import bot_control
 import db_manager
 import kommo_api
 import kommo_auth
+import outbox
 import whatsapp_intake
 import whatsapp_store
-from db_manager import FollowUp, Job
 from job_runner import JobContext, JobDeferred, JobFailed
 from n8n_api import extract_answer
+from outbox import FollowUp, Job
 from whatsapp_intake import (ADD_NOTE, BOT_COMMAND, FORWARD, INTAKE, SEND_REPLY,
                              correlation_for, ordering_key, reply_follow_ups)
 
@@ -280,12 +281,12 @@ def auto_resume(ctx: JobContext) -> int:
             if not whatsapp_store.set_active(ctx.conn, contact_id, "auto", ctx.now(),
                                              only_if_pause_count=state["pause_count"]):
                 continue
-            db_manager.enqueue_job(ctx.conn, ADD_NOTE, f"auto-resume:{contact_id}:"
-                                   f"{state['pause_count']}", {
+            outbox.enqueue_job(ctx.conn, ADD_NOTE, f"auto-resume:{contact_id}:"
+                               f"{state['pause_count']}", {
                                        "contact_id": contact_id,
                                        "text": bot_control.TEXT_RESUMED +
                                        " (reativação automática)"},
-                                   ordering_key=ordering_key(contact_id), now=ctx.now())
+                               ordering_key=ordering_key(contact_id), now=ctx.now())
         resumed += 1
         log.info("bot_auto_resumed", extra={"contact_id": contact_id})
     return resumed

@@ -28,6 +28,7 @@ import requests  # noqa: E402
 
 import chatwoot_api  # noqa: E402
 from benchlib import percentile  # noqa: E402
+import outbox  # noqa: E402
 from standins.support import free_port  # noqa: E402
 import config  # noqa: E402
 import db_manager  # noqa: E402
@@ -128,7 +129,7 @@ def bench_idle_and_questions(n_questions: int, workdir: str) -> dict:
         elapsed = time.perf_counter() - started
         after = calls(ml_url, cw_url)
         conversations = len(requests.get(f"{cw_url}/_standin/state").json()["conversations"])
-        dead = db_manager.queue_stats(conn)["dead"]
+        dead = outbox.queue_stats(conn)["dead"]
         # idle again, now with every one of those questions open (unanswered) on Mercado Livre
         backlog_before = calls(ml_url, cw_url)
         for _ in range(cycles):
@@ -177,7 +178,7 @@ def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
                "mercadolivre": _load(senders, per_sender, f"{base}/webhooks/mercadolivre",
                                      lambda i, n: _ml_request(i * per_sender + n))}
         conn = db_manager.connect(env["DATABASE_PATH"])
-        out["jobs_recorded"] = db_manager.queue_stats(conn)["pending"]
+        out["jobs_recorded"] = outbox.queue_stats(conn)["pending"]
         return out
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ import config  # noqa: E402
 from benchlib import (cpu_seconds, machine, percentile, proc_status,  # noqa: E402
                       update_doc)
 import db_manager  # noqa: E402
+import outbox  # noqa: E402
 from standins.support import wait_for  # noqa: E402
 
 DOC_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
@@ -50,7 +51,7 @@ def enqueue_many(conn, n: int, prefix: str) -> float:
     started = time.perf_counter()
     for i in range(n):
         with db_manager.transaction(conn):
-            db_manager.enqueue_job(conn, "bench.noop", f"{prefix}:{i}", {"i": i})
+            outbox.enqueue_job(conn, "bench.noop", f"{prefix}:{i}", {"i": i})
     return time.perf_counter() - started
 
 
@@ -58,10 +59,10 @@ def drain(conn, worker: str) -> list[int]:
     """Claim and complete until nothing is due; the ids this worker completed."""
     done = []
     while True:
-        job = db_manager.claim_next_job(conn, time.time(), LEASE_SECONDS, worker=worker)
+        job = outbox.claim_next_job(conn, time.time(), LEASE_SECONDS, worker=worker)
         if job is None:
             return done
-        if db_manager.complete_job(conn, job, {"ok": True}):
+        if outbox.complete_job(conn, job, {"ok": True}):
             done.append(job.id)
 
 
@@ -78,9 +79,9 @@ def bench_single(tmp: str, n: int) -> dict:
     started = time.perf_counter()
     for i in range(steady_n):
         with db_manager.transaction(conn):
-            db_manager.enqueue_job(conn, "bench.noop", f"steady:{i}", {"i": i})
-        job = db_manager.claim_next_job(conn, time.time(), LEASE_SECONDS, worker="bench-steady")
-        assert job is not None and db_manager.complete_job(conn, job)
+            outbox.enqueue_job(conn, "bench.noop", f"steady:{i}", {"i": i})
+        job = outbox.claim_next_job(conn, time.time(), LEASE_SECONDS, worker="bench-steady")
+        assert job is not None and outbox.complete_job(conn, job)
     steady_s = time.perf_counter() - started
     conn.close()
     return {"n": n, "enqueue_per_s": n / enqueue_s, "cycle_per_s": n / cycle_s,
@@ -124,7 +125,7 @@ def bench_two_processes(tmp: str, n: int) -> dict:
     results = [json.load(open(path)) for path in outs]
     a, b = (set(r["ids"]) for r in results)
     overlap = a & b
-    stats = db_manager.queue_stats(conn)
+    stats = outbox.queue_stats(conn)
     attempts = conn.execute("SELECT MAX(attempts), SUM(attempts) FROM jobs").fetchone()
     all_ids = {r[0] for r in conn.execute("SELECT id FROM jobs")}
     conn.close()
@@ -190,10 +191,10 @@ def bench_latency(tmp: str, samples: int, seed: int = 7) -> dict:
             if i == warmup:
                 cpu_start, wall_start = cpu_seconds(proc.pid), time.monotonic()
             # The case measured: the poller is idle when the job arrives.
-            if ids and db_manager.get_job(conn, ids[-1])["status"] != "done":
+            if ids and outbox.get_job(conn, ids[-1])["status"] != "done":
                 not_idle += 1
             with db_manager.transaction(conn):
-                job_id = db_manager.enqueue_job(
+                job_id = outbox.enqueue_job(
                     conn, "bench.ping", f"ping:{i}",
                     {"enqueued_at": time.time(), "warmup": i < warmup})
             ids.append(job_id)
@@ -211,7 +212,7 @@ def bench_latency(tmp: str, samples: int, seed: int = 7) -> dict:
             raise RuntimeError("poller did not stop on SIGTERM")
         rows = _read_results(results_path)
         latencies = sorted(rows[j][0] * 1000 for j in ids if not rows[j][1])
-        stats = db_manager.queue_stats(conn)
+        stats = outbox.queue_stats(conn)
     finally:
         if proc.is_alive():
             proc.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import requests
 
 import db_manager
+import outbox
 import whatsapp_store
 from poller import Poller
 from standins import kommo as kommo_standin
@@ -80,11 +81,11 @@ class BridgeA:
 
     def intake_results(self) -> list[dict]:
         """What the poller made of each Kommo webhook (the `kommo.intake` jobs), oldest first."""
-        jobs = db_manager.list_jobs(self.db, kind="kommo.intake", limit=10_000)
+        jobs = outbox.list_jobs(self.db, kind="kommo.intake", limit=10_000)
         return [j["result"] for j in reversed(jobs)]
 
     def counts(self) -> dict:
         return {"events": db_manager.count_events(self.db),
-                "jobs": len(db_manager.list_jobs(self.db, limit=10_000))
+                "jobs": len(outbox.list_jobs(self.db, limit=10_000))
                 + self.db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0],
                 "messages": self.db.execute("SELECT COUNT(*) FROM kommo_messages").fetchone()[0]}

@@ -10,6 +10,7 @@ import requests
 
 import db_manager
 import meli_jobs
+import outbox
 import webhook_server
 from poller import Poller
 from standins import chatwoot as standin_chatwoot
@@ -83,7 +84,7 @@ class Bridge:
         return self.poller.drain()
 
     def jobs(self, **kw) -> list[dict]:
-        return db_manager.list_jobs(self.conn, **kw)
+        return outbox.list_jobs(self.conn, **kw)
 
     def notify_ml(self, topic: str, resource: str, notification_id: str | None = None):
         """A Mercado Livre notification POSTed to ponte."""

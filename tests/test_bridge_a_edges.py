@@ -15,6 +15,7 @@ import requests
 import db_manager
 import kommo_auth
 import kommo_webhook
+import outbox
 from standins import kommo as kommo_standin
 from tests.bridge_a_harness import N8N_KEY, SECRET, BridgeA
 from tests.conftest import payload_text
@@ -344,7 +345,7 @@ def test_poller_killed_mid_job_then_reply_sent_exactly_once(bridge, clock, tmp_p
     # WHEN it is killed in the middle of the job
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    job = db_manager.list_jobs(bridge.db, kind="n8n.forward_message")[0]
+    job = outbox.list_jobs(bridge.db, kind="n8n.forward_message")[0]
     assert job["status"] == "running"
     # THEN a restarted poller takes the job once its lease ends, and the reply goes out once
     bridge.n8n_mode(delay=0)
@@ -354,7 +355,7 @@ def test_poller_killed_mid_job_then_reply_sent_exactly_once(bridge, clock, tmp_p
     bridge.run_jobs()
     bridge.run_jobs()
     assert len(bridge.chat_messages()) == 1
-    assert db_manager.get_job(bridge.db, job["id"])["status"] == "done"
+    assert outbox.get_job(bridge.db, job["id"])["status"] == "done"
 
 
 def test_operators_see_deliveries_waiting_for_the_poller(bridge):

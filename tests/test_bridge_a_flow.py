@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import db_manager
+import outbox
 import whatsapp_intake
 import whatsapp_jobs
 import whatsapp_store
@@ -71,8 +72,8 @@ def test_a_delivery_that_fails_half_way_leaves_nothing_and_is_applied_once_later
     bridge.run_jobs()
     # THEN nothing of it was kept, and the delivery waits for its retry
     assert bridge.counts()["messages"] == 0 and bridge.n8n_calls() == []
-    assert db_manager.list_jobs(bridge.db, kind="n8n.forward_message") == []
-    assert db_manager.list_jobs(bridge.db, kind="kommo.intake")[0]["status"] == "pending"
+    assert outbox.list_jobs(bridge.db, kind="n8n.forward_message") == []
+    assert outbox.list_jobs(bridge.db, kind="kommo.intake")[0]["status"] == "pending"
     # WHEN it is retried, THEN it is applied once: one n8n call, one reply
     clock.advance(60)
     bridge.run_jobs()
@@ -87,7 +88,7 @@ def test_a_delivery_that_keeps_failing_is_reported_on_the_lead(bridge, clock, mo
     for _ in range(4):
         bridge.run_jobs()
         clock.advance(3600)
-    assert db_manager.list_jobs(bridge.db, kind="kommo.intake")[0]["status"] == "dead"
+    assert outbox.list_jobs(bridge.db, kind="kommo.intake")[0]["status"] == "dead"
     assert bridge.lead_notes()[-1] == whatsapp_jobs.INTAKE_DEAD_NOTE
     assert bridge.n8n_calls() == []
 
@@ -263,7 +264,7 @@ def test_answer_produced_before_a_pause_is_not_delivered(bridge):
     bridge.seller_notes("#pausar")
     bridge.run_jobs()
     assert len(bridge.n8n_calls()) == 1 and bridge.chat_messages() == []
-    reply = db_manager.list_jobs(bridge.db, kind="kommo.send_reply")[0]
+    reply = outbox.list_jobs(bridge.db, kind="kommo.send_reply")[0]
     assert reply["status"] == "done" and reply["result"] == {"suppressed": "paused"}
 
 
@@ -410,16 +411,20 @@ def test_retention_drops_old_messages_and_short_lived_ids_but_not_a_burst_still_
     bridge.customer_says("esperando", contact_id="42", talk_id="2000", lead_id="4242",
                          message_id="waiting")
     bridge.run_jobs()
+    bridge.kommo_posts(payload_text("kommo/add_lead.form").strip())  # recorded as ignored
+    assert db_manager.count_events(bridge.db) > 0
     namespaces = "SELECT DISTINCT namespace FROM mappings"
     assert {"n8n-correlation", "kommo-sent"} <= {r[0] for r in bridge.db.execute(namespaces)}
     # WHEN the retention (JOB_RETENTION_DAYS=7) has passed and the poller prunes
     clock.advance(8 * 86400)
     bridge.poller.prune()
-    # THEN the old message and the short-lived ids are gone; the waiting burst stays
+    # THEN the old message, the old event and the short-lived ids are gone; the waiting burst
+    # stays
+    assert db_manager.count_events(bridge.db) == 0
     messages = bridge.db.execute("SELECT kommo_message_id FROM kommo_messages").fetchall()
     assert [r[0] for r in messages] == ["waiting"]
     assert not {"n8n-correlation", "kommo-sent"} & {r[0] for r in bridge.db.execute(namespaces)}
-    assert db_manager.list_jobs(bridge.db, kind=whatsapp_intake.FORWARD)[0]["status"] == "pending"
+    assert outbox.list_jobs(bridge.db, kind=whatsapp_intake.FORWARD)[0]["status"] == "pending"
 
 
 def test_n8n_never_answers_then_seller_gets_a_note_and_customer_the_fallback_once(
@@ -440,7 +445,7 @@ def test_fallback_is_not_sent_after_the_seller_paused(make_settings, serve, cloc
                      BOT_FALLBACK_MESSAGE="Já já te respondemos")
     bridge.customer_says("oi")
     assert bridge.run_jobs(max_jobs=2) == 2  # applied; n8n fails for good: note + fallback queued
-    assert db_manager.list_jobs(bridge.db, kind="n8n.forward_message")[0]["status"] == "dead"
+    assert outbox.list_jobs(bridge.db, kind="n8n.forward_message")[0]["status"] == "dead"
     bridge.seller_notes("#pausar")  # ...and the seller takes over before they run
     bridge.run_jobs()
     assert "não respondeu" in " ".join(bridge.lead_notes())
@@ -508,7 +513,7 @@ def test_closed_talk_is_not_retried_and_the_seller_is_told(bridge):
     bridge.kommo_app.config["STATE"].closed_talks.add("1874")
     bridge.customer_says("oi")
     bridge.run_jobs()
-    reply = db_manager.list_jobs(bridge.db, kind="kommo.send_reply")[0]
+    reply = outbox.list_jobs(bridge.db, kind="kommo.send_reply")[0]
     assert reply["status"] == "dead" and reply["attempts"] == 1
     assert "conversa está fechada" in bridge.lead_notes()[-1]
 

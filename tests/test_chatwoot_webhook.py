@@ -10,6 +10,7 @@ import requests
 
 import chatwoot_api
 import db_manager
+import outbox
 from tests.conftest import PAYLOADS
 from tests.meli_support import WEBHOOK_SECRET, bridge, dumps, sign  # noqa: F401
 
@@ -35,13 +36,13 @@ def _post(b, body, *, ts=None, secret=WEBHOOK_SECRET, path="/webhooks/chatwoot",
 
 
 def _nothing_recorded(b) -> bool:
-    return db_manager.count_events(b.conn) == 0 and db_manager.list_jobs(b.conn) == []
+    return db_manager.count_events(b.conn) == 0 and outbox.list_jobs(b.conn) == []
 
 
 def test_valid_signature_queues_the_agent_reply(bridge):
     answer = _post(bridge, _reply_payload())
     assert answer.status_code == 200 and answer.json()["queued"] is True
-    (job,) = db_manager.list_jobs(bridge.conn)
+    (job,) = outbox.list_jobs(bridge.conn)
     assert job["kind"] == "chatwoot.forward_reply"
     assert job["dedupe_key"] == "chatwoot-msg:9876"
     assert job["ordering_key"] == "cw-out:42"
@@ -51,7 +52,7 @@ def test_valid_signature_queues_the_agent_reply(bridge):
 
 def test_alias_path_of_the_seed_works(bridge):
     assert _post(bridge, _reply_payload(), path="/webhook").status_code == 200
-    assert len(db_manager.list_jobs(bridge.conn)) == 1
+    assert len(outbox.list_jobs(bridge.conn)) == 1
 
 
 @pytest.mark.parametrize("case", ["bad_signature", "wrong_secret", "stale", "future", "missing",
@@ -122,7 +123,7 @@ def test_events_that_must_never_reach_mercado_livre(bridge, name, changes, reaso
     answer = _post(bridge, body)
     assert answer.status_code == 200
     assert answer.json()["ignored"] == reason
-    assert db_manager.list_jobs(bridge.conn) == []
+    assert outbox.list_jobs(bridge.conn) == []
 
 
 def test_private_note_is_ignored_even_when_its_conversation_shows_a_public_message(bridge):
@@ -134,7 +135,7 @@ def test_private_note_is_ignored_even_when_its_conversation_shows_a_public_messa
 
 def test_invalid_json_with_valid_signature_still_gets_200(bridge):
     answer = _post(bridge, None, raw=b"{not json")
-    assert answer.status_code == 200 and db_manager.list_jobs(bridge.conn) == []
+    assert answer.status_code == 200 and outbox.list_jobs(bridge.conn) == []
 
 
 def test_url_token_mode_for_chatwoot_versions_that_do_not_sign(make_settings, serve, clock):
@@ -161,7 +162,7 @@ def test_our_own_messages_echoed_by_chatwoot_are_not_forwarded(bridge):
     assert bridge.echo_of(incoming["id"])["delivered_status"] == 200
     note = bridge.agent_replies(conv["id"], "nota interna: cliente VIP", private=True)
     assert note["delivered_status"] == 200
-    assert db_manager.list_jobs(bridge.conn, kind="chatwoot.forward_reply") == []
+    assert outbox.list_jobs(bridge.conn, kind="chatwoot.forward_reply") == []
 
 
 def test_signature_helpers_match_chatwoots_ruby_formula():
@@ -186,7 +187,7 @@ def test_each_inbox_may_have_its_own_secret(make_settings, serve, clock):
     assert _post(b, _reply_payload(), secret="secret-of-sales").status_code == 200
     assert _post(b, _reply_payload(id=9877), secret="secret-of-questions").status_code == 200
     assert _post(b, _reply_payload(id=9878), secret="other").status_code == 401
-    assert len(db_manager.list_jobs(b.conn)) == 2
+    assert len(outbox.list_jobs(b.conn)) == 2
 
 
 @pytest.mark.parametrize("changes", [
@@ -225,7 +226,7 @@ def test_odd_optional_fields_of_a_signed_reply_do_not_break_it(bridge, where, ch
         body["conversation"].update(changes)
     answer = _post(bridge, body)
     assert answer.status_code == 200 and answer.json()["queued"] is True
-    (job,) = db_manager.list_jobs(bridge.conn)
+    (job,) = outbox.list_jobs(bridge.conn)
     assert isinstance(job["payload"]["custom_attributes"], dict)
     assert all(isinstance(x, str) for x in job["payload"]["labels"])
     (attachment,) = job["payload"]["attachments"]

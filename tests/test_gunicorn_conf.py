@@ -12,6 +12,7 @@ import pytest
 from gunicorn.config import Config
 
 import db_manager
+import outbox
 
 SECRET = "error-log-secret-0123456789"
 
@@ -55,7 +56,7 @@ def test_each_worker_checkpoints_the_wal_in_the_background(gunicorn_conf, monkey
     db_manager.migrate(web)
     for i in range(400):  # ~1,500 WAL pages, under the web's own threshold
         with db_manager.transaction(web):
-            db_manager.stage_job(web, "intake", f"k{i}", {"body": "x" * 12000}, now=time.time())
+            outbox.stage_job(web, "intake", f"k{i}", {"body": "x" * 12000}, now=time.time())
     size = os.path.getsize(path)
     started, stop = [], threading.Event()
     real_start = db_manager.start_checkpointer

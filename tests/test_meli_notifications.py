@@ -6,7 +6,7 @@ import json
 
 import requests
 
-import db_manager
+import outbox
 from tests.conftest import PAYLOADS
 from tests.meli_support import SELLER, bridge  # noqa: F401
 
@@ -25,7 +25,7 @@ def test_notification_is_recorded_without_calling_mercado_livre(bridge):
     answer = _post(bridge, body)
     assert answer.status_code == 200 and answer.json()["queued"] is True
     assert bridge.ml_state()["calls"] == []  # fetched later by the poller, with our token
-    (job,) = db_manager.list_jobs(bridge.conn)
+    (job,) = outbox.list_jobs(bridge.conn)
     assert job["kind"] == "ml.fetch_question" and job["payload"] == {"question_id": "13012345678"}
     assert job["dedupe_key"] == "ml-notif:f9f08571-1f65-4c46-9e0a-c0f43faa1557"
 
@@ -34,7 +34,7 @@ def test_repeated_notification_makes_one_job(bridge):
     body = dict(_payload("notification_2"), user_id=SELLER)
     for attempt in (1, 2, 3):
         assert _post(bridge, dict(body, attempts=attempt)).status_code == 200
-    (job,) = db_manager.list_jobs(bridge.conn)
+    (job,) = outbox.list_jobs(bridge.conn)
     assert job["kind"] == "ml.fetch_message"
     assert job["payload"] == {"message_id": "fd1d2e37ad004ede9e0bf25d1215002d"}
 
@@ -48,14 +48,14 @@ def test_other_seller_unknown_topic_and_garbage_get_200_and_no_job(bridge):
     garbage = requests.post(f"{bridge.web.url}/webhooks/mercadolivre", data=b"not json",
                             headers={"Content-Type": "application/json"}, timeout=5)
     assert garbage.status_code == 200 and garbage.json()["ignored"] == "invalid_json"
-    assert db_manager.list_jobs(bridge.conn) == []
+    assert outbox.list_jobs(bridge.conn) == []
 
 
 def test_notification_for_a_question_that_is_gone_ends_quietly(bridge):
     _post(bridge, {"_id": "gone-1", "resource": "/questions/999", "user_id": str(SELLER),
                    "topic": "questions"})
     bridge.drain()
-    (job,) = db_manager.list_jobs(bridge.conn)
+    (job,) = outbox.list_jobs(bridge.conn)
     assert job["status"] == "done" and job["result"] == {"status": "not_found"}
     assert bridge.conversations() == []
 
@@ -75,7 +75,7 @@ def test_resource_id_too_large_for_an_id_is_ignored(bridge):
     body = dict(_payload("notification_1"), user_id=str(SELLER),
                 resource="/questions/99999999999999999999999999")
     assert _post(bridge, body).json()["ignored"] == "topic"
-    assert db_manager.list_jobs(bridge.conn) == []
+    assert outbox.list_jobs(bridge.conn) == []
 
 
 def test_deeply_nested_notification_body_is_ignored_not_a_500(bridge):

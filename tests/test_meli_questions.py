@@ -7,6 +7,7 @@ import requests
 
 import db_manager
 import meli_jobs
+import outbox
 from poller import Poller
 from tests.meli_support import (QUESTIONS_INBOX, Bridge, PNG_BYTES, bridge,  # noqa: F401
                                 messages_of)
@@ -223,7 +224,7 @@ def test_question_import_survives_chatwoot_failure_without_duplicates(bridge):
     bridge.drain()
     conv = _only_conversation(bridge)
     assert len(messages_of(conv)) == 1
-    assert db_manager.get_job(bridge.conn, job_id=job["id"])["status"] == "done"
+    assert outbox.get_job(bridge.conn, job_id=job["id"])["status"] == "done"
 
 
 def test_import_that_died_while_chatwoot_was_down_is_rearmed_by_a_later_poll(
@@ -532,7 +533,7 @@ def test_dead_mirror_rearmed_by_an_operator_does_not_post_the_answer_twice(make_
     b.drain()
     [dead] = b.jobs(status="dead", kind="ml.mirror_answer")
     # WHEN an operator re-arms it (attempts reset to 0)
-    assert db_manager.retry_dead_job(b.conn, dead["id"], clock())
+    assert outbox.retry_dead_job(b.conn, dead["id"], clock())
     b.drain()
     # THEN the answer is in the conversation once, labelled
     conv = _only_conversation(b)

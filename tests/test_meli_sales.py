@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 
+import outbox
 from tests.meli_support import (AGENT_MLB, JPEG_BYTES, PDF_BYTES, SALES_INBOX, Bridge,  # noqa
                                 bridge, messages_of)
 
@@ -569,8 +570,7 @@ def test_dead_reply_rearmed_by_an_operator_does_not_send_the_lost_part_again(mak
     notes = [m["content"] for m in messages_of(_sale_conversation(b)) if m["private"]]
     assert any("pode ter sido entregue" in n for n in notes), notes
     # WHEN an operator re-arms it (attempts reset to 0)
-    import db_manager
-    assert db_manager.retry_dead_job(b.conn, dead["id"], clock())
+    assert outbox.retry_dead_job(b.conn, dead["id"], clock())
     b.drain()
     # THEN the part Mercado Livre already has is not sent twice
     assert [m["text"] for m in b.ml_state()["sent_messages"]] == ["Enviamos hoje."]

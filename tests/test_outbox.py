@@ -12,160 +12,161 @@ from pathlib import Path
 import pytest
 
 import db_manager
+import outbox
 import web_common
 import whatsapp_store
-from db_manager import FollowUp
 from job_runner import JobContext, JobFailed, run_next_job
 from kommo_api import KommoError  # any PeerError subclass
+from outbox import FollowUp
 
 LEASE = 30
 
 
 def test_duplicate_enqueue_is_a_noop(db, clock):
-    first = db_manager.enqueue_job(db, "n8n.forward_message", "kommo-msg:abc", {"text": "oi"},
+    first = outbox.enqueue_job(db, "n8n.forward_message", "kommo-msg:abc", {"text": "oi"},
                                    now=clock())
-    second = db_manager.enqueue_job(db, "n8n.forward_message", "kommo-msg:abc",
+    second = outbox.enqueue_job(db, "n8n.forward_message", "kommo-msg:abc",
                                     {"text": "changed"}, now=clock())
     assert first is not None and second is None
-    jobs = db_manager.list_jobs(db)
+    jobs = outbox.list_jobs(db)
     assert len(jobs) == 1 and jobs[0]["payload"] == {"text": "oi"}
 
 
 def test_claim_marks_running_and_nothing_else_is_claimable(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), LEASE)
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
     assert job.attempt == 1
-    assert db_manager.claim_next_job(db, clock(), LEASE) is None
-    assert db_manager.get_job(db, job.id)["status"] == "running"
+    assert outbox.claim_next_job(db, clock(), LEASE) is None
+    assert outbox.get_job(db, job.id)["status"] == "running"
 
 
 def test_job_of_a_dead_worker_is_run_again_and_completes_once(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {"n": 1}, now=clock())
-    first = db_manager.claim_next_job(db, clock(), LEASE, worker="w1")
+    outbox.enqueue_job(db, "k", "a", {"n": 1}, now=clock())
+    first = outbox.claim_next_job(db, clock(), LEASE, worker="w1")
     # worker w1 "dies": it never completes. Before the lease ends nobody may take the job.
     clock.advance(LEASE - 1)
-    assert db_manager.claim_next_job(db, clock(), LEASE, worker="w2") is None
+    assert outbox.claim_next_job(db, clock(), LEASE, worker="w2") is None
     clock.advance(2)
-    second = db_manager.claim_next_job(db, clock(), LEASE, worker="w2")
+    second = outbox.claim_next_job(db, clock(), LEASE, worker="w2")
     assert second is not None and second.id == first.id and second.attempt == 2
-    assert db_manager.complete_job(db, second, {"ok": True}, now=clock()) is True
+    assert outbox.complete_job(db, second, {"ok": True}, now=clock()) is True
     # the old worker wakes up late: its completion must not count again
-    assert db_manager.complete_job(db, first, {"ok": "late"}, now=clock()) is False
-    row = db_manager.get_job(db, first.id)
+    assert outbox.complete_job(db, first, {"ok": "late"}, now=clock()) is False
+    row = outbox.get_job(db, first.id)
     assert row["status"] == "done" and row["result"] == {"ok": True} and row["attempts"] == 2
 
 
 def test_backoff_grows_exponentially_with_jitter_and_caps():
     rng = random.Random(7)
     for attempt in range(1, 15):
-        ceiling = min(db_manager.BACKOFF_CAP_SECONDS, 2.0 * 2 ** (attempt - 1))
-        delays = [db_manager.backoff_seconds(attempt, rng) for _ in range(50)]
+        ceiling = min(outbox.BACKOFF_CAP_SECONDS, 2.0 * 2 ** (attempt - 1))
+        delays = [outbox.backoff_seconds(attempt, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len({round(d, 6) for d in delays}) > 1  # jitter spreads retries
-    assert db_manager.backoff_seconds(30, rng) <= 900
+    assert outbox.backoff_seconds(30, rng) <= 900
 
 
 def test_failures_retry_with_backoff_then_dead_letter(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
     scheduled = []
     for attempt in range(1, 4):
-        job = db_manager.claim_next_job(db, clock(), LEASE)
+        job = outbox.claim_next_job(db, clock(), LEASE)
         assert job is not None and job.attempt == attempt
-        status = db_manager.fail_job(db, job, "boom", True, clock(), max_attempts=3,
-                                     max_age_seconds=86400, rng=random.Random(1))
-        row = db_manager.get_job(db, job.id)
+        status = outbox.fail_job(db, job, "boom", True, clock(), max_attempts=3,
+                                 max_age_seconds=86400, rng=random.Random(1))
+        row = outbox.get_job(db, job.id)
         if attempt < 3:
             assert status == "pending"
             delay = row["available_at"] - clock()
             scheduled.append(delay)
             # not claimable before its time
-            assert db_manager.claim_next_job(db, clock(), LEASE) is None
+            assert outbox.claim_next_job(db, clock(), LEASE) is None
             clock.advance(delay)
         else:
             assert status == "dead" and row["status"] == "dead" and row["last_error"] == "boom"
     assert scheduled[1] > scheduled[0]
-    assert db_manager.claim_next_job(db, clock.advance(10_000), LEASE) is None
+    assert outbox.claim_next_job(db, clock.advance(10_000), LEASE) is None
 
 
 def test_non_retryable_error_goes_straight_to_dead_and_can_be_retried(db, clock):
-    job_id = db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), LEASE)
-    assert db_manager.fail_job(db, job, "422 closed", False, clock(), 10, 86400) == "dead"
-    assert db_manager.queue_stats(db, clock())["dead"] == 1
-    assert db_manager.retry_dead_job(db, job_id, clock()) is True
-    again = db_manager.claim_next_job(db, clock(), LEASE)
+    job_id = outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    assert outbox.fail_job(db, job, "422 closed", False, clock(), 10, 86400) == "dead"
+    assert outbox.queue_stats(db, clock())["dead"] == 1
+    assert outbox.retry_dead_job(db, job_id, clock()) is True
+    again = outbox.claim_next_job(db, clock(), LEASE)
     assert again.id == job_id and again.attempt == 1
-    assert db_manager.retry_dead_job(db, job_id, clock()) is False  # running, not dead
+    assert outbox.retry_dead_job(db, job_id, clock()) is False  # running, not dead
 
 
 def test_job_too_old_is_dead_even_with_attempts_left(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
     clock.advance(100)
-    job = db_manager.claim_next_job(db, clock(), LEASE)
-    assert db_manager.fail_job(db, job, "x", True, clock(), 10, max_age_seconds=50) == "dead"
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    assert outbox.fail_job(db, job, "x", True, clock(), 10, max_age_seconds=50) == "dead"
 
 
 def test_retry_after_from_the_peer_is_honoured(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), LEASE)
-    db_manager.fail_job(db, job, "429", True, clock(), 10, 86400, retry_after_seconds=120)
-    assert db_manager.get_job(db, job.id)["available_at"] >= clock() + 120
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    outbox.fail_job(db, job, "429", True, clock(), 10, 86400, retry_after_seconds=120)
+    assert outbox.get_job(db, job.id)["available_at"] >= clock() + 120
 
 
 def test_ordering_key_runs_jobs_of_one_conversation_in_order(db, clock):
     for i in range(3):
-        db_manager.enqueue_job(db, "k", f"c1-{i}", {"i": i}, ordering_key="contact:1",
+        outbox.enqueue_job(db, "k", f"c1-{i}", {"i": i}, ordering_key="contact:1",
                                now=clock())
-    db_manager.enqueue_job(db, "k", "c2-0", {"i": 0}, ordering_key="contact:2", now=clock())
-    a = db_manager.claim_next_job(db, clock(), LEASE)
-    b = db_manager.claim_next_job(db, clock(), LEASE)
+    outbox.enqueue_job(db, "k", "c2-0", {"i": 0}, ordering_key="contact:2", now=clock())
+    a = outbox.claim_next_job(db, clock(), LEASE)
+    b = outbox.claim_next_job(db, clock(), LEASE)
     assert (a.dedupe_key, b.dedupe_key) == ("c1-0", "c2-0")  # other contact is not blocked
-    assert db_manager.claim_next_job(db, clock(), LEASE) is None  # c1-1 waits for c1-0
+    assert outbox.claim_next_job(db, clock(), LEASE) is None  # c1-1 waits for c1-0
     # c1-0 fails and is retried later: c1-1 must still wait (no overtaking)
-    db_manager.fail_job(db, a, "down", True, clock(), 10, 86400)
-    assert db_manager.claim_next_job(db, clock(), LEASE) is None
+    outbox.fail_job(db, a, "down", True, clock(), 10, 86400)
+    assert outbox.claim_next_job(db, clock(), LEASE) is None
     clock.advance(10)
-    a2 = db_manager.claim_next_job(db, clock(), LEASE)
+    a2 = outbox.claim_next_job(db, clock(), LEASE)
     assert a2.dedupe_key == "c1-0"
-    db_manager.complete_job(db, a2, now=clock())
-    assert db_manager.claim_next_job(db, clock(), LEASE).dedupe_key == "c1-1"
+    outbox.complete_job(db, a2, now=clock())
+    assert outbox.claim_next_job(db, clock(), LEASE).dedupe_key == "c1-1"
 
 
 def test_complete_enqueues_follow_ups_atomically(db, clock):
-    db_manager.enqueue_job(db, "parent", "p", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), LEASE)
-    db_manager.complete_job(db, job, follow_ups=[FollowUp("child", "c", {"x": 1})], now=clock())
-    assert db_manager.get_job(db, dedupe_key="c")["status"] == "pending"
+    outbox.enqueue_job(db, "parent", "p", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    outbox.complete_job(db, job, follow_ups=[FollowUp("child", "c", {"x": 1})], now=clock())
+    assert outbox.get_job(db, dedupe_key="c")["status"] == "pending"
 
 
 def test_follow_up_is_not_written_when_completion_is_lost(db, clock):
-    db_manager.enqueue_job(db, "parent", "p", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), LEASE, worker="w1")
+    outbox.enqueue_job(db, "parent", "p", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE, worker="w1")
     clock.advance(LEASE + 1)
-    db_manager.claim_next_job(db, clock(), LEASE, worker="w2")
-    assert db_manager.complete_job(db, job, follow_ups=[FollowUp("child", "c", {})],
-                                   now=clock()) is False
-    assert db_manager.get_job(db, dedupe_key="c") is None
+    outbox.claim_next_job(db, clock(), LEASE, worker="w2")
+    assert outbox.complete_job(db, job, follow_ups=[FollowUp("child", "c", {})],
+                               now=clock()) is False
+    assert outbox.get_job(db, dedupe_key="c") is None
 
 
 def test_prune_deletes_a_backlog_bigger_than_one_batch(db, clock, monkeypatch):
     monkeypatch.setattr(db_manager, "PRUNE_BATCH_ROWS", 3)
     for i in range(7):
-        db_manager.enqueue_job(db, "k", f"old-{i}", {}, now=clock())
-        db_manager.complete_job(db, db_manager.claim_next_job(db, clock(), LEASE), now=clock())
-    assert db_manager.prune_jobs(db, clock() + 1) == 7
-    assert db_manager.list_jobs(db) == []
+        outbox.enqueue_job(db, "k", f"old-{i}", {}, now=clock())
+        outbox.complete_job(db, outbox.claim_next_job(db, clock(), LEASE), now=clock())
+    assert outbox.prune_jobs(db, clock() + 1) == 7
+    assert outbox.list_jobs(db) == []
 
 
 def test_prune_removes_old_done_jobs_but_keeps_dead_ones(db, clock):
     for key in ("old", "dead"):
-        db_manager.enqueue_job(db, "k", key, {}, now=clock())
-    done = db_manager.claim_next_job(db, clock(), LEASE)
-    db_manager.complete_job(db, done, now=clock())
-    dead = db_manager.claim_next_job(db, clock(), LEASE)
-    db_manager.fail_job(db, dead, "x", False, clock(), 1, 1)
-    assert db_manager.prune_jobs(db, clock() + 1) == 1
-    assert [j["status"] for j in db_manager.list_jobs(db)] == ["dead"]
+        outbox.enqueue_job(db, "k", key, {}, now=clock())
+    done = outbox.claim_next_job(db, clock(), LEASE)
+    outbox.complete_job(db, done, now=clock())
+    dead = outbox.claim_next_job(db, clock(), LEASE)
+    outbox.fail_job(db, dead, "x", False, clock(), 1, 1)
+    assert outbox.prune_jobs(db, clock() + 1) == 1
+    assert [j["status"] for j in outbox.list_jobs(db)] == ["dead"]
 
 
 def test_run_next_job_maps_handler_outcomes(settings, db, clock):
@@ -188,11 +189,11 @@ def test_run_next_job_maps_handler_outcomes(settings, db, clock):
     on_dead = {"rejected": lambda c, j, err: dead_notes.append(err) or
                [FollowUp("note", "note-1", {"why": err})]}
     for kind in ("ok", "down", "rejected", "unknown"):
-        db_manager.enqueue_job(db, kind, kind, {"k": kind}, now=clock())
+        outbox.enqueue_job(db, kind, kind, {"k": kind}, now=clock())
     while run_next_job(ctx, handlers, on_dead):
         pass
     assert calls == [{"k": "ok"}]
-    status = {j["dedupe_key"]: j["status"] for j in db_manager.list_jobs(db)}
+    status = {j["dedupe_key"]: j["status"] for j in outbox.list_jobs(db)}
     assert status["ok"] == "done" and status["after-1"] == "done"
     assert status["down"] == "pending" and status["rejected"] == "dead"
     assert status["unknown"] == "dead" and status["note-1"] == "done"
@@ -200,71 +201,71 @@ def test_run_next_job_maps_handler_outcomes(settings, db, clock):
 
 
 def test_urgent_kinds_are_claimed_before_older_due_jobs(db, clock):
-    db_manager.enqueue_job(db, "reply", "older", {}, now=clock())
+    outbox.enqueue_job(db, "reply", "older", {}, now=clock())
     clock.advance(5)
-    db_manager.enqueue_job(db, "intake", "newer", {}, now=clock())
-    first = db_manager.claim_next_job(db, clock(), LEASE, urgent_kinds=("intake",))
-    second = db_manager.claim_next_job(db, clock(), LEASE, urgent_kinds=("intake",))
+    outbox.enqueue_job(db, "intake", "newer", {}, now=clock())
+    first = outbox.claim_next_job(db, clock(), LEASE, urgent_kinds=("intake",))
+    second = outbox.claim_next_job(db, clock(), LEASE, urgent_kinds=("intake",))
     assert (first.dedupe_key, second.dedupe_key) == ("newer", "older")
 
 
 def _stage(db, key, ordering_key=None, now=None):
     with db_manager.transaction(db):
-        return db_manager.stage_job(db, "intake", key, {"key": key}, ordering_key=ordering_key,
+        return outbox.stage_job(db, "intake", key, {"key": key}, ordering_key=ordering_key,
                                     max_attempts=3, now=now)
 
 
 def test_staged_jobs_are_counted_at_once_and_become_jobs_in_staging_order(db, clock):
-    db_manager.enqueue_job(db, "intake", "running-one", {}, ordering_key="in", now=clock())
-    running = db_manager.claim_next_job(db, clock(), LEASE)
+    outbox.enqueue_job(db, "intake", "running-one", {}, ordering_key="in", now=clock())
+    running = outbox.claim_next_job(db, clock(), LEASE)
     clock.advance(1)
     assert _stage(db, "s1", ordering_key="in", now=clock())
     clock.advance(1)
     assert _stage(db, "s2", ordering_key="in", now=clock())
     # waiting to be moved, they already count as pending and due, and wake the poller
-    stats = db_manager.queue_stats(db, clock())
+    stats = outbox.queue_stats(db, clock())
     assert (stats["pending"], stats["due"], stats["oldest_due_seconds"]) == (2, 2, 1.0)
-    assert db_manager.next_job_due_at(db) == clock() - 1
+    assert outbox.next_job_due_at(db) == clock() - 1
     # a claim moves them into jobs; their ordering key still waits for the running job
-    assert db_manager.claim_next_job(db, clock(), LEASE) is None
-    moved = db_manager.list_jobs(db, kind="intake")
+    assert outbox.claim_next_job(db, clock(), LEASE) is None
+    moved = outbox.list_jobs(db, kind="intake")
     assert [(j["dedupe_key"], j["status"], j["max_attempts"]) for j in moved] == [
         ("s2", "pending", 3), ("s1", "pending", 3), ("running-one", "running", None)]
     assert moved[1]["available_at"] == moved[1]["created_at"] == clock() - 1
     assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
-    db_manager.complete_job(db, running, now=clock())
-    order = [db_manager.claim_next_job(db, clock(), LEASE) for _ in range(2)]
+    outbox.complete_job(db, running, now=clock())
+    order = [outbox.claim_next_job(db, clock(), LEASE) for _ in range(2)]
     assert [j.dedupe_key for j in order[:1]] == ["s1"] and order[1] is None
-    db_manager.complete_job(db, order[0], now=clock())
-    assert db_manager.claim_next_job(db, clock(), LEASE).payload == {"key": "s2"}
+    outbox.complete_job(db, order[0], now=clock())
+    assert outbox.claim_next_job(db, clock(), LEASE).payload == {"key": "s2"}
 
 
 def test_staging_a_job_that_exists_staged_or_moved_changes_nothing(db, clock):
     assert _stage(db, "k1", now=clock())
     assert not _stage(db, "k1", now=clock())  # still staged
-    db_manager.claim_next_job(db, clock(), LEASE)
+    outbox.claim_next_job(db, clock(), LEASE)
     assert not _stage(db, "k1", now=clock())  # now in jobs
-    db_manager.enqueue_job(db, "other", "k2", {}, now=clock())
+    outbox.enqueue_job(db, "other", "k2", {}, now=clock())
     assert not _stage(db, "k2", now=clock())
     assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
-    assert sorted(j["dedupe_key"] for j in db_manager.list_jobs(db)) == ["k1", "k2"]
+    assert sorted(j["dedupe_key"] for j in outbox.list_jobs(db)) == ["k1", "k2"]
     # and the other way round: a staged key cannot be enqueued
     assert _stage(db, "k3", now=clock())
-    assert db_manager.enqueue_job(db, "other", "k3", {"x": 1}, now=clock()) is None
-    db_manager.claim_next_job(db, clock(), LEASE)
-    assert db_manager.get_job(db, dedupe_key="k3")["payload"] == {"key": "k3"}
+    assert outbox.enqueue_job(db, "other", "k3", {"x": 1}, now=clock()) is None
+    outbox.claim_next_job(db, clock(), LEASE)
+    assert outbox.get_job(db, dedupe_key="k3")["payload"] == {"key": "k3"}
 
 
 def test_a_staged_backlog_moves_a_batch_per_claim_in_order(db, clock, monkeypatch):
-    monkeypatch.setattr(db_manager, "STAGED_MOVE_BATCH", 3)
+    monkeypatch.setattr(outbox, "STAGED_MOVE_BATCH", 3)
     for i in range(7):  # one timestamp: the claim order can only come from the staging order
         assert _stage(db, f"b{i}", now=clock())
     claimed = []
-    while (job := db_manager.claim_next_job(db, clock() + 10, LEASE)) is not None:
+    while (job := outbox.claim_next_job(db, clock() + 10, LEASE)) is not None:
         claimed.append(job.dedupe_key)
         staged = db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0]
         assert staged == max(0, 7 - 3 * len(claimed))  # one batch per claim, no more
-        db_manager.complete_job(db, job, now=clock())
+        outbox.complete_job(db, job, now=clock())
     assert claimed == [f"b{i}" for i in range(7)]
 
 
@@ -281,19 +282,19 @@ def test_atomic_handler_commits_its_writes_with_the_completion_or_not_at_all(set
     apply.atomic = True
     ctx = JobContext(settings, db, now=clock)
     handlers = {"apply": apply, "after": lambda c, j: None}
-    db_manager.enqueue_job(db, "apply", "d1", {}, now=clock())
+    outbox.enqueue_job(db, "apply", "d1", {}, now=clock())
     run_next_job(ctx, handlers)
     # the failed run left nothing behind
     assert db_manager.mapping_get(db, "applied", "d1") is None
-    assert db_manager.get_job(db, dedupe_key="d1")["status"] == "pending"
-    assert db_manager.get_job(db, dedupe_key="after-1") is None
+    assert outbox.get_job(db, dedupe_key="d1")["status"] == "pending"
+    assert outbox.get_job(db, dedupe_key="after-1") is None
     clock.advance(3600)
     while run_next_job(ctx, handlers):
         pass
-    job = db_manager.get_job(db, dedupe_key="d1")
+    job = outbox.get_job(db, dedupe_key="d1")
     assert job["status"] == "done" and job["result"] == {"applied": True}
     assert db_manager.mapping_get(db, "applied", "d1") == {"n": 1}
-    assert db_manager.get_job(db, dedupe_key="after-1")["status"] == "done"
+    assert outbox.get_job(db, dedupe_key="after-1")["status"] == "done"
 
 
 def test_atomic_handler_that_lost_its_lease_writes_nothing(settings, db, clock):
@@ -304,10 +305,10 @@ def test_atomic_handler_that_lost_its_lease_writes_nothing(settings, db, clock):
         return {"applied": True}
 
     slow_apply.atomic = True
-    db_manager.enqueue_job(db, "apply", "d2", {}, now=clock())
+    outbox.enqueue_job(db, "apply", "d2", {}, now=clock())
     run_next_job(JobContext(settings, db, now=clock), {"apply": slow_apply})
     assert db_manager.mapping_get(db, "applied", "d2") is None
-    assert db_manager.get_job(db, dedupe_key="d2")["status"] == "running"
+    assert outbox.get_job(db, dedupe_key="d2")["status"] == "running"
 
 
 def _migrate_in_process(path: str, barrier, results) -> None:
@@ -342,7 +343,7 @@ def test_web_commits_do_not_checkpoint_below_the_web_threshold(settings, clock):
     db_size = os.path.getsize(settings.database_path)
     for i in range(400):  # ~1,500 WAL pages: past SQLite's default threshold of 1,000
         with db_manager.transaction(web):
-            db_manager.enqueue_job(web, "intake", f"k{i}", {"body": "x" * 12000}, now=clock())
+            outbox.enqueue_job(web, "intake", f"k{i}", {"body": "x" * 12000}, now=clock())
     # no webhook ack paid for a checkpoint: every page is still only in the WAL
     assert os.path.getsize(settings.database_path + "-wal") > 1000 * 4096
     assert os.path.getsize(settings.database_path) == db_size
@@ -383,9 +384,9 @@ def test_connect_uses_wal_and_foreign_keys(db):
 def test_transaction_rolls_back_everything_on_error(db, clock):
     with pytest.raises(RuntimeError):
         with db_manager.transaction(db):
-            db_manager.enqueue_job(db, "k", "x", {}, now=clock())
+            outbox.enqueue_job(db, "k", "x", {}, now=clock())
             raise RuntimeError("half-way")
-    assert db_manager.get_job(db, dedupe_key="x") is None
+    assert outbox.get_job(db, dedupe_key="x") is None
 
 
 def test_a_writer_waits_for_the_write_lock_and_gets_it_soon_after_release(db, settings, clock):
@@ -394,12 +395,12 @@ def test_a_writer_waits_for_the_write_lock_and_gets_it_soon_after_release(db, se
     threading.Timer(0.23, lambda: holder.execute("COMMIT")).start()
     started = time.monotonic()
     with db_manager.transaction(db):
-        db_manager.enqueue_job(db, "k", "after-wait", {}, now=clock())
+        outbox.enqueue_job(db, "k", "after-wait", {}, now=clock())
     waited = time.monotonic() - started
     # Released at 0.23 s; SQLite's own busy handler tries at 0.228 s and then, sleeping 100 ms,
     # only at 0.328 s.
     assert 0.225 <= waited < 0.30
-    assert db_manager.get_job(db, dedupe_key="after-wait")["status"] == "pending"
+    assert outbox.get_job(db, dedupe_key="after-wait")["status"] == "pending"
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == db_manager.BUSY_TIMEOUT_MS
 
 
@@ -410,10 +411,10 @@ def test_a_writer_gives_up_after_the_busy_timeout(db, settings, clock, monkeypat
     started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         with db_manager.transaction(db):
-            db_manager.enqueue_job(db, "k", "never", {}, now=clock())
+            outbox.enqueue_job(db, "k", "never", {}, now=clock())
     assert 0.14 <= time.monotonic() - started < 1.0
     holder.execute("ROLLBACK")
-    assert db_manager.get_job(db, dedupe_key="never") is None and not db.in_transaction
+    assert outbox.get_job(db, dedupe_key="never") is None and not db.in_transaction
 
 
 def test_cross_process_lock_is_exclusive_until_expiry(db, clock):
@@ -426,49 +427,49 @@ def test_cross_process_lock_is_exclusive_until_expiry(db, clock):
 
 
 def test_a_job_whose_worker_keeps_dying_goes_dead_at_max_attempts(db, clock):
-    job_id = db_manager.enqueue_job(db, "k", "crasher", {}, max_attempts=3, now=clock())
+    job_id = outbox.enqueue_job(db, "k", "crasher", {}, max_attempts=3, now=clock())
     for _ in range(3):
-        assert db_manager.bury_worn_out_jobs(db, clock(), 10, 86400) == []
-        assert db_manager.claim_next_job(db, clock(), LEASE) is not None
+        assert outbox.bury_worn_out_jobs(db, clock(), 10, 86400) == []
+        assert outbox.claim_next_job(db, clock(), LEASE) is not None
         clock.advance(LEASE + 1)  # the worker died: never completed
     told = []
-    buried = db_manager.bury_worn_out_jobs(
+    buried = outbox.bury_worn_out_jobs(
         db, clock(), 10, 86400,
         on_dead=lambda job, error: told.append(error) or [FollowUp("note", "n", {"e": error})])
     assert [j.id for j in buried] == [job_id]
-    assert db_manager.claim_next_job(db, clock(), LEASE).dedupe_key == "n"  # the note, not it
-    row = db_manager.get_job(db, job_id)
+    assert outbox.claim_next_job(db, clock(), LEASE).dedupe_key == "n"  # the note, not it
+    row = outbox.get_job(db, job_id)
     assert row["status"] == "dead" and "lease expired" in row["last_error"] and told
 
 
 def test_dead_letter_follow_ups_are_written_with_the_failure(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), LEASE)
-    status = db_manager.fail_job(db, job, "gone", False, clock(), 5, 100,
-                                 on_dead=lambda j, e: [FollowUp("note", "note-a", {"why": e})])
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    status = outbox.fail_job(db, job, "gone", False, clock(), 5, 100,
+                             on_dead=lambda j, e: [FollowUp("note", "note-a", {"why": e})])
     assert status == "dead"
-    assert db_manager.get_job(db, dedupe_key="note-a")["payload"] == {"why": "gone"}
+    assert outbox.get_job(db, dedupe_key="note-a")["payload"] == {"why": "gone"}
 
 
 def test_next_due_time_ignores_jobs_blocked_by_their_conversation(db, clock):
     # A is waiting 10 minutes to retry; B (same conversation) is due but must wait for A.
-    db_manager.enqueue_job(db, "k", "A", {}, available_at=clock() + 600, ordering_key="c",
+    outbox.enqueue_job(db, "k", "A", {}, available_at=clock() + 600, ordering_key="c",
                            now=clock())
-    db_manager.enqueue_job(db, "k", "B", {}, available_at=clock(), ordering_key="c",
+    outbox.enqueue_job(db, "k", "B", {}, available_at=clock(), ordering_key="c",
                            now=clock())
-    assert db_manager.claim_next_job(db, clock(), LEASE) is None
+    assert outbox.claim_next_job(db, clock(), LEASE) is None
     # the poller must sleep until A is due, not spin on B
-    assert db_manager.next_job_due_at(db) == clock() + 600
+    assert outbox.next_job_due_at(db) == clock() + 600
 
 
 def test_jobs_of_a_dead_poller_are_released_at_once(db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    db_manager.enqueue_job(db, "k", "b", {}, now=clock())
-    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-111-1000")
-    db_manager.claim_next_job(db, clock(), LEASE, worker="poller-222-1000")
-    released = db_manager.release_orphaned_jobs(db, "poller-", lambda name: name == "222-1000",
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    outbox.enqueue_job(db, "k", "b", {}, now=clock())
+    outbox.claim_next_job(db, clock(), LEASE, worker="poller-111-1000")
+    outbox.claim_next_job(db, clock(), LEASE, worker="poller-222-1000")
+    released = outbox.release_orphaned_jobs(db, "poller-", lambda name: name == "222-1000",
                                                 clock())
     assert released == 1
-    again = db_manager.claim_next_job(db, clock(), LEASE, worker="poller-333")
+    again = outbox.claim_next_job(db, clock(), LEASE, worker="poller-333")
     assert again.dedupe_key == "a" and again.attempt == 2
-    assert db_manager.claim_next_job(db, clock(), LEASE) is None  # b's worker is alive
+    assert outbox.claim_next_job(db, clock(), LEASE) is None  # b's worker is alive

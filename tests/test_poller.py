@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import db_manager
+import outbox
 from poller import Poller
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +23,8 @@ def test_drain_runs_every_due_job_and_run_once_beats(settings, db, clock):
     poller = Poller(settings, db, clock=clock, handlers={"t.x": lambda c, j: seen.append(
         j.payload["n"])}, on_dead={})
     for n in range(5):
-        db_manager.enqueue_job(db, "t.x", f"k{n}", {"n": n}, now=clock())
-    db_manager.enqueue_job(db, "t.x", "later", {"n": 99}, available_at=clock() + 60, now=clock())
+        outbox.enqueue_job(db, "t.x", f"k{n}", {"n": n}, now=clock())
+    outbox.enqueue_job(db, "t.x", "later", {"n": 99}, available_at=clock() + 60, now=clock())
     assert poller.drain() == 5 and seen == [0, 1, 2, 3, 4]
     assert poller.drain(max_jobs=3) == 0
     clock.advance(61)
@@ -42,7 +43,7 @@ def test_run_forever_picks_up_a_job_written_by_another_connection(settings, db):
         time.sleep(0.2)  # let the loop go idle first: the point is waking from idle
         other = db_manager.connect(settings.database_path)
         with db_manager.transaction(other):
-            db_manager.enqueue_job(other, "t.x", "from-web", {})
+            outbox.enqueue_job(other, "t.x", "from-web", {})
         assert done.wait(10), "the idle poller never picked up the job"
     finally:
         poller.request_stop()
@@ -53,7 +54,7 @@ def test_run_forever_picks_up_a_job_written_by_another_connection(settings, db):
 SLOW_POLLER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    import config, db_manager
+    import config, db_manager, outbox
     from poller import Poller
     import signal
     s = config.load_settings({{"DATABASE_PATH": {db!r}, "LOG_DIR": {logs!r}}})
@@ -62,8 +63,8 @@ SLOW_POLLER = textwrap.dedent("""
         print("started", flush=True)
         time.sleep(1.5)
         return {{"finished": True}}
-    db_manager.enqueue_job(conn, "t.slow", "slow-1", {{}})
-    db_manager.enqueue_job(conn, "t.slow", "slow-2", {{}})
+    outbox.enqueue_job(conn, "t.slow", "slow-1", {{}})
+    outbox.enqueue_job(conn, "t.slow", "slow-2", {{}})
     p = Poller(s, conn, handlers={{"t.slow": slow}}, on_dead={{}})
     signal.signal(signal.SIGTERM, p.request_stop)
     p.run_forever()
@@ -78,7 +79,7 @@ def test_sigterm_lets_the_current_job_finish_and_starts_no_other(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     conn = db_manager.connect(db)
-    status = {j["dedupe_key"]: j["status"] for j in db_manager.list_jobs(conn)}
+    status = {j["dedupe_key"]: j["status"] for j in outbox.list_jobs(conn)}
     assert status == {"slow-1": "done", "slow-2": "pending"}
 
 
@@ -115,7 +116,7 @@ def test_heartbeat_stays_fresh_while_a_long_job_runs(settings, db):
     import poller as poller_module
     old = poller_module.HEARTBEAT_SECONDS
     poller_module.HEARTBEAT_SECONDS = 0.2
-    db_manager.enqueue_job(db, "t.long", "long", {})
+    outbox.enqueue_job(db, "t.long", "long", {})
     thread = threading.Thread(target=poller.run_forever, daemon=True)
     thread.start()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import db_manager
+import outbox
 from webhook_server import create_app
 
 ADMIN = {"Authorization": "Bearer admin-token-for-tests-123"}
@@ -42,10 +43,10 @@ def test_health_is_503_until_the_poller_beats_then_200(client, db, clock):
 
 def test_health_reports_queue_depth_and_dead_jobs(client, db, clock):
     db_manager.beat(db, "poller", now=clock())
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    db_manager.enqueue_job(db, "k", "b", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), 30)
-    db_manager.fail_job(db, job, "x", False, clock(), 5, 100)
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    outbox.enqueue_job(db, "k", "b", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), 30)
+    outbox.fail_job(db, job, "x", False, clock(), 5, 100)
     queue = client.get("/health").get_json()["queue"]
     assert queue["pending"] == 1 and queue["dead"] == 1
 
@@ -114,20 +115,20 @@ def test_unexpected_exception_is_a_json_500(app, client):
 
 
 def test_dead_jobs_are_listed_and_retried_by_the_operator(client, db, clock):
-    job_id = db_manager.enqueue_job(db, "k", "a", {}, now=clock())
-    job = db_manager.claim_next_job(db, clock(), 30)
-    db_manager.fail_job(db, job, "gone", False, clock(), 5, 100)
+    job_id = outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), 30)
+    outbox.fail_job(db, job, "gone", False, clock(), 5, 100)
     assert client.get("/admin/jobs?status=dead").status_code == 401
     listed = client.get("/admin/jobs?status=dead", headers=ADMIN).get_json()["jobs"]
     assert [j["id"] for j in listed] == [job_id] and listed[0]["last_error"] == "gone"
     assert client.post(f"/admin/jobs/{job_id}/retry", headers=ADMIN).status_code == 202
-    assert db_manager.get_job(db, job_id)["status"] == "pending"
+    assert outbox.get_job(db, job_id)["status"] == "pending"
     assert client.post(f"/admin/jobs/{job_id}/retry", headers=ADMIN).status_code == 404
     assert client.get("/admin/jobs?status=weird", headers=ADMIN).status_code == 400
 
 
 def test_metrics_expose_queue_gauges(client, db, clock):
-    db_manager.enqueue_job(db, "k", "a", {}, now=clock())
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
     text = client.get("/metrics").get_data(as_text=True)
     assert 'ponte_jobs{status="pending"} 1' in text
 
