@@ -1069,7 +1069,7 @@ def findings(ing: dict, e2e: dict) -> str:
         "- pedir ao Linux que comece a gravar o WAL a cada 20 ms (`sync_file_range`, como o "
         "`wal_writer_flush_after` do PostgreSQL): 17,4–20,5 ms com o `wrk` e 19,4–23,7 ms com o "
         "cliente deste script, dentro da variação entre execuções.\n\n"
-        "Em execuções seguidas da mesma versão, o p99 variou de ~20 a ~29 ms (e o do app "
+        "Em execuções seguidas da mesma versão, o p99 variou de ~20 a ~30 ms (e o do app "
         "trivial, de ~14 a ~25 ms) conforme o resto da máquina, que é compartilhada.",
     ]
     if ratio < GOAL_RATIO:
