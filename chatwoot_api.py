@@ -3,7 +3,7 @@
 Owns: `ChatwootClient` (contacts, contact inboxes, conversations, messages with multipart
 attachments, message status, labels, custom attributes, status), `ChatwootError`, and the pure
 webhook functions `verify_chatwoot_signature` and `classify_chatwoot_event`.
-Must not: import db_manager, flask or another peer module; decide what to do with an event.
+Must not: import db_manager, outbox, flask or another peer module; decide what to do with an event.
 """
 from __future__ import annotations
 

@@ -165,11 +165,11 @@ MIGRATIONS: list = [
     );
     CREATE INDEX bot_states_until ON bot_states(until_at) WHERE status = 'paused';
     """,
-    # 3: urgent kinds are claimed first (see claim_next_job)
+    # 3: urgent kinds are claimed first (see outbox.claim_next_job)
     """
     CREATE INDEX jobs_ready_by_kind ON jobs(kind, available_at) WHERE status = 'pending';
     """,
-    # 4: jobs staged by a webhook's ack (see stage_job)
+    # 4: jobs staged by a webhook's ack (see outbox.stage_job)
     """
     CREATE TABLE staged_jobs (
         id INTEGER PRIMARY KEY,
@@ -374,7 +374,10 @@ PRUNE_BATCH_ROWS = 2000
 def delete_in_batches(conn: sqlite3.Connection, table: str, where: str,
                       params: tuple = ()) -> int:
     """Delete the rows of `table` that match `where`, PRUNE_BATCH_ROWS per write transaction.
-    Returns how many rows went."""
+    Returns how many rows went. Must not be called inside a transaction, which would hold the
+    write lock through every batch."""
+    if conn.in_transaction:
+        raise RuntimeError("delete_in_batches inside a transaction")
     removed = 0
     while True:
         with transaction(conn):

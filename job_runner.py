@@ -182,7 +182,7 @@ def _run_atomic(ctx: JobContext, job: Job, handler: Handler) -> list | None:
 
 
 def _dead_hook(ctx: JobContext, on_dead: dict[str, DeadHandler]):
-    """Adapt the bridges' ON_DEAD handlers for db_manager, which calls them inside the
+    """Adapt the bridges' ON_DEAD handlers for outbox, which calls them inside the
     transaction that buries the job."""
 
     def hook(job: Job, error: str) -> list:

@@ -3,7 +3,7 @@
 Owns: `KommoClient` (REST v4: send into a talk, notes, lead fields, Salesbot runs, lead lookup,
 custom-field creation, OAuth token exchange), `KommoError`, and the pure parser of Kommo's
 form-encoded account webhooks (`parse_kommo_webhook`) with the small event dataclasses it returns.
-Must not: import db_manager, flask or another peer module. Tokens come from a `token_source`
+Must not: import db_manager, outbox, flask or another peer module. Tokens come from a `token_source`
 object (see kommo_auth) so this module never stores anything.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Owns: `MercadoLivreClient` (questions, answers, items, users, orders, packs, pos
 attachments, OAuth token calls), `MercadoLivreError`, and pure helpers: `parse_notification`,
 `parse_pack_resource`, `authorization_url`, `split_message`, the messaging-agent ids and the
 blocked-conversation substatuses in words.
-Must not: import db_manager, flask or another peer module; decide what to do with a failure
+Must not: import db_manager, outbox, flask or another peer module; decide what to do with a failure
 (that is meli_jobs). The access token comes from a `token_source` object supplied by the caller.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ it gives back.
 Owns: `N8nClient.send()` (POST to `N8N_WEBHOOK_URL` with `Authorization: Bearer N8N_API_KEY`),
 `N8nError`, `extract_answer()` for synchronous answers ("Respond to Webhook") and
 `parse_send_response()` for asynchronous ones (`POST /send-response`).
-Must not: import db_manager, flask or another peer module.
+Must not: import db_manager, outbox, flask or another peer module.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 WhatsApp chat, confirm commands on the lead, auto-resume paused bots.
 
 Owns: `HANDLERS`, `ON_DEAD`, `SCHEDULES`, `PRUNE` of bridge A.
-Must not: parse webhooks (kommo_api) or hold SQL (whatsapp_store, db_manager).
+Must not: parse webhooks (kommo_api) or hold SQL (whatsapp_store, outbox, db_manager).
 """
 from __future__ import annotations
 
@@ -283,9 +283,9 @@ def auto_resume(ctx: JobContext) -> int:
                 continue
             outbox.enqueue_job(ctx.conn, ADD_NOTE, f"auto-resume:{contact_id}:"
                                f"{state['pause_count']}", {
-                                       "contact_id": contact_id,
-                                       "text": bot_control.TEXT_RESUMED +
-                                       " (reativação automática)"},
+                                   "contact_id": contact_id,
+                                   "text": bot_control.TEXT_RESUMED +
+                                   " (reativação automática)"},
                                ordering_key=ordering_key(contact_id), now=ctx.now())
         resumed += 1
         log.info("bot_auto_resumed", extra={"contact_id": contact_id})

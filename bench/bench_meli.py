@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 import chatwoot_api  # noqa: E402
-from benchlib import percentile  # noqa: E402
-import outbox  # noqa: E402
-from standins.support import free_port  # noqa: E402
 import config  # noqa: E402
 import db_manager  # noqa: E402
 import meli_jobs  # noqa: E402
+import outbox  # noqa: E402
+from benchlib import percentile  # noqa: E402
+from standins.support import free_port  # noqa: E402
 
 SELLER = 779432305
 SECRET = "bench-webhook-secret"
