@@ -158,6 +158,12 @@ def test_prune_deletes_a_backlog_bigger_than_one_batch(db, clock, monkeypatch):
     assert outbox.list_jobs(db) == []
 
 
+def test_batched_deletes_refuse_to_run_inside_a_transaction(db):
+    # joined into the caller's transaction, every batch would hold the write lock at once
+    with db_manager.transaction(db), pytest.raises(RuntimeError):
+        db_manager.delete_in_batches(db, "events", "received_at < ?", (0,))
+
+
 def test_prune_removes_old_done_jobs_but_keeps_dead_ones(db, clock):
     for key in ("old", "dead"):
         outbox.enqueue_job(db, "k", key, {}, now=clock())
