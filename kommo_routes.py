@@ -21,7 +21,8 @@ import whatsapp_intake
 import whatsapp_store
 from kommo_api import KommoError
 from n8n_api import parse_send_response
-from web_common import get_db, json_error, now, request_json, require_bearer, settings
+from web_common import (get_db, json_error, json_object_body, now, require_bearer,
+                        settings)
 
 log = logging.getLogger("ponte.kommo.web")
 
@@ -42,11 +43,9 @@ PLAIN_ROUTES = [(kommo_webhook.PATH, kommo_webhook.handle)]
 @require_bearer("n8n_api_key")
 def send_response():
     """n8n → ponte: an answer produced after the workflow's webhook call ended."""
-    body = request_json()
-    if body is None:
-        if not request.is_json:
-            return json_error(415, "unsupported_media_type", "Envie application/json.")
-        return json_error(400, "bad_json", "JSON inválido.")
+    body, refusal = json_object_body()
+    if refusal:
+        return refusal
     try:
         answer = parse_send_response(body)
     except ValueError as exc:
@@ -83,7 +82,7 @@ def bot_paused():
 @blueprint.post("/bot/pause/<contact_id>")
 @_bot_auth
 def bot_pause(contact_id: str):
-    body, refusal = _optional_body()
+    body, refusal = json_object_body(optional=True)
     if refusal:
         return refusal
     return _run_command(contact_id, "pausar", body.get("reason", ""), body.get("by"))
@@ -92,7 +91,7 @@ def bot_pause(contact_id: str):
 @blueprint.post("/bot/resume/<contact_id>")
 @_bot_auth
 def bot_resume(contact_id: str):
-    body, refusal = _optional_body()
+    body, refusal = json_object_body(optional=True)
     if refusal:
         return refusal
     return _run_command(contact_id, "voltar", "", body.get("by"))
@@ -101,7 +100,7 @@ def bot_resume(contact_id: str):
 @blueprint.post("/bot/command")
 @_bot_auth
 def bot_command():
-    body, refusal = _optional_body()
+    body, refusal = json_object_body(optional=True)
     if refusal:
         return refusal
     contact_id = body.get("contact_id")
@@ -111,19 +110,6 @@ def bot_command():
         return json_error(400, "bad_request", "Informe contact_id e command (texto).")
     return _run_command(contact_id.strip(), body["command"], body.get("reason", ""),
                         body.get("by"))
-
-
-def _optional_body():
-    """(the JSON object sent, None), ({}, None) for no body at all, or (None, a 415/400 answer)
-    for a body that is not a JSON object: a typo must not pause a bot without its reason."""
-    if not request.get_data(cache=True):
-        return {}, None
-    if not request.is_json:
-        return None, json_error(415, "unsupported_media_type", "Envie application/json.")
-    body = request_json()
-    if not isinstance(body, dict):
-        return None, json_error(400, "bad_json", "O corpo deve ser um objeto JSON.")
-    return body, None
 
 
 def _run_command(contact_id: str, name: str, reason, by):

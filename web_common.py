@@ -2,7 +2,7 @@
 settings, the clock, JSON errors and bearer-token checks.
 
 Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `wsgi_json()`,
-`request_json()`, `json_error()`, `require_bearer()`, `bearer_token()`.
+`request_json()`, `json_object_body()`, `json_error()`, `require_bearer()`, `bearer_token()`.
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
@@ -73,6 +73,20 @@ def request_json():
         return request.get_json(silent=True)
     except RecursionError:
         return None
+
+
+def json_object_body(optional: bool = False):
+    """(the request's JSON object, None), or (None, a 415/400 answer) when the body is not
+    application/json or not a JSON object. `optional`: a request with no body at all gives
+    ({}, None) — but a body that is there must be right (a typo must not act without it)."""
+    if optional and not request.get_data(cache=True):
+        return {}, None
+    if not request.is_json:
+        return None, json_error(415, "unsupported_media_type", "Envie application/json.")
+    body = request_json()
+    if not isinstance(body, dict):
+        return None, json_error(400, "bad_json", "O corpo deve ser um objeto JSON válido.")
+    return body, None
 
 
 def json_error(status: int, code: str, message: str, **extra):
