@@ -46,7 +46,7 @@ def register_webhook(settings, with_outgoing: bool = False) -> int:
               "`python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"`) e rode de "
               "novo.", file=sys.stderr)
         return 2
-    base = f"{settings.public_base_url.rstrip('/')}/webhooks/kommo/"
+    base = f"{settings.public_base_url}/webhooks/kommo/"
     events = WEBHOOK_EVENTS + ([OUTGOING_EVENT] if with_outgoing else [])
     _client(settings).call("POST", "/api/v4/webhooks", json={
         "destination": base + settings.kommo_webhook_secret, "settings": events, "sort": 10})

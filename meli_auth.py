@@ -185,7 +185,7 @@ def store_token_answer(conn, answer: dict, now: float) -> dict:
 def redirect_uri(settings) -> str:
     """ML_REDIRECT_URI, or PUBLIC_BASE_URL + the callback path."""
     return settings.ml_redirect_uri or \
-        f"{settings.public_base_url.rstrip('/')}/oauth/mercadolivre/callback"
+        f"{settings.public_base_url}/oauth/mercadolivre/callback"
 
 
 def prune_states(conn, older_than: float) -> None:
