@@ -105,9 +105,9 @@ def _error_code(body: Any) -> str:
     return ""
 
 
-def _before_sending(token_call, *args):
-    """A token call made before a request is sent: if it fails (its own POST timed out, say),
-    the request never left, so the error did not reach Mercado Livre with it."""
+def _before_resending(token_call, *args):
+    """The token refresh between a 401 and the retry: if it fails (its own POST timed out, say),
+    the retry never left. (A token call before the first send is peer_http's.)"""
     try:
         return token_call(*args)
     except PeerError as exc:
@@ -153,7 +153,7 @@ class MercadoLivreClient(PeerClient):
     def _auth_headers(self) -> dict[str, str]:
         if self.token_source is None:
             return {}
-        self._current_token = _before_sending(self.token_source.access_token)
+        self._current_token = self.token_source.access_token()
         return {"Authorization": f"Bearer {self._current_token}"}
 
     def _request(self, method: str, path: str, **kwargs) -> Any:
@@ -165,7 +165,7 @@ class MercadoLivreClient(PeerClient):
             if exc.status != 401 or not kwargs.get("auth", True) or self.token_source is None \
                     or exc.code in NO_REFRESH_CODES:
                 raise
-            _before_sending(self.token_source.refresh, self._current_token)
+            _before_resending(self.token_source.refresh, self._current_token)
             return super()._request(method, path, **kwargs)
 
     def _error_from_response(self, response) -> PeerError:

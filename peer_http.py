@@ -93,7 +93,11 @@ class PeerClient:
         `expect_json=False`); raises `error_class` for any failure, never `requests` errors."""
         headers = dict(kwargs.pop("headers", None) or {})
         if auth:
-            headers.update(self._auth_headers())
+            try:
+                headers.update(self._auth_headers())
+            except PeerError as exc:  # a token call (a refresh, say) failed: nothing left yet
+                exc.may_have_reached = False
+                raise
         url = self._url(path)
         timeout = timeout_seconds or self.timeout_seconds
         for attempt in (1, 2):

@@ -71,6 +71,22 @@ def test_connection_refused_is_a_retryable_error():
     assert not err.value.may_have_reached
 
 
+def test_a_failed_token_call_before_sending_did_not_reach_the_peer(serve):
+    class RefreshTimesOut(PeerClient):
+        def _auth_headers(self):
+            err = PeerError(None, "token refresh timed out", True)
+            err.may_have_reached = True  # true of the refresh call, not of the request
+            raise err
+
+    calls = []
+    app = _peer_app()
+    app.before_request(lambda: calls.append(1))
+    client = RefreshTimesOut(serve(app).url, timeout_seconds=1)
+    with pytest.raises(PeerError) as err:
+        client._request("GET", "/ok")
+    assert calls == [] and not err.value.may_have_reached
+
+
 def test_rate_limiter_spaces_calls():
     now = [0.0]
     slept = []
