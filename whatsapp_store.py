@@ -142,22 +142,17 @@ def set_paused(conn: sqlite3.Connection, contact_id: str, by: str, by_kind: str,
 
 def set_active(conn: sqlite3.Connection, contact_id: str, by: str, now: float,
                only_if_pause_count: int | None = None) -> bool:
-    """Give the conversation back to the bot. With `only_if_pause_count`, only if it is still
-    that very pause (a seller may have paused again meanwhile). True when the state changed."""
-    if only_if_pause_count is not None:
-        cur = conn.execute(
-            "UPDATE bot_states SET status = 'active', changed_by = ?, paused_by_kind = '',"
-            " reason = '', since_at = ?, until_at = NULL, updated_at = ?"
-            " WHERE kommo_contact_id = ? AND status = 'paused' AND pause_count = ?",
-            (by, now, now, contact_id, only_if_pause_count))
-        return cur.rowcount == 1
-    conn.execute(
-        """INSERT INTO bot_states (kommo_contact_id, status, changed_by, updated_at, since_at)
-           VALUES (?, 'active', ?, ?, ?)
-           ON CONFLICT(kommo_contact_id) DO UPDATE SET status = 'active', changed_by = ?,
-               paused_by_kind = '', reason = '', since_at = ?, until_at = NULL,
-               updated_at = ?""", (contact_id, by, now, now, by, now, now))
-    return True
+    """Give the conversation back to the bot, if it is paused: resuming an active bot changes
+    nothing (its `since_at` would make messages that arrived before look like they came during
+    a pause). With `only_if_pause_count`, only if it is still that very pause (a seller may
+    have paused again meanwhile). True when the state changed."""
+    cur = conn.execute(
+        "UPDATE bot_states SET status = 'active', changed_by = ?, paused_by_kind = '',"
+        " reason = '', since_at = ?, until_at = NULL, updated_at = ?"
+        " WHERE kommo_contact_id = ? AND status = 'paused'"
+        " AND (? IS NULL OR pause_count = ?)",
+        (by, now, now, contact_id, only_if_pause_count, only_if_pause_count))
+    return cur.rowcount == 1
 
 
 def paused_states(conn: sqlite3.Connection) -> list[dict]:

@@ -119,6 +119,17 @@ def test_a_message_from_during_a_pause_is_not_sent_after_the_resume(bridge, cloc
                              ).fetchone()[0] == "skipped_paused"
 
 
+def test_resuming_a_bot_that_was_not_paused_does_not_hold_back_a_message(bridge, clock):
+    bridge.customer_says("oi", message_id="m1")
+    bridge.run_jobs()
+    clock.advance(1)
+    bridge.customer_says("e o frete?", message_id="m2")  # arrives with the bot active...
+    clock.advance(1)
+    assert bridge.api("post", "/bot/resume/93589657").status_code == 200  # ...a no-op resume
+    bridge.run_jobs()
+    assert [c["message_text"] for c in bridge.n8n_calls()] == ["oi", "e o frete?"]
+
+
 def test_deliveries_are_applied_in_arrival_order(bridge):
     # GIVEN the seller's #pausar note arrives just before the customer's next message, and the
     # poller gets to both only afterwards
