@@ -179,14 +179,14 @@ def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | 
 
 def open_conversation(ctx, inbox_id: int, contact: dict, attribute: str, value: str,
                       custom_attributes: dict, additional_attributes: dict,
-                      namespace: str, key: str) -> int:
+                      namespace: str, key: str, pending: dict) -> int:
     """A new conversation of the contact in `inbox_id` with these attributes — or the one an
     earlier run created before its answer was lost (a timeout, a crash, a job that died and was
-    re-armed). Each run marks the caller's mapping `namespace`/`key` as `opening` before it
-    creates, so the contact's conversations are searched (for `attribute` = `value`) only when
-    such a run may have existed."""
+    re-armed). Each run marks the caller's mapping `namespace`/`key` (whose value the caller
+    read: `pending`) as `opening` before it creates, so the contact's conversations are searched
+    (for `attribute` = `value`) only when such a run may have existed. Until the caller records
+    the conversation, that mapping has no `conversation_id`."""
     client = cw(ctx)
-    pending = get_mapping(ctx, namespace, key) or {}
     if pending.get("opening"):
         for conversation in client.list_contact_conversations(contact["contact_id"]):
             attrs = conversation.get("custom_attributes")

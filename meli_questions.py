@@ -166,7 +166,7 @@ def handle_import_question(ctx, job):
             custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
                                "meli_buyer_id": buyer},
             additional_attributes={"meli_resource": "questions", "meli_item_id": item_id},
-            namespace=NS_QUESTION, key=qid)
+            namespace=NS_QUESTION, key=qid, pending=known)
         known = {"conversation_id": conversation_id, "item_id": item_id, "buyer_id": buyer}
         with db_manager.transaction(ctx.conn):
             db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
@@ -216,7 +216,8 @@ def handle_fetch_question(ctx, job):
         return {"status": "new"}, [FollowUp("ml.import_question", f"ml-question:{qid}",
                                             {"question": q})]
     answer = q.get("answer") or {}
-    if q.get("status") == "ANSWERED" and known and answer.get("text"):
+    if q.get("status") == "ANSWERED" and known and known.get("conversation_id") \
+            and answer.get("text"):
         # Answered by ponte (Mercado Livre may store our text altered) or already mirrored.
         if get_mapping(ctx, NS_ANSWERED, qid) is None:
             # Queued behind the conversation's replies: one still being retried may be the

@@ -207,7 +207,8 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
             ctx, sales_inbox(ctx), contact, "meli_pack_id", pack_id,
             custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
                                "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
-            additional_attributes={"meli_resource": "messages"}, namespace=NS_PACK, key=pack_id)
+            additional_attributes={"meli_resource": "messages"}, namespace=NS_PACK, key=pack_id,
+            pending=known)
         known = {"conversation_id": conversation_id, "buyer_id": buyer_id,
                  "summary_posted": False, "summary": texts.order_summary(pack_id, orders)}
         with db_manager.transaction(ctx.conn):

@@ -227,6 +227,23 @@ def test_question_import_survives_chatwoot_failure_without_duplicates(bridge):
     assert outbox.get_job(bridge.conn, job_id=job["id"])["status"] == "done"
 
 
+def test_question_answered_on_mercado_livre_before_its_conversation_exists(bridge):
+    # GIVEN a question whose conversation Chatwoot refused to create (an import under way)
+    qid = bridge.ask("Serve no modelo 2020?")
+    requests.post(f"{bridge.cw.url}/_standin/fail",
+                  json={"path_prefix": "/api/v1/accounts/1/conversations", "method": "POST",
+                        "status": 500, "count": 1})
+    bridge.poll()
+    assert bridge.jobs(kind="ml.import_question")[0]["status"] == "pending"
+    # WHEN the seller answers it on Mercado Livre and the notification comes first
+    bridge.ml_post(f"/_standin/questions/{qid}", {"answer_text": "Serve sim."})
+    bridge.notify_ml("questions", f"/questions/{qid}", "answered-early")
+    bridge.drain()
+    # THEN the notification's job ends quietly: there is no conversation to mirror into yet
+    (fetch,) = bridge.jobs(kind="ml.fetch_question")
+    assert fetch["status"] == "done" and fetch["result"]["status"] == "nothing_to_do"
+
+
 def test_import_that_died_while_chatwoot_was_down_is_rearmed_by_a_later_poll(
         make_settings, serve, clock):
     b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
