@@ -275,15 +275,12 @@ def release_job(conn: sqlite3.Connection, job: Job, available_at: float, now: fl
 
 
 def reschedule_pending_job(conn: sqlite3.Connection, dedupe_key: str, available_at: float,
-                           now: float, payload: dict | None = None) -> bool:
+                           now: float) -> bool:
     """Move a still-pending job (e.g. a debounce window being extended); False if it already
     started or finished."""
-    sql = "UPDATE jobs SET available_at = ?, updated_at = ?"
-    args: list[Any] = [available_at, now]
-    if payload is not None:
-        sql += ", payload = ?"
-        args.append(dumps(payload))
-    cur = conn.execute(sql + " WHERE dedupe_key = ? AND status = 'pending'", args + [dedupe_key])
+    cur = conn.execute("UPDATE jobs SET available_at = ?, updated_at = ?"
+                       " WHERE dedupe_key = ? AND status = 'pending'",
+                       (available_at, now, dedupe_key))
     return cur.rowcount == 1
 
 

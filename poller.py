@@ -46,8 +46,7 @@ class Poller:
         default_handlers, default_on_dead = bridges.handlers()
         self.handlers = handlers if handlers is not None else default_handlers
         self.on_dead = on_dead if on_dead is not None else default_on_dead
-        self.stopping = False
-        self._stopped = threading.Event()  # wakes the heartbeat thread at once on stop
+        self._stopped = threading.Event()  # also wakes the heartbeat thread at once on stop
         self.worker = worker_name()
         self.busy_since: float | None = None
         self.scheduler = schedule.Scheduler()
@@ -129,17 +128,20 @@ class Poller:
             wake_at = time.monotonic() + min(1.0, max(0.0, self.scheduler.idle_seconds or 1.0))
             if next_due is not None:
                 wake_at = min(wake_at, time.monotonic() + max(0.0, next_due - self.clock()))
-            while not self.stopping and time.monotonic() < wake_at:
-                time.sleep(IDLE_CHECK_SECONDS)
+            while time.monotonic() < wake_at and not self._stopped.wait(IDLE_CHECK_SECONDS):
                 if db_manager.data_version(self.conn) != last_version:
                     break
         log.info("poller_stopped")
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (`request_stop`)."""
+        return self._stopped.is_set()
 
     def request_stop(self, *_args) -> None:
         """Warm shutdown: the job in progress finishes, nothing new starts."""
         if not self.stopping:
             log.info("poller_stopping")
-        self.stopping = True
         self._stopped.set()
 
 

@@ -15,6 +15,9 @@ import threading
 
 from flask import current_app, jsonify, request
 
+import db_manager
+from ponte_logging import request_id_var
+
 _local = threading.local()
 
 
@@ -35,8 +38,6 @@ def get_db():
 
 def connection(path: str):
     """This worker thread's connection to the database at `path` (opened once, reused)."""
-    import db_manager
-
     conns = getattr(_local, "conns", None)
     if conns is None:
         conns = _local.conns = {}
@@ -47,12 +48,10 @@ def connection(path: str):
     return conn
 
 
-def error_body(code: str, message: str, **extra) -> dict:
+def error_body(code: str, message: str) -> dict:
     """The body of every JSON error answer: `{"error": code, "message": message,
     "request_id": ...}`."""
-    from ponte_logging import request_id_var
-
-    return {"error": code, "message": message, "request_id": request_id_var.get(), **extra}
+    return {"error": code, "message": message, "request_id": request_id_var.get()}
 
 
 def wsgi_json(start_response, status: int, body: bytes | dict, headers=(), head=False):
@@ -89,9 +88,9 @@ def json_object_body(optional: bool = False):
     return body, None
 
 
-def json_error(status: int, code: str, message: str, **extra):
+def json_error(status: int, code: str, message: str):
     """A JSON error answer of a Flask route (body: `error_body`)."""
-    response = jsonify(error_body(code, message, **extra))
+    response = jsonify(error_body(code, message))
     response.status_code = status
     return response
 
