@@ -116,6 +116,12 @@ def apply_command(conn, contact_id: str, command: Command, by: str, by_kind: str
     return TEXT_HELP
 
 
+def not_applied_text(command: Command, state: dict) -> str:
+    """The seller's answer to a pause or resume that a newer change of the bot overrode."""
+    return (f"🤖 Comando #{command.word or command.name} não aplicado: o bot mudou de estado "
+            "depois dele.\n" + status_text(state))
+
+
 def status_text(state: dict) -> str:
     """`#status` answer: active/paused, by whom, since when, auto-resume time."""
     if state["status"] == "active":

@@ -229,9 +229,7 @@ def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id:
     if state and command.name in ("pause", "resume") and _changed_after(state, now):
         # Someone (the API, the assistant's handoff) changed the bot after this command was
         # written: the newer decision stands.
-        payload["confirmation"] = (f"🤖 Comando #{command.word or command.name} não aplicado: "
-                                   "o bot mudou de estado depois dele.\n"
-                                   + bot_control.status_text(state))
+        payload["confirmation"] = bot_control.not_applied_text(command, state)
     elif contact_id:
         payload["confirmation"] = bot_control.apply_command(
             conn, contact_id, command, by, by_kind, now, settings.bot_auto_resume_hours)

@@ -84,15 +84,14 @@ def message_exists(conn: sqlite3.Connection, message_id: str) -> bool:
 
 def insert_message(conn: sqlite3.Connection, message_id: str, contact_id: str, text: str,
                    message_type: str, attachments: list, sent_at: float, received_at: float,
-                   status: str, batch_key: str | None) -> bool:
-    """Store a customer message once; False when Kommo delivered it before."""
-    cur = conn.execute(
+                   status: str, batch_key: str | None) -> None:
+    """Store a customer message (once: a message Kommo delivered before stays as it was)."""
+    conn.execute(
         "INSERT INTO kommo_messages (kommo_message_id, kommo_contact_id, text, message_type,"
         " attachments, sent_at, received_at, status, batch_key) VALUES (?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(kommo_message_id) DO NOTHING",
         (message_id, contact_id, text, message_type, dumps(attachments), sent_at, received_at,
          status, batch_key))
-    return cur.rowcount == 1
 
 
 def batch_messages(conn: sqlite3.Connection, batch_key: str) -> list[dict]:
