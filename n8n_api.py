@@ -122,15 +122,13 @@ def parse_send_response(body: Any) -> N8nAsyncAnswer:
     contact_id = str(body.get("contact_id") or "").strip()
     if not conversation_id and not contact_id:
         raise ValueError("informe conversation_id ou contact_id")
-    text_keys = ("response_text", "response", "output", "text", "answer", "message")
-    texts = next(filter(None, (_texts(body.get(key)) for key in text_keys)), [])
+    # The documented key first, then whatever a synchronous answer may use (nested included).
+    texts = _texts(body.get("response_text")) or extract_answer(body) or []
     should_send = _truthy(body.get("should_send"), True)
     should_handoff = _truthy(body.get("should_handoff"), False)
     if should_send and not texts and not should_handoff:
-        # Workflows often pass whole items along: another key may hold an object beside the
-        # text, so a wrong type is only worth naming when there is no text at all.
-        wrong = next((k for k in text_keys if body.get(k) is not None
-                      and not isinstance(body[k], (str, list))), None)
+        wrong = next((k for k in ANSWER_KEYS if body.get(k) is not None
+                      and not isinstance(body[k], (str, list, dict))), None)
         if wrong:
             raise ValueError(f"{wrong} deve ser um texto ou uma lista de textos")
         raise ValueError("response_text vazio")

@@ -29,6 +29,9 @@ def test_parse_send_response_accepts_aliases_and_flags():
     b = parse_send_response({"conversation_id": "1874", "should_send": False,
                              "should_handoff": True})
     assert b.texts == () and not b.should_send
+    # read like a synchronous answer: an AI Agent node's item passed along whole
+    c = parse_send_response({"contact_id": 5, "output": {"text": ["oi", "tudo bem?"]}})
+    assert c.texts == ("oi", "tudo bem?")
 
 
 @pytest.mark.parametrize("body", [[], {"response_text": "x"}, {"conversation_id": "1"},
