@@ -87,5 +87,5 @@ class BridgeA:
     def counts(self) -> dict:
         return {"events": db_manager.count_events(self.db),
                 "jobs": len(outbox.list_jobs(self.db, limit=10_000))
-                + self.db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0],
+                + outbox.count_staged_jobs(self.db),
                 "messages": self.db.execute("SELECT COUNT(*) FROM kommo_messages").fetchone()[0]}

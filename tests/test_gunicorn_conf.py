@@ -13,6 +13,7 @@ from gunicorn.config import Config
 
 import db_manager
 import outbox
+from standins.support import wait_for
 
 SECRET = "error-log-secret-0123456789"
 
@@ -64,9 +65,7 @@ def test_each_worker_checkpoints_the_wal_in_the_background(gunicorn_conf, monkey
         real_start(p, every_seconds=0.02, stop=stop)))
     try:
         gunicorn_conf.post_worker_init(worker=None)
-        deadline = time.monotonic() + 5
-        while os.path.getsize(path) < size + 400 * 12000 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: os.path.getsize(path) > size + 400 * 12000, 5, interval=0.02)
         assert os.path.getsize(path) > size + 400 * 12000  # the pages reached the database file
         assert started and started[0].name == "wal-checkpointer" and started[0].daemon
     finally:

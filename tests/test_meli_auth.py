@@ -11,7 +11,6 @@ import requests
 import db_manager
 import meli_auth
 from mercado_livre_api import MercadoLivreError
-from poller import Poller
 from tests.meli_support import Bridge, bridge, bridge_env  # noqa: F401
 
 
@@ -232,7 +231,7 @@ def test_oauth_states_are_pruned_with_the_other_short_lived_mappings(bridge):
     meli_auth.start_authorization(bridge.settings, bridge.conn, bridge.clock())
     count = "SELECT COUNT(*) FROM mappings WHERE namespace = ?"
     assert bridge.conn.execute(count, (meli_auth.STATE_NAMESPACE,)).fetchone()[0] == 1
-    Poller(bridge.settings, bridge.conn, bridge.clock).prune(older_than=bridge.clock() + 1)
+    bridge.poller.prune(older_than=bridge.clock() + 1)
     assert bridge.conn.execute(count, (meli_auth.STATE_NAMESPACE,)).fetchone()[0] == 0
 
 

@@ -8,7 +8,6 @@ import requests
 import db_manager
 import meli_jobs
 import outbox
-from poller import Poller
 from tests.meli_support import (QUESTIONS_INBOX, Bridge, PNG_BYTES, bridge,  # noqa: F401
                                 messages_of)
 
@@ -382,7 +381,7 @@ def test_mirrored_answer_is_not_posted_again_after_old_jobs_are_pruned(bridge):
     bridge.drain()
     # WHEN finished jobs are pruned and Mercado Livre notifies about the question again
     bridge.clock.advance(40 * 86400)
-    Poller(bridge.settings, bridge.conn, bridge.clock).prune(older_than=bridge.clock())
+    bridge.poller.prune(older_than=bridge.clock())
     bridge.notify_ml("questions", f"/questions/{qid}", "answered-2")
     bridge.drain()
     # THEN the answer is in the conversation once
