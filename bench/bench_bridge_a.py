@@ -607,12 +607,11 @@ def apply_backlog(tmp: str, env: dict, recorded: int) -> dict:
     poller = subprocess.Popen([sys.executable, "poller.py"], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     _children.append(poller)
-    cpu0 = 0.0
     try:
         wait_for(lambda: _count(db_path, pending) == 0 or poller.poll() is not None,
                  max(60.0, recorded / 200), what="o poller aplicar os webhooks")
         elapsed = time.monotonic() - started
-        cpu = cpu_seconds(poller.pid) - cpu0
+        cpu = cpu_seconds(poller.pid)
     finally:
         stop_process(poller)
         log.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -31,8 +30,8 @@ import config  # noqa: E402
 import db_manager  # noqa: E402
 import meli_jobs  # noqa: E402
 import outbox  # noqa: E402
-from benchlib import percentile  # noqa: E402
-from standins.support import free_port  # noqa: E402
+from benchlib import machine, percentile  # noqa: E402
+from standins.support import free_port, wait_for  # noqa: E402
 
 SELLER = 779432305
 SECRET = "bench-webhook-secret"
@@ -162,13 +161,8 @@ def bench_ack(senders: int, per_sender: int, workdir: str) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                requests.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except requests.RequestException:
-                time.sleep(0.1)
+        wait_for(lambda: requests.get(f"{base}/", timeout=1), 30, what="gunicorn",
+                 ignoring=(requests.RequestException,))
         template = json.loads((ROOT / "tests" / "fixtures" / "payloads" / "chatwoot" /
                                "message_created_outgoing_with_attachment.json").read_text())
         out = {"chatwoot_single": _load(1, 200, f"{base}/webhooks/chatwoot",
@@ -245,10 +239,11 @@ def _load(senders: int, per_sender: int, url: str, make) -> dict:
 
 def markdown(q: dict, acks: dict) -> str:
     ack, note, one = acks["chatwoot"], acks["mercadolivre"], acks["chatwoot_single"]
+    m = machine()
     return f"""# Benchmarks — ponte B (Mercado Livre ⇄ Chatwoot)
 
-Gerado por `bench/bench_meli.py` em {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},
-máquina de {os.cpu_count()} núcleos, Python {platform.python_version()}. Tudo em loopback,
+Gerado por `bench/bench_meli.py` em {m['date']},
+máquina de {m['nproc']} núcleos, Python {m['python']}. Tudo em loopback,
 contra os simuladores (`standins/`) rodando em outro processo, que respondem na hora.
 
 | medida | resultado | meta |
@@ -278,7 +273,7 @@ Como ler:
   feitas em sequência pelo único poller — de propósito: a ordem e a ausência de duplicatas
   importam mais que a vazão.
 - O ack mede só o que o webhook faz: verificar o HMAC, gravar evento + job numa transação SQLite
-  e responder. O cliente de carga roda na mesma máquina de {os.cpu_count()} núcleos e disputa CPU
+  e responder. O cliente de carga roda na mesma máquina de {m['nproc']} núcleos e disputa CPU
   com o Gunicorn, então os números reais tendem a ser melhores.
 """
 

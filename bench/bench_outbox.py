@@ -27,7 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import config  # noqa: E402
-from benchlib import (cpu_seconds, machine, percentile, proc_status,  # noqa: E402
+from benchlib import (cpu_seconds, machine, n, percentile, proc_status,  # noqa: E402
                       update_doc)
 import db_manager  # noqa: E402
 import outbox  # noqa: E402
@@ -229,8 +229,8 @@ def bench_latency(tmp: str, samples: int, seed: int = 7) -> dict:
 # --- report ---------------------------------------------------------------------------------
 
 def markdown(single: dict, multi: dict, lat: dict, m: dict, quick: bool) -> str:
-    f = lambda v: f"{v:,.0f}".replace(",", ".")  # noqa: E731 - pt-BR thousands separator
-    ms = lambda v: f"{v:.1f}".replace(".", ",")  # noqa: E731
+    f = lambda v: n(v, 0)  # noqa: E731
+    ms = n
     lines = [
         SECTION,
         "",
@@ -250,7 +250,7 @@ def markdown(single: dict, multi: dict, lat: dict, m: dict, quick: bool) -> str:
         f"cada job concluído exatamente 1 vez) |",
         f"| latência de despertar do poller ocioso, p50 / p90 / p99 / máx ({lat['samples']} jobs) | "
         f"{ms(lat['p50'])} / {ms(lat['p90'])} / {ms(lat['p99'])} / {ms(lat['max'])} ms |",
-        f"| pico de memória do poller (VmHWM) | {lat['vm_hwm_kb'] / 1024:.1f} MiB |".replace(".", ","),
+        f"| pico de memória do poller (VmHWM) | {n(lat['vm_hwm_kb'] / 1024)} MiB |",
         f"| CPU do poller durante (b) (ocioso na maior parte do tempo) | "
         f"{ms(lat['cpu_pct'])} % de 1 núcleo |",
         "",
