@@ -158,8 +158,9 @@ def handle_import_question(ctx, job):
     thread_key = f"{buyer}:{item_id}"
     thread = get_mapping(ctx, NS_THREAD, thread_key) or []
     conversation_id = known.get("conversation_id")
-    created_now = not conversation_id
-    if not conversation_id:
+    # A conversation recorded by an earlier run may already hold the message.
+    resumed = bool(conversation_id)
+    if not resumed:
         contact = ensure_contact(ctx, questions_inbox(ctx), buyer)
         conversation_id = open_conversation(
             ctx, questions_inbox(ctx), contact, "meli_question_id", qid,
@@ -177,8 +178,6 @@ def handle_import_question(ctx, job):
                 {"question_id": qid, "conversation_id": conversation_id,
                  "text": (q.get("text") or "")[:120]}], now=ctx.now())
     source_id = f"meli:question:{qid}"
-    # A conversation recorded by an earlier run may already hold the message.
-    resumed = not created_now
     existing = find_message_by_source(ctx, conversation_id, source_id) if resumed else None
     if existing is None:
         item = item_info(ctx, item_id)
