@@ -80,19 +80,12 @@ def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
     return "ignored" if new else "duplicate"
 
 
-def apply_delivery(conn, settings, key: str, payload: dict) -> IntakeSummary:
+def apply_delivery(conn, settings, payload: dict) -> IntakeSummary:
     """Apply a delivery recorded by `record_delivery` (inside the caller's transaction), with
-    its arrival time as the clock (debounce windows and pauses date from when Kommo called),
-    and log it in the events table."""
+    its arrival time as the clock (debounce windows and pauses date from when Kommo called).
+    What it did is the `kommo.intake` job's result."""
     hook = parse_kommo_webhook(payload["body"].encode())
-    received_at = payload["received_at"]
-    summary = record_webhook(conn, settings, hook, received_at)
-    kinds = (["message"] if hook.messages else []) + (["note"] if hook.notes else [])
-    db_manager.record_event(conn, "kommo", key, "+".join(kinds) or "other",
-                            "accepted" if (summary.messages_new or summary.commands)
-                            else "ignored", summary.as_dict(),
-                            request_id=payload.get("request_id"), now=received_at)
-    return summary
+    return record_webhook(conn, settings, hook, payload["received_at"])
 
 
 def record_webhook(conn, settings, hook: KommoWebhook, now: float) -> IntakeSummary:

@@ -144,8 +144,7 @@ def send_reply(ctx: JobContext, job: Job):
 def intake(ctx: JobContext, job: Job):
     """Apply a Kommo webhook the web process recorded: new customer messages join a burst for
     n8n, seller commands take effect (database only, in arrival order)."""
-    summary = whatsapp_intake.apply_delivery(ctx.conn, ctx.settings, job.dedupe_key,
-                                             job.payload)
+    summary = whatsapp_intake.apply_delivery(ctx.conn, ctx.settings, job.payload)
     # Routine deliveries are already in the job lines; INFO only for what a person did.
     log.log(logging.INFO if summary.commands else logging.DEBUG, "kommo_webhook_applied",
             extra=summary.as_dict())

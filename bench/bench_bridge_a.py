@@ -857,7 +857,7 @@ def breakdown_child(out_path: str, n_req: int = 2000) -> None:
 
     def apply(raw):
         with db_manager.transaction(conn):
-            whatsapp_intake.apply_delivery(conn, settings, whatsapp_intake.delivery_key(raw),
+            whatsapp_intake.apply_delivery(conn, settings,
                                            {"body": raw.decode(), "received_at": time.time()})
 
     out["apply_ms"] = per_call(apply, lambda k: bodies(f"apl{k}", chunk))

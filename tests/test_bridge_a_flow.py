@@ -60,14 +60,14 @@ def test_retries_that_arrive_before_the_poller_runs_are_recorded_once(bridge):
 def test_a_delivery_that_fails_half_way_leaves_nothing_and_is_applied_once_later(
         bridge, clock, monkeypatch):
     # GIVEN applying the delivery breaks after the message was written (a defect, a crash)
-    real_record_event, failures = db_manager.record_event, [RuntimeError("crash")]
+    real_insert_message, failures = whatsapp_store.insert_message, [RuntimeError("crash")]
 
-    def record_event_once_broken(*args, **kwargs):
+    def insert_message_then_break_once(*args, **kwargs):
+        real_insert_message(*args, **kwargs)
         if failures:
             raise failures.pop()
-        return real_record_event(*args, **kwargs)
 
-    monkeypatch.setattr(db_manager, "record_event", record_event_once_broken)
+    monkeypatch.setattr(whatsapp_store, "insert_message", insert_message_then_break_once)
     bridge.customer_says("oi", message_id="m-crash")
     bridge.run_jobs()
     # THEN nothing of it was kept, and the delivery waits for its retry
