@@ -1,7 +1,8 @@
 """Kommo credentials: the long-lived token, or the OAuth pair with single-flight refresh.
 
-Owns: `TokenSource` (what `KommoClient` asks for a token), the code exchange of `/oauth/callback`
-and the refresh under a cross-process lock (Kommo refresh tokens are single-use: lock, re-read,
+Owns: `TokenSource` (what `KommoClient` asks for a token), the OAuth `state` (made, checked and
+consumed once, pruned), the code exchange of `/oauth/callback` and the refresh under a
+cross-process lock (Kommo refresh tokens are single-use: lock, re-read,
 refresh, persist the new pair atomically, then use it).
 Must not: hold routes; it is used by the poller's jobs and by the OAuth callback.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
+import urllib.parse
 import uuid
 
 import db_manager
@@ -22,6 +25,9 @@ LOCK_NAME = "token-refresh:kommo"
 REFRESH_MARGIN_SECONDS = 600  # refresh ahead of expiry so no call runs with a dying token
 LOCK_TTL_SECONDS = 60
 LOCK_WAIT_SECONDS = 20
+AUTHORIZE_URL = "https://www.kommo.com/oauth"
+STATE_NAMESPACE = "oauth-state"
+STATE_MAX_AGE_SECONDS = 1800
 
 
 class TokenSource:
@@ -110,6 +116,34 @@ def store_token_answer(conn, answer: dict, now: float) -> dict:
                          expires_at, status="ok", now=now)
     log.info("kommo_token_stored", extra={"peer": "kommo", "expires_at": int(expires_at)})
     return db_manager.token_get(conn, PROVIDER)
+
+
+def start_authorization(settings, conn, now: float) -> str:
+    """Remember a fresh `state` and return the link to Kommo's consent page."""
+    state = secrets.token_urlsafe(24)
+    with db_manager.transaction(conn):
+        db_manager.mapping_put(conn, STATE_NAMESPACE, state, {"provider": PROVIDER, "at": now},
+                               now=now)
+    return AUTHORIZE_URL + "?" + urllib.parse.urlencode(
+        {"client_id": settings.kommo_client_id, "state": state, "mode": "post_message"})
+
+
+def check_state(conn, state: str, now: float, consume: bool) -> bool:
+    """Whether `state` is one we made, unused and fresh; with `consume`, it is also marked used
+    in the same transaction, so one state allows one code exchange."""
+    with db_manager.transaction(conn):
+        saved = db_manager.mapping_get(conn, STATE_NAMESPACE, state) if state else None
+        valid = bool(saved) and saved.get("provider") == PROVIDER and \
+            now - saved["at"] <= STATE_MAX_AGE_SECONDS
+        if valid and consume:
+            db_manager.mapping_put(conn, STATE_NAMESPACE, state, {"provider": "used", "at": now},
+                                   now=now)
+    return valid
+
+
+def prune_states(conn, older_than: float) -> None:
+    """Delete the OAuth states written before `older_than`; takes its own transactions."""
+    db_manager.prune_mappings(conn, (STATE_NAMESPACE,), older_than)
 
 
 def exchange_code(settings, conn, code: str, now: float) -> dict:

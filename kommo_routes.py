@@ -8,8 +8,6 @@ Must not: call Kommo or n8n inside a webhook request (only the OAuth code exchan
 from __future__ import annotations
 
 import logging
-import secrets
-import urllib.parse
 
 from flask import Blueprint, jsonify, request
 
@@ -27,9 +25,6 @@ from web_common import (get_db, json_error, json_object_body, now, require_beare
 log = logging.getLogger("ponte.kommo.web")
 
 blueprint = Blueprint("kommo", __name__)
-
-KOMMO_AUTHORIZE_URL = "https://www.kommo.com/oauth"
-OAUTH_STATE_TTL_SECONDS = 1800
 
 
 # --- Kommo account webhook: a plain WSGI handler, see kommo_webhook ---------------------------
@@ -139,16 +134,11 @@ def oauth_status():
     if s.kommo_access_token:
         return jsonify(mode="long_lived_token", connected=True)
     token = db_manager.token_get(conn, kommo_auth.PROVIDER)
-    state = secrets.token_urlsafe(24)
-    with db_manager.transaction(conn):
-        db_manager.mapping_put(conn, "oauth-state", state, {"provider": "kommo", "at": now()},
-                               now=now())
-    link = KOMMO_AUTHORIZE_URL + "?" + urllib.parse.urlencode(
-        {"client_id": s.kommo_client_id, "state": state, "mode": "post_message"})
+    link = kommo_auth.start_authorization(s, conn, now()) if s.kommo_client_id else None
     return jsonify(mode="oauth", connected=bool(token and token["status"] == "ok"),
                    status=token["status"] if token else "never_connected",
                    expires_at=token["expires_at"] if token else None,
-                   authorize_url=link if s.kommo_client_id else None)
+                   authorize_url=link)
 
 
 @blueprint.get("/oauth/callback")
@@ -158,14 +148,7 @@ def oauth_callback():
         return json_error(400, "access_denied", "Autorização recusada no Kommo.")
     code, state = request.args.get("code", ""), request.args.get("state", "")
     conn = get_db()
-    with db_manager.transaction(conn):  # check and consume the state at once: one exchange
-        saved = db_manager.mapping_get(conn, "oauth-state", state) if state else None
-        valid = bool(saved) and saved.get("provider") == "kommo" and \
-            now() - saved["at"] <= OAUTH_STATE_TTL_SECONDS
-        if valid and code:
-            db_manager.mapping_put(conn, "oauth-state", state, {"provider": "used", "at": now()},
-                                   now=now())
-    if not valid:
+    if not kommo_auth.check_state(conn, state, now(), consume=bool(code)):
         return json_error(400, "bad_state", "Link de autorização inválido ou vencido; gere outro "
                                             "em /oauth/status.")
     if not code:

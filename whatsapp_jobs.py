@@ -295,4 +295,4 @@ HANDLERS = {INTAKE: intake, FORWARD: forward_message, SEND_REPLY: send_reply, AD
             BOT_COMMAND: bot_command}
 ON_DEAD = {INTAKE: intake_dead, FORWARD: forward_dead, SEND_REPLY: reply_dead, BOT_COMMAND: command_dead}
 SCHEDULES = [(30, auto_resume), (300, kommo_auth.refresh_if_due)]
-PRUNE = [whatsapp_store.prune]
+PRUNE = [whatsapp_store.prune, kommo_auth.prune_states]

@@ -167,10 +167,10 @@ def due_auto_resumes(conn: sqlite3.Connection, now: float) -> list[dict]:
         " AND until_at <= ?", (now,))]
 
 
-# Bridge A's mappings that only matter for a while: n8n answers to match, Kommo OAuth states,
-# the last Salesbot run per lead (to space runs), and the ids of messages ponte sent (to skip
-# their echo).
-SHORT_LIVED_MAPPINGS = ("n8n-correlation", "oauth-state", "kommo", "kommo-sent")
+# Bridge A's mappings that only matter for a while: n8n answers to match, the last Salesbot run
+# per lead (to space runs), and the ids of messages ponte sent (to skip their echo). Kommo's
+# OAuth states are kommo_auth's.
+SHORT_LIVED_MAPPINGS = ("n8n-correlation", "kommo", "kommo-sent")
 
 
 def prune(conn: sqlite3.Connection, older_than: float) -> None:
