@@ -43,7 +43,7 @@ if ROOT not in sys.path:
 
 from benchlib import (cpu_seconds, machine, n, percentile, proc_status,  # noqa: E402
                       update_doc)
-from standins.support import free_port, wait_for  # noqa: E402
+from standins.support import ServedApp, free_port, wait_for  # noqa: E402
 from standins import kommo as kommo_standin  # noqa: E402
 from standins import n8n as n8n_standin  # noqa: E402
 
@@ -621,19 +621,6 @@ def apply_backlog(tmp: str, env: dict, recorded: int) -> dict:
 
 
 # --- (2) webhook → n8n latency ----------------------------------------------------------------
-
-class ServedApp:
-    def __init__(self, app):
-        from werkzeug.serving import make_server
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-
 
 def post_webhook(port: int, body: bytes) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

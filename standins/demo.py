@@ -15,16 +15,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import requests
-from werkzeug.serving import make_server
 
 from standins import kommo as kommo_standin
 from standins import n8n as n8n_standin
-from standins.support import wait_for
+from standins.support import ServedApp, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "demo-admin-token"
@@ -35,16 +33,6 @@ N8N_KEY = "demo-n8n-key"
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-class Served:
-    def __init__(self, name: str, app, port: int = 0):
-        self.name = name
-        self.app = app
-        self.server = make_server("127.0.0.1", port, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                         daemon=True).start()
 
 
 def start_ponte(env: dict, workdir: Path) -> subprocess.Popen:
@@ -61,7 +49,7 @@ def start_ponte(env: dict, workdir: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def whatsapp_scenario(ponte: str, kommo: Served, n8n: Served) -> bool:
+def whatsapp_scenario(ponte: str, kommo: ServedApp, n8n: ServedApp) -> bool:
     state = lambda: requests.get(kommo.url + "/_standin/state", timeout=5).json()  # noqa: E731
     calls = lambda: requests.get(n8n.url + "/_standin/calls", timeout=5).json()["calls"]  # noqa
 
@@ -116,8 +104,8 @@ def main(argv=None) -> int:
         if probe.connect_ex(("127.0.0.1", args.port)) == 0:
             say(f"✗ a porta {args.port} já está em uso; rode com outra: ./ponte demo --port 8010")
             return 2
-    kommo = Served("Kommo", kommo_standin.create_app())
-    n8n = Served("n8n", n8n_standin.create_app(api_key=N8N_KEY))
+    kommo = ServedApp(kommo_standin.create_app())
+    n8n = ServedApp(n8n_standin.create_app(api_key=N8N_KEY))
     workdir = Path(tempfile.mkdtemp(prefix="ponte-demo-"))
     data_dir = ROOT / "data" / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)

@@ -9,15 +9,13 @@ Must not: be imported by ponte's production modules.
 from __future__ import annotations
 
 import base64
-import threading
 from dataclasses import dataclass, field
 
 import requests
-from werkzeug.serving import make_server
 
 from standins import chatwoot as chatwoot_standin
 from standins import mercadolivre as ml_standin
-from standins.support import wait_for
+from standins.support import ServedApp, wait_for
 
 SELLER = ml_standin.DEFAULT_SELLER
 QUESTIONS_INBOX, SALES_INBOX = 7, 8
@@ -35,18 +33,12 @@ class Parts:
     servers: list = field(default_factory=list)
 
 
-def _serve(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                     daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}"
-
-
 def start(ponte_url: str) -> Parts:
     """Start the Mercado Livre and Chatwoot stand-ins; Chatwoot's inboxes send their webhooks
     to ponte."""
-    ml_server, ml_url = _serve(ml_standin.create_app(SELLER))
-    cw_server, cw_url = _serve(chatwoot_standin.create_app())
+    ml = ServedApp(ml_standin.create_app(SELLER))
+    cw = ServedApp(chatwoot_standin.create_app())
+    ml_url, cw_url = ml.url, cw.url
     requests.post(f"{cw_url}/_standin/inboxes", timeout=5, json=[
         {"id": QUESTIONS_INBOX, "webhook_url": f"{ponte_url}/webhooks/chatwoot"},
         {"id": SALES_INBOX, "webhook_url": f"{ponte_url}/webhooks/chatwoot"}])
@@ -64,13 +56,13 @@ def start(ponte_url: str) -> Parts:
             f"Chatwoot simulado:      {cw_url}/_standin/state",
             f"conectar o ML (OAuth):  {ponte_url}/oauth/mercadolivre/start "
             "(o simulador autoriza na hora)"]
-    return Parts(ml_url, cw_url, env, urls, [ml_server, cw_server])
+    return Parts(ml_url, cw_url, env, urls, [ml, cw])
 
 
 def stop(parts: Parts) -> None:
     """Stop the stand-ins."""
-    for server in parts.servers:
-        server.shutdown()
+    for served in parts.servers:
+        served.stop()
 
 
 def _wait_for(predicate, timeout: float = 20.0):

@@ -1,9 +1,13 @@
 """What the demo, the tests and the benchmarks share when they run ponte next to the stand-ins:
-a free local port, and waiting for something another process or thread does."""
+a free local port, a WSGI app served on a thread, and waiting for something another process or
+thread does."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
+
+from werkzeug.serving import make_server
 
 
 def free_port() -> int:
@@ -11,6 +15,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServedApp:
+    """A WSGI app served on 127.0.0.1 (`port`, or a free one) by a daemon thread: `.url`,
+    `.port`, `.app`; `stop()` shuts it down."""
+
+    def __init__(self, app, port: int = 0):
+        self.app = app
+        self.server = make_server("127.0.0.1", port, app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str | None = None,

@@ -3,11 +3,9 @@ servers for the stand-in peers."""
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOADS = ROOT / "tests" / "fixtures" / "payloads"
@@ -15,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 import db_manager  # noqa: E402
+from standins.support import ServedApp  # noqa: E402
 
 
 class FakeClock:
@@ -60,23 +59,6 @@ def db(settings):
     db_manager.migrate(conn)
     yield conn
     conn.close()
-
-
-class ServedApp:
-    """A WSGI app served on a free loopback port in a background thread."""
-
-    def __init__(self, app):
-        self.app = app
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
