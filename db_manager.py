@@ -184,6 +184,24 @@ MIGRATIONS: list = [
     # 5: catch up databases made by the first release, whose migration 2 had no kommo_leads,
     # no kommo_messages_received and bot_states.paused_by (see _catch_up_first_release)
     _catch_up_first_release,
+    # 6: staged_jobs without the unique index: the move into jobs dedupes (see outbox.stage_job)
+    """
+    CREATE TABLE staged_jobs_6 (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        dedupe_key TEXT NOT NULL,
+        ordering_key TEXT,
+        payload TEXT NOT NULL,
+        max_attempts INTEGER,
+        created_at REAL NOT NULL
+    );
+    INSERT INTO staged_jobs_6 (id, kind, dedupe_key, ordering_key, payload, max_attempts,
+                               created_at)
+        SELECT id, kind, dedupe_key, ordering_key, payload, max_attempts, created_at
+        FROM staged_jobs;
+    DROP TABLE staged_jobs;
+    ALTER TABLE staged_jobs_6 RENAME TO staged_jobs;
+    """,
 ]
 
 
@@ -328,7 +346,6 @@ def migrate(conn: sqlite3.Connection) -> int:
                 for statement in _split_sql(step):
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version + 1}")
-
 
 
 def _split_sql(script: str) -> list[str]:

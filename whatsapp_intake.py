@@ -64,8 +64,10 @@ def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
                     request_id: str | None = None) -> str:
     """Record one parsed webhook delivery before it is acknowledged (inside the caller's
     transaction): a `kommo.intake` job (staged: `outbox.stage_job`) holding the body as it
-    came when it has messages or notes, else an ignored event. A re-delivery changes nothing.
-    Returns 'queued', 'ignored' or 'duplicate'."""
+    came when it has messages or notes, else an ignored event. Returns 'queued', 'ignored' or
+    'duplicate'. A re-delivery of a job already in the queue changes nothing ('duplicate');
+    one that comes before the poller has moved the first is staged again ('queued') and
+    dropped by the move, so it is applied once either way."""
     key = delivery_key(raw)
     if hook.messages or hook.notes:
         new = outbox.stage_job(

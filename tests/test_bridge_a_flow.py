@@ -46,15 +46,21 @@ def test_one_message_delivered_five_times_gives_one_n8n_call_and_one_reply(bridg
     assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
 
 
-def test_retries_that_arrive_before_the_poller_runs_are_recorded_once(bridge):
+def test_retries_that_arrive_before_the_poller_runs_are_applied_once(bridge):
     body = payload_text("kommo/add_message_incoming_text.form").strip()
+    # the ack does not look for copies still staged (that index costs a page per webhook)...
     answers = [bridge.kommo_posts(body).get_json()["recorded"] for _ in range(5)]
-    assert answers == ["queued"] + ["duplicate"] * 4
+    assert answers == ["queued"] * 5
     # a re-delivery whose body differs (another account link) is caught by the message id
     bridge.kommo_posts(body.replace("minhaloja", "minhaloja2"))
     bridge.run_jobs()
+    # ...the poller's move keeps one job per body
     assert bridge.intake_results() == [{"messages_new": 1}, {"messages_duplicate": 1}]
     assert len(bridge.n8n_calls()) == 1 and len(bridge.chat_messages()) == 1
+    # once the job is in the queue, a re-delivery is answered as a duplicate
+    assert bridge.kommo_posts(body).get_json()["recorded"] == "duplicate"
+    bridge.run_jobs()
+    assert len(bridge.intake_results()) == 2 and len(bridge.n8n_calls()) == 1
 
 
 def test_a_delivery_that_fails_half_way_leaves_nothing_and_is_applied_once_later(

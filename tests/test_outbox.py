@@ -246,20 +246,28 @@ def test_staged_jobs_are_counted_at_once_and_become_jobs_in_staging_order(db, cl
     assert outbox.claim_next_job(db, clock(), LEASE).payload == {"key": "s2"}
 
 
-def test_staging_a_job_that_exists_staged_or_moved_changes_nothing(db, clock):
-    assert _stage(db, "k1", now=clock())
-    assert not _stage(db, "k1", now=clock())  # still staged
+def test_a_key_staged_or_enqueued_more_than_once_becomes_one_job(db, clock):
+    def stage(key, mark):
+        with db_manager.transaction(db):
+            return outbox.stage_job(db, "intake", key, {"copy": mark}, now=clock())
+
+    # copies staged before the move are all staged; the move keeps the first
+    assert stage("k1", 1) and stage("k1", 2) and stage("k1", 3)
+    assert outbox.queue_stats(db, clock())["staged"] == 3
     outbox.claim_next_job(db, clock(), LEASE)
-    assert not _stage(db, "k1", now=clock())  # now in jobs
-    outbox.enqueue_job(db, "other", "k2", {}, now=clock())
-    assert not _stage(db, "k2", now=clock())
     assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
-    assert sorted(j["dedupe_key"] for j in outbox.list_jobs(db)) == ["k1", "k2"]
-    # and the other way round: a staged key cannot be enqueued
-    assert _stage(db, "k3", now=clock())
-    assert outbox.enqueue_job(db, "other", "k3", {"x": 1}, now=clock()) is None
+    assert [j["payload"] for j in outbox.list_jobs(db)] == [{"copy": 1}]
+    # a key already in jobs, moved or enqueued, is not staged
+    assert not stage("k1", 4)
+    outbox.enqueue_job(db, "other", "k2", {}, now=clock())
+    assert not stage("k2", 1)
+    assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
+    # a key staged, then enqueued before the move: the enqueued job holds it
+    assert stage("k3", 1)
+    assert outbox.enqueue_job(db, "other", "k3", {"x": 1}, now=clock()) is not None
     outbox.claim_next_job(db, clock(), LEASE)
-    assert outbox.get_job(db, dedupe_key="k3")["payload"] == {"key": "k3"}
+    assert outbox.get_job(db, dedupe_key="k3")["payload"] == {"x": 1}
+    assert sorted(j["dedupe_key"] for j in outbox.list_jobs(db)) == ["k1", "k2", "k3"]
 
 
 def test_a_staged_backlog_moves_a_batch_per_claim_in_order(db, clock, monkeypatch):
@@ -379,6 +387,25 @@ def test_a_database_of_the_first_release_is_brought_up_to_date(tmp_path):
     assert whatsapp_store.contact_of_lead(conn, "28455849") == "93589657"
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "kommo_messages_received" in indexes and "kommo_conversations_lead" not in indexes
+
+
+def test_migration_6_keeps_the_staged_jobs_and_drops_their_unique_index(tmp_path, monkeypatch):
+    conn = db_manager.connect(str(tmp_path / "v5.db"))
+    with monkeypatch.context() as m:
+        m.setattr(db_manager, "MIGRATIONS", db_manager.MIGRATIONS[:5])
+        assert db_manager.migrate(conn) == 5
+    for key in ("a", "b"):  # staged by the version before, waiting for the poller
+        conn.execute("INSERT INTO staged_jobs (kind, dedupe_key, payload, created_at)"
+                     " VALUES ('kommo.intake', ?, '{}', 1.0)", (key,))
+    assert db_manager.migrate(conn) == 6
+    assert [r[0] for r in conn.execute("SELECT dedupe_key FROM staged_jobs ORDER BY id")] == [
+        "a", "b"]
+    assert not conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                            " AND tbl_name = 'staged_jobs'").fetchall()
+    with db_manager.transaction(conn):
+        assert outbox.stage_job(conn, "kommo.intake", "a", {}, now=2.0)
+    outbox.claim_next_job(conn, 3.0, LEASE)
+    assert [j["dedupe_key"] for j in outbox.list_jobs(conn)] == ["b", "a"]
 
 
 def test_connect_uses_wal_and_foreign_keys(db):
