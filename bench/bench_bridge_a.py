@@ -95,10 +95,10 @@ FLOOR_APP = textwrap.dedent('''
             _conn = db_manager.connect(os.environ["DATABASE_PATH"],
                                        db_manager.WEB_WAL_AUTOCHECKPOINT_PAGES)
             _conn.execute("CREATE TABLE IF NOT EXISTS raw_inbox (id INTEGER PRIMARY KEY, "
-                          "dedupe_key TEXT NOT NULL UNIQUE, body BLOB NOT NULL, "
+                          "dedupe_key TEXT NOT NULL, body BLOB NOT NULL, "
                           "received_at REAL NOT NULL)")
         with db_manager.transaction(_conn):
-            _conn.execute("INSERT OR IGNORE INTO raw_inbox (dedupe_key, body, received_at) "
+            _conn.execute("INSERT INTO raw_inbox (dedupe_key, body, received_at) "
                           "VALUES (?, ?, ?)", (hashlib.sha256(raw).hexdigest(), raw, time.time()))
 
 
@@ -809,6 +809,25 @@ def breakdown_child(out_path: str, n_req: int = 2000) -> None:
                                             time.time())
 
     out["record_ms"] = per_call(record, lambda k: bodies(f"rec{k}", chunk)) - out["parse_ms"]
+    # What one ack writes to the WAL (the bytes a checkpoint later copies and syncs), on a
+    # database of its own that never checkpoints, after a warm-up that builds the B-trees.
+    probe = db_manager.connect(settings.database_path + "-probe", wal_autocheckpoint_pages=0)
+    db_manager.migrate(probe)
+    probe_bodies = bodies("wal", 2500)
+
+    def probe_record(raw):
+        with db_manager.transaction(probe):
+            whatsapp_intake.record_delivery(probe, kommo_api.parse_kommo_webhook(raw), raw,
+                                            time.time())
+
+    for raw in probe_bodies[:500]:
+        probe_record(raw)
+    wal0 = os.path.getsize(settings.database_path + "-probe-wal")
+    for raw in probe_bodies[500:]:
+        probe_record(raw)
+    frame = probe.execute("PRAGMA page_size").fetchone()[0] + 24  # a WAL frame: header + page
+    out["wal_bytes"] = (os.path.getsize(settings.database_path + "-probe-wal") - wal0) / 2000
+    out["wal_pages"] = out["wal_bytes"] / frame
     # The rest of the request, measured with the parse and the write swapped for nothing.
     import contextlib
 
@@ -943,6 +962,8 @@ def markdown(ing: dict, e2e: dict, m: dict, quick: bool, findings: str) -> str:
         f"(`record_delivery` + `COMMIT`) / o resto (middleware, request id, segredo, leitura do "
         f"corpo, resposta) | "
         f"{n(bd['parse_ms'], 3)} / {n(bd['record_ms'], 3)} / {n(bd['rest_ms'], 3)} ms | — |",
+        f"| (4) bytes gravados no WAL por webhook (o que um checkpoint depois copia e "
+        f"sincroniza) | {n(bd['wal_bytes'] / 1024, 1)} KiB ({n(bd['wal_pages'], 2)} páginas) | — |",
         f"| (4) no poller: aplicar um webhook (`apply_delivery` + `COMMIT`) | "
         f"{n(bd['apply_ms'], 3)} ms | — |",
         f"| (2) webhook recebido → chamada chegando ao n8n, p50 / p90 / p99 / máx "
@@ -1014,11 +1035,12 @@ def findings(ing: dict, e2e: dict) -> str:
         "simples (`kommo_webhook.py`) na frente do Flask, dentro do mesmo middleware que dá o "
         "request id e o limite de corpo. Ele confere o segredo, interpreta o formulário (corpo "
         "malformado → 400 e nada gravado), confere a conta e grava o corpo como veio numa "
-        "linha de `staged_jobs` antes do 200: um job `kommo.intake` deduplicado pelo sha256 do "
-        "corpo, numa tabela que só tem a chave única em vez dos quatro índices de `jobs`. O "
-        "poller passa os jobs de `staged_jobs` para `jobs` no início de cada `claim` e aplica "
-        "cada entrega na ordem de chegada (deduplicação por id de mensagem, rajadas, pausas, "
-        "comandos) na mesma transação que conclui o job. Os checkpoints do WAL ficam, em regra, "
+        "linha de `staged_jobs` antes do 200: um job `kommo.intake` com o sha256 do corpo como "
+        "chave, numa tabela sem índice nenhum além do id da linha (`jobs` tem quatro). O "
+        "poller passa os jobs de `staged_jobs` para `jobs` no início de cada `claim` (a chave "
+        "única de `jobs` descarta ali as cópias de um mesmo corpo) e aplica cada entrega na "
+        "ordem de chegada (deduplicação por id de mensagem, rajadas, pausas, comandos) na mesma "
+        "transação que conclui o job. Os checkpoints do WAL ficam, em regra, "
         "fora do ack: cada worker os faz numa *thread* própria, uma vez por segundo.",
         f"Por que não uma view Flask: a mesma chamada numa view Flask custa "
         f"{n(bd['flask_view_ms'], 3)} ms de CPU dentro do processo, contra "
@@ -1030,20 +1052,29 @@ def findings(ing: dict, e2e: dict) -> str:
         "werkzeug, *busy handler* do SQLite): ~870 req/s = 35 % do trivial, p99 54 ms.\n"
         "- Segunda, o corpo gravado como job numa view Flask, espera curta pelo lock de escrita "
         "(50 µs dobrando até 2 ms): 53 %, p99 35 ms.\n"
-        "- Terceira, esta: handler WSGI, `staged_jobs` e checkpoint fora do ack: 72–80 % do "
+        "- Terceira: handler WSGI, `staged_jobs` e checkpoint fora do ack: 72–80 % do "
         "trivial nas execuções de 23/11/2026. Com o checkpoint ainda dentro do commit que "
         "passava do limite (10.000 páginas), o webhook que o disparava levava ~40 ms dentro do "
         "handler; numa *thread*, o pior caso medido dentro do handler caiu para ~14 ms. O p99 "
-        "de ponta a ponta variou entre ~20 e ~25 ms de uma execução para outra.",
-        "Onde está a cauda (experimentos de 23/11/2026, rodadas de 10 s com o `wrk` como "
-        "cliente, fora deste script): sem nenhum checkpoint durante a carga (só para medir: o "
-        "WAL cresce sem limite), o p99 da ponte foi de 13,8 e 14,6 ms, contra 9,5–12 ms do "
-        "trivial com o mesmo cliente. A maior parte da cauda é, então, o I/O dos checkpoints, "
-        "não o handler: só um `fsync` do WAL por segundo numa *thread*, sem copiar página "
-        "nenhuma, já levou o p99 a ~24 ms. Um registro de cada ack lento e de cada checkpoint "
-        "mostrou o resto: quando o WAL passa de 10.000 páginas entre dois recomeços (~1,3 s "
-        "sob carga contínua), os próprios acks fazem checkpoint, alguns levando 5–24 ms. O que "
-        "foi tentado e descartado, com o p99 medido:\n\n"
+        "de ponta a ponta variou entre ~20 e ~30 ms de uma execução para outra.\n"
+        "- Quarta, esta: `staged_jobs` sem o índice da chave única (migração 6). A chave é um "
+        "sha256, então cada webhook escrevia numa página diferente do índice; sem ele, o WAL "
+        "por webhook caiu de 13,3 KB (3,2 páginas) para 6,9 KB (1,7 página), e os checkpoints "
+        "copiam e sincronizam a metade. Em A/B alternado com a terceira (mesmo script, rodadas "
+        "de 10 s, mesma hora): p99 19,8 / 20,5 / 22,0 ms → 17,8 / 17,9 / 19,6 ms, vazão 76 % → "
+        "78–81 % do trivial. Uma cópia reenviada antes de o poller passar a primeira "
+        "para `jobs` é gravada de novo e descartada na passagem (a resposta diz `queued`, não "
+        "`duplicate`): aplicada uma vez do mesmo jeito.",
+        "Onde estava a cauda na terceira versão (experimentos de 23/11/2026, rodadas de 10 "
+        "s com o `wrk` como cliente, fora deste script): sem nenhum checkpoint durante a "
+        "carga (só para medir: o WAL cresce sem limite), o p99 da ponte foi de 13,8 e 14,6 "
+        "ms, contra 9,5–12 ms do trivial com o mesmo cliente. A maior parte da cauda era, "
+        "então, o I/O dos checkpoints, não o handler: só um `fsync` do WAL por segundo numa "
+        "*thread*, sem copiar página nenhuma, já levou o p99 a ~24 ms. Um registro de cada "
+        "ack lento e de cada checkpoint mostrou o resto: quando o WAL passa de 10.000 "
+        "páginas entre dois recomeços (~1,3 s sob carga contínua), os próprios acks fazem "
+        "checkpoint, alguns levando 5–24 ms. O que foi tentado e descartado, com o p99 "
+        "medido:\n\n"
         "- segurar o lock de escrita na *thread* enquanto o checkpoint termina, para o WAL "
         "recomeçar do início: o `fsync` do arquivo do banco, que cresce, leva 5–8 ms com o lock "
         "na mão; 22–25 ms;\n"
@@ -1054,7 +1085,12 @@ def findings(ing: dict, e2e: dict) -> str:
         "- páginas de 1.024 bytes (57 % menos bytes de WAL por webhook): 25–26 ms;\n"
         "- pedir ao Linux que comece a gravar o WAL a cada 20 ms (`sync_file_range`, como o "
         "`wal_writer_flush_after` do PostgreSQL): 17,4–20,5 ms com o `wrk` e 19,4–23,7 ms com o "
-        "cliente deste script, dentro da variação entre execuções.\n\n"
+        "cliente deste script, dentro da variação entre execuções;\n"
+        "- gunicorn com workers `gthread` (4 threads) em vez de `sync`, nos dois apps: a ponte "
+        "caiu para 66 % do trivial, p99 41 ms.\n\n"
+        "O que funcionou foi gravar menos por webhook (a quarta versão, acima). Sem nenhum "
+        "checkpoint, na terceira versão e com o cliente deste script, o p99 foi de 15,5 ms "
+        "contra 20,7 ms com eles: o teto do que mexer nos checkpoints podia dar.\n\n"
         "Em execuções seguidas da mesma versão, o p99 variou de ~20 a ~30 ms (e o do app "
         "trivial, de ~14 a ~25 ms) conforme o resto da máquina, que é compartilhada.",
     ]
@@ -1093,8 +1129,8 @@ def findings(ing: dict, e2e: dict) -> str:
         f"esta máquina ao mesmo tempo (coluna \"outros processos\"); o script espera a máquina "
         f"ficar quieta antes de cada medição e repete (até 3 vezes) a rodada em que outros "
         f"processos passaram de 20 % de um núcleo, guardando a menos perturbada; ainda assim "
-        f"o app trivial variou entre ~2.300 e ~3.400 req/s de uma execução para outra nesta "
-        f"sessão, e a razão varia junto (±10 pontos).")
+        f"o app trivial variou entre ~2.300 e ~3.600 req/s de uma execução para outra em "
+        f"23/11/2026, e a razão varia junto (±10 pontos).")
     return "\n\n".join(out)
 
 
