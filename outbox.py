@@ -94,8 +94,9 @@ STAGED_MOVE_BATCH = 500
 
 
 def _move_staged_jobs(conn: sqlite3.Connection, now: float) -> None:
-    # Inside the claim's write transaction, so nothing can be staged meanwhile. Staged ids only
-    # grow and each batch takes the lowest ones, so moving in batches keeps the staging order.
+    # Inside the claim's write transaction, so nothing can be staged meanwhile. A staged row's
+    # id is larger than every id still waiting (SQLite reuses ids only once the table is
+    # empty) and each batch takes the lowest ones, so moving in batches keeps the staging order.
     last_id = conn.execute("SELECT MAX(id) FROM (SELECT id FROM staged_jobs ORDER BY id LIMIT ?)",
                            (STAGED_MOVE_BATCH,)).fetchone()[0]
     if last_id is None:

@@ -270,6 +270,19 @@ def test_a_key_staged_or_enqueued_more_than_once_becomes_one_job(db, clock):
     assert sorted(j["dedupe_key"] for j in outbox.list_jobs(db)) == ["k1", "k2", "k3"]
 
 
+def test_copies_of_a_key_in_different_move_batches_become_one_job(db, clock, monkeypatch):
+    monkeypatch.setattr(outbox, "STAGED_MOVE_BATCH", 2)
+    for key in ("x", "y", "x", "z", "x", "y"):
+        assert _stage(db, key, now=clock())
+    claimed = []
+    while (job := outbox.claim_next_job(db, clock() + 10, LEASE)) is not None:
+        claimed.append(job.dedupe_key)
+        outbox.complete_job(db, job, now=clock())
+    assert claimed == ["x", "y", "z"]
+    assert outbox.count_staged_jobs(db) == 0
+    assert outbox.queue_stats(db, clock())["done"] == 3
+
+
 def test_a_staged_backlog_moves_a_batch_per_claim_in_order(db, clock, monkeypatch):
     monkeypatch.setattr(outbox, "STAGED_MOVE_BATCH", 3)
     for i in range(7):  # one timestamp: the claim order can only come from the staging order
@@ -394,18 +407,31 @@ def test_migration_6_keeps_the_staged_jobs_and_drops_their_unique_index(tmp_path
     with monkeypatch.context() as m:
         m.setattr(db_manager, "MIGRATIONS", db_manager.MIGRATIONS[:5])
         assert db_manager.migrate(conn) == 5
-    for key in ("a", "b"):  # staged by the version before, waiting for the poller
-        conn.execute("INSERT INTO staged_jobs (kind, dedupe_key, payload, created_at)"
-                     " VALUES ('kommo.intake', ?, '{}', 1.0)", (key,))
+    rows = [(1, "kommo.intake", "a", "kommo-intake", '{"n":1}', 7, 1.5),
+            (2, "kommo.intake", "b", None, '{"n":2}', None, 2.5)]
+    for row in rows:  # staged by the version before, waiting for the poller
+        conn.execute("INSERT INTO staged_jobs (id, kind, dedupe_key, ordering_key, payload,"
+                     " max_attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
     assert db_manager.migrate(conn) == 6
-    assert [r[0] for r in conn.execute("SELECT dedupe_key FROM staged_jobs ORDER BY id")] == [
-        "a", "b"]
+    assert [tuple(r) for r in conn.execute(
+        "SELECT id, kind, dedupe_key, ordering_key, payload, max_attempts, created_at"
+        " FROM staged_jobs ORDER BY id")] == rows
     assert not conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
                             " AND tbl_name = 'staged_jobs'").fetchall()
     with db_manager.transaction(conn):
         assert outbox.stage_job(conn, "kommo.intake", "a", {}, now=2.0)
     outbox.claim_next_job(conn, 3.0, LEASE)
     assert [j["dedupe_key"] for j in outbox.list_jobs(conn)] == ["b", "a"]
+
+
+def test_a_database_of_a_newer_ponte_is_refused_and_left_alone(tmp_path):
+    conn = db_manager.connect(str(tmp_path / "newer.db"))
+    db_manager.migrate(conn)
+    newer = len(db_manager.MIGRATIONS) + 1
+    conn.execute(f"PRAGMA user_version = {newer}")
+    with pytest.raises(db_manager.DatabaseError, match=f"schema version {newer}"):
+        db_manager.migrate(conn)
+    assert db_manager.schema_version(conn) == newer and not conn.in_transaction
 
 
 def test_connect_uses_wal_and_foreign_keys(db):
