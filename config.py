@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 APP_NAME = "ponte"
 
 # Values users copy from the seed README and forget to change; they count as missing.

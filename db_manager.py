@@ -184,7 +184,8 @@ MIGRATIONS: list = [
     # 5: catch up databases made by the first release, whose migration 2 had no kommo_leads,
     # no kommo_messages_received and bot_states.paused_by (see _catch_up_first_release)
     _catch_up_first_release,
-    # 6: staged_jobs without the unique index: the move into jobs dedupes (see outbox.stage_job)
+    # 6: staged_jobs without the unique index: the move into jobs dedupes (see outbox.stage_job).
+    # Versions before it stage with ON CONFLICT(dedupe_key) and fail on a migrated database.
     """
     CREATE TABLE staged_jobs_6 (
         id INTEGER PRIMARY KEY,
@@ -333,11 +334,18 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply pending migrations; safe when web and poller call it at the same moment (each step
-    runs under the write lock and re-reads the version inside it). Returns the final version."""
+    runs under the write lock and re-reads the version inside it). Returns the final version.
+    Raises DatabaseError, changing nothing, for a database migrated by a newer ponte: this code
+    does not know its tables (going back to an older version is not supported)."""
     while True:
         with transaction(conn):
             version = schema_version(conn)
-            if version >= len(MIGRATIONS):
+            if version > len(MIGRATIONS):
+                raise DatabaseError(
+                    f"the database is at schema version {version}, made by a newer ponte; this"
+                    f" one knows {len(MIGRATIONS)}: run the newer version (or a backup of the"
+                    f" database taken before it)")
+            if version == len(MIGRATIONS):
                 return version
             step = MIGRATIONS[version]
             if callable(step):  # a step SQL alone cannot express
