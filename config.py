@@ -174,10 +174,12 @@ def is_placeholder(value: str) -> bool:
 
 def _convert(setting: Setting, raw: str) -> Any:
     raw = raw.strip()
-    if setting.kind == "int":
-        return int(raw)
-    if setting.kind == "float":
-        return float(raw)
+    if setting.kind in ("int", "float"):
+        try:
+            return int(raw) if setting.kind == "int" else float(raw)
+        except ValueError:
+            raise ValueError("precisa ser um número" + (" inteiro" if setting.kind == "int"
+                                                         else "")) from None
     if setting.kind == "bool":
         low = raw.lower()
         if low in _TRUE:
@@ -249,22 +251,26 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
             problems.append(f"{s.name} inválido ({exc})")
             invalid_names.add(s.name)
             values[s.attr] = s.default
-    enabled = []
+    enabled, configured = [], []  # configured: some of the bridge's settings are given
     for bridge, keys in BRIDGE_REQUIRED.items():
         invalid = [k for k in keys if k in invalid_names]
         missing = [k for k in keys if values[k.lower()] in ("", None) and k not in invalid]
         if len(missing) == len(keys) and not invalid:
             continue  # bridge not configured at all: off, not an error
+        configured.append(bridge)
         if missing:
             if not partial_bridges_ok:
                 problems.append(f"ponte '{bridge}' incompleta, faltam: {', '.join(missing)}")
         elif not invalid:
             enabled.append(bridge)
-    if "whatsapp" in enabled and not values["kommo_access_token"] and not (
-            values["kommo_client_id"] and values["kommo_client_secret"]):
+    # The checks below also run for a half-configured bridge, so that one message lists
+    # everything still missing.
+    if "whatsapp" in configured and not values["kommo_access_token"] and not (
+            values["kommo_client_id"] and values["kommo_client_secret"]) and (
+            "whatsapp" in enabled or not partial_bridges_ok):
         problems.append("ponte 'whatsapp' sem credencial do Kommo: defina KOMMO_ACCESS_TOKEN ou "
                         "KOMMO_CLIENT_ID + KOMMO_CLIENT_SECRET")
-    if "mercadolivre" in enabled and not partial_bridges_ok:
+    if "mercadolivre" in configured and not partial_bridges_ok:
         # Without these the bridge starts but cannot work: every agent reply would get 401, and
         # nobody could connect the Mercado Livre account.
         if not (values["chatwoot_webhook_secret"] or values["chatwoot_webhook_token"]):
@@ -274,7 +280,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
                 or values["ml_refresh_token"]):
             problems.append("ponte 'mercadolivre' sem endereço de volta do OAuth: defina "
                             "PUBLIC_BASE_URL (ou ML_REDIRECT_URI)")
-    if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in enabled:
+    if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in configured and (
+            "whatsapp" in enabled or not partial_bridges_ok):
         missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
         if missing:
             problems.append("KOMMO_REPLY_MODE=salesbot exige: " + ", ".join(missing))
@@ -295,8 +302,8 @@ def warnings(settings: "Settings") -> list[str]:
     """Settings that work but are probably a mistake (`--check` prints them and goes on)."""
     found = []
     if not settings.enabled_bridges:
-        found.append("nenhuma ponte configurada (veja env.example); só /health e /config vão "
-                     "responder.")
+        found.append("nenhuma ponte configurada (veja env.example); só as rotas de operação "
+                     "(/, /health, /config, /metrics, /admin/*) vão responder.")
     if not settings.admin_token:
         found.append("ADMIN_TOKEN vazio; /config e /admin/* vão recusar todo pedido (401), e "
                      "/bot/* só aceita o N8N_API_KEY.")
@@ -306,9 +313,10 @@ def warnings(settings: "Settings") -> list[str]:
                          "caracteres: quem adivinhar a URL do webhook pode falar pela sua "
                          "conta; use um texto longo e aleatório.")
         if not 0 < settings.kommo_max_rps <= KOMMO_RPS_LIMIT:
-            found.append(f"KOMMO_MAX_RPS={settings.kommo_max_rps:g} (0 é sem limite): o Kommo "
-                         f"bloqueia a integração que passa de {KOMMO_RPS_LIMIT} pedidos por "
-                         f"segundo; use de 1 a {KOMMO_RPS_LIMIT}.")
+            what = ("0 desliga o limite" if settings.kommo_max_rps == 0
+                    else f"KOMMO_MAX_RPS={settings.kommo_max_rps:g}")
+            found.append(f"{what}: o Kommo bloqueia a integração que passa de "
+                         f"{KOMMO_RPS_LIMIT} pedidos por segundo; use de 1 a {KOMMO_RPS_LIMIT}.")
     return found
 
 
@@ -381,7 +389,15 @@ def settings_table_markdown() -> str:
 if __name__ == "__main__":  # pragma: no cover - helper for maintainers
     import sys
 
-    if "--env-example" in sys.argv:
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print("uso: python config.py [--check | --env-example | --table]\n"
+              "  (sem opção)     mostra as configurações lidas do ambiente e do .env, segredos "
+              "mascarados\n"
+              "  --check         confere tudo: lista de uma vez o que falta ou é inválido (sai "
+              "com 2) e os avisos\n"
+              "  --env-example   escreve o env.example\n"
+              "  --table         escreve a tabela de configurações do README")
+    elif "--env-example" in sys.argv:
         sys.stdout.write(env_example())
     elif "--check" in sys.argv:
         # Used before starting Supervisor: one clear message instead of programs that keep
