@@ -178,8 +178,8 @@ def _convert(setting: Setting, raw: str) -> Any:
         try:
             return int(raw) if setting.kind == "int" else float(raw)
         except ValueError:
-            raise ValueError("precisa ser um número" + (" inteiro" if setting.kind == "int"
-                                                         else "")) from None
+            whole = " inteiro" if setting.kind == "int" else ""
+            raise ValueError(f"precisa ser um número{whole}") from None
     if setting.kind == "bool":
         low = raw.lower()
         if low in _TRUE:
