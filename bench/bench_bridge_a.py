@@ -1062,7 +1062,7 @@ def findings(ing: dict, e2e: dict) -> str:
         "por webhook caiu de 13,3 KB (3,2 páginas) para 6,9 KB (1,7 página), e os checkpoints "
         "copiam e sincronizam a metade. Em A/B alternado com a terceira (mesmo script, rodadas "
         "de 10 s, mesma hora): p99 19,8 / 20,5 / 22,0 ms → 17,8 / 17,9 / 19,6 ms, vazão 76 % → "
-        "78–81 % do trivial. Quatro execuções completas deste script na mesma manhã "
+        "78–81 % do trivial. Antes desta, quatro execuções completas deste script na mesma manhã "
         "(09:09–09:45 UTC): p99 17,7 / 20,3 / 17,7 / 18,0 ms, com o trivial em 13,3 / 16,9 / "
         "12,5 / 14,4 ms. Uma cópia reenviada antes de o poller passar a primeira "
         "para `jobs` é gravada de novo e descartada na passagem (a resposta diz `queued`, não "
