@@ -280,8 +280,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
                 or values["ml_refresh_token"]):
             problems.append("ponte 'mercadolivre' sem endereço de volta do OAuth: defina "
                             "PUBLIC_BASE_URL (ou ML_REDIRECT_URI)")
+    # Not for setup commands: `kommo_setup create-field` is how one gets the field id.
     if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in configured and (
-            "whatsapp" in enabled or not partial_bridges_ok):
+            not partial_bridges_ok):
         missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
         if missing:
             problems.append("KOMMO_REPLY_MODE=salesbot exige: " + ", ".join(missing))
@@ -313,8 +314,9 @@ def warnings(settings: "Settings") -> list[str]:
                          "caracteres: quem adivinhar a URL do webhook pode falar pela sua "
                          "conta; use um texto longo e aleatório.")
         if not 0 < settings.kommo_max_rps <= KOMMO_RPS_LIMIT:
-            what = ("0 desliga o limite" if settings.kommo_max_rps == 0
-                    else f"KOMMO_MAX_RPS={settings.kommo_max_rps:g}")
+            what = f"KOMMO_MAX_RPS={settings.kommo_max_rps:g}"
+            if settings.kommo_max_rps == 0:
+                what += " desliga o limite"
             found.append(f"{what}: o Kommo bloqueia a integração que passa de "
                          f"{KOMMO_RPS_LIMIT} pedidos por segundo; use de 1 a {KOMMO_RPS_LIMIT}.")
     return found

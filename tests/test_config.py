@@ -38,6 +38,25 @@ def test_config_error_lists_every_problem_at_once():
     assert len(err.value.problems) >= 6
 
 
+def test_a_half_configured_whatsapp_bridge_lists_its_kommo_checks_too_but_setup_may_run():
+    half = {"KOMMO_BASE_URL": "https://minhaloja.kommo.com", "KOMMO_REPLY_MODE": "salesbot"}
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings(half)
+    text = "\n".join(err.value.problems)
+    assert "ponte 'whatsapp' incompleta" in text and "sem credencial do Kommo" in text
+    assert "KOMMO_REPLY_MODE=salesbot exige" in text and "KOMMO_REPLY_FIELD_ID" in text
+    # the Kommo setup commands run while the bridge is being configured: create-field is how
+    # the seller gets KOMMO_REPLY_FIELD_ID
+    complete = {**half, "KOMMO_WEBHOOK_SECRET": "s" * 20, "KOMMO_ACCESS_TOKEN": "t" * 40,
+                "N8N_WEBHOOK_URL": "https://n8n.example.org/webhook/x", "N8N_API_KEY": "k" * 20}
+    for env in (half, complete):
+        assert config.load_settings(env, partial_bridges_ok=True).kommo_reply_mode == "salesbot"
+    # ...but a complete bridge without any Kommo credential is still refused
+    no_credential = {k: v for k, v in complete.items() if k != "KOMMO_ACCESS_TOKEN"}
+    with pytest.raises(config.ConfigError, match="sem credencial do Kommo"):
+        config.load_settings(no_credential, partial_bridges_ok=True)
+
+
 def test_placeholders_from_the_seed_readme_count_as_missing():
     env = {"KOMMO_BASE_URL": "https://minhaloja.kommo.com", "KOMMO_WEBHOOK_SECRET": "s" * 20,
            "N8N_WEBHOOK_URL": "https://n8n.exemplo.com.br/webhook/x", "N8N_API_KEY": "seu_token",
@@ -124,6 +143,11 @@ def test_check_stops_a_half_configured_bridge_and_only_warns_about_risky_setting
     assert "KOMMO_WEBHOOK_SECRET tem menos de 16" in risky.stderr
     assert "KOMMO_MAX_RPS=10" in risky.stderr and "ADMIN_TOKEN" not in risky.stderr
     assert "limite" not in risky.stderr  # 10 is not "no limit"
+    no_limit = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com",
+                      KOMMO_WEBHOOK_SECRET="s" * 20, KOMMO_ACCESS_TOKEN="t" * 40,
+                      KOMMO_MAX_RPS="0", N8N_WEBHOOK_URL="https://n8n.loja.com.br/webhook/x",
+                      N8N_API_KEY="k" * 20)
+    assert "KOMMO_MAX_RPS=0 desliga o limite" in no_limit.stderr
     half = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com")
     assert half.returncode == 2
     assert "ponte 'whatsapp' incompleta" in half.stderr and "ADMIN_TOKEN" not in half.stderr
