@@ -341,10 +341,10 @@ def migrate(conn: sqlite3.Connection) -> int:
         with transaction(conn):
             version = schema_version(conn)
             if version > len(MIGRATIONS):
-                raise DatabaseError(
-                    f"the database is at schema version {version}, made by a newer ponte; this"
-                    f" one knows {len(MIGRATIONS)}: run the newer version (or a backup of the"
-                    f" database taken before it)")
+                raise DatabaseError(  # read by whoever deploys: in Portuguese
+                    f"banco de dados na versão {version} do esquema, de uma ponte mais nova; "
+                    f"esta conhece até a {len(MIGRATIONS)}. Rode a versão mais nova (ou use "
+                    f"uma cópia do banco feita antes de atualizar).")
             if version == len(MIGRATIONS):
                 return version
             step = MIGRATIONS[version]

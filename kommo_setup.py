@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "create-field":
             return create_field(settings, args.name)
         return register_webhook(settings, args.with_outgoing)
+    except db_manager.DatabaseError as exc:
+        print(f"ponte: {exc}", file=sys.stderr)
+        return 2
     except kommo_api.KommoError as exc:
         # Kommo's answer may quote what it was sent, webhook URL (and its secret) included.
         print("O Kommo recusou: " + ponte_logging.scrub(str(exc), config.secret_values(settings)),

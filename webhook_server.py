@@ -195,13 +195,17 @@ def _install_operator_routes(app: Flask) -> None:
 
 
 def health_report(settings, now: float) -> tuple[dict, bool]:
-    """The /health body and whether ponte is healthy: the database opens and answers, and the
-    poller's heartbeat is fresh. Also reports queue depth, dead jobs and disconnected accounts."""
+    """The /health body and whether ponte is healthy: the database opens, answers and has this
+    version's schema, and the poller's heartbeat is fresh. Also reports queue depth, dead jobs and disconnected accounts."""
     problems: list[str] = []
     warnings: list[str] = []
     report: dict = {"status": "ok", "version": config.VERSION}
     try:
         conn = web_common.get_db()
+        schema, known = db_manager.schema_version(conn), len(db_manager.MIGRATIONS)
+        if schema != known:  # the migration at start failed (logged as db_migrate_failed)
+            problems.append(f"banco de dados na versão {schema} do esquema; esta ponte usa a "
+                            f"{known} (veja o log: db_migrate_failed)")
         stats = outbox.queue_stats(conn, now)
         report["queue"] = {"pending": stats["pending"], "running": stats["running"],
                            "due": stats["due"], "dead": stats["dead"], "staged": stats["staged"],

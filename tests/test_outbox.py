@@ -429,7 +429,7 @@ def test_a_database_of_a_newer_ponte_is_refused_and_left_alone(tmp_path):
     db_manager.migrate(conn)
     newer = len(db_manager.MIGRATIONS) + 1
     conn.execute(f"PRAGMA user_version = {newer}")
-    with pytest.raises(db_manager.DatabaseError, match=f"schema version {newer}"):
+    with pytest.raises(db_manager.DatabaseError, match=f"versão {newer} do esquema"):
         db_manager.migrate(conn)
     assert db_manager.schema_version(conn) == newer and not conn.in_transaction
 

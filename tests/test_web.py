@@ -60,6 +60,15 @@ def test_health_is_503_when_the_database_cannot_open(make_settings, clock, tmp_p
     assert "banco de dados" in response.get_json()["problems"][0]
 
 
+def test_health_is_503_on_a_database_of_a_newer_ponte_and_says_why(settings, db, clock):
+    db_manager.beat(db, "poller", now=clock())
+    newer = len(db_manager.MIGRATIONS) + 1
+    db.execute(f"PRAGMA user_version = {newer}")
+    response = create_app(settings, clock=clock).test_client().get("/health")
+    assert response.status_code == 503
+    assert f"versão {newer} do esquema" in " ".join(response.get_json()["problems"])
+
+
 def test_config_requires_the_admin_token_and_never_shows_secrets(make_settings, clock):
     secrets = {"KOMMO_ACCESS_TOKEN": "kommo-long-lived-secret", "N8N_API_KEY": "n8n-key-secret",
                "KOMMO_WEBHOOK_SECRET": "hook-secret-value-xyz",
