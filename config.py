@@ -263,11 +263,12 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
                 problems.append(f"ponte '{bridge}' incompleta, faltam: {', '.join(missing)}")
         elif not invalid:
             enabled.append(bridge)
-    # The checks below also run for a half-configured bridge, so that one message lists
-    # everything still missing.
-    if "whatsapp" in configured and not values["kommo_access_token"] and not (
-            values["kommo_client_id"] and values["kommo_client_secret"]) and (
-            "whatsapp" in enabled or not partial_bridges_ok):
+    # At start, the checks below run for every bridge with some settings given, so that one
+    # message lists everything still missing; a setup command only needs a complete bridge's
+    # Kommo credential.
+    if "whatsapp" in (enabled if partial_bridges_ok else configured) and not (
+            values["kommo_access_token"]
+            or (values["kommo_client_id"] and values["kommo_client_secret"])):
         problems.append("ponte 'whatsapp' sem credencial do Kommo: defina KOMMO_ACCESS_TOKEN ou "
                         "KOMMO_CLIENT_ID + KOMMO_CLIENT_SECRET")
     if "mercadolivre" in configured and not partial_bridges_ok:
@@ -281,8 +282,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
             problems.append("ponte 'mercadolivre' sem endereço de volta do OAuth: defina "
                             "PUBLIC_BASE_URL (ou ML_REDIRECT_URI)")
     # Not for setup commands: `kommo_setup create-field` is how one gets the field id.
-    if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in configured and (
-            not partial_bridges_ok):
+    if values["kommo_reply_mode"] == "salesbot" and "whatsapp" in configured and \
+            not partial_bridges_ok:
         missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
         if missing:
             problems.append("KOMMO_REPLY_MODE=salesbot exige: " + ", ".join(missing))

@@ -196,7 +196,8 @@ def _install_operator_routes(app: Flask) -> None:
 
 def health_report(settings, now: float) -> tuple[dict, bool]:
     """The /health body and whether ponte is healthy: the database opens, answers and has this
-    version's schema, and the poller's heartbeat is fresh. Also reports queue depth, dead jobs and disconnected accounts."""
+    version's schema, and the poller's heartbeat is fresh. Also reports queue depth, dead jobs
+    and disconnected accounts."""
     problems: list[str] = []
     warnings: list[str] = []
     report: dict = {"status": "ok", "version": config.VERSION}
