@@ -83,16 +83,11 @@ def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
 
 
 def apply_delivery(conn, settings, payload: dict) -> IntakeSummary:
-    """Apply a delivery recorded by `record_delivery` (inside the caller's transaction), with
-    its arrival time as the clock (debounce windows and pauses date from when Kommo called).
-    What it did is the `kommo.intake` job's result."""
+    """Apply a delivery recorded by `record_delivery` (inside the caller's transaction): dedupe,
+    bursts, pauses and commands, with its arrival time as the clock (debounce windows and
+    pauses date from when Kommo called). What it did is the `kommo.intake` job's result."""
     hook = parse_kommo_webhook(payload["body"].encode())
-    return record_webhook(conn, settings, hook, payload["received_at"])
-
-
-def record_webhook(conn, settings, hook: KommoWebhook, now: float) -> IntakeSummary:
-    """Apply a parsed Kommo webhook (inside the caller's transaction): dedupe, bursts, pauses
-    and commands."""
+    now = payload["received_at"]
     summary = IntakeSummary()
     for message in hook.messages:
         if message.from_customer:
