@@ -266,9 +266,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
     # At start, the checks below run for every bridge with some settings given, so that one
     # message lists everything still missing; a setup command only needs a complete bridge's
     # Kommo credential.
-    if "whatsapp" in (enabled if partial_bridges_ok else configured) and not (
-            values["kommo_access_token"]
-            or (values["kommo_client_id"] and values["kommo_client_secret"])):
+    if "whatsapp" in (enabled if partial_bridges_ok else configured) and \
+            not _kommo_credential_given(values):
         problems.append("ponte 'whatsapp' sem credencial do Kommo: defina KOMMO_ACCESS_TOKEN ou "
                         "KOMMO_CLIENT_ID + KOMMO_CLIENT_SECRET")
     if "mercadolivre" in configured and not partial_bridges_ok:
@@ -293,6 +292,16 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
     if problems:
         raise ConfigError(problems)
     return Settings(**values, enabled_bridges=tuple(enabled))
+
+
+def _kommo_credential_given(values: Mapping[str, Any]) -> bool:
+    return bool(values["kommo_access_token"]
+                or (values["kommo_client_id"] and values["kommo_client_secret"]))
+
+
+def kommo_credential_given(settings: "Settings") -> bool:
+    """Whether Kommo can be called: a long-lived token, or an OAuth client id and secret."""
+    return _kommo_credential_given(vars(settings))
 
 
 # Kommo blocks an integration that makes more than 7 requests per second.

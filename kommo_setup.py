@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    if not settings.kommo_base_url or not (settings.kommo_access_token
-                                           or settings.kommo_client_id):
+    if not settings.kommo_base_url or not config.kommo_credential_given(settings):
         print("Defina KOMMO_BASE_URL e KOMMO_ACCESS_TOKEN no .env (ou, em vez do token, "
               "KOMMO_CLIENT_ID e KOMMO_CLIENT_SECRET, e conecte pelo OAuth).", file=sys.stderr)
         return 2
