@@ -803,7 +803,7 @@ def breakdown_child(out_path: str, n_req: int = 2000) -> None:
     settings = config.load_settings()
     conn = db_manager.connect(settings.database_path, db_manager.WEB_WAL_AUTOCHECKPOINT_PAGES)
 
-    def record(raw):
+    def record(raw, conn=conn):
         with db_manager.transaction(conn):
             whatsapp_intake.record_delivery(conn, kommo_api.parse_kommo_webhook(raw), raw,
                                             time.time())
@@ -814,17 +814,11 @@ def breakdown_child(out_path: str, n_req: int = 2000) -> None:
     probe = db_manager.connect(settings.database_path + "-probe", wal_autocheckpoint_pages=0)
     db_manager.migrate(probe)
     probe_bodies = bodies("wal", 2500)
-
-    def probe_record(raw):
-        with db_manager.transaction(probe):
-            whatsapp_intake.record_delivery(probe, kommo_api.parse_kommo_webhook(raw), raw,
-                                            time.time())
-
     for raw in probe_bodies[:500]:
-        probe_record(raw)
+        record(raw, probe)
     wal0 = os.path.getsize(settings.database_path + "-probe-wal")
     for raw in probe_bodies[500:]:
-        probe_record(raw)
+        record(raw, probe)
     frame = probe.execute("PRAGMA page_size").fetchone()[0] + 24  # a WAL frame: header + page
     out["wal_bytes"] = (os.path.getsize(settings.database_path + "-probe-wal") - wal0) / 2000
     out["wal_pages"] = out["wal_bytes"] / frame

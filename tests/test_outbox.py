@@ -215,10 +215,10 @@ def test_urgent_kinds_are_claimed_before_older_due_jobs(db, clock):
     assert (first.dedupe_key, second.dedupe_key) == ("newer", "older")
 
 
-def _stage(db, key, ordering_key=None, now=None):
+def _stage(db, key, ordering_key=None, now=None, payload=None):
     with db_manager.transaction(db):
-        return outbox.stage_job(db, "intake", key, {"key": key}, ordering_key=ordering_key,
-                                    max_attempts=3, now=now)
+        return outbox.stage_job(db, "intake", key, payload or {"key": key},
+                                ordering_key=ordering_key, max_attempts=3, now=now)
 
 
 def test_staged_jobs_are_counted_at_once_and_become_jobs_in_staging_order(db, clock):
@@ -238,7 +238,7 @@ def test_staged_jobs_are_counted_at_once_and_become_jobs_in_staging_order(db, cl
     assert [(j["dedupe_key"], j["status"], j["max_attempts"]) for j in moved] == [
         ("s2", "pending", 3), ("s1", "pending", 3), ("running-one", "running", None)]
     assert moved[1]["available_at"] == moved[1]["created_at"] == clock() - 1
-    assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
+    assert outbox.count_staged_jobs(db) == 0
     outbox.complete_job(db, running, now=clock())
     order = [outbox.claim_next_job(db, clock(), LEASE) for _ in range(2)]
     assert [j.dedupe_key for j in order[:1]] == ["s1"] and order[1] is None
@@ -248,20 +248,19 @@ def test_staged_jobs_are_counted_at_once_and_become_jobs_in_staging_order(db, cl
 
 def test_a_key_staged_or_enqueued_more_than_once_becomes_one_job(db, clock):
     def stage(key, mark):
-        with db_manager.transaction(db):
-            return outbox.stage_job(db, "intake", key, {"copy": mark}, now=clock())
+        return _stage(db, key, now=clock(), payload={"copy": mark})
 
     # copies staged before the move are all staged; the move keeps the first
     assert stage("k1", 1) and stage("k1", 2) and stage("k1", 3)
     assert outbox.queue_stats(db, clock())["staged"] == 3
     outbox.claim_next_job(db, clock(), LEASE)
-    assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
+    assert outbox.count_staged_jobs(db) == 0
     assert [j["payload"] for j in outbox.list_jobs(db)] == [{"copy": 1}]
     # a key already in jobs, moved or enqueued, is not staged
     assert not stage("k1", 4)
     outbox.enqueue_job(db, "other", "k2", {}, now=clock())
     assert not stage("k2", 1)
-    assert db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0] == 0
+    assert outbox.count_staged_jobs(db) == 0
     # a key staged, then enqueued before the move: the enqueued job holds it
     assert stage("k3", 1)
     assert outbox.enqueue_job(db, "other", "k3", {"x": 1}, now=clock()) is not None
@@ -290,7 +289,7 @@ def test_a_staged_backlog_moves_a_batch_per_claim_in_order(db, clock, monkeypatc
     claimed = []
     while (job := outbox.claim_next_job(db, clock() + 10, LEASE)) is not None:
         claimed.append(job.dedupe_key)
-        staged = db.execute("SELECT COUNT(*) FROM staged_jobs").fetchone()[0]
+        staged = outbox.count_staged_jobs(db)
         assert staged == max(0, 7 - 3 * len(claimed))  # one batch per claim, no more
         outbox.complete_job(db, job, now=clock())
     assert claimed == [f"b{i}" for i in range(7)]
