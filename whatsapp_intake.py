@@ -248,6 +248,12 @@ def api_command(conn, settings, contact_id: str, command: bot_control.Command, b
     return {**bot_control.state_json(state), "message": confirmation}
 
 
+# How long an answer without a correlation id, repeated word for word, counts as n8n retrying
+# the same POST rather than a new answer; the last one is kept under its fingerprint.
+ASYNC_RETRY_WINDOW_SECONDS = 3600
+ASYNC_ANSWER_NAMESPACE = "n8n-answer"
+
+
 def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> dict:
     """Record an answer posted to `/send-response`. Raises LookupError for an unknown
     conversation. Returns what was done (`queued`, `suppressed`, `duplicate`, `handoff`)."""
@@ -260,12 +266,18 @@ def record_async_answer(conn, settings, answer: N8nAsyncAnswer, now: float) -> d
     contact_id = conversation["kommo_contact_id"]
     result = {"conversation_id": conversation["kommo_talk_id"], "contact_id": contact_id,
               "queued": 0, "handoff": False, "suppressed": False, "duplicate": False}
-    correlation = answer.correlation_id or _answer_fingerprint(contact_id, answer)
-    # Without an id, the same answer for the same contact is n8n retrying: its reply jobs,
-    # keyed by the answer's fingerprint, exist already (until they are pruned).
-    if not answer.correlation_id and outbox.get_job(conn, dedupe_key=reply_key(correlation, 0)):
-        result["duplicate"] = True
-        return result
+    correlation = answer.correlation_id
+    if not correlation:
+        # Without an id, the same words for the same contact within the hour are n8n retrying
+        # the POST; later, they are the assistant saying the same thing again ("Certo!").
+        fingerprint = _answer_fingerprint(contact_id, answer)
+        last = db_manager.mapping_get(conn, ASYNC_ANSWER_NAMESPACE, fingerprint)
+        if last and now - last["at"] < ASYNC_RETRY_WINDOW_SECONDS:
+            result["duplicate"] = True
+            return result
+        correlation = fingerprint if last is None else f"{fingerprint}-{int(now)}"
+        db_manager.mapping_put(conn, ASYNC_ANSWER_NAMESPACE, fingerprint,
+                               {"correlation": correlation, "at": now}, now=now)
     state = whatsapp_store.get_bot_state(conn, contact_id)
     # The question this answers was asked under some pause count; a pause since then (even if
     # already undone by #voltar) makes the answer stale.

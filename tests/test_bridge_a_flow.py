@@ -388,6 +388,12 @@ def test_send_response_without_correlation_id_is_deduplicated(async_bridge):
     assert bridge.n8n_answers_later(body).get_json()["duplicate"] is True
     bridge.run_jobs()
     assert bridge.chat_messages().count("Olá!") == 1
+    # past the retry window the same words are a new answer, sent once more (and deduplicated)
+    bridge.clock.advance(whatsapp_intake.ASYNC_RETRY_WINDOW_SECONDS)
+    assert bridge.n8n_answers_later(body).get_json()["queued"] == 1
+    assert bridge.n8n_answers_later(body).get_json()["duplicate"] is True
+    bridge.run_jobs()
+    assert bridge.chat_messages().count("Olá!") == 2
 
 
 def test_a_list_answer_becomes_several_messages_in_order(make_settings, serve, clock):
