@@ -29,9 +29,14 @@ def answer_for(body: dict) -> str:
 
 
 def create_app(api_key: str = DEFAULT_KEY, mode: str = "sync",
-               ponte_url: str | None = None, async_delay_seconds: float = 0.2) -> Flask:
+               ponte_url: str | None = None, async_delay_seconds: float = 0.2,
+               latency_seconds: float = 0.0) -> Flask:
+    """A fresh n8n stand-in. `latency_seconds`: how long every call takes before its answer
+    (a real AI agent answers in seconds); the call is recorded on arrival, before that wait.
+    `POST /_standin/mode {"delay": s}` changes it later."""
     app = Flask("n8n-standin")
-    state = {"mode": mode, "calls": [], "fail_next": 0, "fail_status": 503, "delay": 0.0,
+    state = {"mode": mode, "calls": [], "fail_next": 0, "fail_status": 503,
+             "delay": latency_seconds,
              "ponte_url": ponte_url, "async_results": []}
     lock = threading.Lock()
     app.config["STATE"] = state

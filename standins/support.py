@@ -1,6 +1,6 @@
 """What the demo, the tests and the benchmarks share when they run ponte next to the stand-ins:
-a free local port, a WSGI app served on a thread, and waiting for something another process or
-thread does."""
+a free local port, a WSGI app served on a thread, a log of the requests a stand-in answered
+(time and status, server side), and waiting for something another process or thread does."""
 from __future__ import annotations
 
 import socket
@@ -54,3 +54,29 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str | None 
     if what is None:
         return None
     raise TimeoutError(f"timed out waiting for {what}: {last!r}")
+
+
+class RequestLog:
+    """WSGI middleware that remembers every request a stand-in answers, except its own
+    `/_standin` inspection routes: `entries` of {"at" (epoch seconds on arrival), "method",
+    "path", "status"}. Wrap with `app.wsgi_app = RequestLog(app.wsgi_app)`."""
+
+    def __init__(self, wsgi_app, skip_prefix: str = "/_standin"):
+        self.wsgi_app = wsgi_app
+        self.skip_prefix = skip_prefix
+        self.entries: list[dict] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        at = time.time()
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(self.skip_prefix):
+            return self.wsgi_app(environ, start_response)
+
+        def recording_start_response(status, headers, exc_info=None):
+            with self._lock:
+                self.entries.append({"at": at, "method": environ.get("REQUEST_METHOD"),
+                                     "path": path, "status": int(status.split(" ", 1)[0])})
+            return start_response(status, headers, exc_info)
+
+        return self.wsgi_app(environ, recording_start_response)
