@@ -55,6 +55,212 @@ def _catch_up_first_release(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS kommo_conversations_lead")
 
 
+# Migration 7: the tables of bridge B (meli_store), then every row of its mappings namespaces
+# carried into them (json_extract: true → 1; JSON lists stay JSON text), then those rows go.
+_MELI_TABLES_7 = """
+    CREATE TABLE ml_questions (
+        ml_question_id TEXT PRIMARY KEY,
+        ml_item_id TEXT NOT NULL DEFAULT '',
+        ml_buyer_id TEXT NOT NULL DEFAULT '',
+        question_text TEXT NOT NULL DEFAULT '',
+        chatwoot_conversation_id INTEGER,
+        chatwoot_message_id INTEGER,
+        opening INTEGER NOT NULL DEFAULT 0,
+        mirror_posting INTEGER NOT NULL DEFAULT 0,
+        sweep_checks INTEGER NOT NULL DEFAULT 0,
+        sweep_check_key TEXT,
+        closed_status TEXT,
+        imported_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX ml_questions_thread ON ml_questions(ml_buyer_id, ml_item_id)
+        WHERE chatwoot_conversation_id IS NOT NULL;
+    CREATE INDEX ml_questions_open ON ml_questions(updated_at)
+        WHERE chatwoot_message_id IS NOT NULL AND closed_status IS NULL;
+    CREATE TABLE ml_answers (
+        ml_question_id TEXT PRIMARY KEY,
+        answered_by TEXT NOT NULL CHECK (answered_by IN ('ponte', 'mercadolivre')),
+        chatwoot_message_id INTEGER,
+        answered_at REAL NOT NULL
+    );
+    CREATE TABLE cw_contacts (
+        ml_buyer_id TEXT PRIMARY KEY,
+        chatwoot_contact_id INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE cw_contact_inboxes (
+        ml_buyer_id TEXT NOT NULL,
+        chatwoot_inbox_id INTEGER NOT NULL,
+        source_id TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (ml_buyer_id, chatwoot_inbox_id)
+    );
+    CREATE TABLE cw_conversations (
+        chatwoot_conversation_id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('question', 'sale')),
+        ml_question_id TEXT,
+        ml_pack_id TEXT,
+        ml_item_id TEXT NOT NULL DEFAULT '',
+        ml_buyer_id TEXT NOT NULL DEFAULT '',
+        created_at REAL
+    );
+    CREATE INDEX cw_conversations_question ON cw_conversations(ml_question_id)
+        WHERE ml_question_id IS NOT NULL;
+    CREATE TABLE ml_packs (
+        ml_pack_id TEXT PRIMARY KEY,
+        chatwoot_conversation_id INTEGER,
+        ml_buyer_id TEXT NOT NULL DEFAULT '',
+        opening INTEGER NOT NULL DEFAULT 0,
+        order_summary TEXT NOT NULL DEFAULT '',
+        summary_posted INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE ml_messages (
+        ml_message_id TEXT PRIMARY KEY,
+        ml_pack_id TEXT NOT NULL DEFAULT '',
+        chatwoot_message_id INTEGER,
+        sent_by_ponte INTEGER NOT NULL DEFAULT 0,
+        posting INTEGER NOT NULL DEFAULT 0,
+        reply_part INTEGER,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX ml_messages_reply ON ml_messages(chatwoot_message_id) WHERE sent_by_ponte = 1;
+    CREATE TABLE ml_unread (
+        ml_pack_id TEXT PRIMARY KEY,
+        unread_count INTEGER,
+        forgotten_count INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE ml_items (
+        ml_item_id TEXT PRIMARY KEY,
+        title TEXT,
+        price REAL,
+        currency_id TEXT,
+        permalink TEXT,
+        thumbnail TEXT,
+        secure_thumbnail TEXT,
+        status TEXT,
+        fetched_at REAL NOT NULL
+    );
+    CREATE INDEX ml_items_fetched ON ml_items(fetched_at);
+    CREATE TABLE cw_replies (
+        chatwoot_message_id INTEGER PRIMARY KEY,
+        parts_sent INTEGER NOT NULL DEFAULT 0,
+        in_flight_part INTEGER,
+        attachment_ids TEXT,
+        skipped_attachments TEXT NOT NULL DEFAULT '[]',
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE cw_reply_unknown_posts (
+        chatwoot_message_id INTEGER NOT NULL,
+        posted_at REAL NOT NULL,
+        failed_at REAL NOT NULL
+    );
+    CREATE INDEX cw_reply_unknown_posts_message ON cw_reply_unknown_posts(chatwoot_message_id);
+    INSERT INTO ml_questions (ml_question_id, ml_item_id, ml_buyer_id, chatwoot_conversation_id,
+                              chatwoot_message_id, opening, mirror_posting, sweep_checks,
+                              sweep_check_key, closed_status, imported_at, updated_at)
+        SELECT key, COALESCE(CAST(json_extract(value, '$.item_id') AS TEXT), ''),
+               COALESCE(CAST(json_extract(value, '$.buyer_id') AS TEXT), ''),
+               CAST(json_extract(value, '$.conversation_id') AS INTEGER),
+               CAST(json_extract(value, '$.message_id') AS INTEGER),
+               COALESCE(json_extract(value, '$.opening'), 0),
+               COALESCE(json_extract(value, '$.mirror_posting'), 0),
+               COALESCE(json_extract(value, '$.checks'), 0), json_extract(value, '$.check_key'),
+               json_extract(value, '$.closed'),
+               CASE WHEN json_extract(value, '$.message_id') IS NOT NULL THEN updated_at END,
+               updated_at
+        FROM mappings WHERE namespace = 'ml_question';
+    INSERT INTO ml_questions (ml_question_id, ml_buyer_id, ml_item_id, question_text,
+                              chatwoot_conversation_id, updated_at)
+        SELECT CAST(json_extract(e.value, '$.question_id') AS TEXT),
+               substr(m.key, 1, instr(m.key, ':') - 1), substr(m.key, instr(m.key, ':') + 1),
+               COALESCE(json_extract(e.value, '$.text'), ''),
+               CAST(json_extract(e.value, '$.conversation_id') AS INTEGER), m.updated_at
+        FROM mappings AS m, json_each(m.value) AS e
+        WHERE m.namespace = 'ml_question_thread' AND json_type(m.value) = 'array'
+        ON CONFLICT(ml_question_id) DO UPDATE SET question_text = excluded.question_text;
+    INSERT INTO ml_answers (ml_question_id, answered_by, chatwoot_message_id, answered_at)
+        SELECT key, CASE WHEN json_extract(value, '$.mirrored') THEN 'mercadolivre'
+                         ELSE 'ponte' END,
+               CAST(json_extract(value, '$.chatwoot_message_id') AS INTEGER), updated_at
+        FROM mappings WHERE namespace = 'ml_answered';
+    INSERT INTO cw_contacts (ml_buyer_id, chatwoot_contact_id, updated_at)
+        SELECT key, CAST(json_extract(value, '$.contact_id') AS INTEGER), updated_at
+        FROM mappings WHERE namespace = 'cw_contact'
+          AND json_extract(value, '$.contact_id') IS NOT NULL;
+    INSERT INTO cw_contact_inboxes (ml_buyer_id, chatwoot_inbox_id, source_id, updated_at)
+        SELECT substr(key, 1, instr(key, ':') - 1),
+               CAST(substr(key, instr(key, ':') + 1) AS INTEGER),
+               COALESCE(json_extract(value, '$.source_id'), 'meli:' || substr(key, 1, instr(key, ':') - 1)),
+               updated_at
+        FROM mappings WHERE namespace = 'cw_contact_inbox' AND instr(key, ':') > 0;
+    INSERT INTO cw_conversations (chatwoot_conversation_id, kind, ml_question_id, ml_pack_id,
+                                  ml_item_id, ml_buyer_id, created_at)
+        SELECT CAST(key AS INTEGER), json_extract(value, '$.kind'),
+               CAST(json_extract(value, '$.question_id') AS TEXT),
+               CAST(json_extract(value, '$.pack_id') AS TEXT),
+               COALESCE(CAST(json_extract(value, '$.item_id') AS TEXT), ''),
+               COALESCE(CAST(json_extract(value, '$.buyer_id') AS TEXT), ''), updated_at
+        FROM mappings WHERE namespace = 'cw_conversation'
+          AND json_extract(value, '$.kind') IN ('question', 'sale');
+    INSERT INTO ml_packs (ml_pack_id, chatwoot_conversation_id, ml_buyer_id, opening,
+                          order_summary, summary_posted, updated_at)
+        SELECT key, CAST(json_extract(value, '$.conversation_id') AS INTEGER),
+               COALESCE(CAST(json_extract(value, '$.buyer_id') AS TEXT), ''),
+               COALESCE(json_extract(value, '$.opening'), 0),
+               COALESCE(json_extract(value, '$.summary'), ''),
+               COALESCE(json_extract(value, '$.summary_posted'), 0), updated_at
+        FROM mappings WHERE namespace = 'ml_pack';
+    INSERT INTO ml_messages (ml_message_id, chatwoot_message_id, sent_by_ponte, posting,
+                             updated_at)
+        SELECT key, CAST(json_extract(value, '$.chatwoot_message_id') AS INTEGER),
+               COALESCE(json_extract(value, '$.sent_by_ponte'), 0),
+               COALESCE(json_extract(value, '$.posting'), 0), updated_at
+        FROM mappings WHERE namespace = 'ml_message';
+    UPDATE ml_messages SET reply_part = part.number
+        FROM (SELECT CAST(e.value AS TEXT) AS ml_message_id, e.key AS number
+              FROM mappings AS m, json_each(m.value, '$.ml_message_ids') AS e
+              WHERE m.namespace = 'cw_outgoing') AS part
+        WHERE part.ml_message_id = ml_messages.ml_message_id;
+    INSERT INTO ml_unread (ml_pack_id, unread_count, updated_at)
+        SELECT e.key, e.value, m.updated_at FROM mappings AS m, json_each(m.value) AS e
+        WHERE m.namespace = 'ml_unread' AND m.key = 'last';
+    INSERT INTO ml_unread (ml_pack_id, forgotten_count, updated_at)
+        SELECT e.key, e.value, m.updated_at FROM mappings AS m, json_each(m.value) AS e
+        WHERE m.namespace = 'ml_unread' AND m.key = 'forgotten'
+        ON CONFLICT(ml_pack_id) DO UPDATE SET forgotten_count = excluded.forgotten_count;
+    INSERT INTO ml_items (ml_item_id, title, price, currency_id, permalink, thumbnail,
+                          secure_thumbnail, status, fetched_at)
+        SELECT key, json_extract(value, '$.title'), json_extract(value, '$.price'),
+               json_extract(value, '$.currency_id'), json_extract(value, '$.permalink'),
+               json_extract(value, '$.thumbnail'), json_extract(value, '$.secure_thumbnail'),
+               json_extract(value, '$.status'),
+               COALESCE(json_extract(value, '$.fetched_at'), updated_at)
+        FROM mappings WHERE namespace = 'ml_item';
+    INSERT INTO cw_replies (chatwoot_message_id, parts_sent, in_flight_part, attachment_ids,
+                            skipped_attachments, updated_at)
+        SELECT CAST(key AS INTEGER), COALESCE(json_extract(value, '$.parts_sent'), 0),
+               CASE json_type(value, '$.in_flight')
+                    WHEN 'integer' THEN json_extract(value, '$.in_flight')
+                    WHEN 'true' THEN 0 END,
+               CASE WHEN json_type(value, '$.attachment_ids') = 'array'
+                    THEN json_extract(value, '$.attachment_ids') END,
+               CASE WHEN json_type(value, '$.skipped') = 'array'
+                    THEN json_extract(value, '$.skipped') ELSE '[]' END,
+               updated_at
+        FROM mappings WHERE namespace = 'cw_outgoing';
+    INSERT INTO cw_reply_unknown_posts (chatwoot_message_id, posted_at, failed_at)
+        SELECT CAST(m.key AS INTEGER), json_extract(e.value, '$[0]'),
+               json_extract(e.value, '$[1]')
+        FROM mappings AS m, json_each(m.value, '$.reached') AS e
+        WHERE m.namespace = 'cw_outgoing';
+    DELETE FROM mappings WHERE namespace IN ('ml_question', 'ml_question_thread', 'cw_contact',
+        'cw_contact_inbox', 'cw_conversation', 'ml_pack', 'ml_message', 'ml_unread', 'ml_item',
+        'cw_outgoing', 'ml_answered')
+"""
+
+
 MIGRATIONS: list = [
     # 1: the spine — events, jobs, heartbeats, locks, mappings, tokens
     """
@@ -203,6 +409,9 @@ MIGRATIONS: list = [
     DROP TABLE staged_jobs;
     ALTER TABLE staged_jobs_6 RENAME TO staged_jobs;
     """,
+    # 7: bridge B's state in its own tables (queried by meli_store), moved out of the JSON
+    # values of `mappings` that jobs read, changed and wrote back
+    _MELI_TABLES_7,
 ]
 
 
