@@ -1,7 +1,8 @@
 """Everything about the n8n side: the request we send to the seller's workflow and the answers
 it gives back.
 
-Owns: `N8nClient.send()` (POST to `N8N_WEBHOOK_URL` with `Authorization: Bearer N8N_API_KEY`),
+Owns: `N8nClient.send()` (POST to `N8N_WEBHOOK_URL` with `Authorization: Bearer N8N_API_KEY` and
+an `Idempotency-Key` header stable across the retries of one burst),
 `N8nError`, `extract_answer()` for synchronous answers ("Respond to Webhook") and
 `parse_send_response()` for asynchronous ones (`POST /send-response`).
 Must not: import db_manager, outbox, flask or another peer module.
@@ -13,6 +14,7 @@ from typing import Any
 
 from peer_http import PeerClient, PeerError
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 ANSWER_KEYS = ("output", "answer", "text", "response", "response_text", "message")
 # What n8n itself answers when the workflow does not (Webhook "onReceived" mode, or a last node
 # without data): status words, never something to send to a customer.
@@ -48,9 +50,12 @@ class N8nClient(PeerClient):
             error.retryable = True
         return error
 
-    def send(self, body: dict) -> Any:
-        """POST `body` to the workflow; returns its decoded answer (dict, list, str or None)."""
-        return self._request("POST", "", json=body)
+    def send(self, body: dict, idempotency_key: str | None = None) -> Any:
+        """POST `body` to the workflow; returns its decoded answer (dict, list, str or None).
+        `idempotency_key` (the same on every retry of one burst) goes in the
+        `Idempotency-Key` header, so a workflow can tell a repeat from a new question."""
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
+        return self._request("POST", "", json=body, headers=headers)
 
 
 def extract_answer(answer: Any) -> list[str] | None:

@@ -16,6 +16,7 @@ import kommo_api
 import kommo_auth
 import outbox
 import whatsapp_intake
+import whatsapp_resend
 import whatsapp_store
 from job_runner import JobContext, JobDeferred, JobFailed
 from n8n_api import extract_answer
@@ -64,6 +65,9 @@ def build_n8n_request(conversation: dict, messages: list[dict], correlation_id: 
         "origin": conversation["origin"],
         "correlation_id": correlation_id,
         "bridge_correlation_id": correlation_id,
+        # The same for every retry of this burst (also sent as the Idempotency-Key header):
+        # the workflow skips a repeat with it (see the templates in n8n/).
+        "idempotency_key": correlation_id,
         "source": "kommo",
     }
 
@@ -92,7 +96,7 @@ def forward_message(ctx: JobContext, job: Job):
                                {"contact_id": contact_id, "pause_count": state["pause_count"],
                                 "batch_key": job.dedupe_key}, now=ctx.now())
     body = build_n8n_request(conversation, messages, correlation)
-    answer = ctx.clients.n8n.send(body)
+    answer = ctx.clients.n8n.send(body, idempotency_key=correlation)
     texts = extract_answer(answer) or []
     log.info("n8n_forwarded", extra={"peer": "n8n", "contact_id": contact_id,
                                      "messages": len(messages), "answers": len(texts),
@@ -124,21 +128,48 @@ def send_reply(ctx: JobContext, job: Job):
         last = db_manager.mapping_get(ctx.conn, "kommo", key)
         if last and ctx.now() - last < SALESBOT_SPACING_SECONDS:
             raise JobDeferred(last + SALESBOT_SPACING_SECONDS)
+        already = _already_in_talk(ctx, job)
+        if already is not None:
+            return {"sent": "salesbot", "already_delivered": True}
+        # Writing the field again is harmless; running the bot again sends the text again.
         kommo.set_lead_text_field(p["lead_id"], s.kommo_reply_field_id, p["text"])
-        kommo.run_salesbot(s.kommo_salesbot_id, p["lead_id"])
+        with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
+            kommo.run_salesbot(s.kommo_salesbot_id, p["lead_id"])
         with db_manager.transaction(ctx.conn):
             db_manager.mapping_put(ctx.conn, "kommo", key, ctx.now(), now=ctx.now())
         return {"sent": "salesbot"}
     if not p.get("talk_id"):
         raise JobFailed("conversa sem talk_id: não há como responder pelo Chats API",
                         retryable=False)
-    answer = kommo.send_talk_message(p["talk_id"], p["text"])
+    already = _already_in_talk(ctx, job)
+    if already is not None:
+        _remember_sent(ctx, already.item_id)
+        return {"sent": "talk", "kommo_message_id": already.item_id, "already_delivered": True}
+    with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
+        answer = kommo.send_talk_message(p["talk_id"], p["text"])
     kommo_message_id = (answer or {}).get("id")
     if kommo_message_id:
-        # If Kommo reports our own send back as an outgoing message, it is not a seller.
-        with db_manager.transaction(ctx.conn):
-            db_manager.mapping_put(ctx.conn, "kommo-sent", kommo_message_id, True, now=ctx.now())
+        _remember_sent(ctx, kommo_message_id)
     return {"sent": "talk", "kommo_message_id": kommo_message_id}
+
+
+def _remember_sent(ctx: JobContext, kommo_message_id: str) -> None:
+    # If Kommo reports our own send back as an outgoing message, it is not a seller.
+    with db_manager.transaction(ctx.conn):
+        db_manager.mapping_put(ctx.conn, "kommo-sent", kommo_message_id, True, now=ctx.now())
+
+
+def _already_in_talk(ctx: JobContext, job: Job):
+    """On a retry whose earlier attempt may have reached Kommo: the message already in the
+    talk, or None (then send; unverified when Kommo would not tell, which is logged)."""
+    since = whatsapp_resend.unsure_since(ctx.conn, job)
+    if since is None:
+        return None
+    p = job.payload
+    readback = whatsapp_resend.check_talk(ctx.clients.kommo, p.get("talk_id"), p["text"], since)
+    whatsapp_resend.log_outcome("reply", job, since, readback, contact_id=p.get("contact_id"),
+                                correlation_id=p.get("correlation_id"))
+    return readback.found
 
 
 def intake(ctx: JobContext, job: Job):
@@ -168,7 +199,16 @@ def add_note(ctx: JobContext, job: Job):
     if not lead_id:
         log.warning("note_without_lead", extra={"text_chars": len(job.payload["text"])})
         return {"skipped": "no lead"}
-    ctx.clients.kommo.add_lead_note(lead_id, job.payload["text"])
+    since = whatsapp_resend.unsure_since(ctx.conn, job)
+    if since is not None:
+        readback = whatsapp_resend.check_notes(ctx.clients.kommo, lead_id, job.payload["text"],
+                                               since)
+        whatsapp_resend.log_outcome("note", job, since, readback, lead_id=lead_id)
+        if readback.found is not None:
+            return {"noted": lead_id, "already_delivered": True,
+                    "kommo_note_id": readback.found.item_id}
+    with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
+        ctx.clients.kommo.add_lead_note(lead_id, job.payload["text"])
     return {"noted": lead_id}
 
 

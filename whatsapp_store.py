@@ -168,9 +168,11 @@ def due_auto_resumes(conn: sqlite3.Connection, now: float) -> list[dict]:
 
 
 # Bridge A's mappings that only matter for a while: n8n answers to match, the last Salesbot run
-# per lead (to space runs), and the ids of messages ponte sent (to skip their echo). Kommo's
-# OAuth states are kommo_auth's.
-SHORT_LIVED_MAPPINGS = ("n8n-correlation", "n8n-answer", "kommo", "kommo-sent")
+# per lead (to space runs), the ids of messages ponte sent (to skip their echo), and the
+# markers of Kommo writes whose job may run again (whatsapp_resend). Kommo's OAuth states are
+# kommo_auth's.
+SHORT_LIVED_MAPPINGS = ("n8n-correlation", "n8n-answer", "kommo", "kommo-sent",
+                        "kommo-send-started")
 
 
 def prune(conn: sqlite3.Connection, older_than: float) -> None:

@@ -4,7 +4,8 @@
 by mode: `sync` (`{"output": "..."}`, like the example workflow), `list` (several messages),
 `empty` (200 `{}` — the workflow will answer later), `async` (empty now, then it posts the
 answer to ponte's `/send-response` from a thread), `down` (503). `fail_next` injects failures.
-Inspection: `GET /_standin/calls`, `POST /_standin/mode`.
+Inspection: `GET /_standin/calls` (each call's body and `Idempotency-Key` header),
+`POST /_standin/mode`.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def create_app(api_key: str = DEFAULT_KEY, mode: str = "sync",
             return jsonify(code=403, message="Authorization data is wrong!"), 403
         body = request.get_json(silent=True) or {}
         with lock:
-            state["calls"].append({"path": path, "body": body, "at": time.time()})
+            state["calls"].append({"path": path, "body": body, "at": time.time(),
+                                   "idempotency_key": request.headers.get("Idempotency-Key")})
             if state["fail_next"] > 0:
                 state["fail_next"] -= 1
                 return jsonify(message="Error in workflow"), state["fail_status"]
