@@ -1,35 +1,33 @@
-"""Shared helpers of bridge B's jobs: the clients, the mappings between Mercado Livre ids and
-Chatwoot ids (namespaces `NS_*` in db_manager's mappings table), buyers' contacts, item details,
-and the follow-ups that tell an agent why a reply did not go.
+"""Shared helpers of bridge B's jobs: the clients, buyers' contacts, item details, the
+conversation a reply belongs to, the ordering keys, and the follow-ups that tell an agent why a
+reply did not go. The state itself is in meli_store's tables.
 
 Owns: what meli_questions, meli_sales and meli_jobs all use.
-Must not: hold a job handler or a schedule; serve HTTP; know wire formats (the peer modules).
+Must not: hold a job handler or a schedule; serve HTTP; know wire formats (the peer modules);
+hold SQL (meli_store).
+
+Ordering keys (at most one running job per key, in enqueue order):
+- `ml-buyer:<buyer id>` — `ml.import_question`: a buyer's questions share one Chatwoot contact
+  and, per item, one thread whose earlier questions each new question's message cites.
+- `cw-out:<conversation id>` — `chatwoot.forward_reply`, `ml.mirror_answer` and
+  `chatwoot.mark_answered`: what goes out of one conversation, its answer and its labels.
+- `ml-pack-in:<pack id>` — `ml.sync_pack`: what comes into one sale's conversation.
+`ml.fetch_question`, `ml.fetch_message`, `ml.fetch_order` and the Chatwoot notes and status
+updates have none: they only read, write in single statements, or enqueue keyed follow-ups.
 """
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import Callable
 
-import db_manager
+import meli_store as store
 from chatwoot_api import ChatwootClient, ChatwootError
-from mercado_livre_api import ITEM_FIELDS, MercadoLivreError
+from mercado_livre_api import MercadoLivreError, buyer_id_of_question
 from outbox import FollowUp
 from peer_http import PeerError
 
 log = logging.getLogger("ponte.meli")
-
-NS_QUESTION = "ml_question"        # question id → {conversation_id, message_id, item_id, buyer_id}
-NS_THREAD = "ml_question_thread"   # "<buyer>:<item>" → [{question_id, conversation_id, text}]
-NS_CONTACT = "cw_contact"          # buyer id → {contact_id}
-NS_CONTACT_INBOX = "cw_contact_inbox"  # "<buyer>:<inbox>" → {source_id}
-NS_CONVERSATION = "cw_conversation"  # display id → {kind: question|sale, question_id|pack_id}
-NS_PACK = "ml_pack"                # pack (or order) id → {conversation_id, summary_posted}
-NS_ML_MESSAGE = "ml_message"       # ML message id → {chatwoot_message_id} | {sent_by_ponte}
-NS_UNREAD = "ml_unread"            # "last" → {pack id: unread count} of the last poll
-NS_ITEM = "ml_item"                # item id → {title, price, currency_id, permalink, thumbnail}
-NS_OUTGOING = "cw_outgoing"        # Chatwoot message id → {parts_sent, attachment_ids, ...}
-NS_ANSWERED = "ml_answered"        # question id → {chatwoot_message_id} or {mirrored}
 
 QUESTION_PAGE = 50
 QUESTION_MAX_PAGES = 20            # Mercado Livre refuses offsets past 1,000
@@ -50,15 +48,19 @@ def cw(ctx) -> ChatwootClient:
     return ctx.clients.chatwoot
 
 
-def get_mapping(ctx, namespace: str, key) -> Any:
-    """The value stored under (namespace, key), or None."""
-    return db_manager.mapping_get(ctx.conn, namespace, str(key))
+def buyer_ordering_key(question: dict) -> str:
+    """The ordering key of a question's import: its buyer's (see the module docstring)."""
+    return f"ml-buyer:{buyer_id_of_question(question)}"
 
 
-def put_mapping(ctx, namespace: str, key, value) -> None:
-    """Store a value at once (its own transaction: the next step must see it after a crash)."""
-    with db_manager.transaction(ctx.conn):
-        db_manager.mapping_put(ctx.conn, namespace, str(key), value, now=ctx.now())
+def reply_ordering_key(conversation_id) -> str:
+    """The ordering key of what goes out of a conversation (see the module docstring)."""
+    return f"cw-out:{conversation_id}"
+
+
+def pack_ordering_key(pack_id) -> str:
+    """The ordering key of what comes into a sale's conversation."""
+    return f"ml-pack-in:{pack_id}"
 
 
 def iso(ts: float) -> str:
@@ -78,12 +80,14 @@ def sales_inbox(ctx) -> int:
 
 def ensure_contact(ctx, inbox_id: int, buyer_id: str, nickname: str = "") -> dict:
     """The buyer's Chatwoot contact (identifier `meli:<buyer id>`) attached to `inbox_id`;
-    returns {contact_id, source_id}. Safe to repeat and to race (unique identifier → lookup)."""
+    returns {contact_id, source_id}. Safe to repeat and to race (unique identifier → lookup;
+    attaching to an inbox is idempotent in Chatwoot)."""
     buyer_id = str(buyer_id)
     identifier = source_id = f"meli:{buyer_id}"
     client = cw(ctx)
-    known = get_mapping(ctx, NS_CONTACT, buyer_id)
-    if known is None:
+    known = store.get_contact(ctx.conn, buyer_id)
+    contact_id = known.chatwoot_contact_id if known else None
+    if contact_id is None:
         if not nickname:
             nickname = buyer_nickname(ctx, buyer_id)
         try:
@@ -92,7 +96,7 @@ def ensure_contact(ctx, inbox_id: int, buyer_id: str, nickname: str = "") -> dic
                 custom_attributes={"meli_user_id": buyer_id, "meli_nickname": nickname},
                 additional_attributes={"meli_site_id": ctx.settings.ml_site_id})
             contact_id = int(created["contact"]["id"])
-            put_mapping(ctx, NS_CONTACT_INBOX, f"{buyer_id}:{inbox_id}", {"source_id": source_id})
+            store.record_contact_inbox(ctx.conn, buyer_id, inbox_id, source_id, ctx.now())
         except ChatwootError as exc:
             if exc.status != 422:
                 raise
@@ -100,12 +104,11 @@ def ensure_contact(ctx, inbox_id: int, buyer_id: str, nickname: str = "") -> dic
             if found is None:
                 raise
             contact_id = int(found["id"])
-        known = {"contact_id": contact_id}
-        put_mapping(ctx, NS_CONTACT, buyer_id, known)
-    if get_mapping(ctx, NS_CONTACT_INBOX, f"{buyer_id}:{inbox_id}") is None:
-        client.create_contact_inbox(known["contact_id"], inbox_id, source_id)
-        put_mapping(ctx, NS_CONTACT_INBOX, f"{buyer_id}:{inbox_id}", {"source_id": source_id})
-    return {"contact_id": known["contact_id"], "source_id": source_id}
+        store.record_contact(ctx.conn, buyer_id, contact_id, ctx.now())
+    if not store.has_contact_inbox(ctx.conn, buyer_id, inbox_id):
+        client.create_contact_inbox(contact_id, inbox_id, source_id)
+        store.record_contact_inbox(ctx.conn, buyer_id, inbox_id, source_id, ctx.now())
+    return {"contact_id": contact_id, "source_id": source_id}
 
 
 def buyer_nickname(ctx, buyer_id: str) -> str:
@@ -122,9 +125,9 @@ def item_info(ctx, item_id: str) -> dict | None:
     """Title, price, link and thumbnail of an item (cached for an hour)."""
     if not item_id:
         return None
-    cached = get_mapping(ctx, NS_ITEM, item_id)
+    cached = store.get_item(ctx.conn, item_id)
     if _fresh(ctx, cached):
-        return cached
+        return cached.as_info()
     try:
         item = ml(ctx).get_item(item_id)
     except MercadoLivreError as exc:
@@ -136,10 +139,7 @@ def item_info(ctx, item_id: str) -> dict | None:
 
 def cache_item(ctx, item: dict) -> dict:
     """Keep the fields the bridge shows, with the time they were read."""
-    info = {k: item.get(k) for k in ITEM_FIELDS}
-    info["fetched_at"] = ctx.now()
-    put_mapping(ctx, NS_ITEM, item.get("id"), info)
-    return info
+    return store.put_item(ctx.conn, item, ctx.now()).as_info()
 
 
 def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
@@ -161,12 +161,11 @@ def thumbnail(ctx, item: dict | None) -> list[tuple[str, bytes, str]]:
 
 def fresh_item(ctx, item_id: str) -> bool:
     """True when the item is cached and younger than an hour."""
-    return _fresh(ctx, get_mapping(ctx, NS_ITEM, item_id))
+    return _fresh(ctx, store.get_item(ctx.conn, item_id))
 
 
-def _fresh(ctx, cached_item: dict | None) -> bool:
-    return bool(cached_item) and \
-        ctx.now() - cached_item.get("fetched_at", 0) < ITEM_CACHE_SECONDS
+def _fresh(ctx, cached_item: store.MlItem | None) -> bool:
+    return cached_item is not None and ctx.now() - cached_item.fetched_at < ITEM_CACHE_SECONDS
 
 
 def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | None:
@@ -179,21 +178,21 @@ def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | 
 
 def open_conversation(ctx, inbox_id: int, contact: dict, attribute: str, value: str,
                       custom_attributes: dict, additional_attributes: dict,
-                      namespace: str, key: str, pending: dict) -> int:
+                      opening: bool, mark_opening: Callable[[], None]) -> int:
     """A new conversation of the contact in `inbox_id` with these attributes — or the one an
     earlier run created before its answer was lost (a timeout, a crash, a job that died and was
-    re-armed). Each run marks the caller's mapping `namespace`/`key` (whose value the caller
-    read: `pending`) as `opening` before it creates, so the contact's conversations are searched
-    (for `attribute` = `value`) only when such a run may have existed. Until the caller records
-    the conversation, that mapping has no `conversation_id`."""
+    re-armed). Each run calls `mark_opening` (which marks the caller's row `opening`) before it
+    creates, so the contact's conversations are searched (for `attribute` = `value`) only when
+    such a run may have existed (`opening`: the caller's row was marked). Until the caller
+    records the conversation, its row has no conversation id."""
     client = cw(ctx)
-    if pending.get("opening"):
+    if opening:
         for conversation in client.list_contact_conversations(contact["contact_id"]):
             attrs = conversation.get("custom_attributes")
             if str(conversation.get("inbox_id")) == str(inbox_id) and isinstance(attrs, dict) \
                     and str(attrs.get(attribute) or "") == str(value):
                 return int(conversation["id"])
-    put_mapping(ctx, namespace, key, {**pending, "opening": True})
+    mark_opening()
     conversation = client.create_conversation(inbox_id, contact["contact_id"],
                                               contact["source_id"],
                                               custom_attributes=custom_attributes,
@@ -201,24 +200,29 @@ def open_conversation(ctx, inbox_id: int, contact: dict, attribute: str, value: 
     return int(conversation["id"])
 
 
-def conversation_target(ctx, conversation_id: int, custom_attributes: dict | None) -> dict | None:
-    """What a Chatwoot conversation is about: a question or a sale (from our mappings, else from
-    the conversation's custom attributes)."""
-    known = get_mapping(ctx, NS_CONVERSATION, conversation_id)
+def conversation_target(ctx, conversation_id: int,
+                        custom_attributes: dict | None) -> store.CwConversation | None:
+    """What a Chatwoot conversation is about: a question or a sale (from our tables, else from
+    the conversation's custom attributes, e.g. once a settled question was pruned)."""
+    known = store.get_conversation(ctx.conn, conversation_id)
     if known:
         return known
     attrs = custom_attributes or {}
+    item, buyer = str(attrs.get("meli_item_id") or ""), str(attrs.get("meli_buyer_id") or "")
     if attrs.get("meli_question_id"):
-        return {"kind": "question", "question_id": str(attrs["meli_question_id"])}
+        return store.CwConversation(int(conversation_id), store.KIND_QUESTION,
+                                    str(attrs["meli_question_id"]), None, item, buyer, None)
     if attrs.get("meli_pack_id"):
-        return {"kind": "sale", "pack_id": str(attrs["meli_pack_id"])}
+        return store.CwConversation(int(conversation_id), store.KIND_SALE, None,
+                                    str(attrs["meli_pack_id"]), item, buyer, None)
     return None
 
 
 def reply_in_flight(ctx, message_id) -> bool:
     """True when an agent reply (or one of its parts) was being sent to Mercado Livre and the
     outcome is unknown: it may have been delivered."""
-    return (get_mapping(ctx, NS_OUTGOING, str(message_id)) or {}).get("in_flight") is not None
+    progress = store.get_reply(ctx.conn, message_id)
+    return progress is not None and progress.in_flight_part is not None
 
 
 def failure_follow_up(reply: dict, note: str, reason: str) -> FollowUp:

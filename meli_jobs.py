@@ -14,10 +14,15 @@ conversation by its custom attribute among the contact's conversations, a messag
 `source_id`, a post-sale part by its text among ponte's unrecorded messages. So a question becomes
 exactly one conversation and one message, and a reply is sent once (multi-part replies resume at
 the next unsent part).
+
+Concurrency: handlers run in N threads at once; the ordering keys that keep one conversation's
+jobs in order are listed in meli_common, and the state is in meli_store's tables (whose
+docstring says what `PRUNE` deletes past retention and what stays).
 """
 from __future__ import annotations
 
 import meli_auth
+import meli_store
 import meli_texts as texts
 from meli_common import (conversation_target, cw, failure_follow_up, log, refuse,
                          reply_in_flight)
@@ -38,9 +43,9 @@ def handle_forward_reply(ctx, job):
     target = conversation_target(ctx, reply["conversation_id"], reply.get("custom_attributes"))
     if target is None:
         return refuse(reply, texts.NOT_LINKED, "not_linked")
-    if target["kind"] == "question":
-        return answer_question(ctx, job, reply, str(target["question_id"]))
-    return send_sale_message(ctx, job, reply, str(target["pack_id"]))
+    if target.kind == meli_store.KIND_QUESTION:
+        return answer_question(ctx, job, reply, str(target.ml_question_id))
+    return send_sale_message(ctx, job, reply, str(target.ml_pack_id))
 
 
 def on_dead_forward_reply(ctx, job, error: str) -> list[FollowUp]:
@@ -111,7 +116,7 @@ HANDLERS = {
 
 
 ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply, "ml.sync_pack": on_dead_sync_pack}
-PRUNE = [meli_auth.prune_states]
+PRUNE = [meli_store.prune, meli_auth.prune_states]
 
 
 SCHEDULES = [

@@ -3,21 +3,21 @@ public answers, answers typed on Mercado Livre mirrored back.
 
 Owns: the `ml.import_question`, `ml.fetch_question`, `ml.mirror_answer` and
 `chatwoot.mark_answered` handlers, the question poll, and answering a question.
-Must not: serve HTTP; know wire formats (the peer modules).
+Must not: serve HTTP; know wire formats (the peer modules); hold SQL (meli_store).
+Ordering keys: see meli_common.
 """
 from __future__ import annotations
 
 import db_manager
+import meli_store as store
 import meli_texts as texts
 import outbox
 from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
-from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, NS_ANSWERED,
-                         NS_CONVERSATION, NS_OUTGOING, NS_QUESTION, NS_THREAD,
-                         QUESTION_MAX_PAGES, QUESTION_PAGE,
-                         add_label, cache_item, cw, ensure_contact, find_message_by_source,
-                         fresh_item, get_mapping, iso, item_info, log, ml, note_follow_up,
-                         open_conversation, put_mapping, questions_inbox, refuse, short_error,
-                         squash, thumbnail)
+from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, QUESTION_MAX_PAGES,
+                         QUESTION_PAGE, add_label, buyer_ordering_key, cache_item, cw,
+                         ensure_contact, find_message_by_source, fresh_item, iso, item_info, log,
+                         ml, note_follow_up, open_conversation, questions_inbox, refuse,
+                         reply_ordering_key, short_error, squash, thumbnail)
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
                                parse_date, question_sort_key)
 from outbox import FollowUp
@@ -26,7 +26,6 @@ FINAL_STATUSES = ("ANSWERED", "DELETED", "BANNED", "CLOSED_UNANSWERED", "DISABLE
 CLOCK_SKEW_SECONDS = 30  # between Mercado Livre's answer dates and our clock
 DEAD_IMPORT_RETRY_SECONDS = 3600
 FULL_SWEEP_SECONDS = 3600
-NS_POLL = "ml_poll"  # "questions_full_sweep_at" → epoch seconds of the last full sweep
 SWEEP_CHECK_MAX = 50  # imported questions re-read per full sweep when they left UNANSWERED
 SWEEP_CHECK_LIMIT = 24  # sweeps that re-read one question before it is left alone
 
@@ -39,8 +38,7 @@ def poll_questions(ctx) -> dict:
     backlog to reach the new ones, and cannot reach past offset 1,000). Once an hour the sweep
     walks every page (bounded) to catch anything missed."""
     client = ml(ctx)
-    full = ctx.now() - (get_mapping(ctx, NS_POLL, "questions_full_sweep_at") or 0) \
-        >= FULL_SWEEP_SECONDS
+    full = ctx.now() - store.full_sweep_at(ctx.conn) >= FULL_SWEEP_SECONDS
     found: list[dict] = []
     seen: set[str] = set()
     complete = False
@@ -74,13 +72,13 @@ def poll_questions(ctx) -> dict:
             for q in found:
                 if outbox.enqueue_job(ctx.conn, "ml.import_question",
                                       f"ml-question:{q['id']}", {"question": q},
-                                      now=ctx.now()):
+                                      ordering_key=buyer_ordering_key(q), now=ctx.now()):
                     enqueued += 1
     checks = 0
     if full and complete:
         checks = _check_questions_gone(ctx, seen)
     if full:
-        put_mapping(ctx, NS_POLL, "questions_full_sweep_at", ctx.now())
+        store.set_full_sweep_at(ctx.conn, ctx.now())
     if enqueued:
         log.info("ml_questions_enqueued", extra={"count": enqueued, "pages": pages})
     result = {"enqueued": enqueued, "pages": pages, "full_sweep": full}
@@ -94,9 +92,8 @@ def _check_questions_gone(ctx, unanswered: set[str]) -> int:
     imported questions that are no longer among them (answered on Mercado Livre's site
     without a notification reaching us, deleted, closed), at most SWEEP_CHECK_MAX a sweep,
     the longest-waiting first."""
-    imported = db_manager.mapping_keys_open(ctx.conn, NS_QUESTION, has_field="message_id",
-                                            lacks_field="closed", unless_in=NS_ANSWERED)
-    gone = [key for key in imported if key not in unanswered][:SWEEP_CHECK_MAX]
+    gone = [qid for qid in store.open_question_ids(ctx.conn)
+            if qid not in unanswered][:SWEEP_CHECK_MAX]
     with db_manager.transaction(ctx.conn):
         for qid in gone:
             _queue_check(ctx, qid)
@@ -108,30 +105,31 @@ def _check_questions_gone(ctx, unanswered: set[str]) -> int:
 def _queue_check(ctx, qid: str) -> None:
     """One sweep slot for a question that left UNANSWERED: queue a re-read unless the last one
     is still queued or died (a question that keeps failing gets no new dead job every hour).
-    Writing the mapping bumps its `updated_at`, which moves the question to the back of the
-    sweep's queue (`mapping_keys_open` is oldest first). After
-    SWEEP_CHECK_LIMIT slots with nothing settled the question is closed for the sweep."""
-    known = db_manager.mapping_get(ctx.conn, NS_QUESTION, qid) or {}
-    checks = int(known.get("checks") or 0)
-    last = known.get("check_key")
+    Counting the slot bumps the question's `updated_at`, which moves it to the back of the
+    sweep's queue (`open_question_ids` is oldest first). After SWEEP_CHECK_LIMIT slots with
+    nothing settled the question is closed for the sweep. Runs inside the sweep's transaction,
+    so the read and the count are one step."""
+    known = store.get_question(ctx.conn, qid)
+    if known is None:
+        return
+    last = known.sweep_check_key
     job = outbox.get_job(ctx.conn, dedupe_key=last) if last else None
     if job is None or job["status"] == "done":
-        last = f"ml-question-check:{qid}:{checks + 1}"
+        last = f"ml-question-check:{qid}:{known.sweep_checks + 1}"
         outbox.enqueue_job(ctx.conn, "ml.fetch_question", last, {"question_id": qid},
                            now=ctx.now())
-    known.update(checks=checks + 1, check_key=last)
-    if checks + 1 >= SWEEP_CHECK_LIMIT:
-        known["closed"] = "UNSETTLED"
+    counted = store.count_sweep_check(ctx.conn, qid, last, SWEEP_CHECK_LIMIT, ctx.now())
+    if counted is not None and counted.closed_status == store.CLOSED_UNSETTLED:
         log.warning("ml_question_sweep_gave_up", extra={"ml_question_id": qid,
-                                                        "checks": checks + 1})
-    db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
+                                                        "checks": counted.sweep_checks})
 
 
 def _needs_import(ctx, question_id) -> bool:
     """True for a question without its Chatwoot message and without a live import job. An
     import that died (Chatwoot down for hours) is re-armed an hour later while the question is
     still unanswered, instead of waiting for an operator."""
-    if (get_mapping(ctx, NS_QUESTION, question_id) or {}).get("message_id"):
+    known = store.get_question(ctx.conn, question_id)
+    if known is not None and known.chatwoot_message_id:
         return False
     job = outbox.get_job(ctx.conn, dedupe_key=f"ml-question:{question_id}")
     if job is None:
@@ -147,17 +145,21 @@ def handle_import_question(ctx, job):
     """`ml.import_question`: one new question → one conversation + one incoming message."""
     q = job.payload["question"]
     qid = str(q["id"])
-    known = get_mapping(ctx, NS_QUESTION, qid) or {}
-    if known.get("message_id"):
-        return {"status": "already_imported", "conversation_id": known["conversation_id"]}
+    known = store.get_question(ctx.conn, qid)
+    if known is not None and known.chatwoot_message_id:
+        return {"status": "already_imported",
+                "conversation_id": known.chatwoot_conversation_id}
     if q.get("status") not in (None, "UNANSWERED"):
         return {"status": "skipped", "question_status": q.get("status")}
     client = cw(ctx)
     buyer = buyer_id_of_question(q)
     item_id = str(q.get("item_id") or "")
-    thread_key = f"{buyer}:{item_id}"
-    thread = get_mapping(ctx, NS_THREAD, thread_key) or []
-    conversation_id = known.get("conversation_id")
+    # Read before this question joins it; the buyer's ordering key keeps a question of the
+    # same thread from joining meanwhile.
+    others = [{"conversation_id": t.chatwoot_conversation_id, "text": t.question_text}
+              for t in store.question_thread(ctx.conn, buyer, item_id)
+              if t.ml_question_id != qid]
+    conversation_id = known.chatwoot_conversation_id if known else None
     # A conversation recorded by an earlier run may already hold the message.
     resumed = bool(conversation_id)
     if not resumed:
@@ -167,21 +169,16 @@ def handle_import_question(ctx, job):
             custom_attributes={"meli_question_id": qid, "meli_item_id": item_id,
                                "meli_buyer_id": buyer},
             additional_attributes={"meli_resource": "questions", "meli_item_id": item_id},
-            namespace=NS_QUESTION, key=qid, pending=known)
-        known = {"conversation_id": conversation_id, "item_id": item_id, "buyer_id": buyer}
-        with db_manager.transaction(ctx.conn):
-            db_manager.mapping_put(ctx.conn, NS_QUESTION, qid, known, now=ctx.now())
-            db_manager.mapping_put(ctx.conn, NS_CONVERSATION, str(conversation_id),
-                                   {"kind": "question", "question_id": qid, "item_id": item_id,
-                                    "buyer_id": buyer}, now=ctx.now())
-            db_manager.mapping_put(ctx.conn, NS_THREAD, thread_key, thread + [
-                {"question_id": qid, "conversation_id": conversation_id,
-                 "text": (q.get("text") or "")[:120]}], now=ctx.now())
+            opening=bool(known and known.opening),
+            mark_opening=lambda: store.mark_question_opening(ctx.conn, qid, item_id, buyer,
+                                                             ctx.now()))
+        store.record_question_conversation(ctx.conn, qid, item_id, buyer,
+                                           (q.get("text") or "")[:120], conversation_id,
+                                           ctx.now())
     source_id = f"meli:question:{qid}"
     existing = find_message_by_source(ctx, conversation_id, source_id) if resumed else None
     if existing is None:
         item = item_info(ctx, item_id)
-        others = [t for t in thread if t["question_id"] != qid]
         content = texts.question_message(q, item, others)
         message = client.create_message(
             conversation_id, content, message_type="incoming", source_id=source_id,
@@ -190,7 +187,7 @@ def handle_import_question(ctx, job):
                                 "external_created_at": q.get("date_created")},
             attachments=thumbnail(ctx, item))
         existing = message
-    put_mapping(ctx, NS_QUESTION, qid, {**known, "message_id": int(existing["id"])})
+    store.record_question_message(ctx.conn, qid, int(existing["id"]), ctx.now())
     log.info("ml_question_imported", extra={"ml_question_id": qid,
                                             "chatwoot_conversation_id": conversation_id})
     return {"status": "imported", "conversation_id": conversation_id,
@@ -201,42 +198,43 @@ def handle_fetch_question(ctx, job):
     """`ml.fetch_question` (from a notification): read the question with our token; a new one
     is imported like a polled one; one answered directly on Mercado Livre is mirrored."""
     qid = str(job.payload["question_id"])
-    known = get_mapping(ctx, NS_QUESTION, qid)
+    known = store.get_question(ctx.conn, qid)
     try:
         q = ml(ctx).get_question(qid)
     except MercadoLivreError as exc:
         if exc.status == 404:
-            _close(ctx, qid, known, "DELETED")
+            _close(ctx, qid, "DELETED")
             return {"status": "not_found"}
         raise
     if str(q.get("seller_id") or ctx.settings.ml_seller_id) != str(ctx.settings.ml_seller_id):
         return {"status": "other_seller"}
-    if q.get("status") == "UNANSWERED" and not (known and known.get("message_id")):
+    if q.get("status") == "UNANSWERED" and not (known and known.chatwoot_message_id):
         return {"status": "new"}, [FollowUp("ml.import_question", f"ml-question:{qid}",
-                                            {"question": q})]
+                                            {"question": q},
+                                            ordering_key=buyer_ordering_key(q))]
     answer = q.get("answer") or {}
-    if q.get("status") == "ANSWERED" and known and known.get("conversation_id") \
+    if q.get("status") == "ANSWERED" and known and known.chatwoot_conversation_id \
             and answer.get("text"):
         # Answered by ponte (Mercado Livre may store our text altered) or already mirrored.
-        if get_mapping(ctx, NS_ANSWERED, qid) is None:
+        if store.get_answer(ctx.conn, qid) is None:
             # Queued behind the conversation's replies: one still being retried may be the
             # very answer Mercado Livre now shows (its reply to our POST was lost).
             return {"status": "answered_on_ml"}, [FollowUp(
                 "ml.mirror_answer", f"ml-answer:{qid}",
-                {"question_id": qid, "conversation_id": known["conversation_id"],
+                {"question_id": qid, "conversation_id": known.chatwoot_conversation_id,
                  "text": answer.get("text"), "date_created": answer.get("date_created")},
-                ordering_key=f"cw-out:{known['conversation_id']}")]
+                ordering_key=reply_ordering_key(known.chatwoot_conversation_id))]
     if q.get("status") != "UNANSWERED":
-        _close(ctx, qid, known, str(q.get("status")))
+        _close(ctx, qid, str(q.get("status")))
     return {"status": "nothing_to_do", "question_status": q.get("status")}
 
 
-def _close(ctx, qid: str, known: dict | None, status: str) -> None:
+def _close(ctx, qid: str, status: str) -> None:
     """Remember that an imported question reached a final status, so sweeps stop re-reading
-    it (UNDER_REVIEW is not final: the question may come back and be answered)."""
-    if status in FINAL_STATUSES and known and known.get("message_id") \
-            and not known.get("closed"):
-        put_mapping(ctx, NS_QUESTION, qid, {**known, "closed": status})
+    it (UNDER_REVIEW is not final: the question may come back and be answered). One
+    statement: this job has no ordering key."""
+    if status in FINAL_STATUSES:
+        store.close_question(ctx.conn, qid, status, ctx.now())
 
 
 def handle_mirror_answer(ctx, job):
@@ -245,25 +243,25 @@ def handle_mirror_answer(ctx, job):
     p = job.payload
     qid = str(p["question_id"])
     conversation_id = int(p["conversation_id"])
-    done = get_mapping(ctx, NS_ANSWERED, qid)
-    if done and not done.get("mirrored"):
+    done = store.get_answer(ctx.conn, qid)
+    if done and done.answered_by == store.ANSWERED_BY_PONTE:
         return {"status": "answered_by_ponte"}
     if done is None:
         source_id = f"meli:answer:{qid}"
         # Marked before posting: a run that lost Chatwoot's answer (retry, crash, or a job
         # that died and was re-armed with a fresh attempt count) looks before posting again.
-        known = get_mapping(ctx, NS_QUESTION, qid) or {}
-        if known.get("mirror_posting") or not known:
+        known = store.get_question(ctx.conn, qid)
+        if known is None or known.mirror_posting:
             existing = find_message_by_source(ctx, conversation_id, source_id)
         else:
             existing = None
-            put_mapping(ctx, NS_QUESTION, qid, {**known, "mirror_posting": True})
+            store.mark_mirror_posting(ctx.conn, qid, ctx.now())
         if existing is None:
             cw(ctx).create_message(conversation_id, p["text"], message_type="outgoing",
                                    source_id=source_id,
                                    content_attributes={BRIDGE_ORIGIN_KEY: "mercadolivre",
                                                        "meli_question_id": qid})
-        put_mapping(ctx, NS_ANSWERED, qid, {"mirrored": True})
+        store.record_answer(ctx.conn, qid, store.ANSWERED_BY_MERCADOLIVRE, None, ctx.now())
     add_label(ctx, conversation_id, LABEL_ANSWERED_ON_ML)
     return {"status": "mirrored"}
 
@@ -279,37 +277,39 @@ def answer_question(ctx, job, reply: dict, qid: str):
         return refuse(reply, "\n".join(notes + [texts.EMPTY_REPLY]), "empty")
     if len(text) > ANSWER_MAX_CHARS:
         return refuse(reply, texts.ANSWER_TOO_LONG.format(length=len(text)), "too_long")
-    ours = get_mapping(ctx, NS_ANSWERED, qid)
-    if ours and ours.get("mirrored"):
+    ours = store.get_answer(ctx.conn, qid)
+    if ours and ours.answered_by == store.ANSWERED_BY_MERCADOLIVRE:
         return refuse(reply, texts.QUESTION_ALREADY_ANSWERED, "already_answered")
-    if ours and ours.get("chatwoot_message_id") != reply["message_id"]:
+    if ours and ours.chatwoot_message_id != int(reply["message_id"]):
         return refuse(reply, texts.ALREADY_ANSWERED_BY_US.format(
-            message_id=ours["chatwoot_message_id"]), "already_answered")
+            message_id=ours.chatwoot_message_id), "already_answered")
     if not ours:
         # In flight before the POST: a run that loses Mercado Livre's answer (timeout, crash,
         # job died and re-armed) knows its POST may have gone through; an error that may have
-        # reached Mercado Livre also records when (`reached`).
-        key = str(reply["message_id"])
-        flight = get_mapping(ctx, NS_OUTGOING, key) or {}
-        flight["in_flight"], posted_at = True, ctx.now()
-        put_mapping(ctx, NS_OUTGOING, key, flight)
+        # reached Mercado Livre also records when (its unknown posts). Only this job (ordering
+        # key cw-out:<conversation>) writes the reply's progress.
+        key = int(reply["message_id"])
+        posted_at = ctx.now()
+        store.start_reply_part(ctx.conn, key, 0, posted_at)
         try:
             ml(ctx).answer_question(qid, text)
         except MercadoLivreError as exc:
             if exc.may_have_reached:
-                flight["reached"] = flight.get("reached", []) + [[posted_at, ctx.now()]]
-            if not flight.get("reached"):
-                flight["in_flight"] = None
-            put_mapping(ctx, NS_OUTGOING, key, flight)
+                store.record_unknown_post(ctx.conn, key, posted_at, ctx.now())
+            reached = store.unknown_posts(ctx.conn, key)
+            if not reached:
+                store.clear_in_flight(ctx.conn, key, ctx.now())
             if exc.retryable:
                 raise
-            outcome = _explain_answer_error(ctx, qid, text, exc, flight.get("reached") or [])
+            outcome = _explain_answer_error(ctx, qid, text, exc, reached)
             if outcome != "ours":
                 return refuse(reply, outcome, exc.code or str(exc.status))
-        put_mapping(ctx, NS_ANSWERED, qid, {"chatwoot_message_id": reply["message_id"]})
+        store.record_answer(ctx.conn, qid, store.ANSWERED_BY_PONTE, key, ctx.now())
     follow_ups = [FollowUp("chatwoot.mark_answered", f"cw-answered:{reply['message_id']}",
                            {"conversation_id": reply["conversation_id"],
-                            "message_id": reply["message_id"], "question_id": qid})]
+                            "message_id": reply["message_id"], "question_id": qid},
+                           # its labels and attributes are read, changed and written back
+                           ordering_key=reply_ordering_key(reply["conversation_id"]))]
     if notes:
         follow_ups.append(note_follow_up(reply["conversation_id"], "\n".join(notes),
                                 f"attachments:{reply['message_id']}"))

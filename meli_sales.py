@@ -4,21 +4,24 @@ messaging agent, blocked conversations).
 
 Owns: the `ml.sync_pack`, `ml.fetch_message` and `ml.fetch_order` handlers, the unread poll,
 and sending a reply to a sale.
-Must not: serve HTTP; know wire formats (the peer modules).
+Must not: serve HTTP; know wire formats (the peer modules); hold SQL (meli_store).
+Ordering keys: see meli_common. A sale's sync (`ml-pack-in:<pack>`) and a reply to it
+(`cw-out:<conversation>`) may run at once: both write the sale's message map, each only the
+columns it owns, in single statements; the unread snapshot is written by the poll and by
+replies, each change one statement or one transaction.
 """
 from __future__ import annotations
 
 import uuid
 
 import db_manager
+import meli_store as store
 import meli_texts as texts
 import outbox
 from chatwoot_api import BRIDGE_ORIGIN_KEY, ChatwootError, markdown_to_text
-from meli_common import (MAX_REPLY_PARTS, NS_CONVERSATION, NS_ML_MESSAGE, NS_OUTGOING, NS_PACK,
-                         NS_UNREAD, PACK_PAGE, buyer_nickname, cw, ensure_contact,
-                         find_message_by_source, get_mapping, log, ml,
-                         note_follow_up, open_conversation, put_mapping, refuse, sales_inbox,
-                         short_error, squash)
+from meli_common import (MAX_REPLY_PARTS, PACK_PAGE, buyer_nickname, cw, ensure_contact,
+                         find_message_by_source, log, ml, note_follow_up, open_conversation,
+                         pack_ordering_key, refuse, sales_inbox, short_error, squash)
 from mercado_livre_api import (ATTACHMENT_MAX_BYTES, SELLER_MESSAGE_MAX_CHARS, MercadoLivreError,
                                attachment_mime, is_agent_mediated, message_sort_key, message_text,
                                pack_id_of_message, parse_pack_resource, plain_post_sale_text,
@@ -37,52 +40,44 @@ def poll_messages(ctx) -> dict:
     sent by ponte reads its pack with mark_as_read and drops it from the snapshot, so the
     buyer's next message counts as a change even when the count is the same again (also when
     that reply ran while this poll waited for Mercado Livre's answer)."""
-    forgotten_before = db_manager.mapping_get(ctx.conn, NS_UNREAD, "forgotten") or {}
+    forgotten_before = store.forgotten_counts(ctx.conn)
     answer = ml(ctx).unread_messages()
     current: dict[str, int] = {}
     for result in answer.get("results") or []:
         parsed = parse_pack_resource(str(result.get("resource") or ""))
         if parsed:
             current[parsed[0]] = int(result.get("count") or 0)
+    # One transaction (BEGIN IMMEDIATE): no reply's forget_unread lands between the reads
+    # and the write of the snapshot.
     with db_manager.transaction(ctx.conn):
         # A reply that read its pack with mark_as_read while this poll waited for Mercado
         # Livre: the count seen here predates it, so it is not kept (the buyer's next message
         # must count as a change).
-        forgotten = db_manager.mapping_get(ctx.conn, NS_UNREAD, "forgotten") or {}
-        for pack, generation in forgotten.items():
+        for pack, generation in store.forgotten_counts(ctx.conn).items():
             if forgotten_before.get(pack) != generation:
                 current.pop(pack, None)
-        if forgotten:
-            db_manager.mapping_put(ctx.conn, NS_UNREAD, "forgotten", {}, now=ctx.now())
-        previous = db_manager.mapping_get(ctx.conn, NS_UNREAD, "last") or {}
+        previous = store.unread_snapshot(ctx.conn)
         changed = [pack for pack, count in current.items() if previous.get(pack) != count]
         changed += [pack for pack in previous if pack not in current]
         for pack in changed:
             outbox.enqueue_job(ctx.conn, "ml.sync_pack",
                                f"ml-pack-sync:{pack}:unread:{uuid.uuid4().hex[:12]}",
-                               {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}",
+                               {"pack_id": pack}, ordering_key=pack_ordering_key(pack),
                                now=ctx.now())
-        if current != previous:
-            db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", current, now=ctx.now())
+        store.save_unread_snapshot(ctx.conn, current, previous, ctx.now())
     return {"packs": len(current), "enqueued": len(changed)}
 
 
 def forget_unread(ctx, pack_id: str) -> None:
-    """Drop a pack from the unread snapshot; call inside the caller's transaction, right after
-    reading the pack with mark_as_read (its count went to 0 without the poll seeing it)."""
-    forgotten = db_manager.mapping_get(ctx.conn, NS_UNREAD, "forgotten") or {}
-    forgotten[str(pack_id)] = int(forgotten.get(str(pack_id)) or 0) + 1
-    db_manager.mapping_put(ctx.conn, NS_UNREAD, "forgotten", forgotten, now=ctx.now())
-    snapshot = db_manager.mapping_get(ctx.conn, NS_UNREAD, "last") or {}
-    if snapshot.pop(str(pack_id), None) is not None:
-        db_manager.mapping_put(ctx.conn, NS_UNREAD, "last", snapshot, now=ctx.now())
+    """Drop a pack from the unread snapshot, right after reading the pack with mark_as_read
+    (its count went to 0 without the poll seeing it)."""
+    store.forget_unread(ctx.conn, pack_id, ctx.now())
 
 
 def on_dead_sync_pack(ctx, job, error: str) -> list:
     """A sale's sync gave up (Chatwoot or Mercado Livre down for hours): forget its unread count
     so the next unread poll queues it again, as long as the buyer's messages are still unread."""
-    with db_manager.transaction(ctx.conn):
-        forget_unread(ctx, job.payload["pack_id"])
+    forget_unread(ctx, job.payload["pack_id"])
     return []
 
 
@@ -117,11 +112,11 @@ def handle_sync_pack(ctx, job):
             return {"status": "no_conversation"}
         raise
     seller = str(ctx.settings.ml_seller_id)
-    known = {m.get("id"): get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) for m in messages}
-    new = [m for m in messages if _unmirrored(known[m.get("id")])]
+    known = store.get_ml_messages(ctx.conn, [m.get("id") for m in messages])
+    new = [m for m in messages if _unmirrored(known.get(str(m.get("id"))))]
     ours = [m for m in new if _sent_by_ponte(ctx, m)]
     for m in ours:  # sent by ponte itself: already in Chatwoot as the agent's message
-        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"sent_by_ponte": True})
+        store.mark_sent_by_ponte(ctx.conn, m["id"], pack_id, ctx.now())
     new = [m for m in new if m not in ours]
     if not new:
         return {"status": "up_to_date"}
@@ -130,7 +125,8 @@ def handle_sync_pack(ctx, job):
     # What an earlier run (retried, crashed, or died and replaced by a fresh sync job) may have
     # posted without recording it: each message is marked `posting` before it goes to Chatwoot,
     # and each chunk of files has its source_id.
-    in_flight = any((known[m.get("id")] or {}).get("posting") for m in new)
+    in_flight = any(known.get(str(m.get("id"))) and known[str(m.get("id"))].posting
+                    for m in new)
     posted = {m.get("source_id"): m for m in client.list_messages(conversation_id)
               if m.get("source_id")} if in_flight else {}
     mirrored = 0
@@ -138,8 +134,8 @@ def handle_sync_pack(ctx, job):
         source_id = f"meli:msg:{m['id']}"
         attachments = m.get("message_attachments") or []
         if source_id in posted and len(attachments) <= CHATWOOT_MAX_FILES:
-            put_mapping(ctx, NS_ML_MESSAGE, m["id"],
-                        {"chatwoot_message_id": int(posted[source_id]["id"])})
+            store.record_mirrored(ctx.conn, m["id"], pack_id, int(posted[source_id]["id"]),
+                                  ctx.now())
             continue
         from_seller = str((m.get("from") or {}).get("user_id")) == seller
         files, skipped = _download_ml_attachments(ctx, m)
@@ -151,7 +147,7 @@ def handle_sync_pack(ctx, job):
             attributes[BRIDGE_ORIGIN_KEY] = "mercadolivre"
         kind = "outgoing" if from_seller else "incoming"
         first_id = None
-        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"posting": True})
+        store.mark_posting(ctx.conn, m["id"], pack_id, ctx.now())
         # Chatwoot takes at most 15 files a message; Mercado Livre allows 25.
         for start in range(0, max(len(files), 1), CHATWOOT_MAX_FILES):
             chunk_source = source_id if start == 0 else f"{source_id}:{start}"
@@ -162,7 +158,7 @@ def handle_sync_pack(ctx, job):
                     source_id=chunk_source, content_attributes=attributes,
                     attachments=files[start:start + CHATWOOT_MAX_FILES])
             first_id = first_id if first_id is not None else int(created["id"])
-        put_mapping(ctx, NS_ML_MESSAGE, m["id"], {"chatwoot_message_id": first_id})
+        store.record_mirrored(ctx.conn, m["id"], pack_id, first_id, ctx.now())
         mirrored += 1
     log.info("ml_pack_synced", extra={"ml_pack_id": pack_id, "mirrored": mirrored,
                                       "chatwoot_conversation_id": conversation_id})
@@ -190,10 +186,10 @@ def _download_ml_attachments(ctx, message: dict) -> tuple[list, list[str]]:
 def ensure_sale_conversation(ctx, pack_id: str) -> int:
     """The one Chatwoot conversation of a sale, created with the order summary as its first
     (private) message; before creating it, looks for one an earlier run created."""
-    known = get_mapping(ctx, NS_PACK, pack_id) or {}
+    known = store.get_pack(ctx.conn, pack_id)
     client = cw(ctx)
-    # The summary is posted only after the mapping is written: without a mapping there is none.
-    fresh = not known.get("conversation_id")
+    # The summary is posted only after the conversation is recorded: without it there is none.
+    fresh = not (known and known.chatwoot_conversation_id)
     if fresh:
         orders = sale_orders(ctx, pack_id)
         buyer = (orders[0].get("buyer") or {}) if orders else {}
@@ -207,24 +203,20 @@ def ensure_sale_conversation(ctx, pack_id: str) -> int:
             ctx, sales_inbox(ctx), contact, "meli_pack_id", pack_id,
             custom_attributes={"meli_pack_id": pack_id, "meli_buyer_id": buyer_id,
                                "meli_order_ids": ",".join(str(o.get("id")) for o in orders)},
-            additional_attributes={"meli_resource": "messages"}, namespace=NS_PACK, key=pack_id,
-            pending=known)
-        known = {"conversation_id": conversation_id, "buyer_id": buyer_id,
-                 "summary_posted": False, "summary": texts.order_summary(pack_id, orders)}
-        with db_manager.transaction(ctx.conn):
-            db_manager.mapping_put(ctx.conn, NS_PACK, pack_id, known, now=ctx.now())
-            db_manager.mapping_put(ctx.conn, NS_CONVERSATION, str(known["conversation_id"]),
-                                   {"kind": "sale", "pack_id": pack_id, "buyer_id": buyer_id},
-                                   now=ctx.now())
-    if not known.get("summary_posted"):
+            additional_attributes={"meli_resource": "messages"},
+            opening=bool(known and known.opening),
+            mark_opening=lambda: store.mark_pack_opening(ctx.conn, pack_id, ctx.now()))
+        known = store.record_pack_conversation(ctx.conn, pack_id, conversation_id, buyer_id,
+                                               texts.order_summary(pack_id, orders), ctx.now())
+    if not known.summary_posted:
         source_id = f"meli:order-summary:{pack_id}"
-        if fresh or find_message_by_source(ctx, known["conversation_id"], source_id) is None:
-            client.create_message(known["conversation_id"], known["summary"], private=True,
-                                  source_id=source_id,
+        if fresh or find_message_by_source(ctx, known.chatwoot_conversation_id,
+                                           source_id) is None:
+            client.create_message(known.chatwoot_conversation_id, known.order_summary,
+                                  private=True, source_id=source_id,
                                   content_attributes={BRIDGE_ORIGIN_KEY: "ponte"})
-        known["summary_posted"] = True
-        put_mapping(ctx, NS_PACK, pack_id, known)
-    return int(known["conversation_id"])
+        store.mark_summary_posted(ctx.conn, pack_id, ctx.now())
+    return int(known.chatwoot_conversation_id)
 
 
 def sale_orders(ctx, pack_id: str) -> list[dict]:
@@ -260,7 +252,8 @@ def handle_fetch_message(ctx, job):
     packs = {pack_id_of_message(m) for m in messages} - {None}
     return {"packs": sorted(packs)}, [
         FollowUp("ml.sync_pack", f"ml-pack-sync:{pack}:msg:{job.payload['message_id']}",
-                 {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}") for pack in sorted(packs)]
+                 {"pack_id": pack}, ordering_key=pack_ordering_key(pack))
+        for pack in sorted(packs)]
 
 
 def handle_fetch_order(ctx, job):
@@ -273,16 +266,20 @@ def handle_fetch_order(ctx, job):
         raise
     pack = str(order.get("pack_id") or order.get("id"))
     return {"pack_id": pack}, [FollowUp("ml.sync_pack", f"ml-pack-sync:{pack}:order:{job.id}",
-                                        {"pack_id": pack}, ordering_key=f"ml-pack-in:{pack}")]
+                                        {"pack_id": pack}, ordering_key=pack_ordering_key(pack))]
 
 
 def send_sale_message(ctx, job, reply: dict, pack_id: str):
     """Send an agent's reply to the sale (in parts, with attachments), or refuse it with a
     note; a retry resumes at the first part not yet sent."""
     client = ml(ctx)
-    key = str(reply["message_id"])
-    progress = get_mapping(ctx, NS_OUTGOING, key) or {"parts_sent": 0, "attachment_ids": None,
-                                               "ml_message_ids": [], "skipped": []}
+    key = int(reply["message_id"])
+    # Written only by this job (ordering key cw-out:<conversation>).
+    progress = store.get_reply(ctx.conn, key)
+    parts_sent = progress.parts_sent if progress else 0
+    in_flight = progress.in_flight_part if progress else None
+    attachment_ids = progress.attachment_ids if progress else None
+    skipped = progress.skipped_attachments if progress else []
     text = plain_post_sale_text(markdown_to_text(reply.get("content") or ""))
     # A plain read (marks the buyer's messages read: the agent has answered them) that also
     # gives the conversation status and the latest sender.
@@ -292,75 +289,62 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
         if exc.status in (403, 404):  # waiting will not help: say so now
             return refuse(reply, texts.SALE_NOT_FOUND, f"sale_{exc.status}")
         raise
-    with db_manager.transaction(ctx.conn):
-        forget_unread(ctx, pack_id)
+    forget_unread(ctx, pack_id)
     _sync_if_unmirrored(ctx, pack_id, messages, reply["message_id"])
-    if status.get("status") == "blocked" and progress["parts_sent"] == 0:
+    if status.get("status") == "blocked" and parts_sent == 0:
         return refuse(reply, texts.sale_blocked(status.get("substatus")), "blocked")
     mediated = is_agent_mediated({"conversation_status": status, "messages": messages},
                                  ctx.settings.ml_site_id)
     parts = split_message(text) if text else []
-    if len(parts) > 1 and mediated and progress["parts_sent"] == 0:
+    if len(parts) > 1 and mediated and parts_sent == 0:
         return refuse(reply, texts.MEDIATED_TOO_LONG.format(length=len(text)), "too_long")
     if len(parts) > MAX_REPLY_PARTS:
         return refuse(reply, texts.SALE_TOO_LONG.format(length=len(text),
                                                          max=MAX_REPLY_PARTS
                                                          * SELLER_MESSAGE_MAX_CHARS), "too_long")
-    if progress["attachment_ids"] is None:
-        ids, skipped = _upload_attachments(ctx, reply.get("attachments") or [], job.attempt)
-        progress.update(attachment_ids=ids, skipped=skipped)
-        put_mapping(ctx, NS_OUTGOING, key, progress)
-    if not parts and progress["attachment_ids"]:
+    if attachment_ids is None:
+        attachment_ids, skipped = _upload_attachments(ctx, reply.get("attachments") or [],
+                                                      job.attempt)
+        store.record_attachments(ctx.conn, key, attachment_ids, skipped, ctx.now())
+    if not parts and attachment_ids:
         parts = [texts.attachments_only_text(reply.get("attachments") or [])]
     if not parts:
-        note = texts.attachments_all_skipped(progress["skipped"]) if progress["skipped"] \
-            else texts.EMPTY_REPLY
+        note = texts.attachments_all_skipped(skipped) if skipped else texts.EMPTY_REPLY
         return refuse(reply, note, "empty")
-    buyer = (get_mapping(ctx, NS_PACK, pack_id) or {}).get("buyer_id", "")
+    sale = store.get_pack(ctx.conn, pack_id)
     recipient = reply_recipient(messages, ctx.settings.ml_seller_id, ctx.settings.ml_site_id,
-                                buyer)
-    for index in range(progress["parts_sent"], len(parts)):
-        attachments = progress["attachment_ids"] if index == 0 else None
+                                sale.ml_buyer_id if sale else "")
+    for index in range(parts_sent, len(parts)):
+        attachments = attachment_ids if index == 0 else None
         sent = None
-        if progress.get("in_flight") == index:
+        if in_flight == index:
             # An earlier run (retried, crashed, or died and re-armed with a fresh attempt
             # count) may have lost Mercado Livre's answer after it accepted this part.
             sent = _lost_answer(ctx, messages, parts[index])
         try:
             if sent is None:
-                progress["in_flight"] = index
-                put_mapping(ctx, NS_OUTGOING, key, progress)
+                store.start_reply_part(ctx.conn, key, index, ctx.now())
                 sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)
         except MercadoLivreError as exc:
             if not exc.may_have_reached:  # refused, or never sent: nothing to look for
-                progress["in_flight"] = None
-                put_mapping(ctx, NS_OUTGOING, key, progress)
+                store.clear_in_flight(ctx.conn, key, ctx.now())
             if exc.retryable:
                 raise
             note = texts.sale_refused(exc.code, short_error(exc), index, len(parts))
             return refuse(reply, note, exc.code or str(exc.status))
-        progress["parts_sent"] = index + 1
-        progress["in_flight"] = None
-        ml_id = str(sent.get("id") or "")
-        if ml_id:
-            progress["ml_message_ids"].append(ml_id)
-        with db_manager.transaction(ctx.conn):
-            db_manager.mapping_put(ctx.conn, NS_OUTGOING, key, progress, now=ctx.now())
-            if ml_id:
-                db_manager.mapping_put(ctx.conn, NS_ML_MESSAGE, ml_id,
-                                       {"sent_by_ponte": True, "chatwoot_message_id":
-                                        reply["message_id"]}, now=ctx.now())
+        store.record_part_sent(ctx.conn, key, index, str(sent.get("id") or ""), pack_id,
+                               ctx.now())
     follow_ups = [FollowUp("chatwoot.mark_delivered", f"cw-delivered:{reply['message_id']}",
                            {"conversation_id": reply["conversation_id"],
                             "message_id": reply["message_id"]})]
-    if progress["skipped"]:
+    if skipped:
         follow_ups.append(note_follow_up(reply["conversation_id"],
-                                texts.attachment_skipped(progress["skipped"]),
-                                f"attachments:{reply['message_id']}"))
+                                         texts.attachment_skipped(skipped),
+                                         f"attachments:{reply['message_id']}"))
     log.info("ml_sale_message_sent", extra={"ml_pack_id": pack_id, "parts": len(parts),
                                             "chatwoot_message_id": reply["message_id"]})
-    return {"status": "sent", "parts": len(parts), "ml_message_ids": progress["ml_message_ids"]}, \
-        follow_ups
+    return {"status": "sent", "parts": len(parts),
+            "ml_message_ids": store.reply_ml_message_ids(ctx.conn, key)}, follow_ups
 
 
 def _lost_answer(ctx, messages: list[dict], text: str) -> dict | None:
@@ -370,27 +354,29 @@ def _lost_answer(ctx, messages: list[dict], text: str) -> dict | None:
     for m in reversed(messages):
         if not _sent_by_ponte(ctx, m) or squash(message_text(m)) != squash(text):
             continue
-        if (get_mapping(ctx, NS_ML_MESSAGE, m.get("id")) or {}).get("chatwoot_message_id"):
+        known = store.get_ml_message(ctx.conn, m.get("id"))
+        if known is not None and known.chatwoot_message_id:
             continue
         return m
     return None
 
 
-def _unmirrored(known: dict | None) -> bool:
-    """True for a Mercado Livre message (its NS_ML_MESSAGE mapping: `known`) not yet recorded
+def _unmirrored(known: store.MlMessage | None) -> bool:
+    """True for a Mercado Livre message (what ponte knows of it: `known`) not yet recorded
     in Chatwoot: unknown, or marked `posting` by a run that did not see Chatwoot's answer."""
-    return known is None or bool(known.get("posting"))
+    return known is None or known.posting
 
 
 def _sync_if_unmirrored(ctx, pack_id: str, messages: list[dict], reason: int) -> None:
     """That read marked the buyer's messages as read, so the unread poll will not see any that
     arrived since the last sync: queue a sync for them."""
     seller = str(ctx.settings.ml_seller_id)
-    if any(_unmirrored(get_mapping(ctx, NS_ML_MESSAGE, m.get("id")))
+    known = store.get_ml_messages(ctx.conn, [m.get("id") for m in messages])
+    if any(_unmirrored(known.get(str(m.get("id"))))
            and str((m.get("from") or {}).get("user_id")) != seller for m in messages):
         with db_manager.transaction(ctx.conn):
             outbox.enqueue_job(ctx.conn, "ml.sync_pack", f"ml-pack-sync:{pack_id}:reply:{reason}",
-                               {"pack_id": pack_id}, ordering_key=f"ml-pack-in:{pack_id}",
+                               {"pack_id": pack_id}, ordering_key=pack_ordering_key(pack_id),
                                now=ctx.now())
 
 

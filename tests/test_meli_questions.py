@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import requests
 
-import db_manager
 import meli_jobs
+import meli_store
 import outbox
 from tests.meli_support import (QUESTIONS_INBOX, Bridge, PNG_BYTES, bridge,  # noqa: F401
                                 messages_of)
@@ -513,8 +513,8 @@ def test_sweep_rotates_through_questions_whose_check_changes_nothing(make_settin
         b.clock.advance(3700)
         b.poll()
     for qid in (first, second):
-        known = db_manager.mapping_get(b.conn, "ml_question", str(qid))
-        assert known["checks"] == 3 and known["closed"] == "UNSETTLED"
+        known = meli_store.get_question(b.conn, qid)
+        assert (known.sweep_checks, known.closed_status) == (3, meli_store.CLOSED_UNSETTLED)
 
 
 def test_question_under_review_is_not_closed_and_its_later_answer_is_mirrored(bridge):
