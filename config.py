@@ -76,6 +76,12 @@ SETTINGS: tuple[Setting, ...] = (
        "'dead'.", unit="segundos"),
     _s("JOB_RETENTION_DAYS", 7, "int", "Dias que jobs concluídos, webhooks recebidos, mensagens "
        "de clientes e dados de vida curta ficam guardados.", unit="dias"),
+    _s("POLLER_CONCURRENCY", 32, "int", "Jobs executados ao mesmo tempo pelo poller (uma "
+       "conversa nunca tem dois jobs em execução).", unit="jobs"),
+    _s("POLLER_LANE_LIMITS", "", "str", "Limite de jobs simultâneos por parceiro, ex.: "
+       "n8n=24,kommo=8 (padrão: 3/4 de POLLER_CONCURRENCY para cada parceiro).", group="geral"),
+    _s("RETRY_AFTER_MAX_SECONDS", 900, "int", "Espera máxima pedida por um parceiro (Retry-After) "
+       "antes de tentar de novo; cada espera conta nas tentativas.", unit="segundos"),
     _s("POLLER_HEARTBEAT_MAX_AGE_SECONDS", 30, "int", "Idade máxima do heartbeat do poller para "
        "/health responder 200.", unit="segundos"),
     # --- bridge A: Kommo / n8n ---------------------------------------------------------------
@@ -286,12 +292,32 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
         missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
         if missing:
             problems.append("KOMMO_REPLY_MODE=salesbot exige: " + ", ".join(missing))
-    for name in ("PORT", "WEB_WORKERS", "MAX_BODY_BYTES", "JOB_LEASE_SECONDS", "JOB_MAX_ATTEMPTS"):
+    try:
+        parse_lane_limits(values["poller_lane_limits"])
+    except ValueError as exc:
+        problems.append(f"POLLER_LANE_LIMITS inválido ({exc})")
+    for name in ("PORT", "WEB_WORKERS", "MAX_BODY_BYTES", "JOB_LEASE_SECONDS", "JOB_MAX_ATTEMPTS",
+                 "POLLER_CONCURRENCY", "RETRY_AFTER_MAX_SECONDS"):
         if isinstance(values[name.lower()], int) and values[name.lower()] <= 0:
             problems.append(f"{name} inválido (precisa ser maior que zero)")
+    if values["kommo_max_rps"] < 0:
+        problems.append("KOMMO_MAX_RPS inválido (use de 1 a 7, ou 0 para nenhum limite)")
     if problems:
         raise ConfigError(problems)
     return Settings(**values, enabled_bridges=tuple(enabled))
+
+
+def parse_lane_limits(text: str) -> dict[str, int]:
+    """`n8n=24,kommo=8` → {"n8n": 24, "kommo": 8}; raises ValueError (in Portuguese)."""
+    limits: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        lane, sep, number = part.partition("=")
+        lane, number = lane.strip(), number.strip()
+        if not sep or not re.fullmatch(r"[a-z0-9_]+", lane) or not re.fullmatch(r"[0-9]+", number) \
+                or int(number) < 1:
+            raise ValueError(f"'{part}' não é parceiro=número (número ≥ 1)")
+        limits[lane] = int(number)
+    return limits
 
 
 def _kommo_credential_given(values: Mapping[str, Any]) -> bool:

@@ -91,7 +91,9 @@ class JobContext:
 
 # A handler may set `handler.atomic = True` when it only writes to the database (see
 # `_run_atomic`), and `handler.urgent = True` when its due jobs must run before any other due
-# job (inbound deliveries: a seller's pause must land before a reply queued earlier is sent).
+# job and never beside one (inbound deliveries: a seller's pause must land before a reply
+# queued earlier is sent), and `handler.lane = "<peer>"` when the peer it talks to is not the
+# one its kind names (see `lane_of`).
 Handler = Callable[[JobContext, Job], Any]
 DeadHandler = Callable[[JobContext, Job, str], list]
 
@@ -107,26 +109,62 @@ def _split_result(outcome: Any) -> tuple[dict | None, list[FollowUp]]:
     return outcome, []
 
 
+DATABASE_LANE = "database"
+
+
+def lane_of(kind: str, handler: Handler | None) -> str:
+    """The lane of a job kind: the peer its handler talks to (`handler.lane`); `database` for
+    an `atomic` handler (it talks to no peer); else the kind's prefix (`"kommo.send_reply"` →
+    `"kommo"`)."""
+    if getattr(handler, "lane", None):
+        return handler.lane
+    if getattr(handler, "atomic", False):
+        return DATABASE_LANE
+    return kind.split(".", 1)[0]
+
+
+def urgent_kinds(handlers: dict[str, Handler]) -> tuple[str, ...]:
+    """The kinds whose handlers are marked `urgent = True`."""
+    return tuple(kind for kind, h in handlers.items() if getattr(h, "urgent", False))
+
+
+def claim_jobs(ctx: JobContext, handlers: dict[str, Handler], on_dead: dict | None = None,
+               worker: str | None = None, limit: int = 1,
+               lane_room: dict[str, int] | None = None, urgent_only: bool = False) -> list[Job]:
+    """Dead-letter the worn-out jobs, then claim up to `limit` due jobs (see
+    `outbox.claim_jobs` for the order, lanes and urgent jobs), in one write transaction."""
+    s = ctx.settings
+    with db_manager.transaction(ctx.conn):  # one write lock for both
+        buried = outbox.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
+                                           s.job_max_age_seconds,
+                                           on_dead=_dead_hook(ctx, on_dead or {}))
+        jobs = outbox.claim_jobs(ctx.conn, ctx.now(), s.job_lease_seconds, limit, worker=worker,
+                                 urgent_kinds=urgent_kinds(handlers),
+                                 lanes={k: lane_of(k, h) for k, h in handlers.items()},
+                                 lane_room=lane_room, urgent_only=urgent_only)
+    for dead in buried:
+        log.error("job_failed", extra={"job_id": dead.id, "kind": dead.kind,
+                                       "new_status": "dead", "error": "lease expired too often"})
+    return jobs
+
+
 def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
                  on_dead: dict[str, DeadHandler] | None = None,
                  worker: str | None = None) -> Job | None:
     """Claim one due job and run it to completion or failure. Returns the job, or None when
     nothing was due."""
-    s = ctx.settings
-    on_dead = on_dead or {}
-    urgent = tuple(kind for kind, h in handlers.items() if getattr(h, "urgent", False))
-    with db_manager.transaction(ctx.conn):  # one write lock for both, taken for every job
-        buried = outbox.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
-                                           s.job_max_age_seconds,
-                                           on_dead=_dead_hook(ctx, on_dead))
-        job = outbox.claim_next_job(ctx.conn, ctx.now(), s.job_lease_seconds,
-                                    worker=worker,
-                                    urgent_kinds=urgent)
-    for dead in buried:
-        log.error("job_failed", extra={"job_id": dead.id, "kind": dead.kind,
-                                       "new_status": "dead", "error": "lease expired too often"})
-    if job is None:
+    jobs = claim_jobs(ctx, handlers, on_dead, worker=worker)
+    if not jobs:
         return None
+    run_job(ctx, jobs[0], handlers, on_dead)
+    return jobs[0]
+
+
+def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
+            on_dead: dict[str, DeadHandler] | None = None) -> None:
+    """Run a claimed job to completion or failure; every failure is recorded on the job (a
+    database that fails is raised: the poller must stop)."""
+    on_dead = on_dead or {}
     token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,
                                                "attempt": job.attempt})
     # A job recorded by a webhook carries its request id: the job's log lines join that request.
@@ -151,7 +189,6 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
     finally:
         ponte_logging.request_id_var.reset(request_token)
         ponte_logging.job_context_var.reset(token)
-    return job
 
 
 def _run_then_complete(ctx: JobContext, job: Job, handler: Handler) -> list | None:
@@ -212,7 +249,8 @@ def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: flo
     s = ctx.settings
     status = outbox.fail_job(ctx.conn, job, detail, retryable, ctx.now(), s.job_max_attempts,
                              s.job_max_age_seconds, retry_after_seconds=retry_after,
-                             on_dead=_dead_hook(ctx, on_dead))
+                             on_dead=_dead_hook(ctx, on_dead),
+                             retry_after_cap_seconds=s.retry_after_max_seconds)
     level = logging.ERROR if status == "dead" else logging.WARNING
     log.log(level, "job_failed", extra={**extra, "error": detail[:300], "new_status": status,
                                         "elapsed_ms": _ms(started)})

@@ -119,36 +119,80 @@ _NOT_BLOCKED = """(j.ordering_key IS NULL OR NOT EXISTS (
 
 def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
                    worker: str | None = None, urgent_kinds: tuple[str, ...] = ()) -> Job | None:
-    """Claim the next runnable job: running with an expired lease (its worker died), else
-    pending and due — of one of `urgent_kinds` first, if any is due. A job with an
-    `ordering_key` waits while an earlier job with the same key is still pending or running,
-    so one conversation's jobs run in order. Call `bury_worn_out_jobs()` first so a job that
-    keeps killing its worker is not re-run. Staged jobs (`stage_job`) become jobs first."""
+    """Claim the next runnable job (`claim_jobs` with a limit of one), or None."""
+    jobs = claim_jobs(conn, now, lease_seconds, 1, worker=worker, urgent_kinds=urgent_kinds)
+    return jobs[0] if jobs else None
+
+
+def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit: int,
+               worker: str | None = None, urgent_kinds: tuple[str, ...] = (),
+               lanes: dict[str, str] | None = None, lane_room: dict[str, int] | None = None,
+               urgent_only: bool = False) -> list[Job]:
+    """Claim up to `limit` runnable jobs in one transaction, in this order: running with an
+    expired lease (its worker died), then pending and due — of one of `urgent_kinds` first.
+
+    - A job with an `ordering_key` waits while an earlier job with the same key is pending or
+      running, so one conversation's jobs run one at a time, in order, however many workers.
+    - `lanes` maps a kind to its lane (the peer it talks to) and `lane_room` says how many more
+      jobs each lane may start; a lane with no room is skipped, so a slow peer holds only its
+      own lane. Kinds not in `lanes` are never held back.
+    - Urgent jobs (inbound deliveries: a seller's pause) never run beside other jobs: once one
+      is claimed, or while one runs (`urgent_only`), only urgent jobs are claimed.
+
+    Call `bury_worn_out_jobs()` first so a job that keeps killing its worker is not re-run.
+    Staged jobs (`stage_job`) become jobs first."""
+    lanes, room = lanes or {}, dict(lane_room or {})
+    claimed: list[Job] = []
     with transaction(conn):
         _move_staged_jobs(conn, now)
-        # Separate queries instead of one OR, so each can walk its index in order.
-        row = conn.execute(
-            f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
-            f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", (now,)).fetchone()
-        for kind in urgent_kinds:
-            if row is not None:
+        while len(claimed) < limit:
+            row = _pick(conn, now, urgent_kinds, urgent_only,
+                        tuple(kind for kind, lane in lanes.items() if room.get(lane, 1) <= 0))
+            if row is None:
                 break
-            row = conn.execute(
-                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?"
-                f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
-                f" LIMIT 1", (kind, now)).fetchone()
-        if row is None:
-            row = conn.execute(
-                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
-                f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1", (now,)).fetchone()
-        if row is None:
+            token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
+            conn.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
+                " locked_by = ?, updated_at = ? WHERE id = ?",
+                (now + lease_seconds, token, now, row["id"]))
+            claimed.append(_job(row, token, row["attempts"] + 1))
+            if row["kind"] in lanes:
+                room[lanes[row["kind"]]] = room.get(lanes[row["kind"]], 1) - 1
+            urgent_only = urgent_only or row["kind"] in urgent_kinds
+    return claimed
+
+
+def _pick(conn: sqlite3.Connection, now: float, urgent_kinds: tuple[str, ...],
+          urgent_only: bool, closed_kinds: tuple[str, ...]) -> sqlite3.Row | None:
+    """The next runnable job's row, or None (see `claim_jobs` for the order)."""
+    where, args = "", []
+    if urgent_only:
+        if not urgent_kinds:
             return None
-        token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
-        conn.execute(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
-            " locked_by = ?, updated_at = ? WHERE id = ?",
-            (now + lease_seconds, token, now, row["id"]))
-    return _job(row, token, row["attempts"] + 1)
+        where += f" AND j.kind IN ({','.join('?' * len(urgent_kinds))})"
+        args += list(urgent_kinds)
+    if closed_kinds:
+        where += f" AND j.kind NOT IN ({','.join('?' * len(closed_kinds))})"
+        args += list(closed_kinds)
+    # Separate queries instead of one OR, so each can walk its index in order.
+    row = conn.execute(
+        f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?{where}"
+        f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", [now] + args).fetchone()
+    for kind in urgent_kinds:
+        if row is not None:
+            break
+        if kind in closed_kinds:
+            continue
+        row = conn.execute(
+            f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?"
+            f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
+            f" LIMIT 1", (kind, now)).fetchone()
+    if row is None:
+        row = conn.execute(
+            f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?{where}"
+            f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1",
+            [now] + args).fetchone()
+    return row
 
 
 def _job(row: sqlite3.Row, token: str, attempt: int) -> Job:
@@ -229,13 +273,22 @@ def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
 
 def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, now: float,
              max_attempts: int, max_age_seconds: float, retry_after_seconds: float | None = None,
-             rng: random.Random | None = None, on_dead=None) -> str:
+             rng: random.Random | None = None, on_dead=None,
+             retry_after_cap_seconds: float = BACKOFF_CAP_SECONDS) -> str:
     """Record a failed run. Returns the new status: 'pending' (retry later), 'dead' (not
     retryable, out of attempts or too old) or 'lost' (this worker no longer holds the lease).
     When the job dies, `on_dead(job, error)` may return follow-up jobs (a note telling a human),
-    written in the same transaction so the news of a failure cannot be lost."""
+    written in the same transaction so the news of a failure cannot be lost.
+
+    A peer's `retry_after_seconds` is honoured up to `retry_after_cap_seconds`: a peer asking
+    for years (`Retry-After: 100000000`) would otherwise park the job, and its conversation
+    behind it, out of reach of the attempt and age limits. A retry that would start past the
+    age limit is not scheduled: the job dies now, where an operator sees it."""
     limit = job.max_attempts or max_attempts
-    dead = (not retryable or job.attempt >= limit or now - job.created_at >= max_age_seconds)
+    delay = max(backoff_seconds(job.attempt, rng),
+                min(retry_after_seconds or 0, retry_after_cap_seconds))
+    dead = (not retryable or job.attempt >= limit
+            or now + delay - job.created_at >= max_age_seconds)
     with transaction(conn):
         if dead:
             cur = conn.execute(
@@ -245,7 +298,6 @@ def fail_job(conn: sqlite3.Connection, job: Job, error: str, retryable: bool, no
             if cur.rowcount == 1 and on_dead:
                 _enqueue_follow_ups(conn, on_dead(job, error), now)
         else:
-            delay = max(backoff_seconds(job.attempt, rng), retry_after_seconds or 0)
             cur = conn.execute(
                 "UPDATE jobs SET status = 'pending', available_at = ?, updated_at = ?,"
                 " locked_until = NULL, last_error = ? WHERE id = ? AND locked_by = ?"
@@ -301,15 +353,23 @@ def get_job(conn: sqlite3.Connection, job_id: int | None = None,
 
 
 def list_jobs(conn: sqlite3.Connection, status: str | None = None, kind: str | None = None,
-              limit: int = 100) -> list[dict]:
-    """Jobs, newest first, optionally filtered by status and kind."""
+              limit: int = 100, now: float | None = None) -> list[dict]:
+    """Jobs, newest first, optionally filtered by status and kind. A pending job that failed
+    before also says how long it has been held back (`held_back_seconds`, since it was created)
+    and when it runs next (`next_attempt_in_seconds`)."""
     sql, args = "SELECT * FROM jobs WHERE 1=1", []
     if status:
         sql, args = sql + " AND status = ?", args + [status]
     if kind:
         sql, args = sql + " AND kind = ?", args + [kind]
     rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
-    return [_job_dict(r) for r in rows]
+    now = now or time.time()
+    jobs = [_job_dict(r) for r in rows]
+    for job in jobs:
+        if job["status"] == "pending" and job["attempts"] > 0:
+            job["held_back_seconds"] = round(now - job["created_at"], 1)
+            job["next_attempt_in_seconds"] = round(max(0.0, job["available_at"] - now), 1)
+    return jobs
 
 
 def _job_dict(row: sqlite3.Row) -> dict:
@@ -342,6 +402,11 @@ def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
     counts["due"] = due[0] + staged[0]
     oldest = min((t for t in (due[1], staged[1]) if t is not None), default=None)
     counts["oldest_due_seconds"] = round(now - oldest, 3) if oldest else 0.0
+    # Jobs that failed and wait for another attempt (a peer down, a Retry-After).
+    held = conn.execute("SELECT COUNT(*), MIN(created_at) FROM jobs WHERE status = 'pending'"
+                        " AND attempts > 0").fetchone()
+    counts["held_back"] = held[0]
+    counts["oldest_held_back_seconds"] = round(now - held[1], 1) if held[1] else 0.0
     return counts
 
 

@@ -22,7 +22,8 @@ import config
 import db_manager
 import outbox
 import ponte_logging
-from job_runner import JobContext, run_next_job
+from job_runner import JobContext
+from worker_pool import WorkerPool
 
 log = logging.getLogger("ponte.poller")
 
@@ -35,7 +36,9 @@ IDLE_CHECK_SECONDS = 0.02
 
 class Poller:
     """The poller's loop. Tests drive it with `run_once()` / `drain()`; `run_forever()` is the
-    daemon."""
+    daemon. Jobs run on a `WorkerPool`; the loop claims them, and in the daemon the scheduled
+    tasks run on a thread of their own, so neither a slow Mercado Livre poll nor a slow job
+    holds the other back."""
 
     def __init__(self, settings, conn: sqlite3.Connection, clock: Callable[[], float] = time.time,
                  handlers: dict | None = None, on_dead: dict | None = None):
@@ -43,24 +46,28 @@ class Poller:
         self.conn = conn
         self.clock = clock
         self.ctx = JobContext(settings, conn, now=clock)
+        self.task_ctx = self.ctx  # the scheduled tasks' context (their own thread's in run_forever)
         default_handlers, default_on_dead = bridges.handlers()
         self.handlers = handlers if handlers is not None else default_handlers
         self.on_dead = on_dead if on_dead is not None else default_on_dead
         self._stopped = threading.Event()  # also wakes the heartbeat thread at once on stop
         self.worker = worker_name()
-        self.busy_since: float | None = None
+        self.pool = WorkerPool(settings, conn, self.handlers, self.on_dead, clock, self.worker)
         self.scheduler = schedule.Scheduler()
-        self.scheduler.every(PRUNE_SECONDS).seconds.do(self.prune)
+        self.scheduler.every(PRUNE_SECONDS).seconds.do(self._guarded, self._prune_task)
         for interval, task in bridges.schedules(settings):
             self.scheduler.every(max(1, int(interval))).seconds.do(self._guarded, task)
 
     def _guarded(self, task) -> None:
         try:
-            task(self.ctx)
+            task(self.task_ctx)
         except sqlite3.OperationalError:
             raise
         except Exception:
             log.exception("scheduled_task_failed", extra={"task": getattr(task, "__name__", "?")})
+
+    def _prune_task(self, ctx: JobContext) -> None:
+        self.prune(conn=ctx.conn)
 
     def recover_orphans(self) -> int:
         """Jobs left running by a poller that died (SIGKILL, OOM) run again now, not after
@@ -72,39 +79,47 @@ class Poller:
         return released
 
     def heartbeat(self, conn: sqlite3.Connection | None = None) -> None:
-        """Tell /health this process is alive, and since when it is busy with one job (so a
-        stuck job shows up even while the heartbeat is fresh)."""
-        db_manager.beat(conn or self.conn, "poller", self.clock(),
-                        {"busy_since": self.busy_since, "worker": self.worker})
+        """Tell /health this process is alive, how many jobs it runs, and since when the oldest
+        of them runs (`busy_since`: a stuck job shows up even while the heartbeat is fresh)."""
+        running = self.pool.in_flight()
+        oldest = running[0] if running else None
+        db_manager.beat(conn or self.conn, "poller", self.clock(), {
+            "worker": self.worker, "concurrency": self.pool.concurrency,
+            "in_flight": len(running), "busy_since": oldest.started_at if oldest else None,
+            "oldest_job": {"job_id": oldest.job_id, "kind": oldest.kind} if oldest else None})
 
-    def prune(self, older_than: float | None = None) -> None:
+    def prune(self, older_than: float | None = None,
+              conn: sqlite3.Connection | None = None) -> None:
         """Delete what is past retention (JOB_RETENTION_DAYS, or before `older_than`): done jobs,
         inbound events, and each bridge's own rows (`bridges.pruners`), a batch of rows per
         transaction (`db_manager.delete_in_batches`)."""
+        conn = conn or self.conn
         if older_than is None:
             older_than = self.clock() - self.settings.job_retention_days * 86400
-        removed = outbox.prune_jobs(self.conn, older_than)
-        db_manager.prune_events(self.conn, older_than)
+        removed = outbox.prune_jobs(conn, older_than)
+        db_manager.prune_events(conn, older_than)
         for prune in bridges.pruners():
-            prune(self.conn, older_than)
+            prune(conn, older_than)
         if removed:
             log.info("jobs_pruned", extra={"count": removed})
 
     def drain(self, max_jobs: int | None = None, between_jobs=None) -> int:
-        """Run due jobs until none is due (or `max_jobs` ran). Returns how many ran."""
-        ran = 0
-        while not self.stopping and (max_jobs is None or ran < max_jobs):
-            self.busy_since = self.clock()
-            try:
-                job = run_next_job(self.ctx, self.handlers, self.on_dead, worker=self.worker)
-            finally:
-                self.busy_since = None
-            if job is None:
+        """Run due jobs, up to POLLER_CONCURRENCY at once, until none is due and none is
+        running (or `max_jobs` were started). Returns how many were started."""
+        started = 0
+        while True:
+            self.pool.raise_if_fatal()
+            claimed = 0
+            if not self.stopping and (max_jobs is None or started < max_jobs):
+                claimed = self.pool.dispatch(None if max_jobs is None else max_jobs - started)
+                started += claimed
+            if not claimed and not self.pool.busy:
                 break
-            ran += 1
+            self.pool.wait(IDLE_CHECK_SECONDS)  # returns as soon as a job finishes
             if between_jobs:
                 between_jobs()
-        return ran
+        self.pool.raise_if_fatal()
+        return started
 
     def run_once(self) -> int:
         """One turn of the loop: due scheduled tasks, then due jobs — with the scheduled tasks
@@ -113,25 +128,55 @@ class Poller:
         return self.drain(between_jobs=self.scheduler.run_pending)
 
     def run_forever(self) -> None:
-        """Loop until SIGTERM: run what is due, then wait for new work written by another
-        process, for the next due job, or for the next scheduled task."""
+        """Loop until SIGTERM: start what is due on free workers, then wait for a job to
+        finish, for new work written by another process, or for the next due job. On stop, the
+        running jobs finish (warm shutdown) and nothing new starts."""
         self.recover_orphans()
         self.heartbeat()
         db_manager.start_periodic(self.settings.database_path, HEARTBEAT_SECONDS,
                                   self.heartbeat, "heartbeat", "heartbeat_failed", self._stopped)
-        self.scheduler.run_all()
-        while not self.stopping:
-            # Read before running: a commit by the web process during run_once() must wake us.
-            last_version = db_manager.data_version(self.conn)
-            self.run_once()
-            next_due = outbox.next_job_due_at(self.conn)
-            wake_at = time.monotonic() + min(1.0, max(0.0, self.scheduler.idle_seconds or 1.0))
-            if next_due is not None:
-                wake_at = min(wake_at, time.monotonic() + max(0.0, next_due - self.clock()))
-            while time.monotonic() < wake_at and not self._stopped.wait(IDLE_CHECK_SECONDS):
-                if db_manager.data_version(self.conn) != last_version:
-                    break
+        tasks = threading.Thread(target=self._run_scheduler, name="scheduled-tasks", daemon=True)
+        tasks.start()
+        try:
+            while not self.stopping:
+                self.pool.raise_if_fatal()
+                # Read before claiming: a commit by the web process or by a worker (a job done,
+                # its follow-ups) during dispatch() must wake us.
+                last_version = db_manager.data_version(self.conn)
+                if self.pool.dispatch():
+                    continue  # there may be more due than free workers took
+                next_due = outbox.next_job_due_at(self.conn)
+                wait = 1.0
+                if next_due is not None:
+                    wait = min(wait, max(IDLE_CHECK_SECONDS, next_due - self.clock()))
+                wake_at = time.monotonic() + wait
+                while time.monotonic() < wake_at and not self._stopped.wait(IDLE_CHECK_SECONDS):
+                    if db_manager.data_version(self.conn) != last_version:
+                        break
+        finally:
+            self._stopped.set()
+            if self.pool.busy:
+                log.info("poller_waiting_for_jobs", extra={"in_flight": len(self.pool.in_flight())})
+            self.pool.shutdown()
+            tasks.join(timeout=5)
+        self.pool.raise_if_fatal()
         log.info("poller_stopped")
+
+    def _run_scheduler(self) -> None:
+        """The scheduled tasks' thread (run_forever): its own connection, one task at a time."""
+        conn = None
+        try:
+            conn = db_manager.connect(self.settings.database_path)
+            self.task_ctx = JobContext(self.settings, conn, now=self.clock)
+            self.scheduler.run_all()
+            while not self._stopped.wait(min(1.0, max(0.05, self.scheduler.idle_seconds or 1.0))):
+                self.scheduler.run_pending()
+        except (sqlite3.Error, db_manager.DatabaseError) as exc:
+            log.critical("scheduled_tasks_database_failure", extra={"error": str(exc)})
+            self.pool.fatal = exc
+        finally:
+            if conn is not None:
+                conn.close()
 
     @property
     def stopping(self) -> bool:
@@ -139,7 +184,7 @@ class Poller:
         return self._stopped.is_set()
 
     def request_stop(self, *_args) -> None:
-        """Warm shutdown: the job in progress finishes, nothing new starts."""
+        """Warm shutdown: the jobs in progress finish, nothing new starts."""
         if not self.stopping:
             log.info("poller_stopping")
         self._stopped.set()

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 import bridges
 import config
+import credentials
 import db_manager
 import outbox
 import ponte_logging
@@ -181,7 +182,8 @@ def _install_operator_routes(app: Flask) -> None:
         if status not in (None, "pending", "running", "done", "dead"):
             return json_error(400, "bad_status", "status deve ser pending, running, done ou dead.")
         conn = web_common.get_db()
-        jobs = outbox.list_jobs(conn, status=status, kind=request.args.get("kind") or None)
+        jobs = outbox.list_jobs(conn, status=status, kind=request.args.get("kind") or None,
+                                now=web_common.now())
         # Staged jobs are not in `jobs` yet (the poller moves them as it claims): count them, so
         # an operator whose poller is down sees where the pending ones are.
         return jsonify(jobs=jobs, staged=outbox.count_staged_jobs(conn))
@@ -224,12 +226,12 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
                 problems.append(f"poller preso no mesmo job há {round(now - busy_since)}s")
         accounts = {}
         for provider in ("kommo", "mercadolivre"):
-            token = db_manager.token_get(conn, provider)
+            token = credentials.get(conn, provider)
             if token:
-                accounts[provider] = token["status"]
-                if token["status"] != "ok":
+                accounts[provider] = token.status
+                if not token.ok:
                     # Reported, not fatal: restarting the container cannot reconnect an account.
-                    warnings.append(f"conta {provider} {token['status']}: {token['detail']}")
+                    warnings.append(f"conta {provider} {token.status}: {token.detail}")
         if accounts:
             report["accounts"] = accounts
     except Exception as exc:

@@ -25,7 +25,7 @@ def test_drain_runs_every_due_job_and_run_once_beats(settings, db, clock):
     for n in range(5):
         outbox.enqueue_job(db, "t.x", f"k{n}", {"n": n}, now=clock())
     outbox.enqueue_job(db, "t.x", "later", {"n": 99}, available_at=clock() + 60, now=clock())
-    assert poller.drain() == 5 and seen == [0, 1, 2, 3, 4]
+    assert poller.drain() == 5 and sorted(seen) == [0, 1, 2, 3, 4]  # no ordering key: any order
     assert poller.drain(max_jobs=3) == 0
     clock.advance(61)
     assert poller.drain() == 1 and seen[-1] == 99
@@ -63,24 +63,28 @@ SLOW_POLLER = textwrap.dedent("""
         print("started", flush=True)
         time.sleep(1.5)
         return {{"finished": True}}
-    outbox.enqueue_job(conn, "t.slow", "slow-1", {{}})
-    outbox.enqueue_job(conn, "t.slow", "slow-2", {{}})
+    outbox.enqueue_job(conn, "t.slow", "slow-a", {{}}, ordering_key="a")
+    outbox.enqueue_job(conn, "t.slow", "slow-b", {{}}, ordering_key="b")
+    outbox.enqueue_job(conn, "t.slow", "next-a", {{}}, ordering_key="a")
     p = Poller(s, conn, handlers={{"t.slow": slow}}, on_dead={{}})
     signal.signal(signal.SIGTERM, p.request_stop)
     p.run_forever()
 """)
 
 
-def test_sigterm_lets_the_current_job_finish_and_starts_no_other(tmp_path):
+def test_sigterm_lets_every_running_job_finish_and_starts_no_other(tmp_path):
+    # GIVEN two conversations' slow jobs running side by side, and a later job of the first
     db = str(tmp_path / "p.db")
     script = SLOW_POLLER.format(root=str(ROOT), db=db, logs=str(tmp_path / "logs"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "started"
+    assert [proc.stdout.readline().strip() for _ in range(2)] == ["started", "started"]
+    # WHEN the poller is asked to stop while both run
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
+    # THEN both finished, and the job waiting behind the first never started
     conn = db_manager.connect(db)
     status = {j["dedupe_key"]: j["status"] for j in outbox.list_jobs(conn)}
-    assert status == {"slow-1": "done", "slow-2": "pending"}
+    assert status == {"slow-a": "done", "slow-b": "done", "next-a": "pending"}
 
 
 def test_poller_exits_non_zero_when_the_database_is_unusable(tmp_path):

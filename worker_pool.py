@@ -1,0 +1,164 @@
+"""The poller's pool of job workers: threads that run claimed outbox jobs side by side, so one
+customer's slow AI answer never makes every other conversation (or Mercado Livre) wait.
+
+Owns: `WorkerPool` — how many jobs run at once (POLLER_CONCURRENCY) and per lane
+(POLLER_LANE_LIMITS), each worker thread's own database connection and peer clients, what is in
+flight (for the heartbeat and /health), and the claim → submit → wait cycle.
+Must not: know what a job does (the bridges' handlers), schedule periodic tasks (poller), or
+share a database connection between two threads.
+
+Why threads: the work is waiting on peers (an n8n call takes seconds), and both sqlite3 and
+requests release the GIL while they wait. Order per conversation is the outbox's (one running
+job per ordering key), not the pool's: the pool only says how many may start.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import config
+import db_manager
+from job_runner import JobContext, claim_jobs, lane_of, run_job, urgent_kinds
+from outbox import Job
+
+log = logging.getLogger("ponte.pool")
+
+# Each lane (peer) may fill this share of the pool by default, so a slow or failing peer always
+# leaves the rest to the other peers.
+DEFAULT_LANE_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A job a worker is running: what the heartbeat reports."""
+
+    job_id: int
+    kind: str
+    lane: str
+    started_at: float
+
+
+def lane_limits(settings, lanes: set[str]) -> dict[str, int]:
+    """How many jobs each lane may run at once: POLLER_LANE_LIMITS, else
+    `DEFAULT_LANE_SHARE` of POLLER_CONCURRENCY (at least one)."""
+    default = max(1, int(settings.poller_concurrency * DEFAULT_LANE_SHARE))
+    limits = {lane: default for lane in lanes}
+    limits.update(config.parse_lane_limits(settings.poller_lane_limits))
+    return limits
+
+
+class WorkerPool:
+    """Runs claimed jobs on up to `settings.poller_concurrency` threads. The thread that owns
+    the pool (the poller's loop) calls `dispatch()` and `wait()`; workers call nothing back but
+    the database."""
+
+    def __init__(self, settings, conn: sqlite3.Connection, handlers: dict, on_dead: dict,
+                 clock: Callable[[], float], worker: str):
+        self.settings = settings
+        self.handlers, self.on_dead = handlers, on_dead
+        self.clock = clock
+        self.worker = worker
+        self.concurrency = max(1, settings.poller_concurrency)
+        self.lanes = {kind: lane_of(kind, h) for kind, h in handlers.items()}
+        self.limits = lane_limits(settings, set(self.lanes.values()))
+        self._urgent = set(urgent_kinds(handlers))
+        self._claim_ctx = JobContext(settings, conn, now=clock)
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                            thread_name_prefix="job-worker")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._changed = threading.Condition()
+        self._in_flight: dict[int, InFlight] = {}
+        self.fatal: BaseException | None = None
+
+    # --- the owner's side ----------------------------------------------------------------------
+    def dispatch(self, max_jobs: int | None = None) -> int:
+        """Claim as many due jobs as there are free workers (and room in their lanes), and start
+        them. Returns how many started."""
+        with self._changed:
+            free = self.concurrency - len(self._in_flight)
+            running = list(self._in_flight.values())
+        if max_jobs is not None:
+            free = min(free, max_jobs)
+        if free <= 0 or self.fatal is not None:
+            return 0
+        room = dict(self.limits)
+        for item in running:
+            room[item.lane] = room.get(item.lane, 0) - 1
+        jobs = claim_jobs(self._claim_ctx, self.handlers, self.on_dead, worker=self.worker,
+                          limit=free, lane_room=room,
+                          urgent_only=any(item.kind in self._urgent for item in running))
+        for job in jobs:
+            self._start(job)
+        return len(jobs)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a running job finishes (or `timeout` passes)."""
+        with self._changed:
+            if self._in_flight:
+                self._changed.wait(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job is running; False if `timeout` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._in_flight, timeout)
+
+    def in_flight(self) -> list[InFlight]:
+        """The jobs running now, oldest first."""
+        with self._changed:
+            return sorted(self._in_flight.values(), key=lambda i: i.started_at)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job is running."""
+        with self._changed:
+            return bool(self._in_flight)
+
+    def raise_if_fatal(self) -> None:
+        """Re-raise, in the owner's thread, a database failure a worker met (the poller must
+        exit and be restarted, as when it ran jobs itself)."""
+        if self.fatal is not None:
+            raise self.fatal
+
+    def shutdown(self) -> None:
+        """Wait for the running jobs (warm stop), then close the workers' connections."""
+        self._executor.shutdown(wait=True)
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+
+    # --- the workers' side ---------------------------------------------------------------------
+    def _start(self, job: Job) -> None:
+        lane = self.lanes.get(job.kind) or lane_of(job.kind, None)
+        with self._changed:
+            self._in_flight[job.id] = InFlight(job.id, job.kind, lane, self.clock())
+        self._executor.submit(self._run, job)
+
+    def _run(self, job: Job) -> None:
+        try:
+            run_job(self._context(), job, self.handlers, self.on_dead)
+        except (sqlite3.Error, db_manager.DatabaseError) as exc:
+            log.critical("job_worker_database_failure", extra={"job_id": job.id,
+                                                               "error": str(exc)})
+            self.fatal = exc
+        except BaseException:  # run_job records every job failure; this is a bug in ponte
+            log.exception("job_worker_crashed", extra={"job_id": job.id})
+        finally:
+            with self._changed:
+                self._in_flight.pop(job.id, None)
+                self._changed.notify_all()
+
+    def _context(self) -> JobContext:
+        """This worker thread's context: its own connection and its own peer clients (the rate
+        limits they share live outside the process, in peer_http)."""
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            conn = db_manager.connect(self.settings.database_path)
+            with self._changed:
+                self._connections.append(conn)
+            ctx = self._local.ctx = JobContext(self.settings, conn, now=self.clock)
+        return ctx
