@@ -701,20 +701,6 @@ def mapping_put(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
         " updated_at = excluded.updated_at", (namespace, str(key), dumps(value), now or time.time()))
 
 
-def mapping_keys_open(conn: sqlite3.Connection, namespace: str, has_field: str,
-                      lacks_field: str, unless_in: str) -> list[str]:
-    """Keys of `namespace`, oldest first, whose JSON value has `has_field`, lacks `lacks_field`
-    and whose key has no entry in namespace `unless_in` (e.g. imported questions not answered
-    and not closed)."""
-    rows = conn.execute(
-        "SELECT q.key FROM mappings q WHERE q.namespace = ?"
-        " AND json_extract(q.value, '$.' || ?) IS NOT NULL"
-        " AND json_extract(q.value, '$.' || ?) IS NULL"
-        " AND NOT EXISTS (SELECT 1 FROM mappings a WHERE a.namespace = ? AND a.key = q.key)"
-        " ORDER BY q.updated_at", (namespace, has_field, lacks_field, unless_in)).fetchall()
-    return [row[0] for row in rows]
-
-
 # --- tokens -------------------------------------------------------------------------------------
 
 def token_get(conn: sqlite3.Connection, provider: str) -> dict | None:
