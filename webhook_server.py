@@ -196,6 +196,11 @@ def _install_operator_routes(app: Flask) -> None:
         return jsonify(ok=True, job_id=job_id, status="pending"), 202
 
 
+# A job that failed and has waited this long for another attempt makes /health "degraded":
+# the backoff cap, so a job past it waits for a peer that is down or asked to wait.
+HELD_BACK_WARNING_SECONDS = 15 * 60
+
+
 def health_report(settings, now: float) -> tuple[dict, bool]:
     """The /health body and whether ponte is healthy: the database opens, answers and has this
     version's schema, and the poller's heartbeat is fresh. Also reports queue depth, dead jobs
@@ -212,18 +217,31 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
         stats = outbox.queue_stats(conn, now)
         report["queue"] = {"pending": stats["pending"], "running": stats["running"],
                            "due": stats["due"], "dead": stats["dead"], "staged": stats["staged"],
-                           "oldest_due_seconds": stats["oldest_due_seconds"]}
+                           "oldest_due_seconds": stats["oldest_due_seconds"],
+                           "held_back": stats["held_back"],
+                           "oldest_held_back_seconds": stats["oldest_held_back_seconds"]}
+        if stats["oldest_held_back_seconds"] > HELD_BACK_WARNING_SECONDS:
+            # A peer down or asking to wait: not fixed by a restart, so a warning.
+            warnings.append(f"{stats['held_back']} job(s) com falha aguardando nova tentativa, o "
+                            f"mais antigo há {round(stats['oldest_held_back_seconds'] / 60)} min "
+                            "(veja /admin/jobs?status=pending)")
         beat = db_manager.last_beat(conn, "poller")
         if beat is None:
             problems.append("poller sem heartbeat (não iniciou?)")
         else:
             age = round(now - beat["beat_at"], 1)
-            report["poller"] = {"heartbeat_age_seconds": age, "pid": beat["pid"]}
+            info = beat["info"]
+            report["poller"] = {"heartbeat_age_seconds": age, "pid": beat["pid"],
+                                "jobs_running": info.get("in_flight", 0),
+                                "concurrency": info.get("concurrency")}
             if age > settings.poller_heartbeat_max_age_seconds:
                 problems.append(f"heartbeat do poller atrasado ({age}s)")
-            busy_since = beat["info"].get("busy_since")
+            busy_since = info.get("busy_since")  # when the oldest running job started
             if busy_since and now - busy_since > settings.job_lease_seconds + 30:
-                problems.append(f"poller preso no mesmo job há {round(now - busy_since)}s")
+                oldest = info.get("oldest_job") or {}
+                problems.append(f"poller preso no mesmo job há {round(now - busy_since)}s"
+                                + (f" (job {oldest['job_id']}, {oldest['kind']})"
+                                   if oldest.get("job_id") else ""))
         accounts = {}
         for provider in ("kommo", "mercadolivre"):
             token = credentials.get(conn, provider)

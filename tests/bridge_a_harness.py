@@ -2,6 +2,9 @@
 with the Kommo and n8n stand-ins served on loopback."""
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import requests
 
 import db_manager
@@ -18,8 +21,8 @@ ADMIN = "admin-token-for-tests-123"
 
 
 class BridgeA:
-    def __init__(self, make_settings, serve, clock, n8n_mode="sync", **env):
-        self.kommo_app = kommo_standin.create_app(max_rps=0)
+    def __init__(self, make_settings, serve, clock, n8n_mode="sync", kommo_max_rps=0, **env):
+        self.kommo_app = kommo_standin.create_app(max_rps=kommo_max_rps)
         self.n8n_app = n8n_standin.create_app(api_key=N8N_KEY, mode=n8n_mode)
         self.kommo = serve(self.kommo_app)
         self.n8n = serve(self.n8n_app)
@@ -56,6 +59,19 @@ class BridgeA:
 
     def run_jobs(self, max_jobs=None) -> int:
         return self.poller.drain(max_jobs)
+
+    @contextlib.contextmanager
+    def poller_running(self):
+        """The poller's daemon loop on a thread (as in production: it wakes on new webhooks),
+        stopped warmly at the end."""
+        loop = threading.Thread(target=self.poller.run_forever, daemon=True)
+        loop.start()
+        try:
+            yield
+        finally:
+            self.poller.request_stop()
+            loop.join(30)
+        assert not loop.is_alive(), "the poller did not stop"
 
     # --- THEN ---------------------------------------------------------------------------------
     def n8n_calls(self) -> list[dict]:

@@ -113,6 +113,40 @@ def test_retry_after_from_the_peer_is_honoured(db, clock):
     assert outbox.get_job(db, job.id)["available_at"] >= clock() + 120
 
 
+def test_retry_after_is_capped_and_a_retry_past_the_age_limit_dies_now(db, clock):
+    outbox.enqueue_job(db, "k", "a", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    assert outbox.fail_job(db, job, "503", True, clock(), 10, 86400,
+                           retry_after_seconds=100_000_000, retry_after_cap_seconds=900) \
+        == "pending"
+    assert clock() + 900 >= outbox.get_job(db, job.id)["available_at"] >= clock() + 450
+    # a wait that would end past the age limit counts against it: dead now, not in 15 min
+    clock.advance(86_400 - 600)
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    assert outbox.fail_job(db, job, "503", True, clock(), 10, 86400, retry_after_seconds=900,
+                           retry_after_cap_seconds=900) == "dead"
+
+
+def test_claim_jobs_respects_lanes_and_never_runs_an_urgent_job_beside_others(db, clock):
+    for n in range(4):
+        outbox.enqueue_job(db, "n8n.forward", f"ai-{n}", {}, ordering_key=f"c{n}", now=clock())
+    outbox.enqueue_job(db, "ml.import", "ml-0", {}, now=clock())
+    lanes = {"n8n.forward": "n8n", "ml.import": "ml", "intake": "database"}
+    # a lane with room for two takes two; the other lane's job is not held back by it
+    jobs = outbox.claim_jobs(db, clock(), LEASE, 10, lanes=lanes,
+                             lane_room={"n8n": 2, "ml": 2, "database": 1})
+    assert sorted(j.dedupe_key for j in jobs) == ["ai-0", "ai-1", "ml-0"]
+    # an urgent job is claimed alone, and while it runs only urgent jobs are claimed
+    outbox.enqueue_job(db, "intake", "in-0", {}, ordering_key="intake", now=clock())
+    outbox.enqueue_job(db, "intake", "in-1", {}, now=clock())
+    jobs = outbox.claim_jobs(db, clock(), LEASE, 10, urgent_kinds=("intake",), lanes=lanes,
+                             lane_room={"n8n": 2, "ml": 2, "database": 5})
+    assert sorted(j.dedupe_key for j in jobs) == ["in-0", "in-1"]
+    assert outbox.claim_jobs(db, clock(), LEASE, 10, urgent_kinds=("intake",), lanes=lanes,
+                             lane_room={"n8n": 2, "ml": 2, "database": 5},
+                             urgent_only=True) == []
+
+
 def test_ordering_key_runs_jobs_of_one_conversation_in_order(db, clock):
     for i in range(3):
         outbox.enqueue_job(db, "k", f"c1-{i}", {"i": i}, ordering_key="contact:1",
