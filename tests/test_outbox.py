@@ -445,7 +445,7 @@ def test_migration_6_keeps_the_staged_jobs_and_drops_their_unique_index(tmp_path
     for row in rows:  # staged by the version before, waiting for the poller
         conn.execute("INSERT INTO staged_jobs (id, kind, dedupe_key, ordering_key, payload,"
                      " max_attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-    assert db_manager.migrate(conn) == 6
+    assert db_manager.migrate(conn) == len(db_manager.MIGRATIONS)
     assert [tuple(r) for r in conn.execute(
         "SELECT id, kind, dedupe_key, ordering_key, payload, max_attempts, created_at"
         " FROM staged_jobs ORDER BY id")] == rows
