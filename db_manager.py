@@ -3,8 +3,8 @@ by whatsapp_store; their schema is here so migrations stay in one ordered list).
 
 Owns: connections (WAL, busy timeout, foreign keys, the checkpointer thread), numbered
 migrations (`PRAGMA user_version`), `transaction()` (BEGIN IMMEDIATE), batched clean-up
-deletes, the inbound event log, heartbeats, cross-process locks, key-value mappings and tokens.
-The job outbox's SQL is in outbox.
+deletes, the inbound event log, heartbeats, cross-process locks and key-value mappings.
+The job outbox's SQL is in outbox; the tokens table's in credentials.
 Must not: call a peer, import flask or a peer module. Times are UTC epoch seconds (REAL, because
 debounce windows and wake-up latency are sub-second).
 """
@@ -699,34 +699,3 @@ def mapping_put(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
         "INSERT INTO mappings (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value,"
         " updated_at = excluded.updated_at", (namespace, str(key), dumps(value), now or time.time()))
-
-
-# --- tokens -------------------------------------------------------------------------------------
-
-def token_get(conn: sqlite3.Connection, provider: str) -> dict | None:
-    """The stored token pair of `provider` (`access_token`, `refresh_token`, `expires_at`,
-    `status`, `detail`), or None."""
-    row = conn.execute("SELECT * FROM tokens WHERE provider = ?", (provider,)).fetchone()
-    return dict(row) if row else None
-
-
-def token_put(conn: sqlite3.Connection, provider: str, access_token: str, refresh_token: str,
-              expires_at: float | None, status: str = "ok", detail: str = "",
-              now: float | None = None) -> None:
-    """Store the token pair atomically (single-use refresh tokens must be saved before use)."""
-    with transaction(conn):
-        conn.execute(
-            "INSERT INTO tokens (provider, access_token, refresh_token, expires_at, status, detail,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(provider) DO UPDATE SET"
-            " access_token = excluded.access_token, refresh_token = excluded.refresh_token,"
-            " expires_at = excluded.expires_at, status = excluded.status,"
-            " detail = excluded.detail, updated_at = excluded.updated_at",
-            (provider, access_token, refresh_token, expires_at, status, detail, now or time.time()))
-
-
-def token_set_status(conn: sqlite3.Connection, provider: str, status: str, detail: str = "",
-                     now: float | None = None) -> None:
-    """Mark a provider's tokens (e.g. 'disconnected' after invalid_grant)."""
-    with transaction(conn):
-        conn.execute("UPDATE tokens SET status = ?, detail = ?, updated_at = ? WHERE provider = ?",
-                     (status, detail, now or time.time(), provider))

@@ -1,100 +1,118 @@
-"""Kommo credentials: the long-lived token, or the OAuth pair with single-flight refresh.
+"""Kommo credentials: the long-lived token or the OAuth pair, through credentials' one store
+and refresh.
 
-Owns: `TokenSource` (what `KommoClient` asks for a token), the OAuth `state` (made, checked and
-consumed once, pruned), the code exchange of `/oauth/callback` and the refresh under a
-cross-process lock (Kommo refresh tokens are single-use: lock, re-read,
-refresh, persist the new pair atomically, then use it).
-Must not: hold routes; it is used by the poller's jobs and by the OAuth callback.
+Owns: `TokenSource` (what `KommoClient` asks for a token: it seeds KOMMO_ACCESS_TOKEN into the
+store, refreshes the OAuth pair through `credentials.refresh`, and refuses to let any request
+leave while the account is disconnected), `KommoDisconnected`, the OAuth `state` (made, checked
+and consumed once, pruned) and the code exchange of `/oauth/callback`.
+Must not: hold routes or SQL (credentials owns the tokens table); log tokens. It is used by the
+poller's jobs, the setup commands and the OAuth callback.
 """
 from __future__ import annotations
 
-import logging
-import os
 import secrets
 import time
 import urllib.parse
-import uuid
 
+import credentials
 import db_manager
+from credentials import Credential
 from kommo_api import KommoClient, KommoError
 
-log = logging.getLogger("ponte.kommo.auth")
-
 PROVIDER = "kommo"
-LOCK_NAME = "token-refresh:kommo"
 REFRESH_MARGIN_SECONDS = 600  # refresh ahead of expiry so no call runs with a dying token
-LOCK_TTL_SECONDS = 60
-LOCK_WAIT_SECONDS = 20
+DEFAULT_EXPIRES_IN_SECONDS = 86400
 AUTHORIZE_URL = "https://www.kommo.com/oauth"
 STATE_NAMESPACE = "oauth-state"
 STATE_MAX_AGE_SECONDS = 1800
+DISCONNECTED_RETRY_SECONDS = credentials.DISCONNECTED_RETRY_SECONDS
+NOT_CONNECTED_DETAIL = ("Kommo não autorizado: defina KOMMO_ACCESS_TOKEN (token de longa "
+                        "duração) ou conecte pelo OAuth em /oauth/status.")
+REFUSED_DETAIL = ("O Kommo recusou a renovação do token ({reason}). Conecte de novo pelo OAuth "
+                  "em /oauth/status; até lá a ponte não chama o Kommo e as respostas esperam.")
+LONG_LIVED_REFUSED_DETAIL = ("O Kommo recusou o token de longa duração (401). Gere um novo token "
+                             "no Kommo e troque KOMMO_ACCESS_TOKEN (ou conecte pelo OAuth em "
+                             "/oauth/status); até lá a ponte não chama o Kommo e as respostas "
+                             "esperam.")
+
+
+class KommoDisconnected(KommoError, credentials.WaitsForReconnection):
+    """The Kommo account is disconnected (or never connected): nothing was sent. A job that
+    meets it waits until `available_at` without spending an attempt."""
+
+    def __init__(self, detail: str, available_at: float):
+        super().__init__(401, detail, True, retry_after_seconds=DISCONNECTED_RETRY_SECONDS)
+        self.available_at = available_at
 
 
 class TokenSource:
-    """Gives the Kommo access token for the next call."""
+    """Gives the Kommo access token for the next call. One per client (so per thread); every
+    call reads the stored credential, so a disconnection seen by any process stops them all."""
 
     def __init__(self, settings, conn, now=time.time, sleep=time.sleep):
         self.settings = settings
         self.conn = conn
         self.now = now
         self.sleep = sleep
+        self._seeded = False
+        self._last_access_token = ""
 
     @property
     def uses_long_lived_token(self) -> bool:
         return bool(self.settings.kommo_access_token)
 
+    def credential(self) -> Credential:
+        """The stored credential (KOMMO_ACCESS_TOKEN is stored on first use). Raises
+        KommoDisconnected when no request may be made."""
+        if not self._seeded and self.uses_long_lived_token:
+            credentials.seed(self.conn, PROVIDER, self.settings.kommo_access_token, "",
+                             self.now(), authoritative=True, origin=self.settings.kommo_base_url)
+        self._seeded = True
+        current = credentials.get(self.conn, PROVIDER)
+        if current is None or not current.access_token:
+            raise self._unavailable(NOT_CONNECTED_DETAIL)
+        if not current.ok:
+            raise self._unavailable(current.detail or NOT_CONNECTED_DETAIL)
+        return current
+
     def access_token(self) -> str:
-        """The long-lived token, or the stored OAuth token (refreshed first when near expiry)."""
-        if self.uses_long_lived_token:
-            return self.settings.kommo_access_token
-        row = db_manager.token_get(self.conn, PROVIDER)
-        if row is None or not row["access_token"]:
-            raise KommoError(401, "Kommo não autorizado: defina KOMMO_ACCESS_TOKEN (token de longa "
-                             "duração) ou conecte pelo OAuth em /oauth/status", retryable=False)
-        if row["expires_at"] and row["expires_at"] - self.now() < REFRESH_MARGIN_SECONDS:
-            row = self.refresh(stale_access_token=row["access_token"])
-        return row["access_token"]
+        """The stored token, refreshed first when the OAuth pair is near expiry."""
+        current = self.credential()
+        if current.refresh_token and current.expires_within(REFRESH_MARGIN_SECONDS, self.now()):
+            current = self.refresh(current.access_token)
+        self._last_access_token = current.access_token
+        return current.access_token
 
     def refresh_after_401(self) -> bool:
-        """Kommo answered 401: refresh once (OAuth only). True when a new token is ready."""
-        if self.uses_long_lived_token:
-            return False
-        row = db_manager.token_get(self.conn, PROVIDER)
-        if not row or not row["refresh_token"]:
-            return False
-        self.refresh(stale_access_token=row["access_token"])
+        """Kommo answered 401 to the token last given: refresh the OAuth pair once (True: a new
+        token is ready). A refused long-lived token, or a refused refresh, marks the account
+        disconnected and raises KommoDisconnected."""
+        current = self.credential()
+        self.refresh(self._last_access_token or current.access_token)
         return True
 
-    def refresh(self, stale_access_token: str) -> dict:
-        """Refresh the pair unless another process already did (single flight)."""
-        owner = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not db_manager.acquire_lock(self.conn, LOCK_NAME, owner, LOCK_TTL_SECONDS,
-                                          now=self.now()):
-            if time.monotonic() > deadline:
-                raise KommoError(None, "token refresh lock busy", retryable=True)
-            self.sleep(0.05)
+    def refresh(self, stale_access_token: str) -> Credential:
+        """Replace `stale_access_token` (single flight across threads and processes)."""
         try:
-            row = db_manager.token_get(self.conn, PROVIDER)
-            if row and row["access_token"] != stale_access_token:
-                return row  # another process refreshed while we waited
-            client = _token_client(self.settings)
-            try:
-                answer = client.exchange_token({
-                    "client_id": self.settings.kommo_client_id,
-                    "client_secret": self.settings.kommo_client_secret,
-                    "grant_type": "refresh_token", "refresh_token": row["refresh_token"],
-                    "redirect_uri": self.settings.kommo_redirect_uri})
-            except KommoError as exc:
-                if exc.status in (400, 401):
-                    db_manager.token_set_status(self.conn, PROVIDER, "disconnected",
-                                                "refresh recusado; autorize de novo", self.now())
-                    log.error("kommo_refresh_rejected", extra={"peer": "kommo",
-                                                               "status": exc.status})
-                raise
-            return store_token_answer(self.conn, answer, self.now())
-        finally:
-            db_manager.release_lock(self.conn, LOCK_NAME, owner)
+            return credentials.refresh(
+                self.conn, PROVIDER, stale_access_token, self._exchange, self.now,
+                default_expires_in=DEFAULT_EXPIRES_IN_SECONDS, refused_detail=REFUSED_DETAIL,
+                no_refresh_detail=LONG_LIVED_REFUSED_DETAIL,
+                margin_seconds=REFRESH_MARGIN_SECONDS, sleep=self.sleep)
+        except credentials.CredentialUnavailable as exc:
+            raise self._unavailable(exc.detail) from None
+        except credentials.RefreshBusy:
+            raise KommoError(None, "token refresh lock busy", retryable=True) from None
+
+    def _exchange(self, refresh_token: str) -> dict:
+        return _checked(_token_client(self.settings).exchange_token({
+            "client_id": self.settings.kommo_client_id,
+            "client_secret": self.settings.kommo_client_secret,
+            "grant_type": "refresh_token", "refresh_token": refresh_token,
+            "redirect_uri": self.settings.kommo_redirect_uri}))
+
+    def _unavailable(self, detail: str) -> KommoDisconnected:
+        return KommoDisconnected(detail, self.now() + DISCONNECTED_RETRY_SECONDS)
 
 
 def build_client(settings, conn, now=time.time) -> KommoClient:
@@ -107,15 +125,17 @@ def _token_client(settings) -> KommoClient:
     return KommoClient(settings.kommo_base_url, token_source=None, max_rps=0)
 
 
-def store_token_answer(conn, answer: dict, now: float) -> dict:
-    """Persist a token-endpoint answer; returns the stored row."""
-    if not answer.get("access_token") or not answer.get("refresh_token"):
+def _checked(answer: dict) -> dict:
+    if not isinstance(answer, dict) or not answer.get("access_token") or \
+            not answer.get("refresh_token"):
         raise KommoError(None, "token answer without tokens", retryable=False)
-    expires_at = now + float(answer.get("expires_in") or 86400)
-    db_manager.token_put(conn, PROVIDER, answer["access_token"], answer["refresh_token"],
-                         expires_at, status="ok", now=now)
-    log.info("kommo_token_stored", extra={"peer": "kommo", "expires_at": int(expires_at)})
-    return db_manager.token_get(conn, PROVIDER)
+    return answer
+
+
+def store_token_answer(conn, answer: dict, now: float) -> Credential:
+    """Persist a token-endpoint answer (status ok: a new authorization reconnects the account)."""
+    return credentials.store_answer(conn, PROVIDER, _checked(answer), now,
+                                    DEFAULT_EXPIRES_IN_SECONDS)
 
 
 def start_authorization(settings, conn, now: float) -> str:
@@ -146,8 +166,9 @@ def prune_states(conn, older_than: float) -> None:
     db_manager.prune_mappings(conn, (STATE_NAMESPACE,), older_than)
 
 
-def exchange_code(settings, conn, code: str, now: float) -> dict:
-    """Exchange an authorization code (from /oauth/callback) and store the pair."""
+def exchange_code(settings, conn, code: str, now: float) -> Credential:
+    """Exchange an authorization code (from /oauth/callback) and store the pair: this is what
+    reconnects a disconnected account."""
     answer = _token_client(settings).exchange_token({
         "client_id": settings.kommo_client_id, "client_secret": settings.kommo_client_secret,
         "grant_type": "authorization_code", "code": code,
@@ -156,11 +177,14 @@ def exchange_code(settings, conn, code: str, now: float) -> dict:
 
 
 def refresh_if_due(ctx) -> None:
-    """Poller task: refresh the OAuth pair ahead of expiry (no-op with a long-lived token)."""
-    source = TokenSource(ctx.settings, ctx.conn, ctx.now)
-    if source.uses_long_lived_token:
+    """Poller task: refresh the OAuth pair ahead of expiry (nothing to do for a long-lived
+    token or a disconnected account)."""
+    if ctx.settings.kommo_access_token:
         return
-    row = db_manager.token_get(ctx.conn, PROVIDER)
-    if row and row["status"] == "ok" and row["expires_at"] and \
-            row["expires_at"] - ctx.now() < REFRESH_MARGIN_SECONDS * 3:
-        source.refresh(stale_access_token=row["access_token"])
+    current = credentials.get(ctx.conn, PROVIDER)
+    if current and current.ok and current.refresh_token and current.expires_at is not None \
+            and current.expires_within(REFRESH_MARGIN_SECONDS * 3, ctx.now()):
+        try:
+            TokenSource(ctx.settings, ctx.conn, ctx.now).refresh(current.access_token)
+        except KommoDisconnected:
+            pass  # logged as credential_disconnected; /health shows it

@@ -12,6 +12,7 @@ import logging
 from flask import Blueprint, jsonify, request
 
 import bot_control
+import credentials
 import db_manager
 import kommo_auth
 import kommo_webhook
@@ -131,13 +132,19 @@ def oauth_status():
     """Whether Kommo is connected, and the link that (re)connects it."""
     s = settings()
     conn = get_db()
+    token = credentials.get(conn, kommo_auth.PROVIDER)
     if s.kommo_access_token:
-        return jsonify(mode="long_lived_token", connected=True)
-    token = db_manager.token_get(conn, kommo_auth.PROVIDER)
+        # Refused by Kommo: disconnected until KOMMO_ACCESS_TOKEN changes.
+        refused = token is not None and token.access_token == s.kommo_access_token and \
+            not token.ok
+        return jsonify(mode="long_lived_token", connected=not refused,
+                       status=token.status if refused else "ok",
+                       detail=token.detail if refused else "")
     link = kommo_auth.start_authorization(s, conn, now()) if s.kommo_client_id else None
-    return jsonify(mode="oauth", connected=bool(token and token["status"] == "ok"),
-                   status=token["status"] if token else "never_connected",
-                   expires_at=token["expires_at"] if token else None,
+    return jsonify(mode="oauth", connected=bool(token and token.ok),
+                   status=token.status if token else "never_connected",
+                   detail=token.detail if token else "",
+                   expires_at=token.expires_at if token else None,
                    authorize_url=link)
 
 

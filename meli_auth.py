@@ -1,34 +1,40 @@
-"""Mercado Livre credentials: OAuth start/callback helpers and the single-flight refresh.
+"""Mercado Livre credentials: OAuth start/callback helpers, and the token source over
+credentials' one store and refresh.
 
-Owns: `MeliTokenSource` (what `MercadoLivreClient` asks for a token), `build_client()`,
-`start_authorization()` / `complete_authorization()` for the two OAuth routes, and
-`refresh_if_due()` for the poller. Mercado Livre refresh tokens are single-use ("only the last one generated works"),
-so a refresh runs under a cross-process lock: lock, re-read, refresh, persist the rotated pair
-atomically, then use it; `invalid_grant` re-reads once, then marks the account disconnected.
-Must not: hold routes or job logic; log tokens.
+Owns: `MeliTokenSource` (what `MercadoLivreClient` asks for a token: it seeds the environment's
+pair into the store, refreshes through `credentials.refresh`, and lets no request leave while
+the account is disconnected), `MeliDisconnected`, `build_client()`, `start_authorization()` /
+`complete_authorization()` for the two OAuth routes (state in `ml_oauth_state`, PKCE), and
+`refresh_if_due()` for the poller. Mercado Livre refresh tokens are single-use ("only the last
+one generated works"); `credentials.refresh` rotates them once for all threads and processes.
+Must not: hold routes, job logic or SQL (credentials owns the tokens table); log tokens.
 """
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
-import uuid
 
+import credentials
 import db_manager
+from credentials import Credential
 from mercado_livre_api import (MercadoLivreClient, MercadoLivreError, auth_base_url,
                                authorization_url, pkce_pair)
 
 log = logging.getLogger("ponte.meli.auth")
 
 PROVIDER = "mercadolivre"
-LOCK_NAME = "token-refresh:mercadolivre"
 STATE_NAMESPACE = "ml_oauth_state"
 REFRESH_MARGIN_SECONDS = 300  # refresh ahead of expiry so no call runs with a dying token
-LOCK_TTL_SECONDS = 60
-LOCK_WAIT_SECONDS = 30
+DEFAULT_EXPIRES_IN_SECONDS = 21600
 STATE_MAX_AGE_SECONDS = 900
-DISCONNECTED_RETRY_SECONDS = 600
+DISCONNECTED_RETRY_SECONDS = credentials.DISCONNECTED_RETRY_SECONDS
+NOT_CONNECTED_DETAIL = "Mercado Livre não conectado: abra /oauth/mercadolivre/start"
+REFUSED_DETAIL = ("O Mercado Livre recusou o refresh token ({reason}): autorize de novo em "
+                  "/oauth/mercadolivre/start; até lá a ponte não chama o Mercado Livre.")
+NO_REFRESH_DETAIL = ("O Mercado Livre recusou o token (401) e não há refresh token: autorize "
+                     "de novo em /oauth/mercadolivre/start; até lá a ponte não chama o Mercado "
+                     "Livre.")
 
 
 class OAuthError(Exception):
@@ -40,8 +46,20 @@ class OAuthError(Exception):
         super().__init__(message)
 
 
+class MeliDisconnected(MercadoLivreError, credentials.WaitsForReconnection):
+    """The Mercado Livre account is disconnected (`code` "disconnected") or was never connected
+    ("not_connected"): nothing was sent. A job that meets it waits until `available_at` without
+    spending an attempt."""
+
+    def __init__(self, detail: str, available_at: float, code: str = "disconnected"):
+        super().__init__(401, detail, True, retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
+                         code=code)
+        self.available_at = available_at
+
+
 class MeliTokenSource:
-    """Gives the Mercado Livre access token for the next call, refreshing it when due."""
+    """Gives the Mercado Livre access token for the next call, refreshing it when due. Every
+    call reads the stored credential, so a disconnection seen by any process stops them all."""
 
     def __init__(self, settings, conn, now=time.time, sleep=time.sleep,
                  token_client: MercadoLivreClient | None = None):
@@ -50,110 +68,59 @@ class MeliTokenSource:
         self.now = now
         self.sleep = sleep
         self.token_client = token_client or _token_client(settings)
+        self._seeded = False
 
-    def _row(self) -> dict | None:
-        row = db_manager.token_get(self.conn, PROVIDER)
-        if row is None and (self.settings.ml_access_token or self.settings.ml_refresh_token):
-            # Initial pair from the environment; expiry unknown, so a 401 triggers the refresh.
-            # Checked again under the write lock: another process may have seeded and already
-            # rotated the pair, and writing the environment's pair over it would break the chain.
-            with db_manager.transaction(self.conn):
-                if db_manager.token_get(self.conn, PROVIDER) is None:
-                    db_manager.token_put(self.conn, PROVIDER, self.settings.ml_access_token or "",
-                                         self.settings.ml_refresh_token or "",
-                                         None if self.settings.ml_access_token else 0.0,
-                                         now=self.now())
-            row = db_manager.token_get(self.conn, PROVIDER)
-        return row
+    def credential(self) -> Credential:
+        """The stored credential (the environment's pair is stored on first use, see
+        `credentials.seed`). Raises MeliDisconnected when no request may be made."""
+        s = self.settings
+        if not self._seeded and (s.ml_access_token or s.ml_refresh_token):
+            credentials.seed(self.conn, PROVIDER, s.ml_access_token or "",
+                             s.ml_refresh_token or "", self.now(), authoritative=False)
+        self._seeded = True
+        current = credentials.get(self.conn, PROVIDER)
+        if current is None or not (current.access_token or current.refresh_token):
+            raise self._unavailable(NOT_CONNECTED_DETAIL, "not_connected")
+        if not current.ok:
+            raise self._unavailable(current.detail or NOT_CONNECTED_DETAIL)
+        return current
 
     def access_token(self) -> str:
         """The stored access token (refreshed first when it expires within 5 minutes)."""
-        row = self._row()
-        if row is None or (not row["access_token"] and not row["refresh_token"]):
-            raise MercadoLivreError(401, "Mercado Livre não conectado: abra "
-                                    "/oauth/mercadolivre/start", True,
-                                    retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
-                                    code="not_connected")
-        if row["status"] == "disconnected":
-            raise _disconnected()
-        if not row["access_token"] or (row["expires_at"] is not None and
-                                       row["expires_at"] - self.now() < REFRESH_MARGIN_SECONDS):
-            return self.refresh(row["access_token"])
-        return row["access_token"]
+        current = self.credential()
+        if current.expires_within(REFRESH_MARGIN_SECONDS, self.now()):
+            return self.refresh(current.access_token)
+        return current.access_token
 
     def refresh(self, stale_access_token: str) -> str:
-        """Refresh unless another process already did (single flight across processes);
-        returns the access token to use. A disconnected account is not refreshed: only a new
+        """Replace `stale_access_token` (single flight across threads and processes); returns
+        the access token to use. A disconnected account is not refreshed: only a new
         authorization (/oauth/mercadolivre/start) brings it back."""
-        row = db_manager.token_get(self.conn, PROVIDER)
-        if row is not None and row["status"] == "disconnected":
-            raise _disconnected()
-        owner = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not db_manager.acquire_lock(self.conn, LOCK_NAME, owner, LOCK_TTL_SECONDS,
-                                          now=self.now()):
-            fresh = self._fresh_other_than(stale_access_token)
-            if fresh:
-                return fresh
-            if time.monotonic() > deadline:
-                raise MercadoLivreError(None, "token refresh lock busy", True)
-            self.sleep(0.02)
+        self.credential()
         try:
-            fresh = self._fresh_other_than(stale_access_token)
-            if fresh:
-                return fresh
-            row = db_manager.token_get(self.conn, PROVIDER)
-            if row is not None and row["status"] == "disconnected":
-                # another process gave up (invalid_grant) while this one waited for the lock
-                raise _disconnected()
-            if row is None or not row["refresh_token"]:
-                raise MercadoLivreError(401, "sem refresh token do Mercado Livre", True,
-                                        retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
-                                        code="not_connected")
-            try:
-                answer = self.token_client.refresh_token(row["refresh_token"])
-            except MercadoLivreError as exc:
-                if exc.code != "invalid_grant":
-                    raise
-                again = db_manager.token_get(self.conn, PROVIDER)
-                if again and again["refresh_token"] != row["refresh_token"] \
-                        and again["access_token"]:
-                    return again["access_token"]  # a new pair arrived meanwhile (callback)
-                db_manager.token_set_status(
-                    self.conn, PROVIDER, "disconnected",
-                    "refresh token recusado (invalid_grant): autorize de novo em "
-                    "/oauth/mercadolivre/start", now=self.now())
-                log.error("ml_token_disconnected", extra={"peer": "mercadolivre",
-                                                          "reason": "invalid_grant"})
-                raise MercadoLivreError(400, "Mercado Livre desconectado (invalid_grant)", True,
-                                        retry_after_seconds=DISCONNECTED_RETRY_SECONDS,
-                                        code="disconnected")
-            return store_token_answer(self.conn, answer, self.now())["access_token"]
-        finally:
-            db_manager.release_lock(self.conn, LOCK_NAME, owner)
+            return credentials.refresh(
+                self.conn, PROVIDER, stale_access_token, self._exchange, self.now,
+                default_expires_in=DEFAULT_EXPIRES_IN_SECONDS, refused_detail=REFUSED_DETAIL,
+                no_refresh_detail=NO_REFRESH_DETAIL, margin_seconds=REFRESH_MARGIN_SECONDS,
+                sleep=self.sleep).access_token
+        except credentials.CredentialUnavailable as exc:
+            raise self._unavailable(exc.detail) from None
+        except credentials.RefreshBusy:
+            raise MercadoLivreError(None, "token refresh lock busy", True) from None
 
-    def _fresh_other_than(self, stale: str) -> str | None:
-        row = db_manager.token_get(self.conn, PROVIDER)
-        if row and row["status"] == "ok" and row["access_token"] and \
-                row["access_token"] != stale and (row["expires_at"] is None or
-                                                  row["expires_at"] - self.now()
-                                                  >= REFRESH_MARGIN_SECONDS):
-            return row["access_token"]
-        return None
+    def _exchange(self, refresh_token: str) -> dict:
+        return _checked(self.token_client.refresh_token(refresh_token))
 
-
-def _disconnected() -> MercadoLivreError:
-    return MercadoLivreError(401, "Mercado Livre desconectado: autorize de novo em "
-                             "/oauth/mercadolivre/start", True,
-                             retry_after_seconds=DISCONNECTED_RETRY_SECONDS, code="disconnected")
+    def _unavailable(self, detail: str, code: str = "disconnected") -> MeliDisconnected:
+        return MeliDisconnected(detail, self.now() + DISCONNECTED_RETRY_SECONDS, code)
 
 
 def refresh_if_due(ctx) -> None:
     """Poller task: refresh the pair ahead of expiry, off the request path."""
-    row = db_manager.token_get(ctx.conn, PROVIDER)
-    if row and row["status"] == "ok" and row["refresh_token"] and row["expires_at"] is not None \
-            and row["expires_at"] - ctx.now() < REFRESH_MARGIN_SECONDS * 3:
-        ctx.clients.meli.token_source.refresh(row["access_token"])
+    current = credentials.get(ctx.conn, PROVIDER)
+    if current and current.ok and current.refresh_token and current.expires_at is not None \
+            and current.expires_within(REFRESH_MARGIN_SECONDS * 3, ctx.now()):
+        ctx.clients.meli.token_source.refresh(current.access_token)
 
 
 def _token_client(settings) -> MercadoLivreClient:
@@ -170,16 +137,20 @@ def build_client(settings, conn, now=time.time) -> MercadoLivreClient:
                               token_source=MeliTokenSource(settings, conn, now))
 
 
-def store_token_answer(conn, answer: dict, now: float) -> dict:
-    """Persist a token answer atomically (before anyone uses it); returns the stored row."""
-    if not answer.get("access_token") or not answer.get("refresh_token"):
+def _checked(answer: dict) -> dict:
+    if not isinstance(answer, dict) or not answer.get("access_token") or \
+            not answer.get("refresh_token"):
         raise MercadoLivreError(None, "token answer without both tokens", True)
-    expires_at = now + float(answer.get("expires_in") or 21600)
-    db_manager.token_put(conn, PROVIDER, answer["access_token"], answer["refresh_token"],
-                         expires_at, status="ok", now=now)
-    log.info("ml_token_stored", extra={"peer": "mercadolivre", "expires_at": int(expires_at),
-                                       "ml_user_id": answer.get("user_id")})
-    return db_manager.token_get(conn, PROVIDER)
+    return answer
+
+
+def store_token_answer(conn, answer: dict, now: float) -> Credential:
+    """Persist a token answer atomically (before anyone uses it; status ok, so a new
+    authorization reconnects the account)."""
+    stored = credentials.store_answer(conn, PROVIDER, _checked(answer), now,
+                                      DEFAULT_EXPIRES_IN_SECONDS)
+    log.info("ml_token_stored", extra={"peer": "mercadolivre", "ml_user_id": answer.get("user_id")})
+    return stored
 
 
 def redirect_uri(settings) -> str:
@@ -206,7 +177,7 @@ def start_authorization(settings, conn, now: float) -> str:
 
 
 def complete_authorization(settings, conn, code: str, state: str, now: float,
-                           client: MercadoLivreClient | None = None) -> dict:
+                           client: MercadoLivreClient | None = None) -> Credential:
     """Check `state`, exchange `code` and store the pair. Raises OAuthError (pt-BR message)."""
     if not code or not state:
         raise OAuthError("Faltam os parâmetros code e state na volta do Mercado Livre.")

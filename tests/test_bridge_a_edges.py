@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import credentials
 import db_manager
 import kommo_auth
 import kommo_webhook
@@ -302,7 +303,7 @@ def test_expiring_token_is_refreshed_once_and_401_triggers_one_refresh(oauth_bri
 
 def test_rejected_refresh_marks_kommo_disconnected_in_health(oauth_bridge, clock):
     bridge = oauth_bridge
-    db_manager.token_put(bridge.db, "kommo", "old-access", "revoked-refresh", clock() + 10)
+    credentials.store(bridge.db, "kommo", "old-access", "revoked-refresh", clock() + 10, clock())
     bridge.customer_says("oi")
     bridge.run_jobs()
     db_manager.beat(bridge.db, "poller", now=clock())

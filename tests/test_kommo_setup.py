@@ -70,3 +70,21 @@ def test_a_refused_registration_does_not_print_the_secret(monkeypatch, tmp_path,
     err = capsys.readouterr().err
     assert "O Kommo recusou" in err and "http://ponte.loja.com.br/webhooks/kommo/***" in err
     assert "segredo-longo" not in err
+
+
+def test_a_refused_token_is_not_sent_again_until_kommo_access_token_changes(monkeypatch,
+                                                                             tmp_path, serve,
+                                                                             capsys):
+    app = kommo_standin.create_app(access_token="other", max_rps=0)
+    _env(monkeypatch, tmp_path, serve(app).url)
+    assert kommo_setup.main(["create-field"]) == 1
+    requests_after_first = len(app.config["STATE"].requests)
+    capsys.readouterr()
+    # the same token again: refused at once, without a request, saying what to change
+    assert kommo_setup.main(["create-field"]) == 1
+    assert len(app.config["STATE"].requests) == requests_after_first
+    assert "KOMMO_ACCESS_TOKEN" in capsys.readouterr().err
+    # a new token: Kommo is called again
+    monkeypatch.setenv("KOMMO_ACCESS_TOKEN", "other")
+    assert kommo_setup.main(["create-field"]) == 0
+    assert app.config["STATE"].custom_fields

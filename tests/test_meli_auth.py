@@ -8,6 +8,7 @@ import urllib.parse
 import pytest
 import requests
 
+import credentials
 import db_manager
 import meli_auth
 from mercado_livre_api import MercadoLivreError
@@ -19,8 +20,7 @@ def _tokens(b: Bridge, **body):
 
 
 def _store(b: Bridge, access: str, refresh: str, expires_at: float | None):
-    db_manager.token_put(b.conn, meli_auth.PROVIDER, access, refresh, expires_at,
-                         now=b.clock())
+    credentials.store(b.conn, meli_auth.PROVIDER, access, refresh, expires_at, b.clock())
 
 
 def test_oauth_start_and_callback_store_the_tokens_with_pkce(make_settings, serve, clock):
@@ -41,10 +41,10 @@ def test_oauth_start_and_callback_store_the_tokens_with_pkce(make_settings, serv
     callback = requests.get(consent.headers["Location"], timeout=10)
     # THEN the pair is stored and the page says so in Portuguese
     assert callback.status_code == 200 and "Mercado Livre conectado" in callback.text
-    row = db_manager.token_get(b.conn, meli_auth.PROVIDER)
-    assert row["status"] == "ok" and row["access_token"].startswith("APP_USR-")
-    assert row["expires_at"] == pytest.approx(clock() + 21600)
-    assert row["refresh_token"] == b.ml_state()["refresh_token"]
+    row = credentials.get(b.conn, meli_auth.PROVIDER)
+    assert row.status == "ok" and row.access_token.startswith("APP_USR-")
+    assert row.expires_at == pytest.approx(clock() + 21600)
+    assert row.refresh_token == b.ml_state()["refresh_token"]
     # a replayed callback (same state) is refused
     again = requests.get(consent.headers["Location"], timeout=10)
     assert again.status_code == 400 and "expirado" in again.text
@@ -54,7 +54,7 @@ def test_callback_with_unknown_state_is_refused(bridge):
     answer = requests.get(f"{bridge.web.url}/oauth/mercadolivre/callback",
                           params={"code": "TG-x", "state": "forged"}, timeout=5)
     assert answer.status_code == 400
-    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER) is None
+    assert credentials.get(bridge.conn, meli_auth.PROVIDER) is None
 
 
 def test_401_refreshes_once_and_retries_the_call(bridge):
@@ -66,8 +66,8 @@ def test_401_refreshes_once_and_retries_the_call(bridge):
     # THEN one refresh, the new pair is stored, the question got through
     state = bridge.ml_state()
     assert state["refresh_calls"] == 1
-    row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
-    assert row["refresh_token"] == state["refresh_token"] != "TG-standin-initial"
+    row = credentials.get(bridge.conn, meli_auth.PROVIDER)
+    assert row.refresh_token == state["refresh_token"] != "TG-standin-initial"
     assert len(bridge.conversations()) == 1
 
 
@@ -86,8 +86,8 @@ def test_invalid_grant_rereads_once_then_marks_disconnected_and_health_says_so(b
         source.access_token()
     assert err.value.code == "disconnected"
     assert bridge.ml_state()["refresh_calls"] == 1  # no hammering with a dead token
-    row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
-    assert row["status"] == "disconnected" and "invalid_grant" in row["detail"]
+    row = credentials.get(bridge.conn, meli_auth.PROVIDER)
+    assert row.status == "disconnected" and "invalid_grant" in row.detail
     health = requests.get(f"{bridge.web.url}/health", timeout=5).json()
     assert health["accounts"]["mercadolivre"] == "disconnected"
     # later calls do not try again until the seller re-authorizes
@@ -108,7 +108,7 @@ def test_invalid_grant_uses_a_pair_stored_meanwhile(bridge):
     source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock,
                                        token_client=CallbackRacesUs())
     assert source.access_token() == "APP_USR-from-callback"
-    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER)["status"] == "ok"
+    assert credentials.get(bridge.conn, meli_auth.PROVIDER).status == "ok"
 
 
 def _refresh_in_process(args):
@@ -151,8 +151,8 @@ def test_four_processes_needing_a_refresh_make_exactly_one_refresh_call(make_set
     state = b.ml_state()
     assert state["refresh_calls"] == 1
     assert len(set(tokens)) == 1 and tokens[0] in state["access_tokens"]
-    row = db_manager.token_get(b.conn, meli_auth.PROVIDER)
-    assert row["access_token"] == tokens[0] and row["refresh_token"] == state["refresh_token"]
+    row = credentials.get(b.conn, meli_auth.PROVIDER)
+    assert row.access_token == tokens[0] and row.refresh_token == state["refresh_token"]
 
 
 def test_environment_pair_never_overwrites_a_rotated_pair(bridge):
@@ -162,14 +162,14 @@ def test_environment_pair_never_overwrites_a_rotated_pair(bridge):
     source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
     # THEN it uses the stored pair
     assert source.access_token() == "APP_USR-rotated"
-    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER)["refresh_token"] == "TG-rotated"
+    assert credentials.get(bridge.conn, meli_auth.PROVIDER).refresh_token == "TG-rotated"
 
 
 def test_first_start_seeds_the_environment_pair(bridge):
     source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
     assert source.access_token() == "APP_USR-standin-initial"
-    row = db_manager.token_get(bridge.conn, meli_auth.PROVIDER)
-    assert row["refresh_token"] == "TG-standin-initial" and row["expires_at"] is None
+    row = credentials.get(bridge.conn, meli_auth.PROVIDER)
+    assert row.refresh_token == "TG-standin-initial" and row.expires_at is None
 
 
 def test_state_older_than_15_minutes_is_refused(bridge):
@@ -203,14 +203,14 @@ def test_authorizing_another_account_is_refused(bridge):
         meli_auth.complete_authorization(bridge.settings, bridge.conn, "TG-code", state,
                                          bridge.clock(), client=OtherAccount())
     assert err.value.status == 409 and "ML_SELLER_ID" in err.value.message
-    assert db_manager.token_get(bridge.conn, meli_auth.PROVIDER) is None
+    assert credentials.get(bridge.conn, meli_auth.PROVIDER) is None
 
 
 def test_disconnected_account_never_calls_the_token_endpoint(bridge):
     # GIVEN an account marked disconnected (its refresh token was refused)
     _store(bridge, "APP_USR-dead", "TG-dead", None)
-    db_manager.token_set_status(bridge.conn, meli_auth.PROVIDER, "disconnected",
-                                "refresh token recusado", now=bridge.clock())
+    credentials.mark_disconnected(bridge.conn, meli_auth.PROVIDER, "refresh token recusado",
+                                  bridge.clock())
     before = len(bridge.ml_state()["token_calls"])
     # WHEN the poller's schedules run and a job calls Mercado Livre
     import meli_jobs
@@ -243,11 +243,10 @@ def test_refresh_that_waited_for_the_lock_does_not_refresh_a_disconnected_accoun
     real_acquire = db_manager.acquire_lock
 
     def acquire_after_the_other_gave_up(conn, *args, **kw):
-        db_manager.token_set_status(conn, meli_auth.PROVIDER, "disconnected", "invalid_grant",
-                                    now=bridge.clock())
+        credentials.mark_disconnected(conn, meli_auth.PROVIDER, "invalid_grant", bridge.clock())
         return real_acquire(conn, *args, **kw)
 
-    monkeypatch.setattr(meli_auth.db_manager, "acquire_lock", acquire_after_the_other_gave_up)
+    monkeypatch.setattr(db_manager, "acquire_lock", acquire_after_the_other_gave_up)
     source = meli_auth.MeliTokenSource(bridge.settings, bridge.conn, bridge.clock)
     # WHEN this process gets the lock
     with pytest.raises(MercadoLivreError) as raised:
