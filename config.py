@@ -353,8 +353,11 @@ def warnings(settings: "Settings") -> list[str]:
             what = f"KOMMO_MAX_RPS={settings.kommo_max_rps:g}"
             if settings.kommo_max_rps == 0:
                 what += " desliga o limite"
+            # Above the limit the Kommo client lowers it (kommo_api): the account stays safe.
             found.append(f"{what}: o Kommo bloqueia a integração que passa de "
-                         f"{KOMMO_RPS_LIMIT} pedidos por segundo; use de 1 a {KOMMO_RPS_LIMIT}.")
+                         f"{KOMMO_RPS_LIMIT} pedidos por segundo; use de 1 a {KOMMO_RPS_LIMIT}"
+                         + (f" (a ponte usa {KOMMO_RPS_LIMIT})."
+                            if settings.kommo_max_rps > KOMMO_RPS_LIMIT else "."))
     return found
 
 

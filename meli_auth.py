@@ -126,7 +126,8 @@ def refresh_if_due(ctx) -> None:
 def _token_client(settings) -> MercadoLivreClient:
     return MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
                               client_secret=settings.ml_client_secret,
-                              seller_id=settings.ml_seller_id, site_id=settings.ml_site_id)
+                              seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
+                              rate_limit_path=settings.database_path)
 
 
 def build_client(settings, conn, now=time.time) -> MercadoLivreClient:
@@ -134,7 +135,8 @@ def build_client(settings, conn, now=time.time) -> MercadoLivreClient:
     return MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
                               client_secret=settings.ml_client_secret,
                               seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
-                              token_source=MeliTokenSource(settings, conn, now))
+                              token_source=MeliTokenSource(settings, conn, now),
+                              rate_limit_path=settings.database_path, clock=now)
 
 
 def _checked(answer: dict) -> dict:

@@ -13,12 +13,13 @@ import base64
 import hashlib
 import re
 import secrets
+import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from peer_http import PeerClient, PeerError, RateLimiter
+from peer_http import PeerClient, PeerError, SharedRateLimiter, shared_limiter
 
 # Mercado Livre's AI messaging agents (2026): for MLB/MLC post-sale replies go `to` this id.
 AGENT_IDS = {
@@ -34,6 +35,8 @@ AUTH_HOSTS = {
     "MEC": "https://auth.mercadolibre.com.ec", "MPE": "https://auth.mercadolibre.com.pe",
 }
 
+# Each messaging pool (GETs; POST/PUTs) allows 500 calls a minute (reference §2.1).
+MESSAGING_CALLS_PER_MINUTE = 500
 ANSWER_MAX_CHARS = 2000
 SELLER_MESSAGE_MAX_CHARS = 350
 ATTACHMENT_MAX_BYTES = 25 * 1024 * 1024
@@ -137,15 +140,22 @@ class MercadoLivreClient(PeerClient):
     def __init__(self, base_url: str, *, client_id: str = "", client_secret: str = "",
                  seller_id: str = "", site_id: str = "MLB",
                  token_source: TokenSource | None = None, timeout_seconds: float = 15.0,
-                 messaging_rpm: float = 480.0, session=None):
-        super().__init__(base_url, timeout_seconds=timeout_seconds, session=session)
+                 messaging_rpm: int = MESSAGING_CALLS_PER_MINUTE, session=None,
+                 rate_limit_path: str = "", clock=time.time):
+        # No published number outside messaging: the general pool only honours 429s.
+        super().__init__(base_url, timeout_seconds=timeout_seconds, session=session,
+                         rate_limit_path=rate_limit_path, clock=clock)
         self.client_id = str(client_id)
         self.client_secret = client_secret
         self.seller_id = str(seller_id)
         self.site_id = site_id or "MLB"
         self.token_source = token_source
-        # Only the messaging pool has a published limit (500 GET + 500 POST per minute).
-        self.messaging_limiter = RateLimiter(messaging_rpm / 60.0, burst=20)
+        # Only messaging has a published limit: GETs share 500 a minute, POST/PUTs another 500
+        # (reference §2.1), for the whole application, so for every process of ponte.
+        self.messaging_limiters = {
+            kind: shared_limiter(rate_limit_path, f"mercadolivre-messages-{kind}",
+                                 int(messaging_rpm), 60.0, block_clock=clock)
+            for kind in ("read", "write")}
         self._current_token = ""
 
     # --- plumbing -------------------------------------------------------------------------------
@@ -156,9 +166,13 @@ class MercadoLivreClient(PeerClient):
         self._current_token = self.token_source.access_token()
         return {"Authorization": f"Bearer {self._current_token}"}
 
-    def _request(self, method: str, path: str, **kwargs) -> Any:
+    def _limiter_for(self, method: str, path: str) -> SharedRateLimiter:
         if path.startswith("/messages"):
-            self.messaging_limiter.acquire()
+            return self.messaging_limiters["read" if method.upper() in ("GET", "HEAD")
+                                           else "write"]
+        return self.limiter
+
+    def _request(self, method: str, path: str, **kwargs) -> Any:
         try:
             return super()._request(method, path, **kwargs)
         except MercadoLivreError as exc:

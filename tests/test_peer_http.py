@@ -1,4 +1,5 @@
-"""The behaviour every peer client shares: timeouts, error mapping, Retry-After, rate limit."""
+"""The behaviour every peer client shares: timeouts, error mapping, Retry-After, rate limit
+(the shared limiter itself: test_rate_limit.py)."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 from flask import Flask
 
-from peer_http import PeerClient, PeerError, RateLimiter
+from peer_http import PeerClient, PeerError, SharedRateLimiter
 from standins.support import free_port
 
 
@@ -87,12 +88,24 @@ def test_a_failed_token_call_before_sending_did_not_reach_the_peer(serve):
     assert calls == [] and not err.value.may_have_reached
 
 
-def test_rate_limiter_spaces_calls():
+def test_rate_limiter_allows_max_calls_in_any_window():
     now = [0.0]
-    slept = []
-    limiter = RateLimiter(5, clock=lambda: now[0],
-                          sleep=lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+    slept, started = [], []
+    limiter = SharedRateLimiter(None, 5, 1.0, clock=lambda: now[0],
+                                sleep=lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
     for _ in range(15):
         limiter.acquire()
-    # 5 immediately (the burst), then one every 0.2 s
-    assert round(sum(slept), 3) == 2.0 and max(slept) <= 0.2 + 1e-9
+        started.append(now[0])
+    # 5 at once, then 5 more a window (+ its 2 % margin) later, then 5 more: never 6 in a second
+    assert max(sum(1 for t in started if s <= t <= s + 1.0) for s in started) == 5
+    assert round(sum(slept), 3) == 2.04 and len(slept) == 2
+
+
+def test_a_429_holds_the_clients_next_call_until_retry_after(client):
+    with pytest.raises(PeerError):
+        client._request("GET", "/status/429")  # Retry-After: 7
+    client.limiter.max_wait_seconds = 1
+    with pytest.raises(PeerError) as err:
+        client._request("GET", "/ok")
+    assert err.value.status is None and err.value.retryable and not err.value.may_have_reached
+    assert 6 <= err.value.retry_after_seconds <= 7 and "rate limit" in err.value.detail
