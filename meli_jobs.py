@@ -100,6 +100,10 @@ def _guarded(task):
     return run
 
 
+# An agent's reply is sent to Mercado Livre: it waits in Mercado Livre's lane of the poller's
+# pool, not Chatwoot's (see job_runner.lane_of).
+handle_forward_reply.lane = "ml"
+
 HANDLERS = {
     "ml.import_question": handle_import_question,
     "ml.fetch_question": handle_fetch_question,
