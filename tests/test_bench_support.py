@@ -10,7 +10,8 @@ from flask import Flask
 from standins import n8n as n8n_standin
 from standins.support import RequestLog
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
 
 import benchlib  # noqa: E402
 
@@ -51,3 +52,32 @@ def test_n8n_standin_takes_latency_seconds_to_answer_and_records_the_call_on_arr
     n8n_standin.create_app(api_key="k").test_client().post(
         "/webhook/ponte", json={}, headers={"Authorization": "Bearer k"})
     assert waits == []  # no latency unless asked for
+
+
+def _burst(first, last, complete=True, **extra):
+    return {"customers": 20, "replies": 20 if complete else 0, "complete": complete,
+            "first_reply_s": first, "last_reply_s": last, "kommo_max_in_1s": 5,
+            "kommo_429": 0, "kommo_requests": 20, "rss_max_sum_kb": 150 * 1024, **extra}
+
+
+def test_concurrency_report_puts_both_versions_side_by_side_and_says_past_the_budget():
+    import bench_concurrency as bc
+
+    sizes = {"burst_small": 20, "burst_large": 100, "spaced": 40, "instant_burst": 20,
+             "after": 15, "drain": 600}
+    results = {
+        "sizes": sizes, "budget_s": 120.0,
+        "new": {"commit": "abc1234", "settings": {"poller_concurrency": 16, "kommo_max_rps": 7},
+                "burst20": _burst(3.5, 6.6, question_s=1.2, loadavg_1min_after=2.0),
+                "burst100": {"error": "TimeoutError: gunicorn"}},
+        "old": {"commit": "9d9f3ad", "settings": {"kommo_max_rps": 5},
+                "burst20": _burst(60.9, 64.5, question_s=59.9, kommo_429=3),
+                "burst100": _burst(None, None, complete=False)}}
+    text = bc.markdown(results, {"date": "hoje", "nproc": 2, "cpu": "x", "python": "3"}, False)
+    [row20] = [line for line in text.splitlines() if line.startswith("| 20 clientes")]
+    assert "| 3,5 s / 6,6 s | 60,9 s / 64,5 s | última ≤ 8 s |" in row20
+    [row100] = [line for line in text.splitlines() if line.startswith("| 100 clientes")]
+    assert "erro: TimeoutError: gunicorn" in row100
+    assert "> 120 s / > 120 s (0 de 20 no prazo)" in row100
+    assert "| 1,2 s | 59,9 s | ≤ 3 s |" in text
+    assert "POLLER_CONCURRENCY=16" in text and "não medido" in text  # instant, drain
