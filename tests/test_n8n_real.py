@@ -12,6 +12,7 @@ import pytest
 import requests
 
 import db_manager
+from n8n_api import N8nClient
 from poller import Poller
 from standins import kommo as kommo_standin
 from standins.support import free_port
@@ -26,6 +27,21 @@ SECRET, KEY = "hook-secret-real-n8n-0123456789", "n8n-real-key-123456"
 pytestmark = pytest.mark.skipif(not INSTALLED.exists(),
                                 reason="n8n real não instalado (./ponte test o instala quando "
                                        "há npm; ou rode tools/n8n-peer/install.sh)")
+
+
+def _sync_template_answering_per_execution() -> dict:
+    """The synchronous template on path `ponte-repeticao`, its stand-in agent answering with
+    n8n's execution id: an answer that differs each time the agent really runs."""
+    wf = json.loads((ROOT / "n8n/ponte-resposta-sincrona.json").read_text())
+    wf.update(id="ponteRepeatWf001", name="ponte: repetição (teste)",
+              versionId="1c2d3e4f-0000-4000-8000-00000000a0ff")
+    webhook = next(n for n in wf["nodes"] if n["type"].endswith(".webhook"))
+    webhook["parameters"]["path"] = "ponte-repeticao"
+    webhook["webhookId"] = "7b9f3c1e-2a4d-4c8b-9e6f-0a1b2c3d00ff"
+    agent = next(n for n in wf["nodes"] if n["name"] == "Agente IA (substitua)")
+    agent["parameters"]["assignments"]["assignments"][0]["value"] = \
+        "={{ 'execução ' + $execution.id }}"
+    return wf
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +65,11 @@ def ponte_and_n8n(tmp_path_factory):
     http_node["parameters"]["headerParameters"]["parameters"][0]["value"] = f"Bearer {KEY}"
     async_path = tmp / "async.json"
     async_path.write_text(json.dumps(async_wf))
+    repeat_path = tmp / "repeat.json"
+    repeat_path.write_text(json.dumps(_sync_template_answering_per_execution()))
     started = subprocess.run(["bash", str(PEER / "start.sh"),
-                              str(ROOT / "n8n/ponte-resposta-sincrona.json"), str(async_path)],
+                              str(ROOT / "n8n/ponte-resposta-sincrona.json"), str(async_path),
+                              str(repeat_path)],
                              env={**os.environ, "N8N_PORT": str(n8n_port)},
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr
@@ -97,3 +116,27 @@ def test_real_n8n_asynchronous_template_answers_through_send_response(ponte_and_
         poller.drain()
         time.sleep(0.2)
     assert _sent(kommo)[-1] == "Olá! Recebi sua mensagem: Qual o prazo?"
+
+
+def test_real_n8n_template_answers_a_repeated_burst_without_running_the_agent_again(
+        ponte_and_n8n):
+    # GIVEN the synchronous template, whose agent answers differently on every run
+    _, _, _, port = ponte_and_n8n
+    n8n = N8nClient(f"http://127.0.0.1:{port}/webhook/ponte-repeticao", KEY,
+                    timeout_seconds=20)
+
+    def ask(key):
+        return n8n.send({"message_text": "Tem em azul?", "idempotency_key": key},
+                        idempotency_key=key)["output"]
+
+    first = ask("ponte-burst-1")
+    # WHEN ponte sends the same burst again (n8n saves what a run remembered when the run
+    # ends, a moment after it answered; a repeat that early runs the agent again)
+    deadline = time.monotonic() + 20
+    again = ask("ponte-burst-1")
+    while again != first and time.monotonic() < deadline:
+        time.sleep(0.2)
+        first, again = again, ask("ponte-burst-1")
+    # THEN the workflow answers what it answered before, and a new burst runs the agent
+    assert again == first and first.startswith("execução ")
+    assert ask("ponte-burst-2") not in (first, "")
