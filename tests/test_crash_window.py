@@ -10,12 +10,12 @@ import pytest
 import requests
 
 import outbox
+import whatsapp_jobs
 import whatsapp_resend
 from job_runner import JobContext
 from kommo_api import KommoWritten, parse_lead_notes, parse_talk_messages
 from tests.bridge_a_harness import BridgeA
 from whatsapp_intake import ADD_NOTE, SEND_REPLY
-import whatsapp_jobs
 
 ANSWER = "Entregamos em Campinas em até 2 dias úteis."
 
