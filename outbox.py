@@ -322,6 +322,23 @@ def retry_dead_job(conn: sqlite3.Connection, job_id: int, now: float | None = No
     return cur.rowcount == 1
 
 
+def discard_dead_job(conn: sqlite3.Connection, job_id: int, reason: str,
+                     now: float | None = None) -> bool:
+    """An operator gives up on a dead job: it becomes `done` with `result = {"discarded":
+    true, "reason": ..., "discarded_at": ...}` (its last error kept), so it leaves the dead
+    letters and is pruned like any finished job. False if not dead (or not an id SQLite can
+    hold)."""
+    if not 0 <= job_id < 2**63:
+        return False
+    now = now or time.time()
+    result = {"discarded": True, "reason": reason[:500], "discarded_at": now}
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE jobs SET status = 'done', finished_at = ?, updated_at = ?, result = ?"
+            " WHERE id = ? AND status = 'dead'", (now, now, dumps(result), job_id))
+    return cur.rowcount == 1
+
+
 def release_job(conn: sqlite3.Connection, job: Job, available_at: float, now: float) -> bool:
     """Give a claimed job back without counting the attempt (e.g. it must wait longer)."""
     with transaction(conn):

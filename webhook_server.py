@@ -17,6 +17,7 @@ import uuid
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+import admin_console
 import bridges
 import config
 import credentials
@@ -61,6 +62,7 @@ def create_app(settings=None, clock=None) -> Flask:
     _install_operator_routes(app)
     for blueprint in bridges.blueprints(settings):
         app.register_blueprint(blueprint)
+    app.register_blueprint(admin_console.blueprint)  # the console's pages under /admin
     log.info("web_started", extra={"bridges": list(settings.enabled_bridges),
                                    "version": config.VERSION})
     return app
