@@ -143,6 +143,19 @@ SETTINGS: tuple[Setting, ...] = (
        unit="segundos", group="mercadolivre"),
     _s("ML_POLL_MESSAGES_SECONDS", 60, "int", "Intervalo de busca de mensagens pós-venda.",
        unit="segundos", group="mercadolivre"),
+    _s("ML_AI_MODE", "desligado", "choice", "Agente de IA (n8n) nas perguntas: desligado, "
+       "sugerir (nota privada; o agente envia com #ok) ou automatico (responde sozinho no "
+       "Mercado Livre).", choices=("desligado", "sugerir", "automatico"), group="mercadolivre"),
+    _s("ML_AI_WEBHOOK_URL", "", "url", "URL do Webhook do fluxo n8n que responde perguntas "
+       "(pode ser o mesmo n8n do WhatsApp, em outro fluxo).", group="mercadolivre"),
+    _s("ML_AI_API_KEY", "", "str", "Chave compartilhada com o fluxo de perguntas (Bearer nos dois "
+       "sentidos).", secret=True, group="mercadolivre"),
+    _s("ML_AI_HOURS", "", "str", "Horário do modo automatico, ex.: 18:00-08:00; fora dele a IA só "
+       "sugere (vazio = o dia todo).", group="mercadolivre"),
+    _s("ML_AI_TIMEZONE", "America/Sao_Paulo", "str", "Fuso horário de ML_AI_HOURS.",
+       group="mercadolivre"),
+    _s("ML_AI_TIMEOUT_SECONDS", 30.0, "float", "Tempo máximo de espera pela resposta do fluxo de "
+       "perguntas.", unit="segundos", group="mercadolivre"),
     _s("CHATWOOT_BASE_URL", "", "url", "URL do seu Chatwoot.", group="chatwoot"),
     _s("CHATWOOT_API_TOKEN", "", "str", "Token de acesso (Perfil → Token de acesso).", secret=True,
        group="chatwoot"),
@@ -292,6 +305,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
         missing = [k for k in ("KOMMO_SALESBOT_ID", "KOMMO_REPLY_FIELD_ID") if not values[k.lower()]]
         if missing:
             problems.append("KOMMO_REPLY_MODE=salesbot exige: " + ", ".join(missing))
+    problems += _ml_ai_problems(values, invalid_names)
     try:
         parse_lane_limits(values["poller_lane_limits"])
     except ValueError as exc:
@@ -305,6 +319,50 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
     if problems:
         raise ConfigError(problems)
     return Settings(**values, enabled_bridges=tuple(enabled))
+
+
+ML_AI_OFF = "desligado"
+_HOURS_PATTERN = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def parse_ai_hours(text: str) -> tuple[int, int] | None:
+    """`18:00-08:00` → (1080, 480), minutes since midnight of the start and the end (the
+    window may cross midnight); None for an empty text. Raises ValueError (in Portuguese)."""
+    if not (text or "").strip():
+        return None
+    match = _HOURS_PATTERN.match(text)
+    if not match:
+        raise ValueError("use HH:MM-HH:MM, ex.: 18:00-08:00")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise ValueError("horas de 00:00 a 23:59")
+    if (h1, m1) == (h2, m2):
+        raise ValueError("início e fim iguais; deixe vazio para o dia todo")
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+def _ml_ai_problems(values: Mapping[str, Any], invalid_names: set[str]) -> list[str]:
+    """The ML_AI_* rules. They belong to bridge B alone: none of them is in BRIDGE_REQUIRED,
+    so they never make a bridge count as half-configured."""
+    problems = []
+    try:
+        parse_ai_hours(values["ml_ai_hours"])
+    except ValueError as exc:
+        problems.append(f"ML_AI_HOURS inválido ({exc})")
+    try:
+        import zoneinfo
+        zoneinfo.ZoneInfo(values["ml_ai_timezone"] or "America/Sao_Paulo")
+    except (ValueError, KeyError, OSError) as exc:  # ZoneInfoNotFoundError is a KeyError
+        if (values["ml_ai_timezone"] or "") != "America/Sao_Paulo":  # has a fixed fallback
+            problems.append(f"ML_AI_TIMEZONE inválido ({type(exc).__name__}: fuso desconhecido)")
+    if values["ml_ai_mode"] != ML_AI_OFF and "ML_AI_MODE" not in invalid_names:
+        missing = [k for k in ("ML_AI_WEBHOOK_URL", "ML_AI_API_KEY")
+                   if not values[k.lower()] and k not in invalid_names]
+        if missing:
+            problems.append(f"ML_AI_MODE={values['ml_ai_mode']} exige: " + ", ".join(missing))
+    if values["ml_ai_timeout_seconds"] <= 0:
+        problems.append("ML_AI_TIMEOUT_SECONDS inválido (precisa ser maior que zero)")
+    return problems
 
 
 def parse_lane_limits(text: str) -> dict[str, int]:
