@@ -21,6 +21,8 @@ docstring says what `PRUNE` deletes past retention and what stays).
 """
 from __future__ import annotations
 
+import meli_ai
+import meli_ai_store
 import meli_auth
 import meli_store
 import meli_texts as texts
@@ -116,11 +118,13 @@ HANDLERS = {
     "chatwoot.mark_delivered": handle_mark_delivered,
     "chatwoot.report_failure": handle_report_failure,
     "chatwoot.note": handle_note,
+    **meli_ai.HANDLERS,  # the seller's AI agent on questions: n8n.ml_question, ml.ai_answer
 }
 
 
-ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply, "ml.sync_pack": on_dead_sync_pack}
-PRUNE = [meli_store.prune, meli_auth.prune_states]
+ON_DEAD = {"chatwoot.forward_reply": on_dead_forward_reply, "ml.sync_pack": on_dead_sync_pack,
+           **meli_ai.ON_DEAD}
+PRUNE = [meli_store.prune, meli_auth.prune_states, meli_ai_store.prune]
 
 
 SCHEDULES = [

@@ -178,3 +178,35 @@ def attachments_only_text(attachments: list[dict]) -> str:
     """Text for a message that has only attachments (Mercado Livre wants a text)."""
     names = ", ".join(a.get("filename") or "anexo" for a in attachments)
     return f"Anexo: {names}"[:350]
+
+
+# --- the seller's AI agent on questions (meli_ai) ------------------------------------------------
+
+AI_APPROVE_COMMAND = "#ok"  # an agent's reply that sends the AI's suggestion as it is
+AI_SUGGESTION = "💡 Sugestão da IA: {text}"
+AI_SUGGESTION_HOW = ("Para enviar esta resposta ao comprador como está, responda exatamente "
+                     f"{AI_APPROVE_COMMAND}; ou escreva a sua própria resposta.")
+AI_HELD = (f"{PREFIX} esta resposta da IA não foi enviada automaticamente porque {{reasons}}. "
+           "O Mercado Livre proíbe dados de contato (telefone, e-mail, links, endereço) nas "
+           "respostas e aceita no máximo 2.000 caracteres: revise antes de enviar.")
+AI_HELD_REASONS = {"phone": "contém um telefone", "email": "contém um e-mail",
+                   "link": "contém um link", "address": "contém um endereço",
+                   "too_long": "tem {length} caracteres"}
+AI_UNAVAILABLE = (f"{PREFIX} o agente de IA (n8n) não respondeu a esta pergunta ({{error}}). "
+                  "Ela continua aqui para a equipe responder.")
+AI_NOTHING_TO_APPROVE = (f"{PREFIX} {AI_APPROVE_COMMAND} envia a sugestão da IA, mas esta "
+                         "pergunta não tem sugestão pendente; nada foi enviado ao Mercado Livre.")
+AI_APPROVED = f"✅ Sugestão da IA enviada ao comprador ({AI_APPROVE_COMMAND})."
+
+
+def ai_suggestion_note(text: str, held: list[tuple[str, int]]) -> str:
+    """The private note with the AI's suggestion; `held` lists why it was not sent by itself
+    ([(reason, length)], empty in `sugerir` mode)."""
+    lines = [AI_SUGGESTION.format(text=text), ""]
+    if held:
+        reasons = [AI_HELD_REASONS[r].format(length=n) for r, n in held]
+        joined = reasons[0] if len(reasons) == 1 else \
+            ", ".join(reasons[:-1]) + " e " + reasons[-1]
+        lines += [AI_HELD.format(reasons=joined), ""]
+    lines.append(AI_SUGGESTION_HOW)
+    return "\n".join(lines)

@@ -3,7 +3,10 @@
 `POST /webhook/<path>` checks `Authorization: Bearer <api key>`, records the request and answers
 by mode: `sync` (`{"output": "..."}`, like the example workflow), `list` (several messages),
 `empty` (200 `{}` — the workflow will answer later), `async` (empty now, then it posts the
-answer to ponte's `/send-response` from a thread), `down` (503). `fail_next` injects failures.
+answer to ponte's `/send-response` — `/mercadolivre/send-response` for a Mercado Livre question —
+from a thread), `down` (503). `fail_next` injects failures; `script` (a list of JSON bodies) is
+answered one per call, before the mode. Mercado Livre questions (`chat_type`
+`mercadolivre_question`) are answered from the item ponte sends.
 Inspection: `GET /_standin/calls` (each call's body and `Idempotency-Key` header),
 `POST /_standin/mode`.
 """
@@ -18,8 +21,27 @@ from flask import Flask, jsonify, request
 DEFAULT_KEY = "n8n-standin-key"
 
 
+def question_answer_for(body: dict) -> str:
+    """The rule-based 'AI' of Mercado Livre questions: it answers from the item ponte sent."""
+    text = (body.get("message_text") or "").lower()
+    item = body.get("item") or {}
+    if "estoque" in text or "disponível" in text or "disponivel" in text or "tem " in text:
+        quantity = item.get("available_quantity")
+        if quantity:
+            return f"Olá! Sim, temos {quantity} unidades a pronta entrega. Pode comprar!"
+    for attribute in item.get("attributes") or []:
+        name = str(attribute.get("name") or "").lower()
+        if name and name in text:
+            return f"Olá! {attribute['name']}: {attribute.get('value')}. Qualquer dúvida, estamos à disposição."
+    if item.get("description"):
+        return f"Olá! {item['description'].splitlines()[0]} Qualquer dúvida, estamos à disposição."
+    return f"Olá! Obrigado pela pergunta sobre {item.get('title') or 'o anúncio'}. Estamos à disposição."
+
+
 def answer_for(body: dict) -> str:
     """A small rule-based 'AI' in Portuguese, enough for the demo to read naturally."""
+    if body.get("chat_type") == "mercadolivre_question":
+        return question_answer_for(body)
     text = (body.get("message_text") or "").lower()
     name = (body.get("contact_name") or "").split(" ")[0]
     if "entreg" in text or "frete" in text:
@@ -38,18 +60,22 @@ def create_app(api_key: str = DEFAULT_KEY, mode: str = "sync",
     app = Flask("n8n-standin")
     state = {"mode": mode, "calls": [], "fail_next": 0, "fail_status": 503,
              "delay": latency_seconds,
-             "ponte_url": ponte_url, "async_results": []}
+             "ponte_url": ponte_url, "async_results": [], "script": []}
     lock = threading.Lock()
     app.config["STATE"] = state
 
     def post_later(body: dict):
         time.sleep(async_delay_seconds)
+        if body.get("chat_type") == "mercadolivre_question":
+            path, answer = "/mercadolivre/send-response", {
+                "question_id": body["question"]["id"], "response_text": answer_for(body)}
+        else:
+            path, answer = "/send-response", {"conversation_id": body["conversation_id"],
+                                              "response_text": answer_for(body),
+                                              "correlation_id": body.get("correlation_id")}
         try:
-            r = requests.post(state["ponte_url"] + "/send-response", timeout=5,
-                              headers={"Authorization": f"Bearer {api_key}"},
-                              json={"conversation_id": body["conversation_id"],
-                                    "response_text": answer_for(body),
-                                    "correlation_id": body.get("correlation_id")})
+            r = requests.post(state["ponte_url"] + path, timeout=5,
+                              headers={"Authorization": f"Bearer {api_key}"}, json=answer)
             state["async_results"].append(r.status_code)
         except requests.RequestException as exc:
             state["async_results"].append(repr(exc))
@@ -66,8 +92,11 @@ def create_app(api_key: str = DEFAULT_KEY, mode: str = "sync",
                 state["fail_next"] -= 1
                 return jsonify(message="Error in workflow"), state["fail_status"]
             current = state["mode"]
+            scripted = state["script"].pop(0) if state["script"] else None
         if state["delay"]:
             time.sleep(state["delay"])
+        if scripted is not None:  # what the test scripted for this call, as it is
+            return jsonify(scripted)
         if current == "down":
             return jsonify(message="Service Unavailable"), 503
         if current == "empty":
@@ -88,7 +117,7 @@ def create_app(api_key: str = DEFAULT_KEY, mode: str = "sync",
     def set_mode():
         body = request.get_json(force=True)
         with lock:
-            for key in ("mode", "fail_next", "fail_status", "delay", "ponte_url"):
+            for key in ("mode", "fail_next", "fail_status", "delay", "ponte_url", "script"):
                 if key in body:
                     state[key] = body[key]
         return jsonify(ok=True)
