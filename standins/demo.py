@@ -92,6 +92,24 @@ def whatsapp_scenario(ponte: str, kommo: ServedApp, n8n: ServedApp) -> bool:
     return bool(paused_ok and notes)
 
 
+def console_scenario(ponte: str) -> bool:
+    """The console shows what the scenario did: log in as the seller would, read the pages."""
+    say("━━ Painel da ponte (/admin) ━━")
+    browser = requests.Session()
+    login = browser.post(f"{ponte}/admin/login", data={"token": ADMIN_TOKEN}, timeout=5)
+    pages = {path: browser.get(f"{ponte}/admin{path}", timeout=5)
+             for path in ("", "/contatos", "/fila", "/conversas", "/conexoes")}
+    if login.status_code != 200 or any(r.status_code != 200 or "/admin/login" in r.url
+                                       for r in pages.values()):
+        say("   ✗ o painel não abriu"); return False
+    contacts = pages["/contatos"].text.count('id="contato-')
+    questions = pages["/conversas"].text.count('id="pergunta-')
+    say(f"   → {ponte}/admin com o token {ADMIN_TOKEN}: Visão geral, Contatos ({contacts}), "
+        f"Fila, Conversas ({questions} pergunta(s) do Mercado Livre) e Conexões")
+    say()
+    return contacts > 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Demonstração da ponte com parceiros simulados")
     parser.add_argument("--once", action="store_true", help="roda o roteiro e sai")
@@ -141,11 +159,13 @@ def main(argv=None) -> int:
         ok = whatsapp_scenario(ponte_url, kommo, n8n)
         if meli_parts:
             ok = meli.scenario(meli_parts, ponte_url, say) and ok
+        ok = console_scenario(ponte_url) and ok
         say("✓ roteiro concluído." if ok else "✗ o roteiro encontrou problemas (veja acima).")
         if args.once:
             return 0 if ok else 1
         say()
         say("Tudo continua no ar para você explorar (Ctrl+C para sair):")
+        say(f"  painel:         {ponte_url}/admin  (entre com o token {ADMIN_TOKEN})")
         say(f"  ponte:          {ponte_url}/  ·  {ponte_url}/health")
         say(f"  config:         curl -H 'Authorization: Bearer {ADMIN_TOKEN}' {ponte_url}/config")
         say(f"  Kommo simulado: {kommo.url}/_standin/state")

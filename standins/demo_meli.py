@@ -54,8 +54,9 @@ def start(ponte_url: str) -> Parts:
            "CHATWOOT_WEBHOOK_SECRET": "standin-webhook-secret"}
     urls = [f"Mercado Livre simulado: {ml_url}/_standin/state",
             f"Chatwoot simulado:      {cw_url}/_standin/state",
-            f"conectar o ML (OAuth):  {ponte_url}/oauth/mercadolivre/start "
-            "(o simulador autoriza na hora)"]
+            f"conectar o ML (OAuth):  {ponte_url}/admin/conexoes, botão “Reconectar Mercado "
+            "Livre” (o simulador autoriza na hora)",
+            f"conversas no painel:    {ponte_url}/admin/conversas"]
     return Parts(ml_url, cw_url, env, urls, [ml, cw])
 
 

@@ -18,3 +18,4 @@ def test_demo_scenario_runs_end_to_end():
     assert result.returncode == 0, out + result.stderr
     assert "resposta no chat do WhatsApp" in out and "Bot pausado" in out
     assert "o n8n não foi chamado" in out and "✓ roteiro concluído." in out
+    assert "/admin com o token" in out and "Contatos (1)" in out  # the console shows it
