@@ -18,11 +18,14 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import db_manager
-from kommo_api import KommoWritten
 from outbox import Job
 from peer_http import PeerError
+
+if TYPE_CHECKING:
+    from kommo_api import KommoWritten
 
 log = logging.getLogger("ponte.whatsapp")
 
