@@ -1,7 +1,8 @@
 """Gunicorn settings for the web process, read from ponte's own settings (and `.env`).
 
-Owns: bind address, workers, timeouts, access and error logs that never show a credential (the
-Kommo webhook secret travels in the URL path), and each worker's WAL checkpointer thread.
+Owns: bind address, workers (web_worker's buffering sync worker: a slow client never holds a
+worker), timeouts, access and error logs that never show a credential (the Kommo webhook secret
+travels in the URL path), and each worker's WAL checkpointer thread.
 """
 # Gunicorn reads every public module-level name as one of its settings (and it has a setting
 # called `config`), so our imports are private names.
@@ -11,6 +12,7 @@ from logging import Formatter as _Formatter
 import config as _ponte_config
 import db_manager as _db_manager
 import ponte_logging as _ponte_logging
+import web_worker as _web_worker
 from gunicorn.glogging import Logger as _Logger
 
 try:
@@ -22,7 +24,10 @@ except _ponte_config.ConfigError as _exc:
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.web_workers
-worker_class = "sync"
+# The sync worker's way of running the app (one request at a time per process: the fastest here,
+# docs/benchmarks.md), with each request read whole on a non-blocking loop first, so clients that
+# trickle headers or bodies cannot hold the workers (issue 14).
+worker_class = _web_worker.buffering_worker_class(max_body_bytes=_settings.max_body_bytes)
 timeout = 30
 graceful_timeout = 20
 keepalive = 5

@@ -88,3 +88,18 @@ def test_the_checkpointer_outlives_a_database_it_cannot_open_yet(tmp_path, caplo
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_workers_read_each_request_whole_before_running_the_app(gunicorn_conf, monkeypatch):
+    """A client that trickles its request must not hold a worker (issue 14): the worker class is
+    web_worker's buffering sync worker, with ponte's body limit."""
+    import web_worker
+
+    assert issubclass(gunicorn_conf.worker_class, web_worker.BufferingWorker)
+    assert gunicorn_conf.worker_class.max_body_bytes == 1_048_576  # MAX_BODY_BYTES's default
+    monkeypatch.setenv("MAX_BODY_BYTES", "2048")
+    sys.modules.pop("gunicorn_conf", None)
+    assert importlib.import_module("gunicorn_conf").worker_class.max_body_bytes == 2048
+    cfg = Config()
+    cfg.set("worker_class", gunicorn_conf.worker_class)
+    assert cfg.worker_class is gunicorn_conf.worker_class  # Gunicorn takes the class as it is
