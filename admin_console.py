@@ -8,36 +8,32 @@ Must not: hold SQL (admin_data reads, whatsapp_intake/outbox write), call a peer
 secret (tokens, webhook secrets) on any page. The JSON routes for scripts and n8n
 (`/admin/jobs`, `/bot/*`, `/oauth/status`) stay where they are, with Bearer auth.
 
-Session: a cookie holding `{iat, exp, csrf}` and an HMAC-SHA256 of it, keyed by a key derived
-from ADMIN_TOKEN (HMAC(ADMIN_TOKEN, "ponte-admin-session-v1")). Derived rather than a random key
-kept in the database: every Gunicorn worker and every restart agrees on it without a write, and
-changing ADMIN_TOKEN ends every open session at once (what an operator expects after a leak).
-The expiry is inside the signed value, so a copied cookie stops working when it ends.
+Session cookie and login throttle: admin_session.
 """
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 import hmac
 import json
 import logging
 import re
-import secrets
-import threading
 import time
 import urllib.parse
 
 from flask import Blueprint, g, redirect, render_template, request
 
 import admin_data
+import admin_session
 import bot_control
+import config
 import db_manager
 import kommo_auth
 import meli_auth
 import outbox
 import whatsapp_intake
 import web_common
+from admin_session import (COOKIE_NAME, COOKIE_PATH, LOGIN_FAILURE_DELAY_SECONDS,
+                           SESSION_MAX_AGE_SECONDS)
 
 log = logging.getLogger("ponte.admin")
 
@@ -45,15 +41,6 @@ blueprint = Blueprint("admin_console", __name__, url_prefix="/admin",
                       template_folder="templates", static_folder="static",
                       static_url_path="/static")
 
-COOKIE_NAME = "ponte_admin"
-COOKIE_PATH = "/admin"
-SESSION_MAX_AGE_SECONDS = 8 * 3600
-SESSION_KEY_LABEL = b"ponte-admin-session-v1"
-# A wrong token waits this long before its answer, and an address that keeps guessing is
-# refused for a while, so the token cannot be guessed at the speed of the network.
-LOGIN_FAILURE_DELAY_SECONDS = 1.0
-LOGIN_FAILURE_LIMIT = 10
-LOGIN_FAILURE_WINDOW_SECONDS = 600
 CONSOLE_ACTOR = "painel"  # who paused a bot from the console, in its state and its note
 
 _sleep = time.sleep  # tests replace it: the slowdown is asserted, not waited for
@@ -81,83 +68,14 @@ _CONTACT_ID = re.compile(r"[0-9]{1,20}")  # ASCII digits: str.isdigit() takes "Ù
 _SAFE_NEXT = re.compile(r"^/admin(/[A-Za-z0-9/_-]*)?(\?[^\s]*)?$")
 
 
-# --- session cookie ---------------------------------------------------------------------------
+# --- session -------------------------------------------------------------------------------
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _session_key(admin_token: str) -> bytes:
-    return hmac.new(admin_token.encode(), SESSION_KEY_LABEL, hashlib.sha256).digest()
-
-
-def make_session(admin_token: str, now: float) -> tuple[str, dict]:
-    """A new session: (the cookie value, its content `{iat, exp, csrf}`)."""
-    content = {"iat": now, "exp": now + SESSION_MAX_AGE_SECONDS,
-               "csrf": secrets.token_urlsafe(24)}
-    body = _b64(json.dumps(content, separators=(",", ":")).encode())
-    signature = _b64(hmac.new(_session_key(admin_token), body.encode(), hashlib.sha256).digest())
-    return f"{body}.{signature}", content
-
-
-def read_session(admin_token: str, value: str, now: float) -> dict | None:
-    """The content of a session cookie signed with this ADMIN_TOKEN and not expired, or None."""
-    if not admin_token or not value or value.count(".") != 1:
-        return None
-    body, signature = value.split(".")
-    expected = _b64(hmac.new(_session_key(admin_token), body.encode(), hashlib.sha256).digest())
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
-        return None
-    try:
-        content = json.loads(_unb64(body))
-    except ValueError:
-        return None
-    if not isinstance(content, dict) or not isinstance(content.get("exp"), (int, float)) \
-            or not isinstance(content.get("csrf"), str) or now >= content["exp"]:
-        return None
-    return content
-
-
-class LoginThrottle:
-    """Wrong tokens per client address in a sliding window, shared by this process's threads.
-    Per process: Gunicorn's workers each count, which still bounds guessing to a few per
-    second."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._failures: dict[str, list[float]] = {}
-
-    def blocked_for(self, address: str, now: float) -> float:
-        """Seconds until `address` may try again (0 when it may)."""
-        with self._lock:
-            recent = [t for t in self._failures.get(address, [])
-                      if now - t < LOGIN_FAILURE_WINDOW_SECONDS]
-            self._failures[address] = recent
-            if len(recent) < LOGIN_FAILURE_LIMIT:
-                return 0.0
-            return recent[0] + LOGIN_FAILURE_WINDOW_SECONDS - now
-
-    def failed(self, address: str, now: float) -> None:
-        with self._lock:
-            self._failures.setdefault(address, []).append(now)
-            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
-                self._failures.pop(next(iter(self._failures)))
-
-    def succeeded(self, address: str) -> None:
-        with self._lock:
-            self._failures.pop(address, None)
-
-
-throttle = LoginThrottle()
+throttle = admin_session.LoginThrottle()
 
 
 def _current_session() -> dict | None:
-    return read_session(web_common.settings().admin_token,
-                        request.cookies.get(COOKIE_NAME, ""), web_common.now())
+    return admin_session.read_session(web_common.settings().admin_token,
+                                      request.cookies.get(COOKIE_NAME, ""), web_common.now())
 
 
 def _login_redirect(notice: str | None = None):
@@ -281,7 +199,7 @@ def login():
         return _render("login.html", 401, next=next_url, configured=True,
                        error="Token incorreto.")
     throttle.succeeded(address)
-    value, _ = make_session(s.admin_token, now)
+    value, _ = admin_session.make_session(s.admin_token, now)
     response = redirect(next_url, code=303)
     response.set_cookie(COOKIE_NAME, value, max_age=SESSION_MAX_AGE_SECONDS, path=COOKIE_PATH,
                         httponly=True, samesite="Strict",
@@ -426,7 +344,6 @@ def connections():
 
 
 def _config_warnings(s) -> list[str]:
-    import config
     return config.warnings(s)
 
 

@@ -301,11 +301,13 @@ def contacts(conn: sqlite3.Connection, search: str = "", limit: int = 200) -> li
            SELECT ids.kommo_contact_id AS contact_id, c.contact_name, c.kommo_lead_id,
                   c.kommo_talk_id, c.origin, COALESCE(b.status, 'active') AS status,
                   b.changed_by, b.paused_by_kind, b.reason, b.since_at, b.until_at,
-                  (SELECT MAX(m.received_at) FROM kommo_messages AS m
-                    WHERE m.kommo_contact_id = ids.kommo_contact_id) AS last_message_at,
-                  COALESCE(c.updated_at, b.updated_at) AS updated_at
+                  m.last_message_at, COALESCE(c.updated_at, b.updated_at) AS updated_at
            FROM ids LEFT JOIN kommo_conversations AS c USING (kommo_contact_id)
                     LEFT JOIN bot_states AS b USING (kommo_contact_id)
+                    -- one pass over the messages (no index by contact), not one per row
+                    LEFT JOIN (SELECT kommo_contact_id, MAX(received_at) AS last_message_at
+                               FROM kommo_messages GROUP BY kommo_contact_id) AS m
+                         USING (kommo_contact_id)
            WHERE ? = '' OR c.contact_name LIKE ? ESCAPE '\\'
                  OR ids.kommo_contact_id LIKE ? ESCAPE '\\' OR c.kommo_lead_id LIKE ? ESCAPE '\\'
            ORDER BY status = 'paused' DESC, COALESCE(c.updated_at, b.updated_at) DESC

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 import admin_console
+import admin_session
 import admin_data
 import db_manager
 import meli_auth
@@ -32,7 +33,7 @@ def no_login_delay(monkeypatch):
     """The wrong-token slowdown is recorded instead of waited for."""
     slept: list[float] = []
     monkeypatch.setattr(admin_console, "_sleep", slept.append)
-    monkeypatch.setattr(admin_console, "throttle", admin_console.LoginThrottle())
+    monkeypatch.setattr(admin_console, "throttle", admin_session.LoginThrottle())
     return slept
 
 
@@ -107,9 +108,9 @@ def test_login_sets_a_signed_httponly_strict_cookie_with_an_expiry(console):
     r = console.post("/admin/login", {"token": TOKEN, "next": "/admin/fila"})
     assert r.status_code == 303 and r.headers["Location"] == "/admin/fila"
     cookie = r.headers["Set-Cookie"]
-    assert cookie.startswith(admin_console.COOKIE_NAME + "=")
+    assert cookie.startswith(admin_session.COOKIE_NAME + "=")
     for attribute in ("HttpOnly", "SameSite=Strict", "Path=/admin",
-                      f"Max-Age={admin_console.SESSION_MAX_AGE_SECONDS}", "Expires="):
+                      f"Max-Age={admin_session.SESSION_MAX_AGE_SECONDS}", "Expires="):
         assert attribute in cookie
     assert TOKEN not in cookie
     assert console.get("/admin/fila").status_code == 200
@@ -125,25 +126,25 @@ def test_a_wrong_token_changes_nothing_and_is_slowed_down(console, no_login_dela
     r = console.login("wrong-token")
     assert r.status_code == 401 and "Token incorreto." in r.text
     assert "Set-Cookie" not in r.headers and not console.http.cookies
-    assert no_login_delay == [admin_console.LOGIN_FAILURE_DELAY_SECONDS]
+    assert no_login_delay == [admin_session.LOGIN_FAILURE_DELAY_SECONDS]
     assert console.get("/admin").status_code == 303
 
 
 def test_an_address_that_keeps_guessing_is_refused_until_the_window_ends(console, clock,
                                                                          no_login_delay):
-    for _ in range(admin_console.LOGIN_FAILURE_LIMIT):
+    for _ in range(admin_session.LOGIN_FAILURE_LIMIT):
         assert console.login("wrong").status_code == 401
     refused = console.login(TOKEN)  # even the right one: the address is on hold
     assert refused.status_code == 429 and "Muitas tentativas" in refused.text
     assert "Set-Cookie" not in refused.headers
-    clock.advance(admin_console.LOGIN_FAILURE_WINDOW_SECONDS + 1)
+    clock.advance(admin_session.LOGIN_FAILURE_WINDOW_SECONDS + 1)
     assert console.login(TOKEN).status_code == 303
     assert console.get("/admin").status_code == 200
 
 
 def test_the_session_expires_and_the_console_asks_to_log_in_again(console, clock):
     console.login()
-    clock.advance(admin_console.SESSION_MAX_AGE_SECONDS - 5)
+    clock.advance(admin_session.SESSION_MAX_AGE_SECONDS - 5)
     assert console.get("/admin").status_code == 200
     clock.advance(10)
     r = console.get("/admin/contatos")
@@ -153,19 +154,19 @@ def test_the_session_expires_and_the_console_asks_to_log_in_again(console, clock
 
 def test_a_tampered_or_foreign_cookie_is_no_session(console, clock, make_settings, serve):
     console.login()
-    value = console.http.cookies[admin_console.COOKIE_NAME]
+    value = console.http.cookies[admin_session.COOKIE_NAME]
     body, signature = value.split(".")
-    content = admin_console._unb64(body).replace(b'"exp":', b'"exp":9')  # a longer session
-    forged = admin_console._b64(content) + "." + signature
+    content = admin_session._unb64(body).replace(b'"exp":', b'"exp":9')  # a longer session
+    forged = admin_session._b64(content) + "." + signature
     console.http.cookies.clear()
-    console.http.cookies.set(admin_console.COOKIE_NAME, forged, path="/admin")
+    console.http.cookies.set(admin_session.COOKIE_NAME, forged, path="/admin")
     assert console.get("/admin").status_code == 303
     # A new ADMIN_TOKEN ends every session made with the old one.
-    other, _ = admin_console.make_session("another-admin-token-456", clock())
+    other, _ = admin_session.make_session("another-admin-token-456", clock())
     console.http.cookies.clear()
-    console.http.cookies.set(admin_console.COOKIE_NAME, other, path="/admin")
+    console.http.cookies.set(admin_session.COOKIE_NAME, other, path="/admin")
     assert console.get("/admin").status_code == 303
-    assert admin_console.read_session(TOKEN, value, clock()) is not None
+    assert admin_session.read_session(TOKEN, value, clock()) is not None
 
 
 def test_logout_ends_the_session(console):
@@ -241,6 +242,7 @@ def test_pause_and_resume_a_contact_from_the_console(console, clock):
     assert "Bot pausado para o contato" in page.text and "cliente quer desconto" in page.text
     row = page.text.split(f'id="contato-{CONTACT}"')[1].split("</tr>")[0]
     assert "pausado" in row and "Reativar bot" in row and admin_console.CONSOLE_ACTOR in row
+    assert "há 0 s" in row  # its last message
     console.post(f"/admin/contatos/{CONTACT}/voltar", {"csrf_token": console.csrf()})
     assert whatsapp_store.get_bot_state(console.conn, CONTACT)["status"] == "active"
     assert whatsapp_store.get_bot_state(console.conn, "555")["status"] == "active"
