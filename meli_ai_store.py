@@ -3,7 +3,7 @@ question and what became of it (`ml_ai_answers`), and the item details the AI re
 (`ml_ai_items`, a cache). The schema is migration 8 in db_manager.
 
 Owns: every statement on `ml_ai_answers` and `ml_ai_items`, and what they delete past
-retention (`prune`).
+retention (`prune`: the item cache; the answers of questions meli_store has pruned).
 Must not: call a peer or decide anything (meli_ai decides; meli_questions records an agent's
 reply and reads the suggestion that `#ok` sends).
 
@@ -145,7 +145,10 @@ def put_item(conn: sqlite3.Connection, item: dict, description: str, fetched_at:
 
 
 def prune(conn: sqlite3.Connection, older_than: float) -> None:
-    """Delete the item cache and AI answers past retention (a question settled that long ago
-    takes no answer any more)."""
+    """Delete the item cache past retention, and the AI answers of questions meli_store no
+    longer keeps (settled long ago). An open question keeps its row: it still says that an
+    agent replied, so an AI answer arriving days later is still dropped."""
     db_manager.delete_in_batches(conn, "ml_ai_items", "fetched_at < ?", (older_than,))
-    db_manager.delete_in_batches(conn, "ml_ai_answers", "updated_at < ?", (older_than,))
+    db_manager.delete_in_batches(conn, "ml_ai_answers", "updated_at < ? AND ml_question_id"
+                                 " NOT IN (SELECT ml_question_id FROM ml_questions)",
+                                 (older_than,))

@@ -451,3 +451,26 @@ def test_async_route_refuses_answers_while_the_ai_is_off(make_ai):
     qid = b.ask_ai("Tem em estoque?")
     b.poll()
     assert _post_async(b, {"question_id": qid, "output": "Sim!"}).status_code == 409
+
+
+def test_prune_keeps_what_an_open_question_needs(make_ai, clock):
+    import meli_ai_store
+    import meli_store
+
+    b = make_ai(mode="automatico", n8n_mode="empty")
+    qid = b.ask_ai("Tem em estoque?")
+    b.poll()
+    b.agent_replies(b.conversation()["id"], "x" * 2001)  # refused, but the agent replied
+    b.drain()
+    # WHEN retention passes while the question is still open
+    clock.advance(30 * 86400)
+    assert meli_ai_store.prune in meli_jobs.PRUNE
+    meli_ai_store.prune(b.conn, clock() - 7 * 86400)
+    # THEN the item cache goes, the agent's mark stays
+    assert meli_ai_store.get_item(b.conn, ITEM) is None
+    assert meli_ai_store.get(b.conn, qid).agent_replied_at is not None
+    # AND once meli_store prunes the settled question, its AI row goes too
+    b.conn.execute("DELETE FROM ml_questions WHERE ml_question_id = ?", (str(qid),))
+    meli_ai_store.prune(b.conn, clock() - 7 * 86400)
+    assert meli_ai_store.get(b.conn, qid) is None
+    assert meli_store.get_question(b.conn, qid) is None
