@@ -385,6 +385,33 @@ def test_the_agents_reply_wins_over_a_slower_ai(make_ai):
     assert "ia-respondeu" not in b.conversation()["labels"]
 
 
+def test_a_slow_ai_never_holds_up_the_agents_reply(make_ai):
+    import threading
+    import time
+
+    from standins.support import wait_for
+
+    # GIVEN a question imported, and an AI that takes 3 s to answer
+    b = make_ai(mode="automatico")
+    b.ask_ai("Tem em estoque?")
+    meli_jobs.poll_questions(b.ctx)
+    b.poller.drain(max_jobs=1)
+    b.n8n_set(delay=3.0)
+    worker = threading.Thread(target=b.drain, daemon=True)
+    worker.start()
+    wait_for(lambda: b.n8n_calls(), timeout=5, interval=0.02, what="the AI at work")
+    asked_at = time.monotonic()
+    # WHEN the agent replies while the AI is still thinking
+    b.agent_replies(b.conversation()["id"], "Temos sim, 3 unidades.")
+    # THEN the agent's answer reaches Mercado Livre before the AI has answered
+    wait_for(lambda: b.answers(), timeout=2.5, interval=0.02, what="the agent's answer")
+    assert time.monotonic() - asked_at < 3.0
+    worker.join(15)
+    assert not worker.is_alive()
+    # AND the AI's answer, when it comes, is dropped
+    assert b.answers() == ["Temos sim, 3 unidades."] and b.notes() == []
+
+
 def test_an_agent_reply_refused_still_keeps_the_ai_out(make_ai):
     b = make_ai(mode="automatico", n8n_mode="empty")
     qid = b.ask_ai("Tem em estoque?")
