@@ -233,6 +233,22 @@ def test_agent_ok_sends_the_suggestion_verbatim_and_never_the_ok(make_ai):
     assert len(b.answers()) == 1
 
 
+def test_ok_run_again_after_a_crash_is_not_refused(make_ai):
+    import meli_questions
+
+    b = make_ai(mode="sugerir")
+    qid = b.ask_ai("Tem em estoque?")
+    b.poll()
+    b.agent_replies(b.conversation()["id"], "#ok")
+    b.drain()
+    (job,) = b.jobs(kind="chatwoot.forward_reply")
+    # WHEN the same reply runs again (its completion was lost in a crash)
+    result, _ = meli_questions.answer_question(b.ctx, None, job["payload"], str(qid))
+    # THEN it is the same answer, not "no suggestion": nothing is sent twice, no false note
+    assert result["status"] == "answered"
+    assert len(b.answers()) == 1
+
+
 def test_ok_without_a_suggestion_is_refused_with_a_note(make_ai):
     b = make_ai(mode="sugerir", n8n_mode="empty")  # the workflow has not answered yet
     b.ask_ai("Tem em estoque?")
