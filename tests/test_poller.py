@@ -59,8 +59,11 @@ SLOW_POLLER = textwrap.dedent("""
     import signal
     s = config.load_settings({{"DATABASE_PATH": {db!r}, "LOG_DIR": {logs!r}}})
     conn = db_manager.connect(s.database_path); db_manager.migrate(conn)
+    import threading
+    printing = threading.Lock()  # two workers print at once: one whole line each
     def slow(ctx, job):
-        print("started", flush=True)
+        with printing:
+            print("started", flush=True)
         time.sleep(1.5)
         return {{"finished": True}}
     outbox.enqueue_job(conn, "t.slow", "slow-a", {{}}, ordering_key="a")
