@@ -27,22 +27,21 @@ import itertools
 import os
 import random
 import selectors
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchlib import (cpu_seconds, machine, n, percentile, proc_status,  # noqa: E402
-                      update_doc)
+from benchlib import (Gunicorn, RssSampler, cpu_seconds, http_status,  # noqa: E402
+                      kill_started as kill_children, machine, n, percentile,
+                      started as _children, stop_process, update_doc, watchdog)
 from standins.support import ServedApp, free_port, wait_for  # noqa: E402
 from standins import kommo as kommo_standin  # noqa: E402
 from standins import n8n as n8n_standin  # noqa: E402
@@ -125,9 +124,6 @@ FLOOR_APP = textwrap.dedent('''
         return "ok"
 ''')
 
-_children: list[subprocess.Popen] = []
-
-
 # --- helpers ----------------------------------------------------------------------------------
 
 def proc_pss_kb(pid: int) -> int:
@@ -149,21 +145,6 @@ def system_busy_seconds() -> float:
     return (sum(parts[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            kids.append(int(entry))
-    return kids
-
-
 def clean_env(tmp: str, **extra) -> dict:
     """The environment of ponte's processes: nothing inherited that configures ponte."""
     prefixes = ("KOMMO_", "N8N_", "ML_", "CHATWOOT_", "BOT_", "JOB_")
@@ -181,116 +162,6 @@ def ponte_env(tmp: str, kommo_url: str, n8n_url: str, **extra) -> dict:
     return clean_env(tmp, KOMMO_BASE_URL=kommo_url, KOMMO_WEBHOOK_SECRET=SECRET,
                      KOMMO_ACCESS_TOKEN=kommo_standin.DEFAULT_TOKEN,
                      N8N_WEBHOOK_URL=n8n_url, N8N_API_KEY=N8N_KEY, **extra)
-
-
-def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        conn.request("GET", path)
-        status = conn.getresponse().status
-        conn.close()
-        return status
-    except OSError:
-        return None
-
-
-class Gunicorn:
-    """`python -m gunicorn -c gunicorn_conf.py <app>` from the repository root."""
-
-    def __init__(self, app_spec: str, env: dict, log_path: str, ready_path: str,
-                 pythonpath: str | None = None):
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py"]
-        if pythonpath:
-            cmd += ["--pythonpath", pythonpath]
-        cmd.append(app_spec)
-        self.port = int(env["PORT"])
-        self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        _children.append(self.proc)
-        want = int(env.get("WEB_WORKERS", 2))
-        try:
-            wait_for(lambda: self.proc.poll() is None and http_status(self.port, ready_path), 30,
-                     what=f"gunicorn {app_spec} na porta {self.port} (log: {log_path})")
-            self.workers = wait_for(lambda: len(children_of(self.proc.pid)) >= want
-                                    and children_of(self.proc.pid), 30, what=f"{want} workers")
-        except BaseException:
-            stop_process(self.proc)
-            raise
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] + children_of(self.proc.pid)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what we started
-            except OSError:
-                pass
-            proc.wait(5)
-
-
-def kill_children() -> None:
-    for proc in _children:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def watchdog(seconds: float) -> None:
-    def fire():
-        print(f"bench_bridge_a: passou de {seconds:.0f}s, encerrando", file=sys.stderr)
-        kill_children()
-        os._exit(3)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-
-
-class RssSampler:
-    """Samples the summed VmRSS of a set of processes every 100 ms; remembers the largest sum.
-    `pids` is a callable so Gunicorn workers that appear later are counted too."""
-
-    def __init__(self, pids):
-        self.pids = pids
-        self.max_sum_kb = 0
-        self.hwm_kb: dict[int, int] = {}
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stopping.wait(0.1):
-            self.sample()
-
-    def sample(self):
-        total = 0
-        for pid in self.pids():
-            st = proc_status(pid)
-            total += st.get("VmRSS", 0)
-            if "VmHWM" in st:
-                self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), st["VmHWM"])
-        self.max_sum_kb = max(self.max_sum_kb, total)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.thread.join()
-        self.sample()
 
 
 # --- (1) load generator -----------------------------------------------------------------------
@@ -1139,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._breakdown:
         breakdown_child(args._breakdown)
         return 0
-    watchdog(HARD_DEADLINE_S)
+    watchdog(HARD_DEADLINE_S, "bench_bridge_a")
     duration, rounds = (3.0, 1) if args.quick else (10.0, 2)
     messages, warmup = (60, 5) if args.quick else (300, 10)
     import gunicorn

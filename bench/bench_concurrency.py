@@ -52,7 +52,7 @@ if ROOT not in sys.path:
 
 import requests  # noqa: E402
 
-from benchlib import (Gunicorn, RssSampler, http_status, machine, max_in_window, n,  # noqa: E402
+from benchlib import (Gunicorn, RssSampler, machine, max_in_window, n,  # noqa: E402
                       percentile, start_process, stop_process, update_doc, watchdog,
                       write_json)
 from standins import demo_meli  # noqa: E402
