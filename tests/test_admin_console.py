@@ -15,6 +15,7 @@ import admin_console
 import admin_session
 import admin_data
 import db_manager
+import kommo_auth
 import meli_auth
 import outbox
 import whatsapp_store
@@ -434,3 +435,23 @@ def test_peer_health_ignores_discarded_jobs_and_old_failures(db, clock, make_set
     n8n = {p["lane"]: p for p in admin_data.peer_health(db, s, clock())}["n8n"]
     assert (n8n["status"], n8n["ok"]) == ("idle", 0)
     assert old
+
+
+def test_the_cookie_is_secure_when_ponte_is_served_over_https(make_settings, clock, serve):
+    console = Console(make_settings(PUBLIC_BASE_URL="https://ponte.example"), clock, serve)
+    cookie = console.login().headers["Set-Cookie"]
+    assert "; Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_connections_start_the_kommo_authorization_in_oauth_mode(make_settings, clock, serve):
+    env = {k: v for k, v in WHATSAPP_ENV.items() if k != "KOMMO_ACCESS_TOKEN"}
+    console = Console(make_settings(**env, KOMMO_CLIENT_ID="kommo-client",
+                                    KOMMO_CLIENT_SECRET="kommo-client-secret-value"),
+                      clock, serve)
+    console.login()
+    page = console.get("/admin/conexoes").text
+    assert "Conectar Kommo" in page and "kommo-client-secret-value" not in page
+    r = console.post("/admin/conexoes/kommo", {"csrf_token": console.csrf()})
+    assert r.status_code == 303 and r.headers["Location"].startswith(kommo_auth.AUTHORIZE_URL)
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(r.headers["Location"]).query)["state"][0]
+    assert kommo_auth.check_state(console.conn, state, clock(), consume=False)
