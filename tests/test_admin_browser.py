@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("PONTE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+                 "--disable-sync",
+                 "--disable-dev-shm-usage"]  # Docker's /dev/shm is 64 MB: Chromium would crash
 TOKEN = "admin-token-for-tests-123"
 HOUR = 3600
 
@@ -111,6 +112,7 @@ def browser_page(tmp_path):
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
             args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900}, locale="pt-BR")
+        context.grant_permissions(["clipboard-read", "clipboard-write"])
         page = context.new_page()
         page.set_default_timeout(15_000)
         yield page
@@ -186,9 +188,12 @@ def test_the_console_in_a_real_browser(ponte, browser_page, shots):
     # WHEN they connect Mercado Livre, THEN the stand-in's consent page sends them back
     # connected, with a new token pair stored
     page.click("nav >> text=Conexões")
-    assert "/webhooks/mercadolivre" in page.locator("ul.urls").inner_text() or \
-        page.locator("ul.urls input").count() >= 5
+    first_url = page.locator("ul.urls input").first.input_value()
+    assert first_url == f"{url}/webhooks/kommo/<KOMMO_WEBHOOK_SECRET>"
     shots(page, "conexoes")
+    page.locator("ul.urls .copy-button").first.click()  # the one script of the console
+    page.wait_for_selector("ul.urls .copy-button:text('Copiado!')")
+    assert page.evaluate("navigator.clipboard.readText()") == first_url
     before = credentials.get(conn, "mercadolivre")
     page.locator("#conexao-mercadolivre button").click()
     page.wait_for_url(f"{url}/oauth/mercadolivre/callback*")
