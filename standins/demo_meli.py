@@ -15,10 +15,12 @@ import requests
 
 from standins import chatwoot as chatwoot_standin
 from standins import mercadolivre as ml_standin
+from standins import n8n as n8n_standin
 from standins.support import ServedApp, wait_for
 
 SELLER = ml_standin.DEFAULT_SELLER
 QUESTIONS_INBOX, SALES_INBOX = 7, 8
+AI_KEY = "demo-ml-ai-key"
 PDF = b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
 
 
@@ -29,6 +31,7 @@ class Parts:
     ml_url: str
     cw_url: str
     env: dict
+    ai_url: str = ""  # the questions workflow (an n8n stand-in of its own)
     urls: list = field(default_factory=list)
     servers: list = field(default_factory=list)
 
@@ -38,6 +41,7 @@ def start(ponte_url: str) -> Parts:
     to ponte."""
     ml = ServedApp(ml_standin.create_app(SELLER))
     cw = ServedApp(chatwoot_standin.create_app())
+    ai = ServedApp(n8n_standin.create_app(api_key=AI_KEY, ponte_url=ponte_url))
     ml_url, cw_url = ml.url, cw.url
     requests.post(f"{cw_url}/_standin/inboxes", timeout=5, json=[
         {"id": QUESTIONS_INBOX, "webhook_url": f"{ponte_url}/webhooks/chatwoot"},
@@ -51,13 +55,16 @@ def start(ponte_url: str) -> Parts:
            "CHATWOOT_BASE_URL": cw_url, "CHATWOOT_API_TOKEN": chatwoot_standin.DEFAULT_TOKEN,
            "CHATWOOT_ACCOUNT_ID": "1", "CHATWOOT_QUESTIONS_INBOX_ID": str(QUESTIONS_INBOX),
            "CHATWOOT_SALES_INBOX_ID": str(SALES_INBOX),
-           "CHATWOOT_WEBHOOK_SECRET": "standin-webhook-secret"}
+           "CHATWOOT_WEBHOOK_SECRET": "standin-webhook-secret",
+           "ML_AI_MODE": "automatico", "ML_AI_WEBHOOK_URL": f"{ai.url}/webhook/ml-perguntas",
+           "ML_AI_API_KEY": AI_KEY}
     urls = [f"Mercado Livre simulado: {ml_url}/_standin/state",
             f"Chatwoot simulado:      {cw_url}/_standin/state",
             f"conectar o ML (OAuth):  {ponte_url}/admin/conexoes, botão “Reconectar Mercado "
             "Livre” (o simulador autoriza na hora)",
-            f"conversas no painel:    {ponte_url}/admin/conversas"]
-    return Parts(ml_url, cw_url, env, urls, [ml, cw])
+            f"conversas no painel:    {ponte_url}/admin/conversas",
+            f"IA das perguntas (n8n): {ai.url}/_standin/calls"]
+    return Parts(ml_url, cw_url, env, ai.url, urls, [ml, cw, ai])
 
 
 def stop(parts: Parts) -> None:
@@ -87,8 +94,12 @@ def scenario(parts: Parts, ponte_url: str, say) -> bool:
             "url": f"{ponte_url}/webhooks/mercadolivre", "topic": topic, "resource": resource})
 
     say("━━ Ponte B: Mercado Livre ⇄ Chatwoot ━━")
+    # The questions' AI (ML_AI_MODE=automatico) does not know this one: the agent answers it.
+    _script_ai(parts, {"output": "", "should_send": False})
     requests.post(f"{ml}/_standin/items", timeout=5, json=[
-        {"id": "MLB3737188005", "title": "Furadeira de Impacto 650W", "price": 289.9}])
+        {"id": "MLB3737188005", "title": "Furadeira de Impacto 650W", "price": 289.9,
+         "available_quantity": 12,
+         "description_text": "Furadeira de impacto 650 W, bivolt, com maleta e 5 brocas."}])
     qid = requests.post(f"{ml}/_standin/questions", timeout=5, json=[
         {"text": "Boa tarde! Ela é bivolt? Vem com maleta?", "item_id": "MLB3737188005",
          "buyer_id": 1944693439, "nickname": "COMPRADOR_DEMO"}]).json()["ids"][0]
@@ -112,7 +123,10 @@ def scenario(parts: Parts, ponte_url: str, say) -> bool:
         say("   ✗ a resposta não chegou ao Mercado Livre")
         return False
     say(f"   → resposta publicada no anúncio: “{answered[0]['text']}”")
+    say("   (a IA das perguntas não sabia esta — should_send=false — e deixou para a equipe)")
     say()
+    if not ai_scenario(parts, say):
+        return False
     sale = requests.post(f"{ml}/_standin/sales", timeout=5, json={
         "buyer_id": 6427433, "nickname": "COMPRADOR_XYZ", "mediated": True,
         "items": [{"id": "MLB3737188005", "title": "Furadeira de Impacto 650W", "quantity": 1,
@@ -164,3 +178,71 @@ def scenario(parts: Parts, ponte_url: str, say) -> bool:
         else "   ✗ a nota privada foi enviada ao Mercado Livre!")
     say()
     return private_ok
+
+
+def _script_ai(parts: Parts, *answers: dict) -> None:
+    """What the questions workflow answers next, one per call."""
+    requests.post(f"{parts.ai_url}/_standin/mode", json={"script": list(answers)}, timeout=5)
+
+
+def ai_scenario(parts: Parts, say) -> bool:
+    """The seller's AI agent on questions (ML_AI_MODE=automatico): one question answered by
+    itself, one held as a suggestion (contact data), one held and sent by the agent with #ok.
+    True when all of it happened."""
+    ml, cw = parts.ml_url, parts.cw_url
+
+    def answers():
+        return [a["text"] for a in requests.get(f"{ml}/_standin/state", timeout=5).json()[
+            "answers"]]
+
+    def conversation(qid):
+        state = requests.get(f"{cw}/_standin/state", timeout=5).json()
+        return next((c for c in state["conversations"]
+                     if str((c.get("custom_attributes") or {}).get("meli_question_id"))
+                     == str(qid)), None)
+
+    def notes(qid):
+        conv = conversation(qid) or {"all_messages": []}
+        return [m["content"] for m in conv["all_messages"] if m["private"]]
+
+    def ask(text, buyer):
+        return requests.post(f"{ml}/_standin/questions", timeout=5, json=[
+            {"text": text, "item_id": "MLB3737188005", "buyer_id": buyer}]).json()["ids"][0]
+
+    say("━━ Agente de IA nas perguntas (ML_AI_MODE=automatico) ━━")
+    say("A) “Tem em estoque?” — a IA (n8n) lê o anúncio que a ponte mandou e responde sozinha.")
+    first = ask("Tem em estoque?", 31001)
+    done = _wait_for(lambda: [a for a in answers() if "12 unidades" in a])
+    conv = _wait_for(lambda: (c := conversation(first)) and "ia-respondeu" in c["labels"] and c)
+    if not done or not conv:
+        say("   ✗ a IA não respondeu sozinha no Mercado Livre")
+        return False
+    say(f"   → publicada no anúncio: “{done[0]}”; no Chatwoot, mensagem da IA com a etiqueta "
+        "ia-respondeu")
+    say("B) Outra pergunta: a IA responde com um WhatsApp — dado de contato, que o ML proíbe.")
+    _script_ai(parts, {"output": "Temos sim! Me chama no WhatsApp (11) 98765-4321."})
+    second = ask("Vocês fazem desconto para 3 unidades?", 31002)
+    held = _wait_for(lambda: notes(second))
+    if not held or "contém um telefone" not in held[0]:
+        say("   ✗ a resposta com telefone não ficou retida")
+        return False
+    say("   → nada foi ao Mercado Livre; nota privada no Chatwoot:")
+    for line in held[0].splitlines():
+        if line:
+            say(f"     │ {line}")
+    say("C) A IA cita um código que parece telefone; a atendente confere e responde só “#ok”.")
+    code_answer = "Sim, é o modelo 2024; código de peça 11 9876 5432 no manual."
+    _script_ai(parts, {"output": code_answer})
+    third = ask("É o modelo novo?", 31003)
+    if not _wait_for(lambda: notes(third)):
+        say("   ✗ a sugestão não apareceu no Chatwoot")
+        return False
+    requests.post(f"{cw}/_standin/agent_reply", timeout=10, json={
+        "conversation_id": conversation(third)["id"], "content": "#ok", "deliver": True})
+    sent = _wait_for(lambda: code_answer in answers())
+    if not sent or "#ok" in answers():
+        say("   ✗ o #ok não enviou a sugestão")
+        return False
+    say(f"   → publicada no anúncio, como a IA escreveu: “{code_answer}” (o “#ok” não sai)")
+    say()
+    return True

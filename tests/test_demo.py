@@ -18,4 +18,7 @@ def test_demo_scenario_runs_end_to_end():
     assert result.returncode == 0, out + result.stderr
     assert "resposta no chat do WhatsApp" in out and "Bot pausado" in out
     assert "o n8n não foi chamado" in out and "✓ roteiro concluído." in out
+    # the questions' AI: answered by itself, held as a suggestion, sent with #ok
+    assert "etiqueta ia-respondeu" in out and "contém um telefone" in out
+    assert "(o “#ok” não sai)" in out
     assert "/admin com o token" in out and "Contatos (1)" in out  # the console shows it
