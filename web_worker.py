@@ -268,22 +268,22 @@ class BufferingWorker(SyncWorker):
                 return
 
     def _accept_from(self, listener) -> None:
-        for _ in range(64):  # then let the other worker and the pending ones have a turn
-            try:
-                client, addr = listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
-                    return
-                raise
-            client.setblocking(False)
-            while len(self._pending) >= self._max_pending:
-                self._drop(self._pending[next(iter(self._pending))], ANSWER_BUSY, "capacity")
-            pending = _Pending(client, addr, listener, RequestReader(self.max_body_bytes),
-                               time.monotonic() + self.header_timeout_seconds)
-            self._pending[pending.fd] = pending
-            self._read(pending)  # a small request is often there already: no select round
-            if not self.alive:
+        # One connection per wake-up, as the sync worker takes one at a time: a worker that
+        # took every waiting connection at once would serve them one after the other while the
+        # other worker sat idle (the select is level-triggered: the rest wait for the next turn).
+        try:
+            client, addr = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
                 return
+            raise
+        client.setblocking(False)
+        while len(self._pending) >= self._max_pending:
+            self._drop(self._pending[next(iter(self._pending))], ANSWER_BUSY, "capacity")
+        pending = _Pending(client, addr, listener, RequestReader(self.max_body_bytes),
+                           time.monotonic() + self.header_timeout_seconds)
+        self._pending[pending.fd] = pending
+        self._read(pending)  # a small request is often there already: no select round
 
     def _read(self, pending: _Pending) -> None:
         try:

@@ -1,0 +1,408 @@
+"""Benchmark of the web tier against slow clients (a script, not a test; loopback only; it stops
+by itself, past HARD_DEADLINE_S whatever happens).
+
+Side by side in one run, for each Gunicorn design below, ponte's real web app and a trivial Flask
+app (`/ok`) under the same server (gunicorn_conf.py with only the worker class changed, 2
+workers):
+  - throughput and ack p50/p99 at 32 concurrent senders (the ingest goal: ≥ 70 % of the trivial
+    app, p99 ≤ 20 ms), the same load as bench_bridge_a.py (real `add_message` bodies);
+  - the same webhook load while slow, unauthenticated clients trickle: half of them send their
+    headers a byte at a time, half send whole headers and then their body a byte at a time
+    (one byte per second each; a connection the server closes is opened again, as an attacker
+    would). Acks p50/p99 counting every webhook that got no 200 within 10 s as a failure;
+  - peak RSS of the web (master + workers) during the slow-client runs.
+
+Designs: `buffering` (web_worker.BufferingWorker — what gunicorn_conf.py uses now), `sync`
+(Gunicorn's sync worker, ponte ≤ 0.2.x), `gthread` (2 workers × 32 threads) and `gevent`
+(measured only when gevent imports, e.g. `pip install --target DIR gevent` and `--gevent-path
+DIR`). Prints a Markdown table and replaces the section `## Clientes lentos` of
+docs/benchmarks.md (everything else is kept).
+
+    .venv/bin/python bench/bench_slow_clients.py [--quick] [--no-doc] [--rounds N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from benchlib import (RssSampler, children_of, cpu_seconds, http_status,  # noqa: E402
+                      kill_started, machine, n, percentile, start_process, stop_process,
+                      update_doc, watchdog)
+from bench_bridge_a import (CONCURRENCY, SECRET, TRIVIAL_APP, clean_env,  # noqa: E402
+                            run_load, trivial_request_factory,
+                            webhook_request_factory)
+from standins.support import free_port, wait_for  # noqa: E402
+
+DOC_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
+SECTION = "## Clientes lentos"
+HARD_DEADLINE_S = 20 * 60
+ACK_TIMEOUT_S = 10.0  # a webhook without an answer after this counts as failed
+TRICKLE_EVERY_S = 1.0
+GOAL_RATIO = 0.70
+GOAL_P99_MS = 20.0
+
+DESIGNS = {
+    "buffering": [],  # gunicorn_conf.py as it is
+    "sync": ["-k", "sync"],
+    "gthread": ["-k", "gthread", "--threads", "32"],
+    "gevent": ["-k", "gevent", "--worker-connections", "1000"],
+}
+
+
+class Server:
+    """`python -m gunicorn -c gunicorn_conf.py [args] <app>` from the repository root."""
+
+    def __init__(self, app_spec: str, args: list[str], env: dict, log_path: str, ready: str,
+                 pythonpath: str | None = None):
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", *args]
+        if pythonpath:
+            cmd += ["--pythonpath", pythonpath]
+        cmd.append(app_spec)
+        self.port = int(env["PORT"])
+        self.proc = start_process(cmd, ROOT, env, log_path)
+        try:
+            wait_for(lambda: self.proc.poll() is None and http_status(self.port, ready), 30,
+                     what=f"gunicorn {args} {app_spec} (log: {log_path})")
+            wait_for(lambda: len(children_of(self.proc.pid)) >= 2, 30, what="2 workers")
+        except BaseException:
+            stop_process(self.proc)
+            raise
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] + children_of(self.proc.pid)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class SlowClients:
+    """`count` unauthenticated connections to 127.0.0.1:`port` that never finish a request:
+    even ones trickle a header line, odd ones send whole headers (Content-Length 4096) and then
+    trickle the body; one byte per connection every TRICKLE_EVERY_S. One thread, non-blocking
+    sockets. A connection the server closes is counted and opened again."""
+
+    def __init__(self, port: int, count: int):
+        self.port, self.count = port, count
+        self.reopened = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, i: int):
+        s = socket.socket()
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", self.port))
+            if i % 2 == 0:
+                s.send(b"POST /webhooks/kommo/not-the-secret HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            else:
+                s.send(b"POST /webhooks/kommo/not-the-secret HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/x-www-form-urlencoded\r\n"
+                       b"Content-Length: 4096\r\n\r\nleads")
+        except OSError:
+            s.close()
+            return None
+        s.setblocking(False)
+        return s
+
+    def _run(self):
+        socks = [self._open(i) for i in range(self.count)]
+        while not self.stopping.wait(TRICKLE_EVERY_S):
+            for i, s in enumerate(socks):
+                if s is None:
+                    socks[i] = self._open(i)
+                    continue
+                try:
+                    closed = s.recv(4096) == b""  # an answer (408) or end of stream
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if not closed:
+                    try:
+                        s.send(b"a")
+                    except OSError:
+                        closed = True
+                if closed:
+                    s.close()
+                    self.reopened += 1
+                    socks[i] = self._open(i)
+        for s in socks:
+            if s is not None:
+                s.close()
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(1.5)  # every slow connection open and trickling before the load starts
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(10)
+
+
+def measure(server: Server, make_request, duration: float) -> dict:
+    """32 requests in flight for `duration` s. Latencies of the 200s, count of attempts that got
+    no 200 within ACK_TIMEOUT_S, wall time and the server's CPU seconds."""
+    pids = server.pids()
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    run = run_load(server.port, make_request, CONCURRENCY, duration, timeout=ACK_TIMEOUT_S)
+    failures = sum(c for code, c in run["statuses"].items() if code != 200) + \
+        sum(run["socket_errors"].values())
+    return {"latencies": run["latencies"], "failures": failures, "wall": run["wall"],
+            "server_cpu_s": sum(cpu_seconds(p) for p in pids) - cpu0}
+
+
+class Design:
+    """ponte's web app and the trivial Flask app, each under Gunicorn with this design's
+    arguments; request factories that never repeat a Kommo message id."""
+
+    def __init__(self, name: str, args: list[str], tmp: str, pythonpath_extra: str | None):
+        self.name = name
+        base = os.path.join(tmp, name)
+        os.makedirs(os.path.join(base, "trivial"))
+        with open(os.path.join(base, "trivial", "bench_trivial_app.py"), "w") as fh:
+            fh.write(TRIVIAL_APP)
+        unused = free_port()
+        common = {"KOMMO_BASE_URL": f"http://127.0.0.1:{unused}",
+                  "KOMMO_WEBHOOK_SECRET": SECRET,
+                  "KOMMO_ACCESS_TOKEN": "bench-kommo-token-0123456789",
+                  "N8N_WEBHOOK_URL": f"http://127.0.0.1:{unused}/wh",
+                  "N8N_API_KEY": "bench-n8n-shared-key-0123456789",
+                  "BOT_DEBOUNCE_SECONDS": 3600, "BOT_DEBOUNCE_MAX_SECONDS": 3600}
+        env_p = clean_env(os.path.join(base, "ponte"), PORT=free_port(), **common)
+        env_t = clean_env(os.path.join(base, "trivial"), PORT=free_port(), **common)
+        if pythonpath_extra:
+            for env in (env_p, env_t):
+                env["PYTHONPATH"] = pythonpath_extra
+        self.trivial = Server("bench_trivial_app:app", args, env_t,
+                              os.path.join(base, "trivial.log"), "/ok",
+                              pythonpath=os.path.join(base, "trivial"))
+        try:
+            self.ponte = Server("webhook_server:create_app()", args, env_p,
+                                os.path.join(base, "ponte.log"), "/")
+        except BaseException:
+            self.trivial.stop()
+            raise
+        self._make_p = webhook_request_factory(self.ponte.port, name[:3])
+        self.make_t = trivial_request_factory(self.trivial.port)
+        self._next_id = 0
+
+    def make_p(self, duration: float):
+        """A request factory for one measurement, with ids no earlier one used."""
+        base = self._next_id
+        self._next_id += 1_000_000
+        return lambda i: self._make_p(base + i)
+
+    def stop(self) -> None:
+        self.trivial.stop()
+        self.ponte.stop()
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Several measurements as one: throughput, p50/p99 over every attempt (one that got no 200
+    counts as slower than any answer), server CPU per 200."""
+    ok = sorted(x for r in runs for x in r["latencies"])
+    failures = sum(r["failures"] for r in runs)
+    every = ok + [float("inf")] * failures
+    wall = sum(r["wall"] for r in runs)
+    return {"ok": len(ok), "failures": failures, "rps": len(ok) / wall,
+            "p50": percentile(every, 50) * 1000, "p99": percentile(every, 99) * 1000,
+            "server_ms_per_req": 1000 * sum(r["server_cpu_s"] for r in runs) / max(1, len(ok))}
+
+
+def spread_of(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"med": ordered[len(ordered) // 2] if len(ordered) % 2 else
+            (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2,
+            "min": ordered[0], "max": ordered[-1]}
+
+
+def bench(designs: dict, tmp: str, slices: int, slice_s: float, slow_counts: list[int],
+          slow_s: float, rounds: int, gevent_path: str | None) -> dict:
+    """Every design's two servers up at once; the clean load alternates between them in short
+    slices (trivial then ponte, the designs in a rotating order), so a machine shared with
+    other work weighs on all of them alike; then the slow-client runs, also alternated."""
+    servers: dict[str, Design] = {}
+    clean = {name: {"trivial": [], "ponte": [], "ratios": []} for name in designs}
+    slow = {name: {count: [] for count in slow_counts} for name in designs}
+    try:
+        for name, args in designs.items():
+            servers[name] = Design(name, args, tmp, gevent_path if name == "gevent" else None)
+        for design in servers.values():  # warm-up
+            measure(design.ponte, design.make_p(1.0), 1.0)
+            measure(design.trivial, design.make_t, 1.0)
+        names = list(servers)
+        for k in range(slices):
+            print(f"  carga sem clientes lentos, fatia {k + 1}/{slices}", file=sys.stderr)
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                design = servers[name]
+                t = measure(design.trivial, design.make_t, slice_s)
+                p = measure(design.ponte, design.make_p(slice_s), slice_s)
+                clean[name]["trivial"].append(t)
+                clean[name]["ponte"].append(p)
+                clean[name]["ratios"].append(len(p["latencies"]) / p["wall"] /
+                                             max(1e-9, len(t["latencies"]) / t["wall"]))
+        for r in range(rounds):
+            for count in slow_counts:
+                print(f"  {count} clientes lentos, rodada {r + 1}/{rounds}", file=sys.stderr)
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    design = servers[name]
+                    with RssSampler(design.ponte.pids) as rss, \
+                            SlowClients(design.ponte.port, count) as slow_clients:
+                        run = measure(design.ponte, design.make_p(slow_s), slow_s)
+                    run["reopened"] = slow_clients.reopened
+                    run["rss_max_kb"] = rss.max_sum_kb
+                    slow[name][count].append(run)
+                    # a design the slow clients stalled gets its workers back first
+                    wait_for(lambda: http_status(design.ponte.port, "/health",
+                                                 timeout=ACK_TIMEOUT_S) is not None,
+                             60, what=f"{name} answering again")
+    finally:
+        for design in servers.values():
+            design.stop()
+    results = {}
+    for name in servers:
+        c = clean[name]
+        results[name] = {
+            "trivial": pooled(c["trivial"]), "ponte": pooled(c["ponte"]),
+            "ratio": spread_of(c["ratios"]),
+            "slice_p99": spread_of([pooled([x])["p99"] for x in c["ponte"]]),
+            "slow": {count: {**pooled(runs), "reopened": sum(x["reopened"] for x in runs),
+                             "rss_mib": max(x["rss_max_kb"] for x in runs) / 1024,
+                             "slice_p99": spread_of([pooled([x])["p99"] for x in runs])}
+                     for count, runs in slow[name].items()}}
+    return results
+
+
+def ms(v: float) -> str:
+    if v == float("inf"):
+        return "> 10 s"
+    return f"{n(v / 1000, 2)} s" if v >= 1000 else f"{n(v)} ms"
+
+
+METHOD = """Como foi medido. A mesma carga de `bench_bridge_a.py` (um cliente epoll de um só processo, 32 \
+requisições em voo, cada uma numa conexão nova com um corpo `add_message` real e id próprio). Os \
+clientes lentos não se autenticam (`/webhooks/kommo/not-the-secret`): metade manda o início dos \
+cabeçalhos e depois um byte por segundo de um cabeçalho que nunca termina; a outra metade manda os \
+cabeçalhos inteiros (`Content-Length: 4096`) e depois um byte do corpo por segundo; uma conexão que \
+o servidor fecha é aberta de novo, como faria um atacante. Entram 1,5 s antes da carga. p50/p99 \
+contam todas as tentativas: um webhook sem 200 em 10 s conta como mais lento que qualquer \
+resposta ("> 10 s"). Vazão e p99 dependem muito do que mais roda nesta máquina (outras sessões \
+rodavam testes ao mesmo tempo); a comparação que vale é entre colunas da mesma execução, e a CPU \
+por requisição é a medida menos sensível a isso. Desenhos: `buffering` = `web_worker.py` (o que \
+`gunicorn_conf.py` usa agora); `sync` = o worker `sync` do Gunicorn (a ponte até 0.2.x); \
+`gthread` = 2 workers × 32 threads; `gevent` = worker `gevent` (gevent instalado à parte, só \
+para esta medida).
+"""
+
+DECISION = ""
+
+
+def spread(d: dict, fmt) -> str:
+    if d["min"] == d["max"]:
+        return fmt(d["med"])
+    return f"{fmt(d['med'])} ({fmt(d['min'])}–{fmt(d['max'])})"
+
+
+def markdown(results: dict, m: dict, opts: dict, slow_counts: list[int]) -> str:
+    names = list(results)
+    head = "| medida | " + " | ".join(f"`{x}`" for x in names) + " |\n|---|" + \
+        "---|" * len(names) + "\n"
+    pct = lambda v: f"{100 * v:.0f} %"  # noqa: E731
+    rps = lambda v: f"{n(v, 0)} req/s"  # noqa: E731
+    cpu = lambda v: f"{n(v, 2)}"  # noqa: E731
+    rows = [
+        ("app trivial (`/ok`): vazão; ack p99", lambda r: f"{rps(r['trivial']['rps'])}; "
+         f"{ms(r['trivial']['p99'])}"),
+        ("webhook do Kommo na ponte: vazão", lambda r: rps(r["ponte"]["rps"])),
+        ("ponte ÷ trivial, mediana das fatias (menor–maior) — meta ≥ 70 %",
+         lambda r: spread(r["ratio"], pct)),
+        ("ack do webhook p50 / p99, sem clientes lentos (p99 por fatia: menor–maior) — meta "
+         "p99 ≤ 20 ms", lambda r: f"{ms(r['ponte']['p50'])} / {ms(r['ponte']['p99'])} "
+         f"({ms(r['slice_p99']['min'])}–{ms(r['slice_p99']['max'])})"),
+        ("CPU do servidor por requisição, ponte / trivial (ms)",
+         lambda r: f"{cpu(r['ponte']['server_ms_per_req'])} / "
+                   f"{cpu(r['trivial']['server_ms_per_req'])}")]
+    for count in slow_counts:
+        rows += [
+            (f"com {count} clientes lentos: ack p50 / p99 (p99 por rodada: menor–maior)",
+             lambda r, c=count: f"{ms(r['slow'][c]['p50'])} / {ms(r['slow'][c]['p99'])} "
+                                f"({ms(r['slow'][c]['slice_p99']['min'])}–"
+                                f"{ms(r['slow'][c]['slice_p99']['max'])})"),
+            (f"com {count} clientes lentos: webhooks com 200 / sem 200 em 10 s",
+             lambda r, c=count: f"{n(r['slow'][c]['ok'], 0)} / "
+                                f"{n(r['slow'][c]['failures'], 0)}"),
+            (f"com {count} clientes lentos: conexões lentas que o servidor fechou",
+             lambda r, c=count: n(r["slow"][c]["reopened"], 0)),
+            (f"com {count} clientes lentos: maior RSS da web (master + 2 workers)",
+             lambda r, c=count: f"{n(r['slow'][c]['rss_mib'])} MiB")]
+    body = "".join(f"| {label} | " + " | ".join(fn(results[x]) for x in names) + " |\n"
+                   for label, fn in rows)
+    return (f"{SECTION}\n\n"
+            f"Medido em {m['date']} — {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}, "
+            f"Gunicorn {m['gunicorn']}, 2 workers. Os {len(names)} desenhos no ar ao mesmo "
+            "tempo, cada um com a ponte e o app trivial; a carga sem clientes lentos alterna "
+            f"entre eles em {opts['slices']} fatias de {opts['slice_s']:.0f} s por app (trivial, "
+            "depois ponte; a ordem dos desenhos gira a cada fatia), para que outras sessões "
+            "nesta máquina pesem igual em todos; depois, com clientes lentos, "
+            f"{opts['rounds']} rodada(s) de {opts['slow_s']:.0f} s por desenho, também "
+            "alternadas.\n\n"
+            "Para rodar de novo: `.venv/bin/python bench/bench_slow_clients.py` (`--quick` para "
+            "uma rodada curta, `--no-doc` para não mexer neste arquivo; o `gevent` entra com "
+            "`--gevent-path DIR` depois de `pip install --target DIR gevent`).\n\n"
+            + head + body + "\n" + METHOD + "\n" + DECISION)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--gevent-path", default=os.environ.get("BENCH_GEVENT_PATH"),
+                        help="folder with gevent installed (pip install --target)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    opts = parser.parse_args(argv)
+    plan = {"slices": 2, "slice_s": 2.0, "rounds": 1, "slow_s": 3.0} if opts.quick else \
+        {"slices": 8, "slice_s": 2.0, "rounds": 2, "slow_s": 4.0}
+    slow_counts = [2, 256]
+    watchdog(HARD_DEADLINE_S, "bench_slow_clients")
+    names = [d for d in opts.designs.split(",") if d]
+    if "gevent" in names:
+        probe = subprocess.run([sys.executable, "-c", "import gevent"], capture_output=True,
+                               env={**os.environ, "PYTHONPATH": opts.gevent_path or ""})
+        if probe.returncode != 0:
+            print("  gevent não está instalado: fica fora desta execução", file=sys.stderr)
+            names.remove("gevent")
+    try:
+        with tempfile.TemporaryDirectory(prefix="ponte-bench-slow-") as tmp:
+            results = bench({name: DESIGNS[name] for name in names}, tmp, plan["slices"],
+                            plan["slice_s"], slow_counts, plan["slow_s"], plan["rounds"],
+                            opts.gevent_path)
+    finally:
+        kill_started()
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+    import gunicorn
+
+    text = markdown(results, machine(gunicorn=gunicorn.__version__), plan, slow_counts)
+    print(text)
+    if not opts.no_doc and not opts.quick:
+        update_doc(DOC_PATH, SECTION, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
