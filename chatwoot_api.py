@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ ECHO_PREFIX = "meli:"
 BRIDGE_ORIGIN_KEY = "ponte_origin"
 SIGNATURE_TOLERANCE_SECONDS = 300
 FORWARDED_SENDER_TYPES = ("user", "agent_bot", "captain_assistant")
+# ASCII digits only: str.isdigit() accepts "²" (int() raises) and "１２" (int() reads 12).
+_ASCII_DIGITS = re.compile(r"[0-9]{1,20}\Z")
 
 
 class ChatwootError(PeerError):
@@ -107,11 +110,29 @@ class ChatwootClient(PeerClient):
         """One conversation."""
         return self._request("GET", self._acct(f"/conversations/{int(conversation_id)}")) or {}
 
-    def list_messages(self, conversation_id: int) -> list[dict]:
-        """The conversation's latest messages."""
+    def list_messages(self, conversation_id: int, before: int | None = None) -> list[dict]:
+        """One page of the conversation's messages, oldest first: the latest 20, or with
+        `before` the 20 whose ids come before that message id (Chatwoot's MessageFinder)."""
+        params = {"before": int(before)} if before is not None else None
         answer = self._request("GET",
-                               self._acct(f"/conversations/{int(conversation_id)}/messages")) or {}
-        return answer.get("payload") or [] if isinstance(answer, dict) else []
+                               self._acct(f"/conversations/{int(conversation_id)}/messages"),
+                               params=params) or {}
+        payload = answer.get("payload") if isinstance(answer, dict) else None
+        return [m for m in payload or [] if isinstance(m, dict)]
+
+    def messages_back(self, conversation_id: int, max_pages: int):
+        """The conversation's messages from the newest back, page by page (`list_messages`
+        with `before`), at most `max_pages` pages: yields each page's messages, newest first."""
+        before = None
+        for _ in range(max_pages):
+            page = self.list_messages(conversation_id, before=before)
+            ids = [m["id"] for m in page if isinstance(m.get("id"), int)
+                   and not isinstance(m.get("id"), bool)]
+            yield sorted(page, key=lambda m: m.get("id") if isinstance(m.get("id"), int) else 0,
+                         reverse=True)
+            if not ids or (before is not None and min(ids) >= before):
+                return
+            before = min(ids)
 
     def toggle_status(self, conversation_id: int, status: str) -> dict:
         """Set the conversation's status (open/resolved/pending/snoozed)."""
@@ -206,7 +227,7 @@ def verify_chatwoot_signature(secret: str, timestamp: str | None, raw_body: byte
     if not secret or not timestamp or not signature:
         return False
     timestamp = timestamp.strip()
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > tolerance_seconds:
+    if not _ASCII_DIGITS.match(timestamp) or abs(now - int(timestamp)) > tolerance_seconds:
         return False
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + raw_body, hashlib.sha256)
     return hmac.compare_digest("sha256=" + mac.hexdigest(), signature.strip().lower())
@@ -261,13 +282,13 @@ MAX_ID = 2**63 - 1  # what SQLite (and Chatwoot's bigint ids) can hold
 
 
 def _id(value: Any) -> int | None:
-    """A positive integer id (a JSON number or a string of digits), or None. Booleans and
+    """A positive integer id (a JSON number or a string of ASCII digits), or None. Booleans and
     fractional numbers are not ids."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and _ASCII_DIGITS.match(value.strip()):
         number = int(value.strip())
     else:
         return None
@@ -355,10 +376,48 @@ def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = No
         created_at=str(body.get("created_at") or "")), "forward"
 
 
+@dataclass(frozen=True)
+class DeletedMessage:
+    """An agent's public message deleted in Chatwoot (`message_updated` whose
+    `content_attributes.deleted` is true): if its forward has not run, it must not."""
+
+    message_id: int
+    conversation_id: int
+
+
+def deleted_message(body: Any, inbox_ids: tuple | list | set | None = None
+                    ) -> DeletedMessage | None:
+    """The DeletedMessage of a `message_updated` event for a public outgoing message in one of
+    `inbox_ids` that Chatwoot marked deleted; None for anything else."""
+    if not isinstance(body, dict) or body.get("event") != "message_updated":
+        return None
+    if body.get("private") is not False or body.get("message_type") != "outgoing":
+        return None
+    content_attributes = body.get("content_attributes") or {}
+    if isinstance(content_attributes, str):
+        try:
+            content_attributes = json.loads(content_attributes)
+        except ValueError:
+            return None
+    if not _obj(content_attributes).get("deleted"):
+        return None
+    conversation = _obj(body.get("conversation"))
+    inbox_id = _id(_obj(body.get("inbox")).get("id") or conversation.get("inbox_id"))
+    conversation_id, message_id = _id(conversation.get("id")), _id(body.get("id"))
+    if inbox_id is None or conversation_id is None or message_id is None:
+        return None
+    if inbox_ids and inbox_id not in {int(i) for i in inbox_ids if str(i).strip()}:
+        return None
+    return DeletedMessage(message_id=message_id, conversation_id=conversation_id)
+
+
 def _attachment_name(attachment: dict) -> str:
+    """The file name the agent uploaded: the last segment of `data_url`, which Rails writes
+    URL-encoded ("Nota%20fiscal.pdf" is "Nota fiscal.pdf")."""
     url = str(attachment.get("data_url") or "")
-    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    name = re.sub(r"[\\/]", "_", name)[:200]
+    name = url.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    name = urllib.parse.unquote(name, errors="replace")
+    name = re.sub(r"[\\/\x00-\x1f\x7f]", "_", name).strip()[:200]
     if "." not in name and attachment.get("extension"):
         name = f"{name or 'anexo'}.{attachment['extension']}"
     return name or f"anexo-{attachment.get('id', '')}"

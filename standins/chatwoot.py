@@ -1,15 +1,18 @@
 """A stateful stand-in for a Chatwoot account's Application API (API-channel inboxes), for tests,
 the demo and the benchmark. It follows ../shared/reference/chatwoot.md (v4.13 shapes): contacts
 (unique identifier → 422), contact inboxes, conversations (display ids), messages as JSON or
-multipart `attachments[]`, message status PATCH, labels and custom attributes (both replace),
-toggle_status, and attachment `data_url`s that redirect to the stored bytes.
+multipart `attachments[]`, message lists like Chatwoot's MessageFinder (the latest 20, or the 20
+before `?before=<id>`), message status PATCH, labels and custom attributes (both replace),
+toggle_status, and attachment `data_url`s (file name URL-encoded, as Rails writes it) that
+redirect to the stored bytes.
 
 Every request body is validated against Chatwoot's OpenAPI spec (shared/reference/
 chatwoot-openapi.json) when the file is present; a request that does not match is refused with
 422 and listed in `/_standin/state` under `spec_violations`.
 
 `/_standin/...` endpoints configure inboxes, simulate an agent reply (building the signed
-`message_created` webhook Chatwoot would send, and optionally delivering it) and show state.
+`message_created` webhook Chatwoot would send, and optionally delivering it) or an agent deleting
+a message (`message_updated` with `content_attributes.deleted`), and show state.
 Must not: be imported by ponte's production modules.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from datetime import datetime, timezone
 
@@ -314,8 +318,13 @@ def create_app(spec_path: str | None = None) -> Flask:
             if conv is None:
                 return jsonify({"error": "Resource could not be found"}), 404
             if request.method == "GET":
+                # Chatwoot's MessageFinder: the latest 20, or the 20 before ?before=<id>.
+                ids = sorted(conv["message_ids"])
+                before = request.args.get("before")
+                if before:
+                    ids = [m for m in ids if m < int(before)]
                 return jsonify({"meta": {}, "payload": [
-                    _message_json(state, state.messages[m]) for m in conv["message_ids"]]})
+                    _message_json(state, state.messages[m]) for m in ids[-20:]]})
             files = []
             if request.content_type and request.content_type.startswith("multipart/"):
                 body = _form_body()
@@ -423,6 +432,23 @@ def create_app(spec_path: str | None = None) -> Flask:
                                     deliver=bool(body.get("deliver")),
                                     timestamp=body.get("timestamp")))
 
+    @app.post("/_standin/delete/<int:msg_id>")
+    def standin_delete(msg_id):
+        """An agent deletes a message (Chatwoot's DELETE …/messages/<id>): content replaced,
+        attachments removed, `content_attributes.deleted` set, and the `message_updated`
+        webhook built (and delivered with {"deliver": true}; {"timestamp": ...} signs it)."""
+        body = request.get_json(silent=True) or {}
+        with state.lock:
+            msg = state.messages.get(msg_id)
+            if msg is None:
+                return jsonify({"error": "Resource could not be found"}), 404
+            msg["content"] = "This message was deleted"
+            msg["attachments"] = []
+            msg["content_attributes"] = {**msg["content_attributes"], "deleted": True}
+        return jsonify(_webhook_for(state, msg_id, "message_updated",
+                                    deliver=bool(body.get("deliver")),
+                                    timestamp=body.get("timestamp")))
+
     @app.post("/_standin/webhook/<int:msg_id>")
     def standin_webhook(msg_id):
         """Build (and optionally deliver) the webhook of any stored message, e.g. the echo of
@@ -518,7 +544,7 @@ def _create_message(state: State, conv: dict, *, content, message_type, private,
                             "account_id": state.account_id, "extension": ext,
                             "content_type": mime,
                             "data_url": f"{base}/rails/active_storage/blobs/redirect/{key}/"
-                                        f"{filename}",
+                                        f"{urllib.parse.quote(filename)}",
                             "thumb_url": "", "file_size": len(data), "width": None,
                             "height": None, "filename": filename})
     if isinstance(content_attributes, str):
