@@ -80,6 +80,13 @@ class State:
         self.auth_required = True
         self.normalize_answers = False
         self.normalize_messages = False
+        # Mercado Livre may answer a list with fewer items than the limit asked (its documented
+        # page is 10): list endpoints cap their page at this size when set.
+        self.max_page_size: int | None = None
+
+    def page_limit(self, asked: int) -> int:
+        """The page size a list answers with for a request that asked for `asked`."""
+        return min(asked, self.max_page_size) if self.max_page_size else asked
 
 
 def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
@@ -195,11 +202,18 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
         offset = int(args.get("offset", 0))
         if offset > 1000:
             return _err(400, "invalid_offset", "The offset maximum number is 1000")
+        item, buyer = args.get("item") or args.get("item_id"), args.get("from")
+        if not (seller or item):
+            return _err(400, "bad_request", "seller_id or item is required")
         with state.lock:
             rows = [q for q in state.questions.values()
-                    if str(q["seller_id"]) == str(seller) and (not status or q["status"] == status)]
+                    if (not seller or str(q["seller_id"]) == str(seller))
+                    and (not item or q["item_id"] == item)
+                    and (not buyer or str(q["from"]["id"]) == str(buyer))
+                    and (not status or q["status"] == status)]
             reverse = args.get("sort_types", "ASC").upper() == "DESC"
             rows.sort(key=lambda q: (q["date_created"], q["id"]), reverse=reverse)
+            limit = state.page_limit(limit)
             page = [_public_question(q) for q in rows[offset:offset + limit]]
             return jsonify({"total": len(rows), "limit": limit, "questions": page,
                             "filters": {"limit": limit, "offset": offset, "api_version": "4",
@@ -255,6 +269,17 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
             if item is None:
                 return _err(404, "not_found", f"Item with id {item_id} not found")
             return jsonify(_trim(item, request.args.get("attributes")))
+
+    @app.get("/items/<item_id>/description")
+    def item_description(item_id):
+        with state.lock:
+            item = state.items.get(item_id)
+            if item is None:
+                return _err(404, "not_found", f"Item with id {item_id} not found")
+            text = item.get("description_text", "")
+            return jsonify({"text": "", "plain_text": text, "last_updated": _iso(),
+                            "date_created": _iso(), "snapshot": {"url": "", "width": 0,
+                                                                 "height": 0, "status": ""}})
 
     @app.get("/items")
     def items_multiget():
@@ -324,6 +349,7 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
             if pack_id not in state.pack_messages:
                 return _err(404, "not_found", "conversation not found")
             msgs = state.pack_messages[pack_id]
+            limit = state.page_limit(limit)
             page = msgs[offset:offset + limit]
             if mark:
                 for m in msgs:
@@ -473,9 +499,13 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
     def standin_options():
         """Behaviour switches: {"normalize_answers": true} / {"normalize_messages": true}
         store answers / post-sale messages with their whitespace collapsed, so the stored
-        text differs from the text sent."""
+        text differs from the text sent; {"max_page_size": 10} makes every list answer at most
+        10 items a page whatever limit was asked (null: the limit asked)."""
         body = request.get_json(force=True)
         with state.lock:
+            if "max_page_size" in body:
+                state.max_page_size = int(body["max_page_size"]) if body["max_page_size"] \
+                    else None
             if "normalize_answers" in body:
                 state.normalize_answers = bool(body["normalize_answers"])
             if "normalize_messages" in body:
@@ -484,7 +514,8 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
 
     @app.post("/_standin/items")
     def standin_items():
-        """Add items: [{id, title, price, ...}] (defaults fill the rest)."""
+        """Add items: [{id, title, price, ...}] (defaults fill the rest; `description_text` is
+        what `/items/<id>/description` answers as plain_text)."""
         base = request.host_url.rstrip("/")
         with state.lock:
             for item in request.get_json(force=True):
@@ -493,7 +524,8 @@ def create_app(seller_id: int = DEFAULT_SELLER) -> Flask:
                         "permalink": f"https://produto.mercadolivre.com.br/{item['id']}",
                         "thumbnail": f"{base}/_standin/thumb/{item['id']}.jpg",
                         "secure_thumbnail": f"{base}/_standin/thumb/{item['id']}.jpg",
-                        "status": "active", **item}
+                        "status": "active", "available_quantity": 10, "condition": "new",
+                        "attributes": [], "description_text": "", **item}
                 state.items[item["id"]] = full
         return jsonify({"ok": True})
 
