@@ -20,7 +20,7 @@ import whatsapp_intake
 import whatsapp_store
 from kommo_api import KommoError
 from n8n_api import parse_send_response
-from web_common import (get_db, json_error, json_object_body, now, require_bearer,
+from web_common import (ascii_id, get_db, json_error, json_object_body, now, require_bearer,
                         settings)
 
 log = logging.getLogger("ponte.kommo.web")
@@ -64,6 +64,8 @@ def _bot_auth(view):
 @blueprint.get("/bot/status/<contact_id>")
 @_bot_auth
 def bot_status(contact_id: str):
+    if ascii_id(contact_id) is None:
+        return _bad_contact_id()
     state = whatsapp_store.get_bot_state(get_db(), contact_id)
     return jsonify(**bot_control.state_json(state), message=bot_control.status_text(state))
 
@@ -111,8 +113,9 @@ def bot_command():
 def _run_command(contact_id: str, name: str, reason, by):
     if not isinstance(reason, str) or not isinstance(by, (str, type(None))):
         return json_error(400, "bad_request", "reason e by devem ser texto.")
-    if not contact_id.isdigit() or len(contact_id) > 20:
-        return json_error(400, "bad_contact_id", "contact_id deve ser o id numérico do contato.")
+    contact_id = ascii_id(contact_id)
+    if contact_id is None:
+        return _bad_contact_id()
     command = bot_control.command_from_name(name, reason)
     if command is None:
         return json_error(400, "unknown_command",
@@ -122,6 +125,10 @@ def _run_command(contact_id: str, name: str, reason, by):
         result = whatsapp_intake.api_command(conn, settings(), contact_id, command,
                                              str(by or "api"), now())
     return jsonify(ok=True, command=command.name, **result)
+
+
+def _bad_contact_id():
+    return json_error(400, "bad_contact_id", "contact_id deve ser o id numérico do contato.")
 
 
 # --- Kommo OAuth --------------------------------------------------------------------------------

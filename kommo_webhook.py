@@ -72,6 +72,8 @@ def _handle(environ, start_response, app_config, secret: str | None):
     if not (length.isascii() and length.isdigit()):  # "²" passes isdigit() but not int()
         return _error(start_response, 400, "bad_content_length", "Content-Length inválido.")
     raw = environ["wsgi.input"].read(int(length))
+    if not web_common.form_bytes_storable(raw):
+        return _error(start_response, 400, "unstorable_text", "O formulário tem texto inválido.")
     try:
         hook = parse_kommo_webhook(raw)
     except KommoParseError as exc:

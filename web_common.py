@@ -2,7 +2,11 @@
 settings, the clock, JSON errors and bearer-token checks.
 
 Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `wsgi_json()`,
-`request_json()`, `json_object_body()`, `json_error()`, `require_bearer()`, `bearer_token()`.
+`request_json()`, `json_object_body()`, `json_error()`, `require_bearer()`, `bearer_token()`,
+and the one place that decides what inbound text and numbers ponte accepts: `parse_json()`,
+`storable()`, `form_bytes_storable()`, `ascii_id()`, `ascii_int()` (every route reads bodies, ids and
+numeric headers through them, so a hostile byte is a 4xx — or a peer's 200 `ignored` — and
+never a 500 or a row).
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
@@ -11,6 +15,7 @@ import functools
 import hmac
 import http
 import json
+import re
 import threading
 
 from flask import current_app, jsonify, request
@@ -65,27 +70,109 @@ def wsgi_json(start_response, status: int, body: bytes | dict, headers=(), head=
     return [b""] if head else [body]
 
 
-def request_json():
-    """The request's JSON body, or None when it is not valid JSON — nesting deeper than Python
-    parses included, which Flask's silent mode lets through as a RecursionError (a 500)."""
+# Text no store of ours can hold: a lone surrogate (JSON's "\ud800" parses into a str that
+# SQLite's UTF-8 cannot encode: UnicodeEncodeError) and NUL (SQLite's text functions stop at it,
+# Chatwoot's PostgreSQL refuses it).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_ASCII_ID = re.compile(r"[0-9]{1,20}\Z")
+
+
+class BadBody(ValueError):
+    """A body ponte refuses: `code` is the JSON error code, `message` says why (pt-BR)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def storable(value) -> bool:
+    """True when every string in `value` (a parsed JSON value or form fields: dict keys and
+    values, list items, nested at any depth) can be stored: no lone surrogate, no NUL. Walks
+    with its own stack, so a body nested as deep as the JSON parser allows cannot overflow."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return True
+
+
+def parse_json(raw: bytes):
+    """The JSON value in `raw` (UTF-8/16/32, whatever the Content-Type said). Raises BadBody:
+    `bad_json` for bytes that are not JSON (nesting deeper than Python parses included),
+    `unstorable_text` for text no store can hold (see `storable`)."""
     try:
-        return request.get_json(silent=True)
-    except RecursionError:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise BadBody("bad_json", "O corpo deve ser JSON válido.") from None
+    if not storable(value):
+        raise BadBody("unstorable_text", "O corpo tem texto inválido (caractere nulo ou "
+                                         "surrogate UTF-16 isolado).")
+    return value
+
+
+def request_json():
+    """The request's body parsed as JSON whatever its Content-Type (a peer that labels its JSON
+    text/plain is still heard), or None when it is not valid JSON or holds text no store can
+    hold (`parse_json`)."""
+    try:
+        return parse_json(request.get_data(cache=True))
+    except BadBody:
         return None
 
 
 def json_object_body(optional: bool = False):
     """(the request's JSON object, None), or (None, a 415/400 answer) when the body is not
-    application/json or not a JSON object. `optional`: a request with no body at all gives
-    ({}, None) — but a body that is there must be right (a typo must not act without it)."""
-    if optional and not request.get_data(cache=True):
+    application/json, not a JSON object, or holds text no store can hold. `optional`: a request
+    with no body at all gives ({}, None) — but a body that is there must be right (a typo must
+    not act without it)."""
+    raw = request.get_data(cache=True)
+    if optional and not raw:
         return {}, None
     if not request.is_json:
         return None, json_error(415, "unsupported_media_type", "Envie application/json.")
-    body = request_json()
+    try:
+        body = parse_json(raw)
+    except BadBody as exc:
+        return None, json_error(400, exc.code, exc.message)
     if not isinstance(body, dict):
         return None, json_error(400, "bad_json", "O corpo deve ser um objeto JSON válido.")
     return body, None
+
+
+def form_bytes_storable(raw: bytes) -> bool:
+    """`storable` for an urlencoded body before it is parsed (the Kommo webhook parses its own
+    form, on the hottest path): NUL is the one unstorable character decoding can produce
+    (bad UTF-8 becomes U+FFFD, never a lone surrogate), and it comes as "%00" or a raw byte."""
+    return b"%00" not in raw and b"\x00" not in raw
+
+
+def ascii_id(value) -> str | None:
+    """`value` as an id of ASCII digits (1 to 20 of them, nothing around; a JSON integer
+    too), or None.
+    `str.isdigit()` is not this test: it accepts "²" (which int() refuses) and "１２" (which
+    int() reads as 12 — another contact's id)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    return value if _ASCII_ID.match(value) else None
+
+
+def ascii_int(value: str | None) -> int | None:
+    """A header or parameter holding a non-negative integer in ASCII digits (surrounding
+    spaces allowed), or None for anything else — "²", "１２", "+5", "1e3", ""."""
+    if value is None:
+        return None
+    text = ascii_id(value.strip())
+    return int(text) if text is not None else None
 
 
 def json_error(status: int, code: str, message: str):
