@@ -20,6 +20,8 @@ on):
             every 200–400 ms, then for messages sent right after a burst of 20.
   drain     instant peers with no rate limit (KOMMO_MAX_RPS=0): N webhooks recorded with the
             poller stopped, then the poller started: jobs done per second.
+  intake    the same recording, with a one-hour debounce: the poller applies the webhooks
+            without calling any peer (ponte's own pace).
 In every scenario: the most Kommo requests the stand-in saw in any 1-second window, the 429s,
 and the peak summed VmRSS of web (master + workers) + poller.
 
@@ -151,9 +153,9 @@ class Peers:
         self.kommo, self.n8n = ServedApp(self.kommo_app), ServedApp(self.n8n_app)
         self.meli = demo_meli.start(f"http://127.0.0.1:{web_port}")
         self.ml_url, self.cw_url = self.meli.ml_url, self.meli.cw_url
-        ml_served, cw_served = self.meli.servers
-        self.ml_state = ml_served.app.config["STANDIN_STATE"]
-        self.cw_state = cw_served.app.config["STANDIN_STATE"]
+        by_name = {served.app.name: served.app for served in self.meli.servers}
+        self.ml_state = by_name["standin_mercadolivre"].config["STANDIN_STATE"]
+        self.cw_state = by_name["standin_chatwoot"].config["STANDIN_STATE"]
         requests.post(f"{self.ml_url}/_standin/items", timeout=5, json=[
             {"id": "MLB3737188005", "title": "Furadeira de Impacto 650W", "price": 289.9}])
         self.env = {**self.meli.env, "ML_POLL_QUESTIONS_SECONDS": "1",
@@ -489,6 +491,36 @@ def log_tail(directory: str, lines: int = 4) -> dict:
     return out
 
 
+def scenario_intake(side: Side, tmp: str, messages: int, budget_s: float) -> dict:
+    """`messages` webhooks recorded with the poller stopped, then the poller applies them with
+    a one-hour debounce, so no job calls a peer: ponte's own pace (`kommo.intake` jobs/s)."""
+    port = free_port()
+    peers = Peers(port, 0.0, 0)
+    stack = None
+    out: dict = {"messages": messages, "budget_s": budget_s}
+    done_sql = "SELECT COUNT(*) FROM jobs WHERE kind = 'kommo.intake' AND status = 'done'"
+    try:
+        stack = Stack(side, tmp, stack_env(side, tmp, port, peers, BOT_DEBOUNCE_SECONDS=3600,
+                                           BOT_DEBOUNCE_MAX_SECONDS=3600), start_poller=False)
+        out["statuses"] = send_at_once(port, [customer_body("in", i)[1]
+                                              for i in range(messages)])["statuses"]
+        started_at = stack.start_poller()
+        wait_for(lambda: stack.jobs(done_sql)[0][0] >= messages, budget_s, interval=0.05)
+        finished = [r[0] for r in stack.jobs(
+            "SELECT finished_at FROM jobs WHERE kind = 'kommo.intake' AND status = 'done' "
+            "ORDER BY finished_at")]
+        span = finished[-1] - finished[0] if len(finished) > 1 else 0
+        out.update({"applied": len(finished), "complete": len(finished) >= messages,
+                    "jobs_per_s": (len(finished) - 1) / span if span else None,
+                    "from_poller_start_s": finished[-1] - started_at if finished else None,
+                    "peer_calls": len(peers.n8n_calls) + len(peers.kommo_log.entries)})
+    finally:
+        if stack is not None:
+            stack.stop()
+        peers.stop()
+    return out
+
+
 def run_side(side: Side, tmp: str, sizes: dict, budget_s: float) -> dict:
     """Every scenario against one checkout; a scenario that fails is recorded, not fatal."""
     results: dict = {"commit": side.commit(), "env": side.extra_env,
@@ -499,6 +531,7 @@ def run_side(side: Side, tmp: str, sizes: dict, budget_s: float) -> dict:
         ("instant", lambda d: scenario_instant(side, d, sizes["spaced"], sizes["instant_burst"],
                                                sizes["after"], budget_s)),
         ("drain", lambda d: scenario_drain(side, d, sizes["drain"], budget_s)),
+        ("intake", lambda d: scenario_intake(side, d, sizes["intake"], budget_s)),
     ]
     for name, run in plan:
         print(f"  {side.label}: {name}...", file=sys.stderr, flush=True)
@@ -573,6 +606,10 @@ def markdown(res: dict, m: dict, quick: bool) -> str:
         e2e("after_burst_e2e"), f"≤ {GOAL_E2E_P50_MS:.0f} / ≤ {GOAL_E2E_P99_MS:.0f} ms")
     row(f"fila esvaziando {sizes['drain']} mensagens contra parceiros instantâneos", "drain",
         drain_cell, f"≥ {GOAL_DRAIN_JOBS_PER_S:.0f} jobs/s")
+    row(f"poller aplicando {sizes['intake']} webhooks gravados, sem chamar parceiro "
+        "(debounce de 1 h)", "intake",
+        lambda r: (f"{n(r['jobs_per_s'], 0)} webhooks/s" if r.get("jobs_per_s") else "—")
+        + ("" if r.get("complete") else f" ({r.get('applied', 0)} aplicados no prazo)"), "—")
     for scenario, label in (("burst20", f"{small} clientes"), ("burst100", f"{large} clientes"),
                             ("instant", "n8n instantâneo")):
         row(f"Kommo ({label}): mais requisições em 1 s / respostas 429", scenario, kommo,
@@ -607,7 +644,8 @@ def markdown(res: dict, m: dict, quick: bool) -> str:
         f"Chatwoot. Cada cenário tem {budget:.0f} s; o que passa disso aparece como "
         f"\"> {budget:.0f} s\". Fila: {sizes['drain']} webhooks gravados com o poller parado, "
         "depois o poller liga (Kommo sem limite, `KOMMO_MAX_RPS=0`); jobs concluídos ÷ tempo "
-        "entre o primeiro e o último `finished_at`.", ""])
+        "entre o primeiro e o último `finished_at`; os webhooks sem parceiro, do mesmo jeito "
+        "com debounce de 1 h (nenhum job chama o n8n ou o Kommo).", ""])
 
 
 def load_range(res: dict) -> str:
@@ -638,9 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     budget = args.budget or (60.0 if args.quick else 120.0)
     sizes = ({"burst_small": 6, "burst_large": 20, "spaced": 10, "instant_burst": 10,
-              "after": 8, "drain": 150} if args.quick else
+              "after": 8, "drain": 150, "intake": 300} if args.quick else
              {"burst_small": 20, "burst_large": 100, "spaced": 40, "instant_burst": 20,
-              "after": 15, "drain": 600})
+              "after": 15, "drain": 600, "intake": 1500})
     results: dict = {"sizes": sizes, "budget_s": budget, "quick": args.quick,
                      "n8n_latency_seconds": N8N_LATENCY_SECONDS,
                      "kommo_limit_per_second": KOMMO_LIMIT_PER_SECOND,

@@ -64,7 +64,7 @@ def test_concurrency_report_puts_both_versions_side_by_side_and_says_past_the_bu
     import bench_concurrency as bc
 
     sizes = {"burst_small": 20, "burst_large": 100, "spaced": 40, "instant_burst": 20,
-             "after": 15, "drain": 600}
+             "after": 15, "drain": 600, "intake": 1500}
     results = {
         "sizes": sizes, "budget_s": 120.0,
         "new": {"commit": "abc1234", "settings": {"poller_concurrency": 16, "kommo_max_rps": 7},
