@@ -1,7 +1,9 @@
 """Everything about Kommo's wire format, both ways.
 
 Owns: `KommoClient` (REST v4: send into a talk, notes, lead fields, Salesbot runs, lead lookup,
-custom-field creation, OAuth token exchange), `KommoError`, and the pure parser of Kommo's
+custom-field creation, OAuth token exchange, read-backs of a talk's messages and a lead's notes),
+`KommoError`, the pure parsers of those read-backs (`parse_talk_messages`, `parse_lead_notes`),
+and the pure parser of Kommo's
 form-encoded account webhooks (`parse_kommo_webhook`) with the small event dataclasses it returns.
 Must not: import db_manager, outbox, flask or another peer module. Tokens come from a `token_source`
 object (see kommo_auth) so this module never stores anything.
@@ -13,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 from urllib.parse import unquote_plus
 
-from peer_http import PeerClient, PeerError
+import config
+from peer_http import PeerClient, PeerError, parse_retry_after
+
+READBACK_LIMIT = 50  # items per read-back: a talk or a lead rarely gets more while we retry
 
 
 class KommoError(PeerError):
@@ -30,9 +35,12 @@ class KommoClient(PeerClient):
     error_class = KommoError
 
     def __init__(self, base_url: str, token_source, max_rps: float = 5.0, timeout_seconds=15.0,
-                 session=None):
-        super().__init__(base_url, timeout_seconds=timeout_seconds, max_rps=max_rps,
-                         session=session)
+                 session=None, **rate_limit):
+        """`rate_limit`: `rate_limit_path` (the database path, so every process shares the
+        limit) and `clock`; `max_rps` above Kommo's 7 is lowered to 7."""
+        super().__init__(base_url, timeout_seconds=timeout_seconds,
+                         max_rps=min(max_rps, config.KOMMO_RPS_LIMIT), session=session,
+                         **rate_limit)
         self.token_source = token_source
 
     def _auth_headers(self) -> dict[str, str]:
@@ -44,7 +52,7 @@ class KommoClient(PeerClient):
         error = super()._error_from_response(response)
         if response.status_code == 429 and error.retry_after_seconds is None:
             body = error.body if isinstance(error.body, dict) else {}
-            error.retry_after_seconds = float(body.get("retry_after") or 2)
+            error.retry_after_seconds = parse_retry_after(body.get("retry_after")) or 2.0
         return error
 
     def call(self, method: str, path: str, **kwargs) -> Any:
@@ -88,6 +96,28 @@ class KommoClient(PeerClient):
         fields = (answer.get("_embedded") or {}).get("custom_fields") or [answer]
         return fields[0]
 
+    # Read-backs: only used when an earlier attempt of a write may have reached Kommo (see
+    # whatsapp_resend), never on a first attempt.
+
+    def talk_messages(self, talk_id: str | int, since_at: float,
+                      limit: int = READBACK_LIMIT) -> list["KommoWritten"]:
+        """The messages of a talk from `since_at` on (`GET /api/v4/talks/{id}/messages`; needs
+        the "External chat history" scope, else 403). Kommo's filter is best effort: callers
+        check `created_at` themselves."""
+        answer = self.call("GET", f"/api/v4/talks/{int(talk_id)}/messages",
+                           params={"limit": limit, "filter[created_at][from]": int(since_at)})
+        return parse_talk_messages(answer)
+
+    def lead_notes(self, lead_id: str | int, since_at: float,
+                   limit: int = READBACK_LIMIT) -> list["KommoWritten"]:
+        """The common notes of a lead changed from `since_at` on, newest first
+        (`GET /api/v4/leads/{id}/notes`)."""
+        answer = self.call("GET", f"/api/v4/leads/{int(lead_id)}/notes",
+                           params={"limit": limit, "filter[note_type]": "common",
+                                   "filter[updated_at][from]": int(since_at),
+                                   "order[updated_at]": "desc"})
+        return parse_lead_notes(answer)
+
     def exchange_token(self, payload: dict) -> dict:
         """POST /oauth2/access_token (authorization_code or refresh_token grant)."""
         return self._request("POST", "/oauth2/access_token", json=payload, auth=False) or {}
@@ -100,6 +130,64 @@ def main_contact_id(lead: dict) -> str | None:
         if contact.get("is_main"):
             return str(contact["id"])
     return str(contacts[0]["id"]) if contacts else None
+
+
+# --- read-backs (what is already in Kommo) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class KommoWritten:
+    """A chat message or a note as Kommo lists it, reduced to what a read-back compares.
+    `author_type`: "bot" (Salesbot and API sends), "internal" (a Kommo user), "external"
+    (the customer); "" for notes. `created_at` is 0 when Kommo did not say."""
+
+    item_id: str
+    direction: str  # "incoming" | "outgoing" | "note"
+    author_type: str
+    text: str
+    created_at: int
+
+
+def _embedded(answer: Any, key: str) -> list[dict]:
+    """`_embedded.<key>` of a Kommo list answer; [] for 204 (None) and for anything else."""
+    if not isinstance(answer, dict):
+        return []
+    items = (answer.get("_embedded") or {}).get(key) if isinstance(answer.get("_embedded"),
+                                                                    dict) else None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_talk_messages(answer: Any) -> list[KommoWritten]:
+    """The messages of `GET /api/v4/talks/{id}/messages` (`_embedded.messages[]`)."""
+    out = []
+    for m in _embedded(answer, "messages"):
+        author = m.get("author") if isinstance(m.get("author"), dict) else {}
+        out.append(KommoWritten(item_id=str(m.get("id") or ""),
+                                direction=str(m.get("type") or ""),
+                                author_type=str(author.get("type") or ""),
+                                text=m["text"] if isinstance(m.get("text"), str) else "",
+                                created_at=_int_or_zero(m.get("created_at"))))
+    return out
+
+
+def parse_lead_notes(answer: Any) -> list[KommoWritten]:
+    """The notes of `GET /api/v4/leads/{id}/notes` (`_embedded.notes[]`, text in
+    `params.text`)."""
+    out = []
+    for n in _embedded(answer, "notes"):
+        params = n.get("params") if isinstance(n.get("params"), dict) else {}
+        out.append(KommoWritten(item_id=str(n.get("id") or ""), direction="note",
+                                author_type="",
+                                text=params["text"] if isinstance(params.get("text"), str)
+                                else "",
+                                created_at=_int_or_zero(n.get("created_at"))))
+    return out
 
 
 # --- inbound webhook parsing ----------------------------------------------------------------

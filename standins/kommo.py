@@ -1,11 +1,14 @@
 """A stand-in for a Kommo account (REST v4 subset of ../shared/reference/kommo.md), stateful.
 
 Serves: `POST /api/v4/talks/{id}/send_message` (202; 422 when the talk is closed; 402 past the
-add-on quota), `POST /api/v4/leads/{id}/notes`, `PATCH /api/v4/leads/{id}`, `GET
+add-on quota), `POST /api/v4/leads/{id}/notes`, the read-backs `GET /api/v4/talks/{id}/messages`
+(what was sent into the talk, and the Salesbot runs of the lead seeded with that `talk_id`) and
+`GET /api/v4/leads/{id}/notes`, `PATCH /api/v4/leads/{id}`, `GET
 /api/v4/leads/{id}?with=contacts`, `POST /api/v4/bots/{id}/run` (202), `POST
 /api/v4/leads/custom_fields`, `POST /oauth2/access_token` (single-use refresh tokens), Bearer
-auth, and Kommo's 7 requests/second limit (429).
-Inspection under `/_standin/...`: state, seed leads/talks, inject failures, reset.
+auth, and Kommo's limit: more than `max_rps` (7) requests in any one-second window → 429.
+Inspection under `/_standin/...`: state, rate (the most requests seen in any one-second window,
+and the 429s), seed leads/talks, inject failures (optionally with `retry_after`), reset.
 Also builds Kommo's form-encoded webhook bodies (`message_form`, `note_form`) for tests and the
 demo.
 """
@@ -48,6 +51,9 @@ class KommoState:
         self.requests: list[dict] = []
         self.token_calls: list[dict] = []
         self.recent = collections.deque()
+        # Arrival time of every API request (monotonic), for `/_standin/rate`.
+        self.arrivals: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.rate_limited = 0
         self.ids = itertools.count(1)
 
     def snapshot(self) -> dict:
@@ -81,14 +87,22 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
             state.requests.append({"method": request.method, "path": request.path,
                                    "at": time.time()})
             now = time.monotonic()
+            state.arrivals.append(now)
+            # A sliding window: every request of the last second counts, refused ones too.
             state.recent.append(now)
             while state.recent and now - state.recent[0] > 1.0:
                 state.recent.popleft()
             if state.max_rps and len(state.recent) > state.max_rps:
+                state.rate_limited += 1
                 return _problem(429, "Too Many Requests", "too many requests per second")
             failure = next_failure(state.failures, request.method, request.path)
             if failure:
-                return _problem(failure["status"], "Injected failure")
+                answer = _problem(failure["status"], "Injected failure")
+                if failure.get("retry_after") is not None:
+                    answer.headers["Retry-After"] = str(failure["retry_after"])
+                if failure["status"] == 429:
+                    state.rate_limited += 1
+                return answer
         if request.path == "/oauth2/access_token":
             return None
         auth = request.headers.get("Authorization", "")
@@ -127,6 +141,40 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
                                     "created_by": 0, "at": time.time()})
                 created.append({"id": note_id, "entity_id": int(lead_id)})
         return jsonify({"_embedded": {"notes": created}})
+
+    # Read-backs of what was written, shaped as Kommo lists them (204 when nothing matches).
+    @app.get("/api/v4/talks/<talk_id>/messages")
+    def talk_messages(talk_id):
+        since = int(request.args.get("filter[created_at][from]") or 0)
+        with state.lock:
+            messages = [{"id": m["id"], "type": "outgoing", "message_type": "text",
+                         "origin": "waba", "text": m["text"], "created_at": int(m["at"]),
+                         "author": {"id": "ponte-integration", "type": "bot", "name": "Bot"}}
+                        for m in state.sent if m["talk_id"] == talk_id]
+            # A Salesbot's "Send message" step with the lead's field, in the lead's talk.
+            leads = {lead for lead, row in state.leads.items() if row.get("talk_id") == talk_id}
+            messages += [{"id": f"bot-run-{i}", "type": "outgoing", "message_type": "text",
+                          "origin": "waba", "text": text, "created_at": int(run["at"]),
+                          "author": {"id": "salesbot", "type": "bot", "name": "Salesbot"}}
+                         for i, run in enumerate(state.bot_runs) if run["lead_id"] in leads
+                         for text in run["text"].values()]
+        messages = [m for m in messages if m["created_at"] >= since]
+        if not messages:
+            return "", 204
+        messages.sort(key=lambda m: -m["created_at"])
+        return jsonify({"_embedded": {"messages": messages}})
+
+    @app.get("/api/v4/leads/<lead_id>/notes")
+    def lead_notes(lead_id):
+        since = int(request.args.get("filter[updated_at][from]") or 0)
+        with state.lock:
+            notes = [{"id": n["id"], "entity_id": int(lead_id), "created_by": n["created_by"],
+                      "created_at": int(n["at"]), "updated_at": int(n["at"]),
+                      "note_type": "common", "params": {"text": n["text"]}}
+                     for n in state.notes if n["lead_id"] == lead_id and int(n["at"]) >= since]
+        if not notes:
+            return "", 204
+        return jsonify({"_embedded": {"notes": notes[::-1]}})
 
     @app.route("/api/v4/leads/<lead_id>", methods=["GET", "PATCH"])
     def lead(lead_id):
@@ -206,11 +254,24 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
         with state.lock:
             return jsonify(state.snapshot())
 
+    @app.get("/_standin/rate")
+    def standin_rate():
+        """The most API requests that arrived within any one-second window (`?window=` to
+        change it), how many there were and how many got a 429."""
+        window = float(request.args.get("window") or 1.0)
+        with state.lock:
+            arrivals = list(state.arrivals)
+            answer = {"max_rps": state.max_rps, "requests": len(arrivals),
+                      "rate_limited": state.rate_limited, "window_seconds": window}
+        answer["max_in_any_window"] = max_in_window(arrivals, window)
+        return jsonify(answer)
+
     @app.post("/_standin/leads")
     def standin_leads():
         body = request.get_json(force=True)
         with state.lock:
-            state.leads[str(body["lead_id"])] = {"contacts": [str(c) for c in body["contacts"]]}
+            state.leads[str(body["lead_id"])] = {"contacts": [str(c) for c in body["contacts"]],
+                                                 "talk_id": str(body.get("talk_id") or "")}
         return jsonify(ok=True)
 
     @app.post("/_standin/close_talk")
@@ -221,7 +282,8 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
 
     @app.post("/_standin/fail")
     def standin_fail():
-        """{"path_prefix": "/api/v4/talks", "status": 503, "count": 3} (see standins.failures)."""
+        """{"path_prefix": "/api/v4/talks", "status": 503, "count": 3} (see standins.failures);
+        `"retry_after": "2"` adds that Retry-After header to the answer."""
         body = request.get_json(force=True)
         with state.lock:
             add_rule(state.failures, body)
@@ -235,6 +297,16 @@ def create_app(access_token: str = DEFAULT_TOKEN, quota: int | None = None,
         return jsonify(ok=True)
 
     return app
+
+
+def max_in_window(times: list[float], window_seconds: float) -> int:
+    """The most of `times` (sorted) within any closed interval `window_seconds` long."""
+    best, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] > window_seconds:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
 
 
 # --- webhook bodies as Kommo sends them -------------------------------------------------------
