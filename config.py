@@ -402,6 +402,9 @@ def warnings(settings: "Settings") -> list[str]:
     if not settings.admin_token:
         found.append("ADMIN_TOKEN vazio; /config e /admin/* vão recusar todo pedido (401), e "
                      "/bot/* só aceita o N8N_API_KEY.")
+    if settings.ml_ai_mode != ML_AI_OFF and not settings.bridge_enabled("mercadolivre"):
+        found.append(f"ML_AI_MODE={settings.ml_ai_mode} sem a ponte 'mercadolivre' configurada: "
+                     "a IA só responde perguntas do Mercado Livre que chegam ao Chatwoot.")
     if settings.bridge_enabled("whatsapp"):
         if len(settings.kommo_webhook_secret) < MIN_WEBHOOK_SECRET_LENGTH:
             found.append(f"KOMMO_WEBHOOK_SECRET tem menos de {MIN_WEBHOOK_SECRET_LENGTH} "
