@@ -194,7 +194,7 @@ class BufferedClient:
 
 class _Pending:
     __slots__ = ("sock", "fd", "addr", "listener", "reader", "deadline", "continue_sent",
-                 "registered")
+                 "registered", "done")
 
     def __init__(self, sock, addr, listener, reader, deadline):
         self.sock, self.addr, self.listener, self.reader = sock, addr, listener, reader
@@ -202,13 +202,14 @@ class _Pending:
         self.deadline = deadline
         self.continue_sent = False
         self.registered = False
+        self.done = False  # dispatched or closed: an event already selected for it is stale
 
 
 class BufferingWorker(SyncWorker):
     """The sync worker with a non-blocking front: accepts every connection, buffers each request
     until it is complete (or drops it: past its deadline 408, too large 413/431, the oldest one
-    with 503 when `worker_connections` are pending or MAX_BUFFERED_BYTES are held), then runs it through `SyncWorker.handle`.
-    Configure with `buffering_worker_class(...)`."""
+    with 503 when `worker_connections` are pending or `max_buffered_bytes` are held), then runs
+    it through `SyncWorker.handle`. Configure with `buffering_worker_class(...)`."""
 
     max_body_bytes = 1_048_576
     header_timeout_seconds = HEADER_TIMEOUT_SECONDS
@@ -286,6 +287,8 @@ class BufferingWorker(SyncWorker):
         self._read(pending)  # a small request is often there already: no select round
 
     def _read(self, pending: _Pending) -> None:
+        if pending.done:
+            return
         try:
             data = pending.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -369,7 +372,9 @@ class BufferingWorker(SyncWorker):
             pass
 
     def _forget(self, pending: _Pending) -> None:
-        if self._pending.pop(pending.fd, None) is not None:
+        pending.done = True
+        if self._pending.get(pending.fd) is pending:  # the fd may belong to a newer one by now
+            del self._pending[pending.fd]
             self._buffered_bytes -= len(pending.reader.buffer)
         if pending.registered:
             try:

@@ -336,3 +336,32 @@ def test_reader_expect_continue_only_for_http_1_1():
     old = web_worker.RequestReader(100)
     old.feed(b"POST /x HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
     assert not old.expects_continue
+
+
+def test_a_stale_event_for_a_closed_connection_leaves_the_newer_one_on_its_fd_alone():
+    """Within one select() round, dropping a connection (capacity, deadline) may free an fd that
+    an accept in the same round reuses; the dropped one's event, still in the list, must not
+    touch the newer connection."""
+    import selectors
+
+    worker = web_worker.BufferingWorker.__new__(web_worker.BufferingWorker)
+    worker._selector = selectors.DefaultSelector()
+    worker._pending, worker._buffered_bytes = {}, 0
+    worker._dropped = {"timeout": 0, "capacity": 0, "too_large": 0}
+    old_sock, old_peer = socket.socketpair()
+    new_sock, new_peer = socket.socketpair()
+    try:
+        old = web_worker._Pending(old_sock, None, None, web_worker.RequestReader(100), 0.0)
+        worker._pending[old.fd] = old
+        worker._drop(old, web_worker.ANSWER_BUSY, "capacity")
+        new = web_worker._Pending(new_sock, None, None, web_worker.RequestReader(100), 0.0)
+        new.fd = old.fd  # what the kernel does: the lowest free descriptor
+        new.reader.feed(b"GET / HT")
+        worker._pending[new.fd], worker._buffered_bytes = new, 8
+        worker._read(old)  # the stale event
+        assert worker._pending == {new.fd: new} and worker._buffered_bytes == 8
+        assert old_peer.recv(100).startswith(b"HTTP/1.1 503 ")
+    finally:
+        worker._selector.close()
+        for s in (old_sock, old_peer, new_sock, new_peer):
+            s.close()
