@@ -504,8 +504,10 @@ def scenario_intake(side: Side, tmp: str, messages: int, budget_s: float) -> dic
                                            BOT_DEBOUNCE_MAX_SECONDS=3600), start_poller=False)
         out["statuses"] = send_at_once(port, [customer_body("in", i)[1]
                                               for i in range(messages)])["statuses"]
-        started_at = stack.start_poller()
-        wait_for(lambda: stack.jobs(done_sql)[0][0] >= messages, budget_s, interval=0.05)
+        with RssSampler(stack.pids) as rss:
+            started_at = stack.start_poller()
+            wait_for(lambda: stack.jobs(done_sql)[0][0] >= messages, budget_s, interval=0.05)
+        out["rss_max_sum_kb"] = rss.max_sum_kb
         finished = [r[0] for r in stack.jobs(
             "SELECT finished_at FROM jobs WHERE kind = 'kommo.intake' AND status = 'done' "
             "ORDER BY finished_at")]
