@@ -2,7 +2,8 @@
 conversation a reply belongs to, the ordering keys, and the follow-ups that tell an agent why a
 reply did not go. The state itself is in meli_store's tables.
 
-Owns: what meli_questions, meli_sales and meli_jobs all use.
+Owns: what meli_questions, meli_sales and meli_jobs all use, among them how Mercado Livre's
+lists are paged (`next_page_offset`: by what came back, never by the limit asked).
 Must not: hold a job handler or a schedule; serve HTTP; know wire formats (the peer modules);
 hold SQL (meli_store).
 
@@ -18,8 +19,9 @@ updates have none: they only read, write in single statements, or enqueue keyed 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 import meli_store as store
 from chatwoot_api import ChatwootClient, ChatwootError
@@ -29,13 +31,53 @@ from peer_http import PeerError
 
 log = logging.getLogger("ponte.meli")
 
-QUESTION_PAGE = 50
-QUESTION_MAX_PAGES = 20            # Mercado Livre refuses offsets past 1,000
+QUESTION_PAGE = 50                 # asked for; Mercado Livre may answer with fewer (paged by
+QUESTION_MAX_OFFSET = 1000         # what came back); it refuses offsets past 1,000
+QUESTION_MAX_PAGES = 100           # calls per poll, however small Mercado Livre's pages are
 PACK_PAGE = 50
+PACK_MAX_OFFSET = 2000             # messages read per sale, at most
+PACK_MAX_PAGES = 200
 ITEM_CACHE_SECONDS = 3600
+# Pages of 20 a crash-recovery lookup reads from a conversation's newest message back: what a
+# run that died may have posted is recent, but a busy sale's conversation moves on meanwhile.
+CHATWOOT_LOOKBACK_PAGES = 10
 MAX_REPLY_PARTS = 5                # 5 × 350 characters; longer replies are refused with a note
 LABEL_ANSWERED = "respondida"
 LABEL_ANSWERED_ON_ML = "respondida-no-ml"
+
+
+def next_page_offset(offset: int, returned: int, paging: dict | None, asked_limit: int
+                     ) -> int | None:
+    """Where the next page of a Mercado Livre list starts, or None when the list is done.
+    `paging` is what the page said of itself: `{"total", "limit"}` (a pack's `paging`, or a
+    questions search's top-level `total` and `limit`).
+
+    Mercado Livre may answer with fewer items than `asked_limit` (its documented default page is
+    10, and an example answers a limit=2 request with `paging.limit: 10`), so the offset moves by
+    the number of items that came back, never by the limit asked. The list is done when a page
+    is empty, when the offset reaches `paging.total`, or — without a total — when a page holds
+    fewer items than the page size Mercado Livre said it used (`paging.limit`, else the limit
+    asked)."""
+    if returned <= 0:
+        return None
+    paging = paging if isinstance(paging, dict) else {}
+    following = offset + returned
+    total = _count(paging.get("total"))
+    if total is not None:
+        return following if following < total else None
+    page_size = _count(paging.get("limit")) or asked_limit
+    return following if returned >= min(page_size, asked_limit) else None
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative JSON integer (or a string of ASCII digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value.strip()):
+        return int(value.strip())
+    return None
 
 
 def ml(ctx):
@@ -170,10 +212,22 @@ def _fresh(ctx, cached_item: store.MlItem | None) -> bool:
 
 def find_message_by_source(ctx, conversation_id: int, source_id: str) -> dict | None:
     """A message already in the conversation with this `source_id` (resuming after a crash)."""
-    for message in cw(ctx).list_messages(conversation_id):
-        if message.get("source_id") == source_id:
-            return message
-    return None
+    return find_messages_by_source(ctx, conversation_id, {source_id}).get(source_id)
+
+
+def find_messages_by_source(ctx, conversation_id: int, source_ids: set[str]) -> dict[str, dict]:
+    """{source_id: message} of the messages already in the conversation with one of
+    `source_ids`, read from the newest back (Chatwoot answers 20 a page) until all are found or
+    CHATWOOT_LOOKBACK_PAGES pages were read."""
+    found: dict[str, dict] = {}
+    for page in cw(ctx).messages_back(conversation_id, CHATWOOT_LOOKBACK_PAGES):
+        for message in page:
+            source_id = message.get("source_id")
+            if source_id in source_ids and source_id not in found:
+                found[source_id] = message
+        if len(found) == len(source_ids):
+            break
+    return found
 
 
 def open_conversation(ctx, inbox_id: int, contact: dict, attribute: str, value: str,
@@ -216,6 +270,17 @@ def conversation_target(ctx, conversation_id: int,
         return store.CwConversation(int(conversation_id), store.KIND_SALE, None,
                                     str(attrs["meli_pack_id"]), item, buyer, None)
     return None
+
+
+def reply_deleted(ctx, reply: dict) -> bool:
+    """True when the agent deleted this reply in Chatwoot (its `message_updated` with
+    `content_attributes.deleted` reached the webhook): what was not sent yet must not be."""
+    if not store.reply_deleted(ctx.conn, reply["message_id"]):
+        return False
+    log.info("chatwoot_reply_deleted_not_sent",
+             extra={"chatwoot_message_id": reply["message_id"],
+                    "chatwoot_conversation_id": reply.get("conversation_id")})
+    return True
 
 
 def reply_in_flight(ctx, message_id) -> bool:

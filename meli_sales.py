@@ -19,9 +19,11 @@ import meli_store as store
 import meli_texts as texts
 import outbox
 from chatwoot_api import BRIDGE_ORIGIN_KEY, ChatwootError, markdown_to_text
-from meli_common import (MAX_REPLY_PARTS, PACK_PAGE, buyer_nickname, cw, ensure_contact,
-                         find_message_by_source, log, ml, note_follow_up, open_conversation,
-                         pack_ordering_key, refuse, sales_inbox, short_error, squash)
+from meli_common import (MAX_REPLY_PARTS, PACK_MAX_OFFSET, PACK_MAX_PAGES, PACK_PAGE,
+                         buyer_nickname, cw, ensure_contact, find_message_by_source,
+                         find_messages_by_source, log, ml, next_page_offset, note_follow_up,
+                         open_conversation, pack_ordering_key, refuse, reply_deleted, sales_inbox,
+                         short_error, squash)
 from mercado_livre_api import (ATTACHMENT_MAX_BYTES, SELLER_MESSAGE_MAX_CHARS, MercadoLivreError,
                                attachment_mime, is_agent_mediated, message_sort_key, message_text,
                                pack_id_of_message, parse_pack_resource, plain_post_sale_text,
@@ -86,16 +88,16 @@ def read_pack(ctx, pack_id: str, mark_as_read: bool = False) -> tuple[list[dict]
     client = ml(ctx)
     messages: list[dict] = []
     status: dict = {}
-    offset = 0
-    while True:
+    offset: int | None = 0
+    for _page in range(PACK_MAX_PAGES):
         page = client.get_pack_messages(pack_id, offset=offset, limit=PACK_PAGE,
                                         mark_as_read=mark_as_read)
         status = page.get("conversation_status") or status
         batch = page.get("messages") or []
         messages.extend(batch)
-        total = int((page.get("paging") or {}).get("total") or 0)
-        offset += PACK_PAGE
-        if not batch or offset >= total or offset >= 2000:
+        # By what came back: Mercado Livre's documented page is 10, whatever limit was asked.
+        offset = next_page_offset(offset, len(batch), page.get("paging"), PACK_PAGE)
+        if offset is None or offset >= PACK_MAX_OFFSET:
             break
     messages.sort(key=message_sort_key)
     return messages, status
@@ -125,10 +127,13 @@ def handle_sync_pack(ctx, job):
     # What an earlier run (retried, crashed, or died and replaced by a fresh sync job) may have
     # posted without recording it: each message is marked `posting` before it goes to Chatwoot,
     # and each chunk of files has its source_id.
-    in_flight = any(known.get(str(m.get("id"))) and known[str(m.get("id"))].posting
-                    for m in new)
-    posted = {m.get("source_id"): m for m in client.list_messages(conversation_id)
-              if m.get("source_id")} if in_flight else {}
+    wanted = set()
+    for m in new:
+        if known.get(str(m.get("id"))) and known[str(m.get("id"))].posting:
+            files = len(m.get("message_attachments") or [])
+            wanted.update(f"meli:msg:{m['id']}" + (f":{start}" if start else "")
+                          for start in range(0, max(files, 1), CHATWOOT_MAX_FILES))
+    posted = find_messages_by_source(ctx, conversation_id, wanted) if wanted else {}
     mirrored = 0
     for m in new:
         source_id = f"meli:msg:{m['id']}"
@@ -280,6 +285,8 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
     in_flight = progress.in_flight_part if progress else None
     attachment_ids = progress.attachment_ids if progress else None
     skipped = progress.skipped_attachments if progress else []
+    if in_flight is None and reply_deleted(ctx, reply):
+        return {"status": "deleted", "parts_sent": parts_sent}
     text = plain_post_sale_text(markdown_to_text(reply.get("content") or ""))
     # A plain read (marks the buyer's messages read: the agent has answered them) that also
     # gives the conversation status and the latest sender.
@@ -322,6 +329,8 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
             # count) may have lost Mercado Livre's answer after it accepted this part.
             sent = _lost_answer(ctx, messages, parts[index])
         try:
+            if sent is None and reply_deleted(ctx, reply):
+                return {"status": "deleted", "parts_sent": index}
             if sent is None:
                 store.start_reply_part(ctx.conn, key, index, ctx.now())
                 sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)

@@ -5,8 +5,9 @@ in db_manager, which moved these rows out of the `mappings` key-value table.
 
 Owns: every statement on `ml_questions`, `ml_answers`, `cw_contacts`, `cw_contact_inboxes`,
 `cw_conversations`, `ml_packs`, `ml_messages`, `ml_unread`, `ml_items`, `cw_replies` and
-`cw_reply_unknown_posts`, the question sweep's watermark, and what bridge B deletes past
-retention (`prune`).
+`cw_reply_unknown_posts`, the question sweep's watermark, the lookup of an agent's deleted reply
+(the `events` row the Chatwoot webhook records, `deleted_event_key`), and what bridge B deletes
+past retention (`prune`).
 Must not: call a peer or decide anything (meli_questions, meli_sales and meli_jobs decide).
 
 Concurrency (the poller runs jobs in N threads, each with its own connection): each write is
@@ -460,6 +461,19 @@ def reply_ml_message_ids(conn: sqlite3.Connection, chatwoot_message_id: int) -> 
 
 # --- agents' replies ---------------------------------------------------------------------------
 # Written only by the reply's `chatwoot.forward_reply` job (ordering key cw-out:<conversation>).
+
+def deleted_event_key(chatwoot_message_id) -> str:
+    """The key of the inbound event the Chatwoot webhook records (db_manager.record_event) when
+    an agent deletes a message."""
+    return f"chatwoot-deleted:{int(chatwoot_message_id)}"
+
+
+def reply_deleted(conn: sqlite3.Connection, chatwoot_message_id) -> bool:
+    """True when the agent deleted this message in Chatwoot (its deletion event was recorded and
+    not yet pruned)."""
+    return conn.execute("SELECT 1 FROM events WHERE dedupe_key = ?",
+                        (deleted_event_key(chatwoot_message_id),)).fetchone() is not None
+
 
 def get_reply(conn: sqlite3.Connection, chatwoot_message_id) -> CwReply | None:
     """How far the agent's reply went, or None when no send started."""
