@@ -414,6 +414,7 @@ def test_meli_refused_refresh_then_no_call_until_the_oauth_callback(make_setting
     assert outbox.list_jobs(b.conn, status="dead") == []
     # WHEN the seller authorizes again through /oauth/mercadolivre/start
     start = requests.get(f"{b.web.url}/oauth/mercadolivre/start", allow_redirects=False,
+                         headers={"Authorization": "Bearer admin-token-for-tests-123"},
                          timeout=5)
     consent = requests.get(start.headers["Location"], allow_redirects=False, timeout=5)
     assert requests.get(consent.headers["Location"], timeout=10).status_code == 200

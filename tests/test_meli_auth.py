@@ -28,8 +28,9 @@ def test_oauth_start_and_callback_store_the_tokens_with_pkce(make_settings, serv
                ML_REFRESH_TOKEN="")
     settings = b.settings.replace(ml_redirect_uri=f"{b.web.url}/oauth/mercadolivre/callback")
     b.app.config["PONTE_SETTINGS"] = settings
-    # WHEN the seller opens /oauth/mercadolivre/start
+    # WHEN the operator starts the authorization (ADMIN_TOKEN; the console's button does the same)
     start = requests.get(f"{b.web.url}/oauth/mercadolivre/start", allow_redirects=False,
+                         headers={"Authorization": "Bearer admin-token-for-tests-123"},
                          timeout=5)
     assert start.status_code == 302
     url = urllib.parse.urlparse(start.headers["Location"])
