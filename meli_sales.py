@@ -330,7 +330,10 @@ def send_sale_message(ctx, job, reply: dict, pack_id: str):
             sent = _lost_answer(ctx, messages, parts[index])
         try:
             if sent is None and reply_deleted(ctx, reply):
-                return {"status": "deleted", "parts_sent": index}
+                # The buyer already has the first parts: the agent must know.
+                note = note_follow_up(reply["conversation_id"], texts.DELETED_PARTLY_SENT.format(
+                    sent=index, total=len(parts)), f"deleted:{reply['message_id']}")
+                return {"status": "deleted", "parts_sent": index}, [note] if index else []
             if sent is None:
                 store.start_reply_part(ctx.conn, key, index, ctx.now())
                 sent = client.send_pack_message(pack_id, recipient, parts[index], attachments)

@@ -45,6 +45,9 @@ DELIVERY_GAVE_UP = (f"{PREFIX} não consegui entregar esta mensagem ao Mercado L
 DELIVERY_MAYBE_SENT = (f"{PREFIX} não consegui confirmar a entrega desta mensagem ao Mercado "
                        "Livre depois de {attempts} tentativas (último erro: {error}). Ela pode ter sido "
                        "entregue: confira no Mercado Livre antes de enviar de novo.")
+DELETED_PARTLY_SENT = (f"{PREFIX} a mensagem foi apagada no Chatwoot depois de {{sent}} de "
+                       "{total} partes já enviadas ao Mercado Livre (lá não dá para apagar); as "
+                       "demais não foram enviadas.")
 QUESTION_ANSWERED_ON_ML = (f"{PREFIX} esta pergunta já foi respondida no Mercado Livre (direto no "
                            "site) com outro texto; esta mensagem não foi enviada. A resposta que "
                            "o comprador vê aparece nesta conversa.")
