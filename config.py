@@ -35,12 +35,14 @@ class Setting:
 
     name: str
     default: Any
-    kind: str  # "str" | "int" | "float" | "bool" | "url" | "choice"
+    kind: str  # "str" | "int" | "float" | "bool" | "url" | "choice" | "id" (digits, kept as text)
     help: str
     unit: str = ""
     secret: bool = False
     group: str = "geral"
     choices: tuple[str, ...] = ()
+    minimum: float | None = None  # numbers: the smallest accepted value
+    maximum: float | None = None  # numbers: the largest accepted value
 
     @property
     def attr(self) -> str:
@@ -54,7 +56,8 @@ def _s(name, default, kind, help, **kw) -> Setting:
 SETTINGS: tuple[Setting, ...] = (
     # --- service -----------------------------------------------------------------------------
     _s("HOST", "0.0.0.0", "str", "Endereço em que o servidor web escuta."),
-    _s("PORT", 8000, "int", "Porta HTTP do servidor web.", unit="porta"),
+    _s("PORT", 8000, "int", "Porta HTTP do servidor web.", unit="porta", minimum=1,
+       maximum=65535),
     _s("DEBUG", False, "bool", "Modo de depuração (logs DEBUG, respostas de erro detalhadas)."),
     _s("ENVIRONMENT", "production", "choice", "Ambiente: production, development, demo ou test.",
        choices=("production", "development", "demo", "test")),
@@ -62,28 +65,31 @@ SETTINGS: tuple[Setting, ...] = (
     _s("LOG_DIR", "logs", "str", "Pasta dos logs diários app-AAAAMMDD.log."),
     _s("LOG_LEVEL", "INFO", "choice", "Nível de log: DEBUG, INFO, WARNING ou ERROR.",
        choices=("DEBUG", "INFO", "WARNING", "ERROR")),
-    _s("LOG_RETENTION_DAYS", 14, "int", "Quantos dias de arquivos de log manter.", unit="dias"),
+    _s("LOG_RETENTION_DAYS", 14, "int", "Quantos dias de arquivos de log manter.", unit="dias",
+       minimum=1),
     _s("ADMIN_TOKEN", "", "str", "Token Bearer para /config, /bot/* e páginas de administração.",
        secret=True),
     _s("PUBLIC_BASE_URL", "", "url", "URL pública da ponte (ex.: https://ponte.seudominio.com.br)."),
-    _s("WEB_WORKERS", 2, "int", "Processos Gunicorn do servidor web.", unit="processos"),
-    _s("MAX_BODY_BYTES", 1_048_576, "int", "Tamanho máximo do corpo de uma requisição.", unit="bytes"),
+    _s("WEB_WORKERS", 2, "int", "Processos Gunicorn do servidor web.", unit="processos",
+       minimum=1),
+    _s("MAX_BODY_BYTES", 1_048_576, "int", "Tamanho máximo do corpo de uma requisição.", unit="bytes",
+       minimum=1),
     _s("JOB_LEASE_SECONDS", 120, "int", "Tempo após o qual um job em execução de um worker morto "
-       "é retomado.", unit="segundos"),
+       "é retomado.", unit="segundos", minimum=1),
     _s("JOB_MAX_ATTEMPTS", 12, "int", "Tentativas máximas de um job antes de ir para 'dead'.",
-       unit="tentativas"),
+       unit="tentativas", minimum=1),
     _s("JOB_MAX_AGE_SECONDS", 86_400, "int", "Idade máxima de um job com falhas antes de ir para "
-       "'dead'.", unit="segundos"),
+       "'dead'.", unit="segundos", minimum=1),
     _s("JOB_RETENTION_DAYS", 7, "int", "Dias que jobs concluídos, webhooks recebidos, mensagens "
-       "de clientes e dados de vida curta ficam guardados.", unit="dias"),
+       "de clientes e dados de vida curta ficam guardados.", unit="dias", minimum=1),
     _s("POLLER_CONCURRENCY", 32, "int", "Jobs executados ao mesmo tempo pelo poller (uma "
-       "conversa nunca tem dois jobs em execução).", unit="jobs"),
+       "conversa nunca tem dois jobs em execução).", unit="jobs", minimum=1),
     _s("POLLER_LANE_LIMITS", "", "str", "Limite de jobs simultâneos por parceiro, ex.: "
        "n8n=24,kommo=8 (padrão: 3/4 de POLLER_CONCURRENCY para cada parceiro).", group="geral"),
     _s("RETRY_AFTER_MAX_SECONDS", 900, "int", "Espera máxima pedida por um parceiro (Retry-After) "
-       "antes de tentar de novo; cada espera conta nas tentativas.", unit="segundos"),
+       "antes de tentar de novo; cada espera conta nas tentativas.", unit="segundos", minimum=1),
     _s("POLLER_HEARTBEAT_MAX_AGE_SECONDS", 30, "int", "Idade máxima do heartbeat do poller para "
-       "/health responder 200.", unit="segundos"),
+       "/health responder 200.", unit="segundos", minimum=1),
     # --- bridge A: Kommo / n8n ---------------------------------------------------------------
     _s("KOMMO_BASE_URL", "", "url", "URL da sua conta Kommo (https://SUBDOMINIO.kommo.com).",
        group="kommo"),
@@ -94,15 +100,15 @@ SETTINGS: tuple[Setting, ...] = (
        group="kommo"),
     _s("KOMMO_REDIRECT_URI", "", "url", "URL de redirecionamento OAuth "
        "(PUBLIC_BASE_URL/oauth/callback).", group="kommo"),
-    _s("KOMMO_ACCOUNT_ID", "", "str", "ID da conta Kommo; webhooks de outra conta são recusados.",
+    _s("KOMMO_ACCOUNT_ID", "", "id", "ID da conta Kommo; webhooks de outra conta são recusados.",
        group="kommo"),
     _s("KOMMO_WEBHOOK_SECRET", "", "str", "Segredo longo e aleatório na URL do webhook do Kommo.",
        secret=True, group="kommo"),
     _s("KOMMO_REPLY_MODE", "talk", "choice", "Como a resposta volta ao WhatsApp: talk (Chats API) "
        "ou salesbot.", choices=("talk", "salesbot"), group="kommo"),
-    _s("KOMMO_SALESBOT_ID", "", "str", "ID do Salesbot que envia {{lead.cf.CAMPO}} (modo salesbot).",
+    _s("KOMMO_SALESBOT_ID", "", "id", "ID do Salesbot que envia {{lead.cf.CAMPO}} (modo salesbot).",
        group="kommo"),
-    _s("KOMMO_REPLY_FIELD_ID", "", "str", "ID do campo de texto do lead que recebe a resposta "
+    _s("KOMMO_REPLY_FIELD_ID", "", "id", "ID do campo de texto do lead que recebe a resposta "
        "(modo salesbot).", group="kommo"),
     _s("KOMMO_MAX_RPS", 5.0, "float", "Máximo de requisições por segundo ao Kommo (bloqueia acima "
        "de 7).", unit="req/s", group="kommo"),
@@ -110,24 +116,24 @@ SETTINGS: tuple[Setting, ...] = (
     _s("N8N_API_KEY", "", "str", "Chave compartilhada com o n8n (Bearer nos dois sentidos).",
        secret=True, group="kommo"),
     _s("N8N_TIMEOUT_SECONDS", 60.0, "float", "Tempo máximo de espera pela resposta do n8n.",
-       unit="segundos", group="kommo"),
+       unit="segundos", group="kommo", minimum=1),
     _s("BOT_DEBOUNCE_SECONDS", 3.0, "float", "Junta mensagens seguidas do cliente nesta janela "
-       "(0 desliga).", unit="segundos", group="kommo"),
+       "(0 desliga).", unit="segundos", group="kommo", minimum=0),
     _s("BOT_DEBOUNCE_MAX_SECONDS", 15.0, "float", "Janela máxima de agrupamento de mensagens.",
-       unit="segundos", group="kommo"),
+       unit="segundos", group="kommo", minimum=0),
     _s("BOT_AUTO_RESUME_HOURS", 0.0, "float", "Reativa o bot sozinho após N horas pausado "
-       "(0 = nunca).", unit="horas", group="kommo"),
+       "(0 = nunca).", unit="horas", group="kommo", minimum=0),
     _s("BOT_PAUSE_ON_HUMAN_REPLY", False, "bool", "Pausa o bot quando um usuário do Kommo escreve "
        "no chat.", group="kommo"),
     _s("BOT_FALLBACK_MESSAGE", "", "str", "Texto enviado uma vez ao cliente quando o assistente "
        "não responde (vazio = não envia).", group="kommo"),
     # --- bridge B: Mercado Livre / Chatwoot ---------------------------------------------------
-    _s("ML_CLIENT_ID", "", "str", "App ID do aplicativo no Mercado Livre.", group="mercadolivre"),
+    _s("ML_CLIENT_ID", "", "id", "App ID do aplicativo no Mercado Livre.", group="mercadolivre"),
     _s("ML_CLIENT_SECRET", "", "str", "Secret Key do aplicativo no Mercado Livre.", secret=True,
        group="mercadolivre"),
     _s("ML_REDIRECT_URI", "", "url", "URI de redirecionamento "
        "(PUBLIC_BASE_URL/oauth/mercadolivre/callback).", group="mercadolivre"),
-    _s("ML_SELLER_ID", "", "str", "ID do usuário vendedor no Mercado Livre.", group="mercadolivre"),
+    _s("ML_SELLER_ID", "", "id", "ID do usuário vendedor no Mercado Livre.", group="mercadolivre"),
     _s("ML_SITE_ID", "MLB", "str", "Site do Mercado Livre (MLB = Brasil).", group="mercadolivre"),
     _s("ML_API_BASE_URL", "https://api.mercadolibre.com", "url", "API do Mercado Livre.",
        group="mercadolivre"),
@@ -140,9 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("ML_REFRESH_TOKEN", "", "str", "Refresh token inicial (opcional; o OAuth preenche).",
        secret=True, group="mercadolivre"),
     _s("ML_POLL_QUESTIONS_SECONDS", 60, "int", "Intervalo de busca de perguntas.",
-       unit="segundos", group="mercadolivre"),
+       unit="segundos", group="mercadolivre", minimum=1),
     _s("ML_POLL_MESSAGES_SECONDS", 60, "int", "Intervalo de busca de mensagens pós-venda.",
-       unit="segundos", group="mercadolivre"),
+       unit="segundos", group="mercadolivre", minimum=1),
     _s("ML_AI_MODE", "desligado", "choice", "Agente de IA (n8n) nas perguntas: desligado, "
        "sugerir (nota privada; o agente envia com #ok) ou automatico (responde sozinho no "
        "Mercado Livre).", choices=("desligado", "sugerir", "automatico"), group="mercadolivre"),
@@ -159,10 +165,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("CHATWOOT_BASE_URL", "", "url", "URL do seu Chatwoot.", group="chatwoot"),
     _s("CHATWOOT_API_TOKEN", "", "str", "Token de acesso (Perfil → Token de acesso).", secret=True,
        group="chatwoot"),
-    _s("CHATWOOT_ACCOUNT_ID", "", "str", "ID da conta no Chatwoot.", group="chatwoot"),
-    _s("CHATWOOT_QUESTIONS_INBOX_ID", "", "str", "Caixa (API) das perguntas de pré-venda.",
+    _s("CHATWOOT_ACCOUNT_ID", "", "id", "ID da conta no Chatwoot.", group="chatwoot"),
+    _s("CHATWOOT_QUESTIONS_INBOX_ID", "", "id", "Caixa (API) das perguntas de pré-venda.",
        group="chatwoot"),
-    _s("CHATWOOT_SALES_INBOX_ID", "", "str", "Caixa (API) das mensagens pós-venda.",
+    _s("CHATWOOT_SALES_INBOX_ID", "", "id", "Caixa (API) das mensagens pós-venda.",
        group="chatwoot"),
     _s("CHATWOOT_WEBHOOK_SECRET", "", "str", "Segredo HMAC do webhook da caixa API (um por caixa, separados por "
        "vírgula).", secret=True,
@@ -211,6 +217,10 @@ def _convert(setting: Setting, raw: str) -> Any:
             if raw.lower() == choice.lower():
                 return choice
         raise ValueError("use " + ", ".join(setting.choices))
+    if setting.kind == "id":
+        if not re.fullmatch(r"[0-9]+", raw):
+            raise ValueError(f"'{raw}' não é um id: use só os dígitos do id")
+        return raw
     if setting.kind == "url":
         if raw and not re.match(r"^https?://[^\s/]+", raw):
             raise ValueError("precisa começar com http:// ou https://")
@@ -261,11 +271,12 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
     invalid_names: set[str] = set()
     for s in SETTINGS:
         raw = environ.get(s.name)
-        if raw is None or (s.kind in ("str", "url") and is_placeholder(raw)):
+        if raw is None or (s.kind in ("str", "url", "id") and is_placeholder(raw)):
             values[s.attr] = s.default
             continue
         try:
             values[s.attr] = _convert(s, raw)
+            _check_range(s, values[s.attr])
         except ValueError as exc:
             problems.append(f"{s.name} inválido ({exc})")
             invalid_names.add(s.name)
@@ -310,15 +321,22 @@ def load_settings(environ: Mapping[str, str] | None = None, *,
         parse_lane_limits(values["poller_lane_limits"])
     except ValueError as exc:
         problems.append(f"POLLER_LANE_LIMITS inválido ({exc})")
-    for name in ("PORT", "WEB_WORKERS", "MAX_BODY_BYTES", "JOB_LEASE_SECONDS", "JOB_MAX_ATTEMPTS",
-                 "POLLER_CONCURRENCY", "RETRY_AFTER_MAX_SECONDS"):
-        if isinstance(values[name.lower()], int) and values[name.lower()] <= 0:
-            problems.append(f"{name} inválido (precisa ser maior que zero)")
     if values["kommo_max_rps"] < 0:
         problems.append("KOMMO_MAX_RPS inválido (use de 1 a 7, ou 0 para nenhum limite)")
     if problems:
         raise ConfigError(problems)
     return Settings(**values, enabled_bridges=tuple(enabled))
+
+
+def _check_range(setting: Setting, value: Any) -> None:
+    """Raise ValueError (in Portuguese) when a number is outside its declared range."""
+    low, high = setting.minimum, setting.maximum
+    if setting.kind not in ("int", "float") or (low is None and high is None):
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise ValueError(f"o mínimo é {low:g}")
+        raise ValueError(f"use de {low:g} a {high:g}")
 
 
 ML_AI_OFF = "desligado"
@@ -391,6 +409,10 @@ def kommo_credential_given(settings: "Settings") -> bool:
 # Kommo blocks an integration that makes more than 7 requests per second.
 KOMMO_RPS_LIMIT = 7
 MIN_WEBHOOK_SECRET_LENGTH = 16
+MIN_ADMIN_TOKEN_LENGTH = 16
+# Polling Mercado Livre more often than this spends its request quota for nothing (its
+# notifications bring news sooner); tests and the demo poll faster on purpose.
+SANE_MIN_POLL_SECONDS = 10
 
 
 def warnings(settings: "Settings") -> list[str]:
@@ -402,6 +424,17 @@ def warnings(settings: "Settings") -> list[str]:
     if not settings.admin_token:
         found.append("ADMIN_TOKEN vazio; /config e /admin/* vão recusar todo pedido (401), e "
                      "/bot/* só aceita o N8N_API_KEY.")
+    elif len(settings.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
+        found.append(f"ADMIN_TOKEN tem menos de {MIN_ADMIN_TOKEN_LENGTH} caracteres: ele abre o "
+                     "painel e pausa bots; use um texto longo e aleatório "
+                     "(ex.: openssl rand -hex 24).")
+    if settings.environment == "production" and settings.bridge_enabled("mercadolivre"):
+        for name in ("ML_POLL_QUESTIONS_SECONDS", "ML_POLL_MESSAGES_SECONDS"):
+            if getattr(settings, name.lower()) < SANE_MIN_POLL_SECONDS:
+                found.append(f"{name}={getattr(settings, name.lower())}: consultar o Mercado "
+                             f"Livre a cada menos de {SANE_MIN_POLL_SECONDS} s gasta a cota de "
+                             "pedidos à toa (as notificações já trazem as novidades); use 30 ou "
+                             "mais.")
     if settings.ml_ai_mode != ML_AI_OFF and not settings.bridge_enabled("mercadolivre"):
         found.append(f"ML_AI_MODE={settings.ml_ai_mode} sem a ponte 'mercadolivre' configurada: "
                      "a IA só responde perguntas do Mercado Livre que chegam ao Chatwoot.")
@@ -455,6 +488,31 @@ def _load_dotenv() -> None:
     load_dotenv(os.environ.get("PONTE_ENV_FILE", ".env"), override=False)
 
 
+def _range_text(s: Setting) -> str:
+    if s.maximum is not None:
+        return f" De {s.minimum:g} a {s.maximum:g}."
+    if s.minimum is not None:
+        return f" Mínimo: {s.minimum:g}."
+    return " Só dígitos." if s.kind == "id" else ""
+
+
+def check(stream=None) -> "Settings | None":
+    """What `python config.py --check` does: the settings, with every warning written to
+    `stream` (stderr); None after writing every problem (the caller exits with 2)."""
+    import sys
+    stream = stream or sys.stderr
+    try:
+        found = load_settings()
+    except ConfigError as exc:
+        print("ponte: " + str(exc), file=stream)
+        print("ponte: corrija o .env (ou as variáveis de ambiente) e inicie de novo; "
+              "para desligar uma ponte, deixe todas as variáveis dela vazias.", file=stream)
+        return None
+    for warning in warnings(found):
+        print("ponte: aviso: " + warning, file=stream)
+    return found
+
+
 def env_example() -> str:
     """The text of `env.example`, generated from `SETTINGS` so the two cannot drift."""
     lines = ["# ponte — configuração. Copie para .env e preencha.",
@@ -467,7 +525,7 @@ def env_example() -> str:
             group = s.group
             lines += ["", f"# ===== {group} ====="]
         unit = f" [{s.unit}]" if s.unit else ""
-        lines.append(f"# {s.help}{unit}" + (" (segredo)" if s.secret else ""))
+        lines.append(f"# {s.help}{_range_text(s)}{unit}" + (" (segredo)" if s.secret else ""))
         default = s.default
         if isinstance(default, bool):
             default = "true" if default else "false"
@@ -483,7 +541,7 @@ def settings_table_markdown() -> str:
         if isinstance(default, bool):
             default = "true" if default else "false"
         default = f"`{default}`" if default != "" else "—"
-        help_text = s.help + (" **Segredo.**" if s.secret else "")
+        help_text = s.help + _range_text(s) + (" **Segredo.**" if s.secret else "")
         rows.append(f"| `{s.name}` | {default} | {s.unit or '—'} | {help_text} |")
     return "\n".join(rows)
 
@@ -504,16 +562,8 @@ if __name__ == "__main__":  # pragma: no cover - helper for maintainers
     elif "--check" in sys.argv:
         # Used before starting Supervisor: one clear message instead of programs that keep
         # crashing with it.
-        try:
-            found = load_settings()
-        except ConfigError as exc:
-            print("ponte: " + str(exc), file=sys.stderr)
-            print("ponte: corrija o .env (ou as variáveis de ambiente) e inicie de novo; "
-                  "para desligar uma ponte, deixe todas as variáveis dela vazias.",
-                  file=sys.stderr)
+        if check() is None:
             sys.exit(2)
-        for warning in warnings(found):
-            print("ponte: aviso: " + warning, file=sys.stderr)
     elif "--table" in sys.argv:
         print(settings_table_markdown())
     else:

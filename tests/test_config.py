@@ -151,3 +151,71 @@ def test_check_stops_a_half_configured_bridge_and_only_warns_about_risky_setting
     half = _check(tmp_path, ADMIN_TOKEN="a" * 24, KOMMO_BASE_URL="https://loja.kommo.com")
     assert half.returncode == 2
     assert "ponte 'whatsapp' incompleta" in half.stderr and "ADMIN_TOKEN" not in half.stderr
+
+
+@pytest.mark.parametrize("name, raw, expected", [
+    ("PORT", "70000", "PORT inválido (use de 1 a 65535)"),
+    ("PORT", "0", "PORT inválido (use de 1 a 65535)"),
+    ("PORT", "oito mil", "PORT inválido (precisa ser um número inteiro)"),
+    ("CHATWOOT_ACCOUNT_ID", "um", "CHATWOOT_ACCOUNT_ID inválido ('um' não é um id"),
+    ("CHATWOOT_QUESTIONS_INBOX_ID", "sete", "CHATWOOT_QUESTIONS_INBOX_ID inválido ('sete'"),
+    ("CHATWOOT_SALES_INBOX_ID", "8a", "CHATWOOT_SALES_INBOX_ID inválido"),
+    ("ML_SELLER_ID", "-5", "ML_SELLER_ID inválido"),
+    ("KOMMO_ACCOUNT_ID", "12 34", "KOMMO_ACCOUNT_ID inválido"),
+    ("ML_POLL_QUESTIONS_SECONDS", "0", "ML_POLL_QUESTIONS_SECONDS inválido (o mínimo é 1)"),
+    ("ML_POLL_MESSAGES_SECONDS", "-30", "ML_POLL_MESSAGES_SECONDS inválido (o mínimo é 1)"),
+    ("WEB_WORKERS", "0", "WEB_WORKERS inválido (o mínimo é 1)"),
+    ("POLLER_CONCURRENCY", "0", "POLLER_CONCURRENCY inválido (o mínimo é 1)"),
+    ("BOT_DEBOUNCE_SECONDS", "-1", "BOT_DEBOUNCE_SECONDS inválido (o mínimo é 0)"),
+    ("N8N_TIMEOUT_SECONDS", "0", "N8N_TIMEOUT_SECONDS inválido (o mínimo é 1)"),
+])
+def test_each_type_and_range_is_checked(name, raw, expected):
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings({name: raw})
+    assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("name, raw", [("PORT", "1"), ("PORT", "65535"),
+                                       ("KOMMO_ACCOUNT_ID", " 12 "),
+                                       ("ML_POLL_QUESTIONS_SECONDS", "1"),
+                                       ("BOT_DEBOUNCE_SECONDS", "0")])
+def test_the_edges_of_each_range_are_accepted(name, raw):
+    value = getattr(config.load_settings({name: raw}), name.lower())
+    assert str(value) == raw.strip() or value == float(raw)
+
+
+def test_ids_stay_text_and_a_half_configured_bridge_does_not_also_call_a_bad_id_missing():
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings({"CHATWOOT_ACCOUNT_ID": "um"})
+    incomplete = next(p for p in err.value.problems if "incompleta" in p)
+    assert "CHATWOOT_ACCOUNT_ID" not in incomplete
+    assert config.load_settings({"KOMMO_ACCOUNT_ID": "31257294"}).kommo_account_id == "31257294"
+
+
+def test_the_range_of_each_setting_is_in_the_documentation():
+    table = config.settings_table_markdown()
+    assert "| `PORT` | `8000` | porta | Porta HTTP do servidor web. De 1 a 65535. |" in table
+    assert "Intervalo de busca de perguntas. Mínimo: 1." in table
+    assert "ID da conta no Chatwoot. Só dígitos." in table
+
+
+def test_check_warns_about_a_short_admin_token_and_fast_polls_in_production(tmp_path):
+    short = _check(tmp_path, ADMIN_TOKEN="abc")
+    assert short.returncode == 0 and "ADMIN_TOKEN tem menos de 16 caracteres" in short.stderr
+    assert "abc" not in short.stderr  # the token itself is never printed
+    ml = {"ML_CLIENT_ID": "123", "ML_CLIENT_SECRET": "c" * 20, "ML_SELLER_ID": "99",
+          "CHATWOOT_BASE_URL": "https://chat.loja.com.br", "CHATWOOT_API_TOKEN": "t" * 20,
+          "CHATWOOT_ACCOUNT_ID": "1", "CHATWOOT_QUESTIONS_INBOX_ID": "2",
+          "CHATWOOT_SALES_INBOX_ID": "3", "CHATWOOT_WEBHOOK_TOKEN": "u" * 20,
+          "PUBLIC_BASE_URL": "https://ponte.loja.com.br", "ADMIN_TOKEN": "a" * 24}
+    fast = _check(tmp_path, **ml, ML_POLL_QUESTIONS_SECONDS="2")
+    assert fast.returncode == 0
+    assert "ML_POLL_QUESTIONS_SECONDS=2" in fast.stderr and "ML_POLL_MESSAGES" not in fast.stderr
+    assert "ADMIN_TOKEN" not in fast.stderr
+    # the demo and the tests poll fast on purpose
+    assert "ML_POLL" not in _check(tmp_path, **ml, ML_POLL_QUESTIONS_SECONDS="2",
+                                   ENVIRONMENT="demo").stderr
+    broken = _check(tmp_path, PORT="70000", ML_POLL_QUESTIONS_SECONDS="0")
+    assert broken.returncode == 2
+    assert "PORT inválido (use de 1 a 65535)" in broken.stderr
+    assert "ML_POLL_QUESTIONS_SECONDS inválido (o mínimo é 1)" in broken.stderr
