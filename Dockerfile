@@ -8,7 +8,8 @@ ENV PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
     PORT=8000 \
     DATABASE_PATH=/data/ponte.db \
-    LOG_DIR=/data/logs
+    LOG_DIR=/data/logs \
+    PONTE_NO_VENV=1
 
 WORKDIR /app
 COPY requirements.txt .
@@ -24,5 +25,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"
 
-# A broken configuration is reported in one message and the container stops.
-CMD ["sh", "-c", "python config.py --check && exec supervisord -c /app/supervisord.conf"]
+# ponte_start.py checks the configuration, the port and /data before Supervisor starts (one
+# message in Portuguese, exit 2 or 3) and exits 1 when a program gives up, so the platform shows
+# the failure. It passes docker stop's SIGTERM on: the poller may need up to 75 s to finish the
+# job in progress, so give the container a stop grace period (docker-compose.yml: 110 s).
+CMD ["python", "ponte_start.py"]

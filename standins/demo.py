@@ -25,6 +25,7 @@ from standins import n8n as n8n_standin
 from standins.support import ServedApp, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_LOG_DIR = ROOT / "logs" / "demo"  # apart from the logs of `./ponte run`
 ADMIN_TOKEN = "demo-admin-token"
 KOMMO_SECRET = "demo-kommo-secret-0123456789"
 STEP_TIMEOUT_SECONDS = 15.0  # each step of the script waits at most this for ponte
@@ -37,13 +38,14 @@ def say(text: str = "") -> None:
 
 def start_ponte(env: dict, workdir: Path) -> subprocess.Popen:
     conf = (ROOT / "supervisord.conf").read_text()
-    conf = conf.replace("/tmp/ponte-supervisor.sock", str(workdir / "supervisor.sock"))
-    conf = conf.replace("/tmp/ponte-supervisord.pid", str(workdir / "supervisord.pid"))
     conf = conf.replace("%(here)s", str(ROOT))
     conf_path = workdir / "supervisord-demo.conf"
     conf_path.write_text(conf)
     bin_dir = Path(sys.executable).parent
-    full_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    # Supervisor's socket and pid file in the demo's own folder: a `./ponte run` of the same
+    # checkout may be up at the same time.
+    full_env = {**os.environ, **env, "PONTE_RUN_DIR": str(workdir),
+                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     return subprocess.Popen([str(bin_dir / "supervisord"), "-c", str(conf_path)], env=full_env,
                             cwd=ROOT, stdout=open(workdir / "ponte.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     data_dir = ROOT / "data" / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
     env = {"PORT": str(args.port), "HOST": "127.0.0.1", "ENVIRONMENT": "demo",
-           "DATABASE_PATH": str(data_dir / "ponte.db"), "LOG_DIR": str(ROOT / "logs"),
+           "DATABASE_PATH": str(data_dir / "ponte.db"), "LOG_DIR": str(DEMO_LOG_DIR),
            "PONTE_ENV_FILE": str(workdir / "no.env"), "ADMIN_TOKEN": ADMIN_TOKEN,
            "PUBLIC_BASE_URL": f"http://127.0.0.1:{args.port}",
            "KOMMO_BASE_URL": kommo.url, "KOMMO_ACCESS_TOKEN": kommo_standin.DEFAULT_TOKEN,
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
         if meli_parts:
             for line in meli_parts.urls:
                 say("  " + line)
-        say(f"  logs:           tail -f {ROOT / 'logs'}/app-$(date +%Y%m%d).log")
+        say(f"  logs:           tail -f {DEMO_LOG_DIR}/app-$(date +%Y%m%d).log")
         say("  mandar mensagem como cliente:")
         say(f"    curl -X POST {ponte_url}/webhooks/kommo/{KOMMO_SECRET} "
             "--data-urlencode \"message[add][0][id]=m-$RANDOM\" "

@@ -7,10 +7,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 import db_manager
@@ -25,22 +27,23 @@ def _wait_for(predicate, timeout: float, what: str):
                     ignoring=(requests.RequestException,))
 
 
+def _env(tmp_path: Path, **extra) -> dict:
+    """The environment of a ponte started by a test: its own port, data, logs and run folder."""
+    return {**os.environ, "PATH": f"{venv_bin()}:{os.environ['PATH']}", "PORT": str(free_port()),
+            "HOST": "127.0.0.1", "DATABASE_PATH": str(tmp_path / "data" / "ponte.db"),
+            "LOG_DIR": str(tmp_path / "data" / "logs"), "PONTE_ENV_FILE": str(tmp_path / "no.env"),
+            "PONTE_RUN_DIR": str(tmp_path / "run"), **extra}
+
+
 def _start_supervisor(tmp_path: Path, app_dir: Path, env_extra: dict) -> tuple:
-    conf = (app_dir / "supervisord.conf").read_text()
-    sock, pid = tmp_path / "s.sock", tmp_path / "s.pid"
-    conf = conf.replace("/tmp/ponte-supervisor.sock", str(sock)).replace(
-        "/tmp/ponte-supervisord.pid", str(pid))
     conf_path = app_dir / f"supervisord-test-{os.getpid()}.conf"
-    conf_path.write_text(conf)
-    port = free_port()
-    env = {**os.environ, "PATH": f"{venv_bin()}:{os.environ['PATH']}", "PORT": str(port),
-           "HOST": "127.0.0.1", "DATABASE_PATH": str(tmp_path / "data" / "ponte.db"),
-           "LOG_DIR": str(tmp_path / "data" / "logs"), "PONTE_ENV_FILE": str(tmp_path / "no.env"),
-           **env_extra}
+    conf_path.write_text((app_dir / "supervisord.conf").read_text())
+    env = _env(tmp_path, **env_extra)
+    (tmp_path / "run").mkdir(exist_ok=True)
     proc = subprocess.Popen([str(venv_bin() / "supervisord"), "-c", str(conf_path)], env=env,
                             cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    return proc, port, env, conf_path
+    return proc, env["PORT"], env, conf_path
 
 
 def _stop(proc, conf_path):
@@ -98,12 +101,14 @@ def test_dockerfile_keeps_state_on_the_data_volume_and_runs_as_non_root():
     assert "/app" not in re.search(r"^VOLUME .*$", text, re.M).group(0)
     assert re.search(r"^USER (?!root)\w+", text, re.M)
     assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/health" in text
-    assert cmd == ["sh", "-c", "python config.py --check && exec supervisord -c "
-                   "/app/supervisord.conf"]
+    # the launcher checks before Supervisor starts and turns a program giving up into exit 1
+    assert cmd == ["python", "ponte_start.py"] and re.search(r"^WORKDIR /app$", text, re.M)
+    assert env["PONTE_NO_VENV"] == "1"  # ./ponte status|backup in the container's console
 
 
 def test_dockerfile_steps_outside_docker(tmp_path):
-    """WORKDIR /app + COPY . . + the Dockerfile's ENV (with /data mapped to a temp dir) + CMD."""
+    """WORKDIR /app + COPY . . + the Dockerfile's ENV (with /data mapped to a temp dir) + CMD;
+    docker stop's SIGTERM to the CMD stops everything with exit code 0."""
     _, env, cmd = _dockerfile()
     app_dir = tmp_path / "app"
     shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(
@@ -111,14 +116,21 @@ def test_dockerfile_steps_outside_docker(tmp_path):
     data = tmp_path / "volume"
     docker_env = {k: v.replace("/data", str(data)) for k, v in env.items()
                   if k not in ("PORT", "HOST")}
-    proc, port, _, conf_path = _start_supervisor(tmp_path, app_dir, docker_env)
+    run_env = _env(tmp_path, **docker_env)
+    del run_env["DATABASE_PATH"], run_env["LOG_DIR"]
+    run_env.update({k: v for k, v in docker_env.items() if k in ("DATABASE_PATH", "LOG_DIR")})
+    proc = subprocess.Popen([str(venv_bin() / cmd[0]), *cmd[1:]], cwd=app_dir, env=run_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health",
+        _wait_for(lambda: requests.get(f"http://127.0.0.1:{run_env['PORT']}/health",
                                        timeout=2).status_code == 200, 20, "/health 200")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
     finally:
-        _stop(proc, conf_path)
+        _kill(proc)
     assert (data / "ponte.db").exists() and list((data / "logs").glob("app-*.log"))
     assert not (app_dir / "data").exists()  # nothing written next to the code
+    assert not (tmp_path / "run" / "supervisord.pid").exists()  # Supervisor stopped cleanly
 
 
 def test_web_with_a_broken_configuration_says_everything_in_one_line(tmp_path):
@@ -134,7 +146,7 @@ def test_web_with_a_broken_configuration_says_everything_in_one_line(tmp_path):
 
 def test_a_program_that_gives_up_stops_supervisor(tmp_path):
     """A bad configuration that slipped past the check (e.g. set after it): Supervisor must not
-    stay up serving nothing."""
+    stay up serving nothing, and the watchdog tells the launcher which program gave up."""
     proc, _, _, conf_path = _start_supervisor(tmp_path, ROOT, {"PORT": "not-a-port"})
     try:
         proc.wait(60)
@@ -142,3 +154,115 @@ def test_a_program_that_gives_up_stops_supervisor(tmp_path):
         _stop(proc, conf_path)
     output = proc.stdout.read().decode(errors="replace")
     assert "desistiu de iniciar" in output
+    assert "processname:" in (tmp_path / "run" / "fatal").read_text()
+
+
+def _kill(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def _launch(tmp_path: Path, *args: str, via_ponte: bool = False, **env) -> subprocess.Popen:
+    """`python ponte_start.py` (or `./ponte run`); the environment is in `proc.env`."""
+    command = ["./ponte", "run"] if via_ponte else [str(venv_bin() / "python"), "ponte_start.py"]
+    full_env = _env(tmp_path, **env)
+    proc = subprocess.Popen([*command, *args], cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.env = full_env
+    return proc
+
+
+def test_a_start_where_a_program_gives_up_exits_1_naming_it(tmp_path):
+    # GIVEN a poller that dies at once, every time (past every check made before the start)
+    conf = ROOT / f"supervisord-test-fatal-{os.getpid()}.conf"
+    text = (ROOT / "supervisord.conf").read_text()
+    assert "command=python poller.py\n" in text
+    conf.write_text(text.replace("command=python poller.py\n",
+                                 "command=python -c 'raise SystemExit(7)'\n"))
+    try:
+        # WHEN ponte starts
+        proc = _launch(tmp_path, "--conf", str(conf))
+        try:
+            code = proc.wait(90)
+        finally:
+            _kill(proc)
+    finally:
+        conf.unlink(missing_ok=True)
+    # THEN Supervisor gives up on it, stops the web too, and the start fails with code 1
+    output = proc.stdout.read()
+    assert code == 1, output
+    assert "o programa 'poller' desistiu de iniciar" in output
+
+
+def test_a_busy_port_stops_the_start_with_exit_3_naming_the_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _launch(tmp_path, via_ponte=True, PORT=str(port))
+        code = proc.wait(60)
+    output = proc.stdout.read()
+    assert code == 3, output
+    assert f"a porta {port} já está em uso" in output and "Address already in use" not in output
+    assert not (tmp_path / "run" / "supervisord.pid").exists()  # nothing was started
+
+
+def test_an_invalid_configuration_stops_the_start_with_exit_2(tmp_path):
+    proc = _launch(tmp_path, PORT="70000")
+    assert proc.wait(60) == 2
+    assert "PORT inválido (use de 1 a 65535)" in proc.stdout.read()
+
+
+def test_a_data_folder_that_takes_no_writes_is_named_with_the_fix(tmp_path):
+    # A file where the folder should be stops any user, root included.
+    (tmp_path / "volume").write_text("not a folder")
+    proc = _launch(tmp_path, DATABASE_PATH=str(tmp_path / "volume" / "ponte.db"))
+    assert proc.wait(60) == 3
+    output = proc.stdout.read()
+    assert f"não consigo gravar em {tmp_path / 'volume'}" in output
+    assert "Volume (não Bind mount)" in output and "chown -R 10001:10001" in output
+    assert "sqlite" not in output.lower()
+
+
+def test_a_folder_that_refuses_writes_is_named_with_the_fix(tmp_path):
+    # What a root-owned volume is to the container's user; root itself is refused in /sys.
+    volume = Path("/sys") if os.getuid() == 0 else tmp_path / "volume"
+    if volume != Path("/sys"):
+        volume.mkdir(mode=0o500)
+    try:
+        proc = _launch(tmp_path, DATABASE_PATH=str(volume / "ponte.db"))
+        assert proc.wait(60) == 3
+        output = proc.stdout.read()
+        assert f"não consigo gravar em {volume} (Permission denied)" in output
+        assert f"(agora: uid {os.getuid()})" in output
+    finally:
+        if volume != Path("/sys"):
+            volume.chmod(0o700)
+
+
+def test_a_second_start_from_the_same_checkout_says_it_is_already_running(tmp_path):
+    first = _launch(tmp_path)
+    try:
+        base = f"http://127.0.0.1:{first.env['PORT']}"
+        _wait_for(lambda: requests.get(base + "/health", timeout=2).status_code == 200, 30,
+                  "the first ponte")
+        pid = int((tmp_path / "run" / "supervisord.pid").read_text())
+        second = _launch(tmp_path)  # same run folder, another port
+        assert second.wait(60) == 3
+        assert f"a ponte já está rodando a partir desta pasta (Supervisor, pid {pid})" in \
+            second.stdout.read()
+        assert requests.get(base + "/health", timeout=2).status_code == 200
+        first.send_signal(signal.SIGINT)  # Ctrl+C
+        assert first.wait(60) == 0
+    finally:
+        _kill(first)
+
+
+def test_each_checkout_has_its_own_supervisor_folder(tmp_path):
+    import ponte_start
+    one, other = ponte_start.run_dir(tmp_path / "a", {}), ponte_start.run_dir(tmp_path / "b", {})
+    assert one != other and one == ponte_start.run_dir(tmp_path / "a", {})
+    assert ponte_start.run_dir(tmp_path / "a", {"PONTE_RUN_DIR": "/x/y"}) == Path("/x/y")
+    conf = (ROOT / "supervisord.conf").read_text()
+    assert "/tmp/" not in conf and conf.count("%(ENV_PONTE_RUN_DIR)s/") == 3
