@@ -419,10 +419,12 @@ class DatabaseError(Exception):
     """The state database cannot be opened or used."""
 
 
-def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES
-            ) -> sqlite3.Connection:
+def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES,
+            cache_kib: int | None = None) -> sqlite3.Connection:
     """Open the database (creating its folder), in WAL mode with a busy timeout and foreign keys.
-    The web passes `WEB_WAL_AUTOCHECKPOINT_PAGES` (see there).
+    The web passes `WEB_WAL_AUTOCHECKPOINT_PAGES` (see there). `cache_kib` bounds the page
+    cache (SQLite's default is 2 MiB per connection; the poller's many worker connections each
+    touch a few rows).
 
     The connection is in autocommit mode: writes go through `transaction()`.
     """
@@ -438,6 +440,8 @@ def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES
         conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint_pages)}")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
         conn.execute("PRAGMA foreign_keys = ON")
+        if cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
         return conn
     except (sqlite3.Error, OSError) as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc

@@ -127,7 +127,8 @@ def claim_next_job(conn: sqlite3.Connection, now: float, lease_seconds: float,
 def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit: int,
                worker: str | None = None, urgent_kinds: tuple[str, ...] = (),
                lanes: dict[str, str] | None = None, lane_room: dict[str, int] | None = None,
-               urgent_only: bool = False) -> list[Job]:
+               lane_busy: dict[str, int] | None = None, urgent_only: bool = False,
+               running_ids: tuple[int, ...] = ()) -> list[Job]:
     """Claim up to `limit` runnable jobs in one transaction, in this order: running with an
     expired lease (its worker died), then pending and due — of one of `urgent_kinds` first.
 
@@ -135,19 +136,23 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
       running, so one conversation's jobs run one at a time, in order, however many workers.
     - `lanes` maps a kind to its lane (the peer it talks to) and `lane_room` says how many more
       jobs each lane may start; a lane with no room is skipped, so a slow peer holds only its
-      own lane. Kinds not in `lanes` are never held back.
-    - Urgent jobs (inbound deliveries: a seller's pause) never run beside other jobs: once one
-      is claimed, or while one runs (`urgent_only`), only urgent jobs are claimed.
+      own lane. Among lanes with room, the least busy (`lane_busy`: jobs running now) goes
+      first, so a backlog of one peer never makes a newly due job of another peer wait for it;
+      within a lane, the job due first goes first. Kinds not in `lanes` count as one lane.
+    - Urgent jobs (inbound deliveries: a seller's pause) are claimed alone: once one is
+      claimed, or while one runs (`urgent_only`), only urgent jobs are claimed.
+    - `running_ids` are jobs the caller is running: never claimed again, even if their lease
+      looks expired (the caller renews it).
 
     Call `bury_worn_out_jobs()` first so a job that keeps killing its worker is not re-run.
     Staged jobs (`stage_job`) become jobs first."""
-    lanes, room = lanes or {}, dict(lane_room or {})
+    lanes, room, busy = lanes or {}, dict(lane_room or {}), dict(lane_busy or {})
     claimed: list[Job] = []
     with transaction(conn):
         _move_staged_jobs(conn, now)
         while len(claimed) < limit:
-            row = _pick(conn, now, urgent_kinds, urgent_only,
-                        tuple(kind for kind, lane in lanes.items() if room.get(lane, 1) <= 0))
+            row = _pick(conn, now, urgent_kinds, urgent_only, lanes, room, busy,
+                        running_ids + tuple(job.id for job in claimed))
             if row is None:
                 break
             token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -156,43 +161,72 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
                 " locked_by = ?, updated_at = ? WHERE id = ?",
                 (now + lease_seconds, token, now, row["id"]))
             claimed.append(_job(row, token, row["attempts"] + 1))
-            if row["kind"] in lanes:
-                room[lanes[row["kind"]]] = room.get(lanes[row["kind"]], 1) - 1
+            lane = lanes.get(row["kind"])
+            room[lane] = room.get(lane, 1) - 1
+            busy[lane] = busy.get(lane, 0) + 1
             urgent_only = urgent_only or row["kind"] in urgent_kinds
     return claimed
 
 
+def _in(column: str, values) -> tuple[str, list]:
+    return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+
 def _pick(conn: sqlite3.Connection, now: float, urgent_kinds: tuple[str, ...],
-          urgent_only: bool, closed_kinds: tuple[str, ...]) -> sqlite3.Row | None:
+          urgent_only: bool, lanes: dict[str, str], room: dict, busy: dict,
+          running_ids: tuple[int, ...]) -> sqlite3.Row | None:
     """The next runnable job's row, or None (see `claim_jobs` for the order)."""
+    closed = tuple(kind for kind, lane in lanes.items() if room.get(lane, 1) <= 0)
     where, args = "", []
+    if running_ids:
+        clause, values = _in("j.id", running_ids)
+        where, args = f" AND NOT {clause}", values
+    if closed:
+        clause, values = _in("j.kind", closed)
+        where, args = f"{where} AND NOT {clause}", args + values
     if urgent_only:
         if not urgent_kinds:
             return None
-        where += f" AND j.kind IN ({','.join('?' * len(urgent_kinds))})"
-        args += list(urgent_kinds)
-    if closed_kinds:
-        where += f" AND j.kind NOT IN ({','.join('?' * len(closed_kinds))})"
-        args += list(closed_kinds)
+        clause, values = _in("j.kind", urgent_kinds)
+        where, args = f"{where} AND {clause}", args + values
     # Separate queries instead of one OR, so each can walk its index in order.
     row = conn.execute(
         f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?{where}"
         f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", [now] + args).fetchone()
     for kind in urgent_kinds:
         if row is not None:
-            break
-        if kind in closed_kinds:
-            continue
-        row = conn.execute(
-            f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?"
-            f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
-            f" LIMIT 1", (kind, now)).fetchone()
-    if row is None:
-        row = conn.execute(
-            f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?{where}"
-            f" AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1",
-            [now] + args).fetchone()
-    return row
+            return row
+        if kind not in closed:
+            row = conn.execute(
+                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?{where}"
+                f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
+                f" LIMIT 1", [kind] + args + [now]).fetchone()
+    if row is not None or urgent_only:
+        return row
+    # One candidate per open lane (and one for the kinds of no lane); the least busy lane wins.
+    open_lanes: dict[str, list[str]] = {}
+    for kind, lane in lanes.items():
+        if room.get(lane, 1) > 0:
+            open_lanes.setdefault(lane, []).append(kind)
+    groups = [(busy.get(lane, 0), f" AND {_in('j.kind', kinds)[0]}", _in("j.kind", kinds)[1])
+              for lane, kinds in open_lanes.items()]
+    if lanes:
+        clause, values = _in("j.kind", tuple(lanes))
+        groups.append((busy.get(None, 0), f" AND NOT {clause}", values))
+    else:
+        groups.append((0, "", []))
+    best = None
+    for lane_busy, lane_where, lane_args in sorted(groups, key=lambda g: g[0]):
+        if best is not None and lane_busy > best[0]:
+            break  # a less busy lane already has a due job
+        candidate = conn.execute(
+            f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
+            f"{where}{lane_where} AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1",
+            [now] + args + lane_args).fetchone()
+        if candidate is not None and (best is None or (candidate["available_at"],
+                                                       candidate["id"]) < best[1]):
+            best = (lane_busy, (candidate["available_at"], candidate["id"]), candidate)
+    return best[2] if best else None
 
 
 def _job(row: sqlite3.Row, token: str, attempt: int) -> Job:
@@ -203,10 +237,12 @@ def _job(row: sqlite3.Row, token: str, attempt: int) -> Job:
 
 
 def bury_worn_out_jobs(conn: sqlite3.Connection, now: float, max_attempts: int,
-                       max_age_seconds: float, on_dead=None) -> list[Job]:
+                       max_age_seconds: float, on_dead=None,
+                       running_ids: tuple[int, ...] = ()) -> list[Job]:
     """Dead-letter the jobs whose lease expired (their worker died) and that used up their
-    attempts or age, instead of running them again. `on_dead(job, error)` may return follow-up
-    jobs, written in the same transaction. Returns the buried jobs."""
+    attempts or age, instead of running them again — except `running_ids`, which the caller
+    is still running. `on_dead(job, error)` may return follow-up jobs, written in the same
+    transaction. Returns the buried jobs."""
     buried = []
     with transaction(conn):
         rows = conn.execute(
@@ -214,6 +250,8 @@ def bury_worn_out_jobs(conn: sqlite3.Connection, now: float, max_attempts: int,
             " (attempts >= COALESCE(max_attempts, ?) OR created_at <= ?)",
             (now, max_attempts, now - max_age_seconds)).fetchall()
         for row in rows:
+            if row["id"] in running_ids:
+                continue
             error = (f"worker died {row['attempts']} time(s) while running this job"
                      " (lease expired)")
             conn.execute(
@@ -246,6 +284,20 @@ def release_orphaned_jobs(conn: sqlite3.Connection, worker_prefix: str,
                 conn.execute("UPDATE jobs SET locked_until = ? WHERE id = ?", (now, row["id"]))
                 released += 1
     return released
+
+
+def renew_leases(conn: sqlite3.Connection, jobs: list[tuple[int, str]],
+                 locked_until: float) -> int:
+    """Extend the leases of jobs still running: `(job id, lease token)` pairs. A job that runs
+    longer than JOB_LEASE_SECONDS (a slow peer, a long download) keeps its lease, so no worker
+    takes it over while it runs. Returns how many leases were extended."""
+    if not jobs:
+        return 0
+    with transaction(conn):
+        return sum(conn.execute(
+            "UPDATE jobs SET locked_until = ? WHERE id = ? AND locked_by = ?"
+            " AND status = 'running'", (locked_until, job_id, token)).rowcount
+            for job_id, token in jobs)
 
 
 def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
@@ -427,14 +479,18 @@ def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
     return counts
 
 
-def next_job_due_at(conn: sqlite3.Connection) -> float | None:
+def next_job_due_at(conn: sqlite3.Connection, after: float | None = None) -> float | None:
     """When the next job can be claimed: the earliest pending job not blocked by an earlier job
-    of its conversation, a staged job, or the earliest lease to expire."""
+    of its conversation, a staged job, or the earliest lease to expire — of those later than
+    `after`, when given (the jobs due already are known to wait for a free worker)."""
+    floor = after if after is not None else float("-inf")
     row = conn.execute(
         f"SELECT MIN(t) FROM (SELECT MIN(j.available_at) AS t FROM jobs AS j"
-        f" WHERE j.status = 'pending' AND {_NOT_BLOCKED}"
-        f" UNION ALL SELECT (SELECT created_at FROM staged_jobs ORDER BY id LIMIT 1)"
-        f" UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running')").fetchone()
+        f" WHERE j.status = 'pending' AND j.available_at > ? AND {_NOT_BLOCKED}"
+        f" UNION ALL SELECT (SELECT created_at FROM staged_jobs WHERE created_at > ?"
+        f" ORDER BY id LIMIT 1)"
+        f" UNION ALL SELECT MIN(locked_until) FROM jobs WHERE status = 'running'"
+        f" AND locked_until > ?)", (floor, floor, floor)).fetchone()
     return row[0]
 
 

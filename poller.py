@@ -83,6 +83,7 @@ class Poller:
         of them runs (`busy_since`: a stuck job shows up even while the heartbeat is fresh)."""
         running = self.pool.in_flight()
         oldest = running[0] if running else None
+        self.pool.renew_leases(conn or self.conn)
         db_manager.beat(conn or self.conn, "poller", self.clock(), {
             "worker": self.worker, "concurrency": self.pool.concurrency,
             "in_flight": len(running), "busy_since": oldest.started_at if oldest else None,
@@ -133,8 +134,11 @@ class Poller:
         running jobs finish (warm shutdown) and nothing new starts."""
         self.recover_orphans()
         self.heartbeat()
+        # The heartbeat (and the leases it renews) goes on while the running jobs finish after
+        # a stop: /health must not call a poller that stops warmly dead.
+        beating = threading.Event()
         db_manager.start_periodic(self.settings.database_path, HEARTBEAT_SECONDS,
-                                  self.heartbeat, "heartbeat", "heartbeat_failed", self._stopped)
+                                  self.heartbeat, "heartbeat", "heartbeat_failed", beating)
         tasks = threading.Thread(target=self._run_scheduler, name="scheduled-tasks", daemon=True)
         tasks.start()
         try:
@@ -143,21 +147,30 @@ class Poller:
                 # Read before claiming: a commit by the web process or by a worker (a job done,
                 # its follow-ups) during dispatch() must wake us.
                 last_version = db_manager.data_version(self.conn)
+                finished = self.pool.finished
                 if self.pool.dispatch():
                     continue  # there may be more due than free workers took
-                next_due = outbox.next_job_due_at(self.conn)
+                # A job already due that did not start waits for a worker or a lane to free
+                # up, or for a commit: something that wakes us below. Trying again at every
+                # tick would take the write lock the webhook acks need, 50 times a second.
+                now = self.clock()
+                next_due = outbox.next_job_due_at(self.conn, after=now)
                 wait = 1.0
                 if next_due is not None:
-                    wait = min(wait, max(IDLE_CHECK_SECONDS, next_due - self.clock()))
+                    wait = min(wait, max(IDLE_CHECK_SECONDS, next_due - now))
                 wake_at = time.monotonic() + wait
-                while time.monotonic() < wake_at and not self._stopped.wait(IDLE_CHECK_SECONDS):
-                    if db_manager.data_version(self.conn) != last_version:
+                # A worker that finishes wakes us at once (its vacancy, its follow-ups); a commit
+                # by another process is seen within IDLE_CHECK_SECONDS.
+                while time.monotonic() < wake_at and not self.stopping:
+                    if self.pool.wait_finished(finished, IDLE_CHECK_SECONDS) or \
+                            db_manager.data_version(self.conn) != last_version:
                         break
         finally:
             self._stopped.set()
             if self.pool.busy:
                 log.info("poller_waiting_for_jobs", extra={"in_flight": len(self.pool.in_flight())})
             self.pool.shutdown()
+            beating.set()
             tasks.join(timeout=5)
         self.pool.raise_if_fatal()
         log.info("poller_stopped")

@@ -22,7 +22,8 @@ from typing import Callable
 
 import config
 import db_manager
-from job_runner import JobContext, claim_jobs, lane_of, run_job, urgent_kinds
+import outbox
+from job_runner import DATABASE_LANE, JobContext, claim_jobs, lane_of, run_job, urgent_kinds
 from outbox import Job
 
 log = logging.getLogger("ponte.pool")
@@ -30,6 +31,12 @@ log = logging.getLogger("ponte.pool")
 # Each lane (peer) may fill this share of the pool by default, so a slow or failing peer always
 # leaves the rest to the other peers.
 DEFAULT_LANE_SHARE = 0.75
+# Kommo takes at most 7 requests a second (peer_http's shared limit): more workers than that
+# would only wait in the limiter, holding workers the other peers could use.
+DEFAULT_LANE_LIMITS = {"kommo": 8}
+# A job reads and writes a few rows: a small page cache per worker connection keeps 32 of them
+# from adding SQLite's default 2 MiB each to the poller's memory.
+WORKER_CACHE_KIB = 256
 
 
 @dataclass(frozen=True)
@@ -40,14 +47,20 @@ class InFlight:
     kind: str
     lane: str
     started_at: float
+    lease_token: str
 
 
 def lane_limits(settings, lanes: set[str]) -> dict[str, int]:
     """How many jobs each lane may run at once: POLLER_LANE_LIMITS, else
     `DEFAULT_LANE_SHARE` of POLLER_CONCURRENCY (at least one)."""
     default = max(1, int(settings.poller_concurrency * DEFAULT_LANE_SHARE))
-    limits = {lane: default for lane in lanes}
-    limits.update(config.parse_lane_limits(settings.poller_lane_limits))
+    limits = {lane: min(default, DEFAULT_LANE_LIMITS.get(lane, default)) for lane in lanes}
+    given = config.parse_lane_limits(settings.poller_lane_limits)
+    unknown = sorted(set(given) - lanes)
+    if unknown:  # a typo would silently leave the default in place
+        raise config.ConfigError([f"POLLER_LANE_LIMITS: faixa desconhecida {', '.join(unknown)}"
+                                  f" (as faixas são: {', '.join(sorted(lanes))})"])
+    limits.update(given)
     return limits
 
 
@@ -73,12 +86,15 @@ class WorkerPool:
         self._connections: list[sqlite3.Connection] = []
         self._changed = threading.Condition()
         self._in_flight: dict[int, InFlight] = {}
+        self.finished = 0  # jobs finished by the workers so far (`wait_finished`)
         self.fatal: BaseException | None = None
 
     # --- the owner's side ----------------------------------------------------------------------
     def dispatch(self, max_jobs: int | None = None) -> int:
         """Claim as many due jobs as there are free workers (and room in their lanes), and start
-        them. Returns how many started."""
+        them. A job that only writes to the database (the `database` lane: applying a recorded
+        webhook) runs right here instead, on the owner's connection: it takes ~0.1 ms, and
+        handing it to a thread would cost more than running it. Returns how many started."""
         with self._changed:
             free = self.concurrency - len(self._in_flight)
             running = list(self._in_flight.values())
@@ -86,14 +102,19 @@ class WorkerPool:
             free = min(free, max_jobs)
         if free <= 0 or self.fatal is not None:
             return 0
-        room = dict(self.limits)
+        room, busy = dict(self.limits), {}
         for item in running:
             room[item.lane] = room.get(item.lane, 0) - 1
+            busy[item.lane] = busy.get(item.lane, 0) + 1
         jobs = claim_jobs(self._claim_ctx, self.handlers, self.on_dead, worker=self.worker,
-                          limit=free, lane_room=room,
-                          urgent_only=any(item.kind in self._urgent for item in running))
+                          limit=free, lane_room=room, lane_busy=busy,
+                          urgent_only=any(item.kind in self._urgent for item in running),
+                          running_ids=tuple(item.job_id for item in running))
         for job in jobs:
-            self._start(job)
+            if self.lanes.get(job.kind) == DATABASE_LANE:
+                run_job(self._claim_ctx, job, self.handlers, self.on_dead)
+            else:
+                self._start(job)
         return len(jobs)
 
     def wait(self, timeout: float | None = None) -> None:
@@ -101,6 +122,12 @@ class WorkerPool:
         with self._changed:
             if self._in_flight:
                 self._changed.wait(timeout)
+
+    def wait_finished(self, seen: int, timeout: float) -> bool:
+        """Block until a worker finishes a job after `finished` was `seen` (or `timeout`
+        passes); True if one did."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.finished != seen, timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no job is running; False if `timeout` passed first."""
@@ -117,6 +144,14 @@ class WorkerPool:
         """Whether any job is running."""
         with self._changed:
             return bool(self._in_flight)
+
+    def renew_leases(self, conn: sqlite3.Connection) -> None:
+        """Extend the lease of every running job (called with the heartbeat, from its own
+        thread and connection): a job may run longer than JOB_LEASE_SECONDS without another
+        worker — or this pool — taking it over."""
+        running = self.in_flight()
+        outbox.renew_leases(conn, [(item.job_id, item.lease_token) for item in running],
+                            self.clock() + self.settings.job_lease_seconds)
 
     def raise_if_fatal(self) -> None:
         """Re-raise, in the owner's thread, a database failure a worker met (the poller must
@@ -135,7 +170,8 @@ class WorkerPool:
     def _start(self, job: Job) -> None:
         lane = self.lanes.get(job.kind) or lane_of(job.kind, None)
         with self._changed:
-            self._in_flight[job.id] = InFlight(job.id, job.kind, lane, self.clock())
+            self._in_flight[job.id] = InFlight(job.id, job.kind, lane, self.clock(),
+                                               job.lease_token)
         self._executor.submit(self._run, job)
 
     def _run(self, job: Job) -> None:
@@ -150,6 +186,7 @@ class WorkerPool:
         finally:
             with self._changed:
                 self._in_flight.pop(job.id, None)
+                self.finished += 1
                 self._changed.notify_all()
 
     def _context(self) -> JobContext:
@@ -157,7 +194,7 @@ class WorkerPool:
         limits they share live outside the process, in peer_http)."""
         ctx = getattr(self._local, "ctx", None)
         if ctx is None:
-            conn = db_manager.connect(self.settings.database_path)
+            conn = db_manager.connect(self.settings.database_path, cache_kib=WORKER_CACHE_KIB)
             with self._changed:
                 self._connections.append(conn)
             ctx = self._local.ctx = JobContext(self.settings, conn, now=self.clock)

@@ -241,3 +241,76 @@ def test_a_peer_asking_to_wait_for_years_is_retried_within_the_cap(make_settings
     clock.advance(900)
     bridge.run_jobs()
     assert len(bridge.chat_messages()) == 1
+
+
+def test_a_job_running_past_its_lease_is_not_started_again(make_settings, clock):
+    # GIVEN a lease of 1 s and a job that takes 3 s, in the daemon loop on the real clock
+    settings = make_settings(JOB_LEASE_SECONDS=1)
+    conn = db_manager.connect(settings.database_path)
+    db_manager.migrate(conn)
+    runs = []
+
+    def slow(ctx, job):
+        runs.append(job.attempt)
+        time.sleep(3)
+
+    import poller as poller_module
+    old, poller_module.HEARTBEAT_SECONDS = poller_module.HEARTBEAT_SECONDS, 0.2
+    poller = Poller(settings, conn, handlers={"t.slow": slow}, on_dead={})
+    outbox.enqueue_job(conn, "t.slow", "slow", {})
+    loop = threading.Thread(target=poller.run_forever, daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: outbox.get_job(conn, dedupe_key="slow")["status"] == "done",
+                 timeout=15, interval=0.1, what="the slow job to finish")
+    finally:
+        poller.request_stop()
+        loop.join(15)
+        poller_module.HEARTBEAT_SECONDS = old
+    # THEN it ran once: the heartbeat kept its lease while it ran
+    assert runs == [1]
+
+
+def test_a_newly_due_job_of_an_idle_peer_gets_the_next_free_worker(make_settings, clock):
+    # GIVEN a pool of 4 full of n8n and Kommo work, with more of both waiting
+    settings = make_settings(POLLER_CONCURRENCY=4, POLLER_LANE_LIMITS="n8n=3,kommo=3")
+    conn = db_manager.connect(settings.database_path)
+    db_manager.migrate(conn)
+    started, release = [], {}
+
+    def work(ctx, job):
+        started.append(job.dedupe_key)
+        release.setdefault(job.dedupe_key, threading.Event()).wait(10)
+
+    handlers = {"n8n.call": work, "kommo.send": work, "ml.fetch": work}
+    poller = Poller(settings, conn, clock=clock, handlers=handlers, on_dead={})
+    for n in range(6):
+        outbox.enqueue_job(conn, "n8n.call", f"ai-{n}", {}, ordering_key=f"a{n}", now=clock())
+        outbox.enqueue_job(conn, "kommo.send", f"k-{n}", {}, ordering_key=f"k{n}", now=clock())
+    assert poller.pool.dispatch() == 4
+    wait_for(lambda: len(started) == 4, timeout=5, interval=0.01, what="four jobs running")
+    assert sorted(started) == ["ai-0", "ai-1", "k-0", "k-1"]  # the lanes took turns
+    # WHEN a Mercado Livre job becomes due after the whole backlog, and one worker frees up
+    clock.advance(1)
+    outbox.enqueue_job(conn, "ml.fetch", "ml-1", {}, now=clock())
+    release.setdefault("ml-1", threading.Event()).set()
+    release.setdefault("ai-0", threading.Event()).set()
+    wait_for(lambda: len(poller.pool.in_flight()) == 3, timeout=5, interval=0.01,
+             what="one worker free")
+    poller.pool.dispatch(max_jobs=1)
+    wait_for(lambda: len(started) == 5, timeout=5, interval=0.01, what="a fifth job")
+    # THEN that worker went to Mercado Livre, the least busy lane, not to the older backlog
+    assert started[4] == "ml-1"
+    for n in range(6):
+        for key in (f"ai-{n}", f"k-{n}"):
+            release.setdefault(key, threading.Event()).set()
+    poller.drain()
+    assert len(started) == 13
+
+
+def test_an_unknown_lane_in_the_settings_stops_the_poller(make_settings, db):
+    import config
+    import pytest
+    settings = make_settings(POLLER_LANE_LIMITS="mercadolivre=4")
+    with pytest.raises(config.ConfigError, match="faixa desconhecida mercadolivre"):
+        Poller(settings, db)
