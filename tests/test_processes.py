@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import config
 import db_manager
 from standins.support import free_port, wait_for
 from tests.conftest import venv_bin
@@ -266,3 +267,48 @@ def test_each_checkout_has_its_own_supervisor_folder(tmp_path):
     assert ponte_start.run_dir(tmp_path / "a", {"PONTE_RUN_DIR": "/x/y"}) == Path("/x/y")
     conf = (ROOT / "supervisord.conf").read_text()
     assert "/tmp/" not in conf and conf.count("%(ENV_PONTE_RUN_DIR)s/") == 3
+
+
+def _compose() -> dict:
+    import yaml  # PyYAML comes with the test dependencies (responses)
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+def _stopwaitsecs() -> dict[str, int]:
+    conf = (ROOT / "supervisord.conf").read_text()
+    found = {}
+    for name, body in re.findall(r"^\[program:(\w+)\]\n(.*?)(?=^\[|\Z)", conf, re.M | re.S):
+        found[name] = int(re.search(r"^stopwaitsecs=(\d+)", body, re.M).group(1))
+    return found
+
+
+def _seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([smh])", str(text)))
+
+
+def test_compose_keeps_data_on_a_volume_waits_for_the_poller_and_checks_health():
+    ponte = _compose()["services"]["ponte"]
+    assert any(v.split(":")[1] == "/data" for v in ponte["volumes"])
+    # Supervisor stops web, then poller: the platform must wait for both before SIGKILL
+    waits = _stopwaitsecs()
+    assert set(waits) == {"web", "poller"}
+    assert _seconds(ponte["stop_grace_period"]) >= max(80, sum(waits.values()))
+    assert "/health" in " ".join(ponte["healthcheck"]["test"])
+    env = dict(item.partition("=")[::2] for item in ponte["environment"])
+    assert env["DATABASE_PATH"].startswith("/data/") and env["LOG_DIR"].startswith("/data/")
+    assert ponte["ports"][0].endswith(":" + env["PORT"])
+    assert "n8n" in _compose()["services"]["n8n"]["profiles"]  # optional, off by default
+
+
+def test_compose_lists_each_bridge_variables_and_marks_the_required_ones():
+    env_names = [item.partition("=")[0] for item in _compose()["services"]["ponte"]["environment"]]
+    declared = {s.name for s in config.SETTINGS}
+    assert set(env_names) <= declared, set(env_names) - declared
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    marked = set(re.findall(r"^\s+- (\w+)\s+# \(obrigatória", text, re.M))
+    required = {k for keys in config.BRIDGE_REQUIRED.values() for k in keys}
+    # the bridges' keys, what load_settings also demands of a bridge, and the console's token
+    assert marked == required | {"ADMIN_TOKEN", "PUBLIC_BASE_URL", "KOMMO_ACCESS_TOKEN",
+                                 "CHATWOOT_WEBHOOK_SECRET"}
+    assert set(env_names) >= {"KOMMO_CLIENT_ID", "KOMMO_CLIENT_SECRET", "CHATWOOT_WEBHOOK_TOKEN"}
