@@ -143,20 +143,22 @@ def send_reply(ctx: JobContext, job: Job):
                         retryable=False)
     already = _already_in_talk(ctx, job)
     if already is not None:
-        _remember_sent(ctx, already.item_id)
+        _remember_sent(ctx, job, already.item_id)
         return {"sent": "talk", "kommo_message_id": already.item_id, "already_delivered": True}
     with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
         answer = kommo.send_talk_message(p["talk_id"], p["text"])
     kommo_message_id = (answer or {}).get("id")
     if kommo_message_id:
-        _remember_sent(ctx, kommo_message_id)
+        _remember_sent(ctx, job, kommo_message_id)
     return {"sent": "talk", "kommo_message_id": kommo_message_id}
 
 
-def _remember_sent(ctx: JobContext, kommo_message_id: str) -> None:
-    # If Kommo reports our own send back as an outgoing message, it is not a seller.
+def _remember_sent(ctx: JobContext, job: Job, kommo_message_id: str) -> None:
+    # If Kommo reports our own send back as an outgoing message, it is not a seller; and a
+    # read-back for another reply must not take this message for its own (same short text).
     with db_manager.transaction(ctx.conn):
-        db_manager.mapping_put(ctx.conn, "kommo-sent", kommo_message_id, True, now=ctx.now())
+        db_manager.mapping_put(ctx.conn, "kommo-sent", kommo_message_id, job.dedupe_key,
+                               now=ctx.now())
 
 
 def _already_in_talk(ctx: JobContext, job: Job):
@@ -166,7 +168,10 @@ def _already_in_talk(ctx: JobContext, job: Job):
     if since is None:
         return None
     p = job.payload
-    readback = whatsapp_resend.check_talk(ctx.clients.kommo, p.get("talk_id"), p["text"], since)
+    readback = whatsapp_resend.check_talk(
+        ctx.clients.kommo, p.get("talk_id"), p["text"], since,
+        accounted_for=lambda item_id: db_manager.mapping_get(
+            ctx.conn, "kommo-sent", item_id) not in (None, job.dedupe_key))
     whatsapp_resend.log_outcome("reply", job, since, readback, contact_id=p.get("contact_id"),
                                 correlation_id=p.get("correlation_id"))
     return readback.found

@@ -86,13 +86,15 @@ def _normal(text: str) -> str:
 
 
 def find_written(items: list[KommoWritten], text: str, since_at: float,
-                 author_types: frozenset[str] | None = None) -> KommoWritten | None:
+                 author_types: frozenset[str] | None = None,
+                 accounted_for=lambda item_id: False) -> KommoWritten | None:
     """The first item with the same text (ignoring trailing blanks), written by one of
-    `author_types` (None: anyone), not incoming, and not stamped before `since_at` (minus the
-    clock skew; an item without a stamp passes)."""
+    `author_types` (None: anyone), not incoming, not stamped before `since_at` (minus the
+    clock skew; an item without a stamp passes), and not `accounted_for(item_id)` — an item
+    another job already recorded as its own send (a short "Certo!" of an earlier answer)."""
     want = _normal(text)
     for item in items:
-        if item.direction == "incoming":
+        if item.direction == "incoming" or (item.item_id and accounted_for(item.item_id)):
             continue
         if author_types is not None and item.author_type not in author_types:
             continue
@@ -103,20 +105,28 @@ def find_written(items: list[KommoWritten], text: str, since_at: float,
     return None
 
 
-def _read(fetch, text: str, since_at: float, author_types) -> ReadBack:
+def _read(fetch, text: str, since_at: float, author_types,
+          accounted_for=lambda item_id: False) -> ReadBack:
     try:
         items = fetch(since_at - CLOCK_SKEW_SECONDS)
     except PeerError as exc:
+        if exc.retryable:
+            # Kommo busy, down or our rate limit full (a restart re-runs many replies at once):
+            # it may tell us later, so the job waits and asks again rather than resend blind.
+            raise
         return ReadBack(None, False, f"{exc.status or 'no-status'}: {exc.detail[:120]}")
-    return ReadBack(find_written(items, text, since_at, author_types), True)
+    return ReadBack(find_written(items, text, since_at, author_types, accounted_for), True)
 
 
-def check_talk(kommo, talk_id: str | None, text: str, since_at: float) -> ReadBack:
-    """Is `text` already in the talk, sent by ponte (author "bot") since `since_at`?"""
+def check_talk(kommo, talk_id: str | None, text: str, since_at: float,
+               accounted_for=lambda item_id: False) -> ReadBack:
+    """Is `text` already in the talk, sent by ponte (author "bot") since `since_at`, and not a
+    message `accounted_for` by another reply? A retryable failure to read is raised (the job
+    retries); a refusal (403 without the chat-history scope, 404) is "not available"."""
     if not talk_id:
         return ReadBack(None, False, "no talk_id to read")
     return _read(lambda since: kommo.talk_messages(talk_id, since), text, since_at,
-                 OUR_AUTHOR_TYPES)
+                 OUR_AUTHOR_TYPES, accounted_for)
 
 
 def check_notes(kommo, lead_id: str, text: str, since_at: float) -> ReadBack:

@@ -218,3 +218,41 @@ def test_a_match_needs_the_same_text_our_author_and_no_earlier_stamp():
     assert find([unstamped], ANSWER, since, bots) is unstamped
     assert find([ours], "outra coisa", since, bots) is None
     assert find([seller], ANSWER, since, None) is seller
+
+
+def test_a_busy_read_back_is_asked_again_later_instead_of_sending_blind(bridge):
+    _reply_job_waiting(bridge)
+    job = _run_then_die(bridge, SEND_REPLY)
+    # GIVEN Kommo answering the read-back with 503 once (busy after a restart)
+    bridge.kommo_fails(path_prefix="/api/v4/talks/1874/messages", method="GET", status=503)
+    bridge.clock.advance(bridge.settings.job_lease_seconds + 1)
+    bridge.run_jobs()
+    # THEN nothing is sent while Kommo can't tell; the job asks again later and finds it
+    assert bridge.chat_messages() == [ANSWER]
+    assert outbox.get_job(bridge.db, job.id)["status"] == "pending"
+    bridge.clock.advance(60)
+    bridge.run_jobs()
+    assert bridge.chat_messages() == [ANSWER]
+    done = outbox.get_job(bridge.db, job.id)
+    assert done["status"] == "done" and done["result"]["already_delivered"] is True
+
+
+def test_a_short_answer_of_an_earlier_reply_is_not_taken_for_this_one(bridge):
+    # GIVEN "Certo!" sent a moment ago as the answer to an earlier question
+    _reply_job_waiting(bridge, text="Certo!")
+    bridge.run_jobs()
+    assert bridge.chat_messages() == ["Certo!"]
+    # AND a second "Certo!" whose worker died after marking its send, before the request left
+    bridge.customer_says("Pode mandar amanhã?")
+    bridge.run_jobs()
+    assert bridge.n8n_answers_later({"conversation_id": "1874", "response_text": "Certo!",
+                                     "correlation_id": "corr-2"}).status_code == 202
+    job = outbox.claim_next_job(bridge.db, bridge.clock(), bridge.settings.job_lease_seconds,
+                                worker="dead-poller")
+    with whatsapp_resend.kommo_write(bridge.db, job, bridge.clock()):
+        pass  # died here: the marker says "started", the message never left
+    # WHEN the job runs again
+    bridge.clock.advance(bridge.settings.job_lease_seconds + 1)
+    bridge.run_jobs()
+    # THEN the earlier "Certo!" (another reply's own message) does not count: it is sent
+    assert bridge.chat_messages() == ["Certo!", "Certo!"]
