@@ -223,8 +223,11 @@ def _apply_and_confirm(conn, settings, command: bot_control.Command, *, lead_id:
     elif contact_id:
         payload["confirmation"] = bot_control.apply_command(
             conn, contact_id, command, by, by_kind, now, settings.bot_auto_resume_hours)
-    outbox.enqueue_job(conn, BOT_COMMAND, dedupe_key, payload,
-                       ordering_key=ordering_key(contact_id) if contact_id else None, now=now)
+    # A lead never seen in a message: its commands wait for Kommo to name the contact, one at
+    # a time in the order the seller wrote them (a #pausar then #voltar must not swap).
+    order = ordering_key(contact_id) if contact_id else f"kommo-lead:{lead_id}" if lead_id \
+        else None
+    outbox.enqueue_job(conn, BOT_COMMAND, dedupe_key, payload, ordering_key=order, now=now)
     log.info("bot_command_recorded", extra={"command": command.name, "source": source,
                                             "contact_id": contact_id, "lead_id": lead_id})
     return True

@@ -239,6 +239,21 @@ def test_note_on_a_lead_never_seen_finds_its_contact_through_kommo(bridge):
     assert bridge.lead_notes("555")[-1].startswith("🤖 Bot pausado.")
 
 
+def test_pause_then_resume_on_a_lead_never_seen_apply_in_the_order_written(bridge):
+    # GIVEN a Kommo that takes a while to name a lead's contact (each command asks it)
+    bridge.kommo_app.config["STATE"].leads["555"] = {"contacts": ["777"]}
+    # WHEN the seller writes #pausar and then #voltar on that lead
+    bridge.seller_notes("#pausar", lead_id="555", note_id="9101")
+    bridge.seller_notes("#voltar", lead_id="555", note_id="9102")
+    bridge.run_jobs()
+    # THEN the last word stands, and the notes on the lead say so in that order
+    assert bridge.bot_state("777")["status"] == "active"
+    notes = [n for n in bridge.lead_notes("555") if n.startswith("🤖")]
+    assert notes[0].startswith("🤖 Bot pausado.") and notes[1].startswith("🤖 Bot reativado.")
+    commands = [j for j in outbox.list_jobs(bridge.db, kind="kommo.bot_command")]
+    assert {j["ordering_key"] for j in commands} == {"kommo-lead:555"}
+
+
 def test_status_and_help_are_answered_on_the_lead(bridge):
     bridge.customer_says("oi")
     bridge.seller_notes("#pausar almoço", note_id="1")
