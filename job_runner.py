@@ -181,16 +181,29 @@ def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
         run = _run_atomic if getattr(handler, "atomic", False) else _run_then_complete
         follow_ups = run(ctx, job, handler)
         if follow_ups is not None:
+            outcome = "done"
             log.info("job_done", extra={"elapsed_ms": _ms(started),
                                         "follow_ups": len(follow_ups)})
         else:
+            outcome = "lease_lost"
             log.warning("job_lease_lost", extra={"elapsed_ms": _ms(started)})
     except JobDeferred as deferred:
-        outbox.release_job(ctx.conn, job, deferred.available_at, ctx.now())
-        log.info("job_deferred", extra={"until": deferred.available_at})
+        if ctx.now() - job.created_at >= ctx.settings.job_max_age_seconds:
+            # Waiting counts toward the age limit too (an account disconnected for days): the
+            # job dies where an operator sees it, with its note to the human, instead of
+            # going out days late.
+            outcome = "dead" if _fail(ctx, job, JobFailed(
+                f"waited past JOB_MAX_AGE_SECONDS: {deferred}", retryable=False),
+                on_dead, started) == "dead" else "retry"
+        else:
+            outbox.release_job(ctx.conn, job, deferred.available_at, ctx.now(),
+                               reason=str(deferred))
+            outcome = "deferred"
+            log.info("job_deferred", extra={"until": deferred.available_at})
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
-        _fail(ctx, job, exc, on_dead, started)
+        outcome = "dead" if _fail(ctx, job, exc, on_dead, started) == "dead" else "retry"
     finally:
+        ponte_metrics.observe_job(job.kind, outcome, time.monotonic() - started)
         ponte_logging.request_id_var.reset(request_token)
         ponte_logging.job_context_var.reset(token)
 

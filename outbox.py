@@ -391,13 +391,17 @@ def discard_dead_job(conn: sqlite3.Connection, job_id: int, reason: str,
     return cur.rowcount == 1
 
 
-def release_job(conn: sqlite3.Connection, job: Job, available_at: float, now: float) -> bool:
-    """Give a claimed job back without counting the attempt (e.g. it must wait longer)."""
+def release_job(conn: sqlite3.Connection, job: Job, available_at: float, now: float,
+                reason: str | None = None) -> bool:
+    """Give a claimed job back without counting the attempt (e.g. it must wait longer). A
+    `reason` is kept as its `last_error`, so the wait shows as held back (`queue_stats`,
+    `list_jobs`) until the job runs."""
     with transaction(conn):
         cur = conn.execute(
             "UPDATE jobs SET status = 'pending', attempts = attempts - 1, available_at = ?,"
-            " locked_until = NULL, updated_at = ? WHERE id = ? AND locked_by = ?"
-            " AND status = 'running'", (available_at, now, job.id, job.lease_token))
+            " locked_until = NULL, updated_at = ?, last_error = COALESCE(?, last_error)"
+            " WHERE id = ? AND locked_by = ? AND status = 'running'",
+            (available_at, now, reason[:2000] if reason else None, job.id, job.lease_token))
     return cur.rowcount == 1
 
 
@@ -435,7 +439,7 @@ def list_jobs(conn: sqlite3.Connection, status: str | None = None, kind: str | N
     now = now or time.time()
     jobs = [_job_dict(r) for r in rows]
     for job in jobs:
-        if job["status"] == "pending" and job["attempts"] > 0:
+        if job["status"] == "pending" and (job["attempts"] > 0 or job["last_error"]):
             job["held_back_seconds"] = round(now - job["created_at"], 1)
             job["next_attempt_in_seconds"] = round(max(0.0, job["available_at"] - now), 1)
     return jobs
@@ -473,7 +477,7 @@ def queue_stats(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
     counts["oldest_due_seconds"] = round(now - oldest, 3) if oldest else 0.0
     # Jobs that failed and wait for another attempt (a peer down, a Retry-After).
     held = conn.execute("SELECT COUNT(*), MIN(created_at) FROM jobs WHERE status = 'pending'"
-                        " AND attempts > 0").fetchone()
+                        " AND (attempts > 0 OR last_error IS NOT NULL)").fetchone()
     counts["held_back"] = held[0]
     counts["oldest_held_back_seconds"] = round(now - held[1], 1) if held[1] else 0.0
     return counts

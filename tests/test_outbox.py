@@ -565,3 +565,26 @@ def test_jobs_of_a_dead_poller_are_released_at_once(db, clock):
     again = outbox.claim_next_job(db, clock(), LEASE, worker="poller-333")
     assert again.dedupe_key == "a" and again.attempt == 2
     assert outbox.claim_next_job(db, clock(), LEASE) is None  # b's worker is alive
+
+
+def test_a_deferred_job_shows_as_held_back_and_dies_at_the_age_limit(settings, db, clock):
+    from job_runner import JobDeferred
+    notes = []
+
+    def waits(ctx, job):
+        raise JobDeferred(ctx.now() + 300)  # e.g. the account is disconnected
+
+    handlers = {"k.waits": waits}
+    on_dead = {"k.waits": lambda ctx, job, error: notes.append(error) or []}
+    outbox.enqueue_job(db, "k.waits", "w", {}, now=clock())
+    ctx = JobContext(settings, db, now=clock)
+    run_next_job(ctx, handlers, on_dead)
+    # THEN it waits without spending an attempt, and an operator sees it waiting
+    job = outbox.get_job(db, dedupe_key="w")
+    assert (job["status"], job["attempts"]) == ("pending", 0) and "deferred" in job["last_error"]
+    assert outbox.queue_stats(db, clock())["held_back"] == 1
+    # WHEN it is still waiting once JOB_MAX_AGE_SECONDS have passed
+    clock.advance(settings.job_max_age_seconds)
+    run_next_job(ctx, handlers, on_dead)
+    # THEN it dies, with its note to the human, instead of going out days late
+    assert outbox.get_job(db, dedupe_key="w")["status"] == "dead" and len(notes) == 1
