@@ -161,6 +161,7 @@ class Ponte:
         self.served = ServedApp(self.app)
         self.port = self.served.port
         self.db = db_manager.connect(self.settings.database_path)
+        self.figures = {"requests": 0, "refused_and_compared": 0}
         self.rules = sorted((r.rule, tuple(sorted(r.methods - {"OPTIONS", "HEAD"})))
                             for r in self.app.url_map.iter_rules()
                             if r.endpoint != "static")
@@ -210,6 +211,7 @@ class Ponte:
         credentials (then a redirect may be the answer to something done)."""
         before = snapshot(self.db)
         status, answer_headers, answer = self.send(method, target, headers, body)
+        self.figures["requests"] += 1
         shown = f"{method} {target[:200]} headers={headers!r:.600} body={(body or b'')[:300]!r}"
         path = urllib.parse.urlsplit(target).path
         # /health's 503 is its answer, not a failure: no poller runs beside this web app.
@@ -218,6 +220,7 @@ class Ponte:
         if 400 <= status < 500 and JSON_API.match(path) and method != "HEAD":
             assert "error" in json.loads(answer), f"{status} without a JSON error for {shown}"
         if refused(status, answer, authentic):
+            self.figures["refused_and_compared"] += 1
             after = snapshot(self.db)
             assert after == before, (f"refused ({status} {answer[:200]!r}) but changed "
                                      f"{changed_tables(before, after)}: {shown}")
@@ -242,6 +245,13 @@ def notification(**fields) -> dict:
     return body
 
 
+def _report(figures: dict) -> None:
+    """Append this run's figures to PONTE_PROOF_REPORT (bench/bench_proofs.py reads them)."""
+    if os.environ.get("PONTE_PROOF_REPORT"):
+        with open(os.environ["PONTE_PROOF_REPORT"], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(figures) + "\n")
+
+
 @pytest.fixture(scope="module")
 def ponte(tmp_path_factory):
     # A wrong console token waits a second before its answer: asserted in test_admin_console,
@@ -249,6 +259,7 @@ def ponte(tmp_path_factory):
     saved, admin_console._sleep = admin_console._sleep, lambda seconds: None
     p = Ponte(tmp_path_factory.mktemp("fuzz"))
     yield p
+    _report({"suite": "fuzz", "examples_per_property": EXAMPLES, **p.figures})
     p.served.stop()
     p.db.close()
     admin_console._sleep = saved
