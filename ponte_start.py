@@ -130,14 +130,29 @@ def supervise(conf: Path, folder: Path) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    code = proc.wait()
+    code = _wait_reaping(proc)
     if mark.exists():
         fields = dict(t.split(":", 1) for t in mark.read_text().split() if ":" in t)
         program = fields.get("processname", "um programa")
         say(f"o programa '{program}' desistiu de iniciar (veja as linhas acima); a ponte parou "
             f"com erro (código {EXIT_GAVE_UP}).")
         return EXIT_GAVE_UP
-    return code if code > 0 else EXIT_OK
+    if code < 0:  # killed by a signal: the shell's convention, never a clean 0
+        return 128 - code
+    return code
+
+
+def _wait_reaping(proc: subprocess.Popen) -> int:
+    """Wait for Supervisor. In a container this process is PID 1, and orphans (a Gunicorn worker
+    whose master died) become its children: reap them too, or they stay as zombies."""
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:  # Supervisor was reaped by proc.poll() in forward()
+            return proc.wait()
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode
 
 
 def main(argv: list[str] | None = None) -> int:

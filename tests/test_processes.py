@@ -196,6 +196,40 @@ def test_a_start_where_a_program_gives_up_exits_1_naming_it(tmp_path):
     assert "o programa 'poller' desistiu de iniciar" in output
 
 
+def test_a_supervisor_killed_by_a_signal_is_never_a_clean_stop(tmp_path):
+    # GIVEN programs that just wait (marked, to find them after their Supervisor is gone)
+    marker = f"ponte-test-{os.getpid()}-{time.time_ns()}"
+    text = (ROOT / "supervisord.conf").read_text()
+    text = re.sub(r"^command=python (?:-m gunicorn .*|poller\.py)$",
+                  f"command=python -c 'import time; time.sleep(600)' {marker}", text, flags=re.M)
+    conf = ROOT / f"supervisord-test-killed-{os.getpid()}.conf"
+    conf.write_text(text)
+    proc = _launch(tmp_path, "--conf", str(conf))
+    try:
+        pid_file = tmp_path / "run" / "supervisord.pid"
+        _wait_for(lambda: pid_file.exists() and len(_marked(marker)) == 2, 30, "both programs")
+        # WHEN Supervisor is killed (the OOM killer, a kill -9)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        # THEN the start ends with 128 + 9, as a shell reports it
+        assert proc.wait(30) == 128 + signal.SIGKILL
+    finally:
+        _kill(proc)
+        conf.unlink(missing_ok=True)
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _marked(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_a_busy_port_stops_the_start_with_exit_3_naming_the_port(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
