@@ -672,6 +672,12 @@ def acquire_lock(conn: sqlite3.Connection, name: str, owner: str, ttl_seconds: f
     """Take the named cross-process lock if it is free or expired. Held for at most
     `ttl_seconds`, so a crashed holder cannot block the others forever."""
     now = now or time.time()
+    # A read first: while someone holds it, waiters polling the lock take no write lock (the
+    # one webhook acks wait for).
+    held = conn.execute("SELECT owner FROM locks WHERE name = ? AND locked_until > ?",
+                        (name, now)).fetchone()
+    if held is not None and held["owner"] != owner:
+        return False
     with transaction(conn):
         cur = conn.execute(
             "INSERT INTO locks (name, owner, locked_until) VALUES (?, ?, ?)"
