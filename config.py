@@ -110,8 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
        group="kommo"),
     _s("KOMMO_REPLY_FIELD_ID", "", "id", "ID do campo de texto do lead que recebe a resposta "
        "(modo salesbot).", group="kommo"),
-    _s("KOMMO_MAX_RPS", 5.0, "float", "Máximo de requisições por segundo ao Kommo (bloqueia acima "
-       "de 7).", unit="req/s", group="kommo"),
+    _s("KOMMO_MAX_RPS", 7.0, "float", "Máximo de requisições ao Kommo em qualquer janela de um "
+       "segundo, somando todos os processos (o Kommo bloqueia acima de 7).", unit="req/s",
+       group="kommo"),
     _s("N8N_WEBHOOK_URL", "", "url", "URL do Webhook do seu fluxo n8n.", group="kommo"),
     _s("N8N_API_KEY", "", "str", "Chave compartilhada com o n8n (Bearer nos dois sentidos).",
        secret=True, group="kommo"),
