@@ -222,6 +222,31 @@ def pooled(runs: list[dict]) -> dict:
             "server_ms_per_req": 1000 * sum(r["server_cpu_s"] for r in runs) / max(1, len(ok))}
 
 
+def reader_cost_us(requests: int = 20_000, passes: int = 5) -> float:
+    """CPU per request of what the buffering worker adds in Python (RequestReader over a real
+    `add_message` request, the copy, BufferedClient handing it to the parser), in µs: best of
+    `passes`, in this process, no sockets."""
+    import web_worker
+
+    class _Sink:
+        def send(self, data):
+            return len(data)
+
+    make = webhook_request_factory(8000, "rdr")
+    raw = [make(i) for i in range(requests)]
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.process_time()
+        for request in raw:
+            reader = web_worker.RequestReader(1_048_576)
+            reader.feed(request)
+            client = web_worker.BufferedClient(_Sink(), bytes(reader.buffer), False)
+            while client.recv(8192):
+                pass
+        best = min(best, (time.process_time() - t0) / requests)
+    return best * 1e6
+
+
 def spread_of(values: list[float]) -> dict:
     ordered = sorted(values)
     return {"med": ordered[len(ordered) // 2] if len(ordered) % 2 else
@@ -307,7 +332,85 @@ por requisição é a medida menos sensível a isso. Desenhos: `buffering` = `we
 para esta medida).
 """
 
-DECISION = ""
+DECISION = """Decisão (issue 14: dois clientes lentos seguravam os dois workers `sync` e o ack do Kommo ia \
+a ~30 s). O web usa agora `web_worker.BufferingWorker`: o worker `sync` do Gunicorn com uma frente \
+não bloqueante dentro do próprio processo. Cada worker aceita as conexões e lê cada requisição \
+inteira (cabeçalhos e corpo) num laço `epoll`, muitas ao mesmo tempo; só uma requisição completa \
+chega ao app, que continua rodando uma por vez por processo, pelo mesmo caminho do `sync` (mesmo \
+parser, mesmo environ WSGI, mesmo log de acesso, mesmos hooks). Um cliente lento ocupa um buffer, \
+não um worker. Limites: cabeçalhos em até 10 s e o corpo em até mais 20 s (senão 408); cabeçalhos \
+até 64 KiB (431); corpo até `MAX_BODY_BYTES` (413 — o app responde quando o tamanho é declarado, o \
+worker quando o corpo vem *chunked*); até `worker_connections` (1.000) conexões pendentes e 16 MiB \
+guardados por worker: além disso, a conexão pendente mais antiga (ou a que guarda mais bytes) \
+recebe 503. Os descartes aparecem no log como `slow_clients_dropped`, no máximo uma linha por \
+minuto, com as contagens. Nada novo para instalar: vale igual no contêiner e no `./ponte run` sem \
+Docker. A prova roda com os testes: `tests/test_slow_clients.py` sobe o Gunicorn de verdade, abre \
+16 clientes lentos (8 vezes os workers) e exige os 240 webhooks com 200, p99 < 1 s e nenhum acima \
+dos 2 s do Kommo (com o `sync` eles esperam o `WORKER TIMEOUT`).
+
+Nas cinco execuções de 01–02/12/2026, com 256 clientes lentos: `buffering`, nenhum webhook sem \
+resposta e ack p99 de 0,24 a 0,61 s (a mesma faixa do p99 sem clientes lentos nesta máquina \
+ocupada); `sync` e `gthread`, nenhum webhook respondido em 10 s. Com 2 clientes lentos, o \
+`sync` ficou em ~2 s por ack em todas.
+
+Por que este e não os outros (colunas da tabela acima, mesma execução):
+
+- `sync` (até 0.2.x): 2 clientes lentos já levam o ack a ~2 s — o que manda o corpo devagar prende \
+um worker a cada conexão (o app responde 401 e o Gunicorn espera até 2 s o cliente fechar), o que \
+para no meio dos cabeçalhos prende o outro até o `WORKER TIMEOUT` de 30 s; com 256, nenhum webhook \
+recebe resposta.
+- `gthread` (2 × 32 threads): aguenta poucos clientes lentos, mas cada conexão que já mandou o \
+primeiro byte prende uma thread (o Gunicorn 27 só espera o primeiro byte fora das threads): com 256 \
+clientes lentos, nenhum ack. Sem clientes lentos ficou na faixa dos outros nestas execuções com a \
+máquina ocupada; com 4 threads e a máquina quieta tinha feito 66 % do trivial, p99 41 ms (seção \
+Ponte A).
+- `gevent`: aguenta os 256, mas gasta o dobro ou mais de CPU por webhook, ~30 MiB a mais, é uma \
+dependência com extensão em C, e o *monkey patching* faz da *thread* que faz o checkpoint do WAL um \
+greenlet: o I/O do checkpoint voltaria a bloquear o worker inteiro, justo a cauda que a seção \
+Ponte A tirou do ack.
+- nginx na frente (um proxy que lê a requisição inteira antes de passá-la ao Gunicorn, o desenho \
+que a documentação do Gunicorn recomenda): não medido. Seria um terceiro programa no Supervisor, \
+um pacote no Dockerfile e — para quem usa `./ponte run` sem Docker — na máquina do vendedor, e um \
+salto a mais por requisição numa máquina de 2 núcleos. Para este tráfego (requisições e respostas \
+pequenas) o worker daqui dá a mesma proteção sem nada disso.
+- um proxy assíncrono em Python na frente (h11/asyncio): o mesmo salto a mais, em Python — mais CPU \
+por requisição do que o próprio webhook custa dentro do processo (0,09 ms, seção Ponte A).
+- só configuração do Gunicorn (mais workers, `timeout` menor): cada worker continua preso por um \
+cliente lento; um `timeout` menor só encurta a espera, e mata requisições legítimas mais lentas.
+
+O que custa — medido, com a máquina ocupada por outras sessões (carga média de 5 a 13 em 2 \
+núcleos durante estas execuções; o app trivial fez 170–800 req/s, contra ~3.400 na seção Ponte A \
+com a máquina quieta). Por isso as metas de ingestão, que são absolutas (p99 ≤ 20 ms), não puderam \
+ser conferidas aqui: o p99 do `sync` também ficou entre 200 e 480 ms nelas. Comparando as duas \
+colunas na mesma execução, em cinco execuções de 01–02/12/2026 (`buffering` × `sync`; a última \
+é a da tabela acima):
+
+- vazão da ponte: 520 × 419, 266 × 393, 287 × 249, 182 × 154, 229 × 175 req/s — a ponte não ficou \
+mais lenta;
+- CPU do servidor por webhook: 1,36 × 1,43, 1,63 × 1,34, 1,65 × 1,78, 1,75 × 2,04, 1,53 × 2,07 ms \
+— igual, dentro da variação; dentro do processo o worker acrescenta 7–13 µs por requisição \
+(acima), 2–3 % da CPU de um webhook;
+- ack p99: 160 × 205, 302 × 281, 256 × 288, 348 × 328, 314 × 477 ms — igual, dentro da variação;
+- ponte ÷ trivial (mediana das fatias): 69 × 83, 72 × 81, 69 × 81, 74 × 89, 95 × 69 % — em quatro \
+das cinco, **~10 pontos abaixo**, na divisa da meta de 70 %; na quinta, 26 acima. Não porque a \
+ponte ficou mais lenta: nas quatro, o app trivial é que ficou mais rápido (vazão do trivial \
+763 × 528, 378 × 293, 235 × 170 req/s em três delas). A explicação \
+mais provável: o `sync`, depois de cada resposta, espera o cliente fechar a conexão (até 2 s — o mesmo que prende um worker por \
+cliente lento); o `buffering` já leu a requisição inteira e fecha na hora. Essa espera pesa mais \
+numa requisição que custa menos, então a razão cai sem que o webhook custe mais.
+
+A troca que fica registrada: a meta "≥ 70 % do trivial no mesmo servidor" ficou na divisa na \
+maioria das execuções porque o denominador melhorou; a vazão, a CPU e o p99 do webhook ficaram \
+iguais aos do `sync`, e o ack deixou de depender de quem mais está conectado. Falta medir de novo com a máquina quieta \
+(`bench_bridge_a.py` já mede com este worker, porque usa o `gunicorn_conf.py`).
+
+Limites do desenho: o app continua rodando uma requisição por vez por worker, então uma requisição \
+lenta *dentro* do app (não do cliente) ainda ocupa o worker, como antes; uma resposta grande para \
+um cliente que não a lê espera até 10 s (as do webhook têm poucos bytes e cabem no buffer do \
+socket); e quem abre mais de 1.000 conexões lentas por worker empurra as mais antigas para fora \
+(503) — um webhook legítimo chega inteiro num instante e é atendido antes de ficar entre as mais \
+antigas.
+"""
 
 
 def spread(d: dict, fmt) -> str:
@@ -362,7 +465,12 @@ def markdown(results: dict, m: dict, opts: dict, slow_counts: list[int]) -> str:
             "Para rodar de novo: `.venv/bin/python bench/bench_slow_clients.py` (`--quick` para "
             "uma rodada curta, `--no-doc` para não mexer neste arquivo; o `gevent` entra com "
             "`--gevent-path DIR` depois de `pip install --target DIR gevent`).\n\n"
-            + head + body + "\n" + METHOD + "\n" + DECISION)
+            + head + body + "\n"
+            f"O que o `buffering` acrescenta em Python a cada requisição (`RequestReader` sobre um "
+            f"`add_message` real, a cópia e o `BufferedClient` que o entrega ao parser), medido "
+            f"dentro do processo, sem sockets: {n(opts['reader_us'])} µs de CPU — contra ~460 µs "
+            "de CPU do servidor por webhook na seção Ponte A (máquina quieta).\n\n"
+            + METHOD + "\n" + DECISION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,9 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gevent-path", default=os.environ.get("BENCH_GEVENT_PATH"),
                         help="folder with gevent installed (pip install --target)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--slices", type=int, default=None,
+                        help="slices of the load without slow clients (default 8; --quick 2)")
     opts = parser.parse_args(argv)
     plan = {"slices": 2, "slice_s": 2.0, "rounds": 1, "slow_s": 3.0} if opts.quick else \
         {"slices": 8, "slice_s": 2.0, "rounds": 2, "slow_s": 4.0}
+    plan["slices"] = opts.slices or plan["slices"]
     slow_counts = [2, 256]
     watchdog(HARD_DEADLINE_S, "bench_slow_clients")
     names = [d for d in opts.designs.split(",") if d]
@@ -397,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(results, fh, indent=1, default=str)
     import gunicorn
 
+    plan["reader_us"] = reader_cost_us()
     text = markdown(results, machine(gunicorn=gunicorn.__version__), plan, slow_counts)
     print(text)
     if not opts.no_doc and not opts.quick:
