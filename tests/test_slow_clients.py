@@ -365,3 +365,22 @@ def test_a_stale_event_for_a_closed_connection_leaves_the_newer_one_on_its_fd_al
         worker._selector.close()
         for s in (old_sock, old_peer, new_sock, new_peer):
             s.close()
+
+
+def test_clients_that_connect_and_send_nothing_never_take_a_pending_place(strict_web):
+    """TCP_DEFER_ACCEPT: the kernel holds silent connections, so 20 of them (8 places on this
+    server) do not push out a client that is sending."""
+    sending = _slow_header_client(strict_web.port)
+    silent = [socket.create_connection(("127.0.0.1", strict_web.port), timeout=5)
+              for _ in range(20)]
+    try:
+        assert _post_webhook(strict_web.port, 10_004)[0] == 200
+        sending.sendall(b"a")
+        assert _post_webhook(strict_web.port, 10_005)[0] == 200
+        sending.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still pending: no 503 for it
+            sending.recv(1)
+    finally:
+        sending.close()
+        for s in silent:
+            s.close()
