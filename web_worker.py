@@ -217,6 +217,7 @@ class BufferingWorker(SyncWorker):
     body_timeout_seconds = BODY_TIMEOUT_SECONDS
     write_timeout_seconds = WRITE_TIMEOUT_SECONDS
     max_buffered_bytes = MAX_BUFFERED_BYTES
+    drop_report_every_seconds = DROP_REPORT_EVERY_SECONDS
 
     def run(self):
         if self.cfg.is_ssl:  # TLS ends before ponte (EasyPanel / a proxy); keep Gunicorn's path
@@ -232,7 +233,7 @@ class BufferingWorker(SyncWorker):
         self._max_pending = self._pending_capacity()
         self._buffered_bytes = 0
         self._dropped = {"timeout": 0, "capacity": 0, "too_large": 0}
-        self._report_at = time.monotonic() + DROP_REPORT_EVERY_SECONDS
+        self._report_at = time.monotonic() + self.drop_report_every_seconds
         self._sweep_at = 0.0
         try:
             self._loop()
@@ -356,14 +357,14 @@ class BufferingWorker(SyncWorker):
     def _report_drops(self, now: float) -> None:
         if now < self._report_at:
             return
-        self._report_at = now + DROP_REPORT_EVERY_SECONDS
+        self._report_at = now + self.drop_report_every_seconds
         if any(self._dropped.values()):
             log.warning("slow_clients_dropped", extra={
                 "dropped_timeout": self._dropped["timeout"],
                 "dropped_capacity": self._dropped["capacity"],
                 "dropped_too_large": self._dropped["too_large"],
                 "pending_connections": len(self._pending),
-                "window_seconds": DROP_REPORT_EVERY_SECONDS})
+                "window_seconds": self.drop_report_every_seconds})
             self._dropped = dict.fromkeys(self._dropped, 0)
 
     @staticmethod
@@ -410,10 +411,12 @@ def buffering_worker_class(max_body_bytes: int,
                            header_timeout_seconds: float = HEADER_TIMEOUT_SECONDS,
                            body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
                            write_timeout_seconds: float = WRITE_TIMEOUT_SECONDS,
-                           max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> type:
+                           max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+                           drop_report_every_seconds: float = DROP_REPORT_EVERY_SECONDS) -> type:
     """A `BufferingWorker` with these limits, for gunicorn_conf's `worker_class`."""
     return type("BufferingWorker", (BufferingWorker,), {
         "max_body_bytes": max_body_bytes, "header_timeout_seconds": header_timeout_seconds,
         "body_timeout_seconds": body_timeout_seconds,
         "write_timeout_seconds": write_timeout_seconds,
-        "max_buffered_bytes": max_buffered_bytes, "__module__": __name__})
+        "max_buffered_bytes": max_buffered_bytes,
+        "drop_report_every_seconds": drop_report_every_seconds, "__module__": __name__})

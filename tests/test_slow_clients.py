@@ -6,6 +6,7 @@ framing rules, without sockets."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -90,8 +91,8 @@ def web(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def strict_web(tmp_path_factory):
-    """One worker, 8 pending connections and 64 KiB buffered at most, 3 s deadlines: what
-    dropping looks like."""
+    """One worker, 8 pending connections and 64 KiB buffered at most, 3 s deadlines, drops
+    reported at once: what dropping looks like."""
     tmp = tmp_path_factory.mktemp("slow-strict")
     conf = tmp / "strict_conf.py"
     conf.write_text(
@@ -100,7 +101,8 @@ def strict_web(tmp_path_factory):
         "from gunicorn_conf import _settings\nimport web_worker\n"
         "worker_class = web_worker.buffering_worker_class(\n"
         "    max_body_bytes=_settings.max_body_bytes, header_timeout_seconds=3.0,\n"
-        "    body_timeout_seconds=3.0, max_buffered_bytes=64 * 1024)\n"
+        "    body_timeout_seconds=3.0, max_buffered_bytes=64 * 1024,\n"
+        "    drop_report_every_seconds=0.0)\n"
         "worker_connections = 8\n")
     server = _Web(tmp, conf=str(conf), WEB_WORKERS="1")
     yield server
@@ -229,6 +231,11 @@ def test_a_client_too_slow_gets_408_and_the_worker_serves_others_meanwhile(stric
     finally:
         header.close()
         body.close()
+    # operators see it: one JSON line with the counts (at most one a minute in production)
+    reported = wait_for(lambda: [json.loads(line) for line in strict_web.log_path.read_text(
+        errors="replace").splitlines() if '"slow_clients_dropped"' in line], 10,
+        what="slow_clients_dropped in the log")
+    assert sum(r["dropped_timeout"] for r in reported) >= 2
 
 
 def test_past_worker_connections_the_oldest_pending_client_gets_503(strict_web):
