@@ -342,8 +342,9 @@ não um worker. Limites: cabeçalhos em até 10 s e o corpo em até mais 20 s (s
 até 64 KiB (431); corpo até `MAX_BODY_BYTES` (413 — o app responde quando o tamanho é declarado, o \
 worker quando o corpo vem *chunked*); até `worker_connections` (1.000) conexões pendentes e 16 MiB \
 guardados por worker: além disso, a conexão pendente mais antiga (ou a que guarda mais bytes) \
-recebe 503. Os descartes aparecem no log como `slow_clients_dropped`, no máximo uma linha por \
-minuto, com as contagens. Nada novo para instalar: vale igual no contêiner e no `./ponte run` sem \
+recebe 503. Quem conecta e não manda nada fica no kernel (`TCP_DEFER_ACCEPT`, 5 s) e nem chega ao \
+worker. Os descartes aparecem no log como `slow_clients_dropped`, no máximo uma linha por minuto, \
+com as contagens. Nada novo para instalar: vale igual no contêiner e no `./ponte run` sem \
 Docker. A prova roda com os testes: `tests/test_slow_clients.py` sobe o Gunicorn de verdade, abre \
 16 clientes lentos (8 vezes os workers) e exige os 240 webhooks com 200, p99 < 1 s e nenhum acima \
 dos 2 s do Kommo (com o `sync` eles esperam o `WORKER TIMEOUT`).
