@@ -312,7 +312,9 @@ def test_mercado_livre_notification_delivered_five_times_has_one_effect(bridge, 
         resource = f"/messages/{b.buyer_writes(pack, 'Chegou quebrado')}"
     _five_times(lambda: b.notify_ml(topic, resource, notification_id="n-dup-1"), b.drain)
     # Mercado Livre repeats a notification with a new _id as well: still one effect
-    _five_times(lambda: b.notify_ml(topic, resource), b.drain)
+    fresh_ids = iter(range(5))
+    _five_times(lambda: b.notify_ml(topic, resource, notification_id=f"n-new-{next(fresh_ids)}"),
+                b.drain)
     inbox = QUESTIONS_INBOX if topic == "questions" else SALES_INBOX
     (conversation,) = b.conversations(inbox)
     incoming = [m for m in messages_of(conversation) if m["message_type_name"] == "incoming"]
