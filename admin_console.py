@@ -24,6 +24,7 @@ from flask import Blueprint, g, redirect, render_template, request
 
 import admin_data
 import admin_session
+import alerts
 import bot_control
 import config
 import db_manager
@@ -231,7 +232,8 @@ def overview():
     traffic = admin_data.traffic_by_hour(conn, now)
     peak = max([max(b["inbound"], b["done"] + b["failed"]) for b in traffic] + [1])
     beat = db_manager.last_beat(conn, "poller")
-    return _render("overview.html", bridges=admin_data.bridges(s),
+    return _render("overview.html", bridges=admin_data.bridges(s), alerts=alerts.active(conn),
+                   alert_receiver=bool(s.alert_webhook_url),
                    accounts=admin_data.accounts(conn, s, now),
                    peers=admin_data.peer_health(conn, s, now),
                    queue=admin_data.queue(conn, now), errors=admin_data.last_errors(conn),

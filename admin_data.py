@@ -19,7 +19,8 @@ import outbox
 
 # What the console calls each lane (`job_runner.lane_of`): the peer its jobs talk to.
 LANE_LABELS = {"kommo": "Kommo", "n8n": "n8n (agente de IA)", "ml": "Mercado Livre",
-               "chatwoot": "Chatwoot", "database": "Banco local"}
+               "chatwoot": "Chatwoot", "database": "Banco local",
+               "alert": "Receptor de alertas (ALERT_WEBHOOK_URL)"}
 # The lanes each bridge's jobs use, shown even when they had no traffic.
 BRIDGE_LANES = {"whatsapp": ("kommo", "n8n"), "mercadolivre": ("ml", "chatwoot")}
 BRIDGE_LABELS = {"whatsapp": "A · WhatsApp (Kommo) ⇄ agente de IA (n8n)",

@@ -90,6 +90,15 @@ SETTINGS: tuple[Setting, ...] = (
        "antes de tentar de novo; cada espera conta nas tentativas.", unit="segundos", minimum=1),
     _s("POLLER_HEARTBEAT_MAX_AGE_SECONDS", 30, "int", "Idade máxima do heartbeat do poller para "
        "/health responder 200.", unit="segundos", minimum=1),
+    _s("ALERT_WEBHOOK_URL", "", "url", "Recebe os alertas (POST JSON com alert, status "
+       "firing/resolved, message, since, details), ex.: um Webhook do n8n que avisa no WhatsApp "
+       "ou e-mail (vazio = alertas só no painel e no /health).", secret=True),
+    _s("ALERT_CHECK_SECONDS", 30, "int", "Intervalo em que o poller confere as condições de "
+       "alerta.", unit="segundos", minimum=5, maximum=120),
+    _s("ALERT_JOBS_OVERDUE_SECONDS", 600, "int", "Alerta quando um job vencido espera mais que "
+       "isto para rodar.", unit="segundos", minimum=60),
+    _s("METRICS_TOKEN", "", "str", "Token Bearer exigido em /metrics (vazio = /metrics aberto).",
+       secret=True),
     # --- bridge A: Kommo / n8n ---------------------------------------------------------------
     _s("KOMMO_BASE_URL", "", "url", "URL da sua conta Kommo (https://SUBDOMINIO.kommo.com).",
        group="kommo"),

@@ -26,6 +26,7 @@ import meli_ai_store
 import meli_auth
 import meli_store
 import meli_texts as texts
+import task_runs
 from meli_common import (conversation_target, cw, failure_follow_up, log, refuse,
                          reply_in_flight)
 from meli_questions import (answer_question, handle_fetch_question, handle_import_question,
@@ -90,12 +91,19 @@ def _guarded(task):
 
     def run(ctx):
         try:
-            return task(ctx)
+            outcome = task(ctx)
         except PeerError as exc:
             log.warning("meli_task_failed", extra={"task": task.__name__, "peer": exc.peer,
                                                    "status": exc.status,
                                                    "error": str(exc)[:200]})
+            task_runs.record(ctx.conn, task.__name__, False, ctx.now(), str(exc))
             return None
+        except Exception as exc:
+            task_runs.record(ctx.conn, task.__name__, False, ctx.now(),
+                             f"{type(exc).__name__}: {exc}")
+            raise
+        task_runs.record(ctx.conn, task.__name__, True, ctx.now())  # /health: polls that work
+        return outcome
 
     run.__name__ = task.__name__
     run.__doc__ = task.__doc__

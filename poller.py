@@ -17,6 +17,7 @@ from typing import Callable
 
 import schedule
 
+import alerts
 import bridges
 import config
 import db_manager
@@ -48,6 +49,7 @@ class Poller:
         self.ctx = JobContext(settings, conn, now=clock)
         self.task_ctx = self.ctx  # the scheduled tasks' context (their own thread's in run_forever)
         default_handlers, default_on_dead = bridges.handlers()
+        default_handlers = {**default_handlers, **alerts.HANDLERS}  # alert.deliver
         self.handlers = handlers if handlers is not None else default_handlers
         self.on_dead = on_dead if on_dead is not None else default_on_dead
         self._stopped = threading.Event()  # also wakes the heartbeat thread at once on stop
@@ -55,6 +57,8 @@ class Poller:
         self.pool = WorkerPool(settings, conn, self.handlers, self.on_dead, clock, self.worker)
         self.scheduler = schedule.Scheduler()
         self.scheduler.every(PRUNE_SECONDS).seconds.do(self._guarded, self._prune_task)
+        self.scheduler.every(max(5, settings.alert_check_seconds)).seconds.do(
+            self._guarded, alerts.check)
         for interval, task in bridges.schedules(settings):
             self.scheduler.every(max(1, int(interval))).seconds.do(self._guarded, task)
 

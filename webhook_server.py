@@ -18,12 +18,15 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import admin_console
+import admin_data
+import alerts
 import bridges
 import config
 import credentials
 import db_manager
 import outbox
 import ponte_logging
+import task_runs
 import web_common
 from web_common import json_error, require_bearer
 
@@ -205,8 +208,11 @@ HELD_BACK_WARNING_SECONDS = 15 * 60
 
 def health_report(settings, now: float) -> tuple[dict, bool]:
     """The /health body and whether ponte is healthy: the database opens, answers and has this
-    version's schema, and the poller's heartbeat is fresh. Also reports queue depth, dead jobs
-    and disconnected accounts."""
+    version's schema, and the poller's heartbeat is fresh (else `unhealthy`: what a restart
+    fixes). `degraded` (still healthy) when an enabled bridge's account was never connected or is
+    disconnected, a peer's recent jobs only failed, a Mercado Livre poll keeps failing, or failed
+    jobs wait too long. Also reports queue depth, dead jobs, accounts and the active alerts, and
+    fires or resolves the poller-stale alert (the poller cannot raise it about itself)."""
     problems: list[str] = []
     warnings: list[str] = []
     report: dict = {"status": "ok", "version": config.VERSION}
@@ -244,16 +250,15 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
                 problems.append(f"poller preso no mesmo job há {round(now - busy_since)}s"
                                 + (f" (job {oldest['job_id']}, {oldest['kind']})"
                                    if oldest.get("job_id") else ""))
-        accounts = {}
-        for provider in ("kommo", "mercadolivre"):
-            token = credentials.get(conn, provider)
-            if token:
-                accounts[provider] = token.status
-                if not token.ok:
-                    # Reported, not fatal: restarting the container cannot reconnect an account.
-                    warnings.append(f"conta {provider} {token.status}: {token.detail}")
+        # Accounts, peers and polls: reported, not fatal — restarting the container cannot
+        # reconnect an account or bring a peer back.
+        accounts, unreachable = _account_health(conn, settings, now, warnings)
         if accounts:
             report["accounts"] = accounts
+        warnings.extend(_peer_warnings(conn, settings, now, skip_bridges=unreachable))
+        alerts.check_poller(conn, settings, now)  # the one alert the poller cannot raise itself
+        report["alerts"] = [{"alert": a["name"], "message": a["message"], "since_at": a["since_at"]}
+                            for a in alerts.active(conn)]
     except Exception as exc:
         problems.append(f"banco de dados indisponível: {type(exc).__name__}")
     if not settings.enabled_bridges:
@@ -265,3 +270,51 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
         report["status"] = "unhealthy"
         report["problems"] = problems
     return report, not problems
+
+
+# A peer whose jobs only failed for this long (no success in between) makes /health "degraded".
+PEER_FAILING_WINDOW_SECONDS = 15 * 60
+
+_NOT_CONNECTED_TEXT = {"never_connected": "nunca foi conectada",
+                       "disconnected": "está desconectada"}
+
+
+def _account_health(conn, settings, now: float, warnings: list[str]) -> tuple[dict, set]:
+    """Each account of an enabled bridge (and any account with a stored token): its status for
+    /health's `accounts`; a warning for each enabled bridge's account that is not connected.
+    Returns the statuses and the bridges whose account is not connected."""
+    accounts, unreachable = {}, set()
+    for account in admin_data.accounts(conn, settings, now):
+        provider = account["provider"]
+        stored = credentials.get(conn, provider) is not None
+        if not (account["bridge_enabled"] or stored):
+            continue
+        accounts[provider] = account["status"]
+        seeded = provider == "mercadolivre" and (settings.ml_access_token or
+                                                 settings.ml_refresh_token)
+        if account["status"] == "disconnected" or \
+                (account["bridge_enabled"] and account["status"] == "never_connected"
+                 and not seeded):
+            unreachable.add(account["bridge"])
+            detail = f" ({account['detail']})" if account["detail"] else ""
+            warnings.append(f"conta {account['label']} {_NOT_CONNECTED_TEXT[account['status']]}"
+                            f"{detail}: nada flui por ela; conecte em /admin/conexoes")
+    return accounts, unreachable
+
+
+def _peer_warnings(conn, settings, now: float, skip_bridges: set) -> list[str]:
+    """A warning per peer whose recent jobs only failed, and per periodic task (Mercado Livre
+    polls) that keeps failing — unless its bridge's account is already reported."""
+    found = []
+    skip_lanes = {lane for b in skip_bridges for lane in admin_data.BRIDGE_LANES.get(b, ())}
+    for peer in admin_data.peer_health(conn, settings, now, PEER_FAILING_WINDOW_SECONDS):
+        if peer["status"] == admin_data.PeerStatus.FAILING and peer["lane"] not in skip_lanes:
+            found.append(f"{peer['label']}: {peer['failed']} job(s) com falha e nenhum sucesso "
+                         f"nos últimos {PEER_FAILING_WINDOW_SECONDS // 60} min (último erro: "
+                         f"{(peer['last_error'] or '')[:160]})")
+    if "mercadolivre" not in skip_bridges:  # every recorded task is Mercado Livre's
+        for task in task_runs.failing(conn):
+            if (task["last_failed_at"] or 0) >= now - alerts.TASK_STALE_SECONDS:
+                found.append(f"{task['label']} falhou {task['failures']} vezes seguidas "
+                             f"(último erro: {task['last_error'][:160]})")
+    return found
