@@ -3,8 +3,8 @@
 Owns: the checks made before Supervisor starts (the configuration, a ponte already running from
 this folder, a data folder that takes writes, a free port), the per-checkout run folder that
 holds Supervisor's socket and pid file (`PONTE_RUN_DIR`), forwarding stop signals to Supervisor,
-and the exit code of a start: 0 after a normal stop, 1 when a program gave up (FATAL; the
-watchdog leaves a mark in the run folder), 2 for an invalid configuration, 3 when the machine is
+and the exit code of a start: 0 after a normal stop, 1 when a program gave up (FATAL, or a
+crash loop; the watchdog leaves a mark in the run folder), 2 for an invalid configuration, 3 when the machine is
 not ready (busy port, data folder not writable, already running).
 Used by `./ponte run` and as the container's CMD. Messages for people are in Portuguese.
 Must not: do any of ponte's work, open the database, or start the programs itself.
@@ -134,8 +134,10 @@ def supervise(conf: Path, folder: Path) -> int:
     if mark.exists():
         fields = dict(t.split(":", 1) for t in mark.read_text().split() if ":" in t)
         program = fields.get("processname", "um programa")
-        say(f"o programa '{program}' desistiu de iniciar (veja as linhas acima); a ponte parou "
-            f"com erro (código {EXIT_GAVE_UP}).")
+        what = "não para de cair" if fields.get("from_state") == "RUNNING" else \
+            "desistiu de iniciar"
+        say(f"o programa '{program}' {what} (veja as linhas acima); a ponte parou com erro "
+            f"(código {EXIT_GAVE_UP}).")
         return EXIT_GAVE_UP
     if code < 0:  # killed by a signal: the shell's convention, never a clean 0
         return 128 - code

@@ -2,7 +2,9 @@
 stop supervisord too, so the container exits and the platform shows the failure instead of a
 container that looks up but serves nothing. Supervisor itself always exits 0, so the listener
 first leaves a mark (`$PONTE_RUN_DIR/fatal`, the event's payload) for ponte_start.py, which
-turns it into exit code 1.
+turns it into exit code 1. A program that keeps dying after it started (Supervisor restarts
+it forever and never calls it FATAL: e.g. a port taken after the launcher's check) counts as
+giving up too, once it died CRASH_LIMIT times within CRASH_WINDOW_SECONDS.
 
 Owns: the mark; speaks Supervisor's event-listener protocol on stdin/stdout.
 Must not: touch ponte's database or settings.
@@ -10,9 +12,32 @@ Must not: touch ponte's database or settings.
 import os
 import signal
 import sys
+import time
+from collections import defaultdict, deque
 from pathlib import Path
 
 FATAL_MARK = "fatal"  # ponte_start.FATAL_MARK
+CRASH_LIMIT = 5
+CRASH_WINDOW_SECONDS = 60.0
+
+
+class CrashLoop:
+    """Counts each program's unexpected exits; `died()` says when one is in a crash loop."""
+
+    def __init__(self, limit: int = CRASH_LIMIT, window_seconds: float = CRASH_WINDOW_SECONDS):
+        self.limit, self.window_seconds = limit, window_seconds
+        self._exits: dict[str, deque] = defaultdict(deque)
+
+    def died(self, program: str, now: float) -> bool:
+        exits = self._exits[program]
+        exits.append(now)
+        while exits and now - exits[0] > self.window_seconds:
+            exits.popleft()
+        return len(exits) >= self.limit
+
+
+def _fields(payload: str) -> dict:
+    return dict(token.split(":", 1) for token in payload.split() if ":" in token)
 
 
 def leave_mark(payload: str) -> None:
@@ -25,18 +50,28 @@ def leave_mark(payload: str) -> None:
             sys.stderr.write(f"ponte: não consegui registrar a falha em {folder}: {exc}\n")
 
 
-def main() -> None:
+def _give_up(payload: str, why: str) -> None:
+    sys.stderr.write(f"ponte: {why} ({payload}); encerrando o Supervisor\n")
+    sys.stderr.flush()
+    leave_mark(payload)
+    os.kill(os.getppid(), signal.SIGTERM)
+
+
+def main(clock=time.monotonic) -> None:
+    crashes = CrashLoop()
     while True:
         sys.stdout.write("READY\n")
         sys.stdout.flush()
         header = dict(token.split(":", 1) for token in sys.stdin.readline().split())
         payload = sys.stdin.read(int(header.get("len", 0)))
-        if header.get("eventname") == "PROCESS_STATE_FATAL":
-            sys.stderr.write(f"ponte: um processo desistiu de iniciar ({payload.strip()}); "
-                             "encerrando o Supervisor\n")
-            sys.stderr.flush()
-            leave_mark(payload.strip())
-            os.kill(os.getppid(), signal.SIGTERM)
+        event, payload = header.get("eventname"), payload.strip()
+        if event == "PROCESS_STATE_FATAL":
+            _give_up(payload, "um processo desistiu de iniciar")
+        elif event == "PROCESS_STATE_EXITED" and _fields(payload).get("expected") == "0":
+            program = _fields(payload).get("processname", "?")
+            if crashes.died(program, clock()):
+                _give_up(payload, f"o programa '{program}' caiu {CRASH_LIMIT} vezes em "
+                                  f"{CRASH_WINDOW_SECONDS:g} s")
         sys.stdout.write("RESULT 2\nOK")
         sys.stdout.flush()
 

@@ -196,6 +196,36 @@ def test_a_start_where_a_program_gives_up_exits_1_naming_it(tmp_path):
     assert "o programa 'poller' desistiu de iniciar" in output
 
 
+def test_a_program_that_keeps_dying_after_it_started_stops_the_start_with_exit_1(tmp_path):
+    # GIVEN a poller that runs past Supervisor's startsecs, then dies: never FATAL, restarted
+    # forever (what a web whose port was taken after the launcher's check does)
+    conf = ROOT / f"supervisord-test-loop-{os.getpid()}.conf"
+    text = (ROOT / "supervisord.conf").read_text()
+    conf.write_text(text.replace("command=python poller.py\n", "command=python -c 'import time; "
+                                 "time.sleep(2.5); raise SystemExit(1)'\n"))
+    try:
+        proc = _launch(tmp_path, "--conf", str(conf))
+        try:
+            code = proc.wait(120)
+        finally:
+            _kill(proc)
+    finally:
+        conf.unlink(missing_ok=True)
+    output = proc.stdout.read()
+    assert code == 1, output
+    assert "o programa 'poller' caiu 5 vezes em 60 s" in output
+    assert "o programa 'poller' não para de cair" in output
+
+
+def test_the_crash_loop_counts_each_program_within_its_window():
+    import supervisor_watchdog
+    loop = supervisor_watchdog.CrashLoop(limit=3, window_seconds=60)
+    assert not loop.died("web", 0) and not loop.died("web", 10)
+    assert not loop.died("poller", 20)  # another program's deaths are its own
+    assert not loop.died("web", 61)  # the death at 0 is out of the window
+    assert loop.died("web", 62)
+
+
 def test_a_supervisor_killed_by_a_signal_is_never_a_clean_stop(tmp_path):
     # GIVEN programs that just wait (marked, to find them after their Supervisor is gone)
     marker = f"ponte-test-{os.getpid()}-{time.time_ns()}"
