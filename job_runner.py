@@ -18,6 +18,7 @@ from typing import Any, Callable
 import db_manager
 import outbox
 import ponte_logging
+import ponte_metrics
 from outbox import FollowUp, Job
 from peer_http import PeerError
 
@@ -174,6 +175,7 @@ def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
     # A job recorded by a webhook carries its request id: the job's log lines join that request.
     request_token = ponte_logging.request_id_var.set(job.payload.get("request_id"))
     started = time.monotonic()
+    outcome = "error"  # for ponte_job_runs_total: done, retry, dead, deferred, lease_lost
     try:
         handler = handlers.get(job.kind)
         if handler is None:
@@ -252,7 +254,7 @@ def _dead_hook(ctx: JobContext, on_dead: dict[str, DeadHandler]):
     return hook
 
 
-def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: float) -> None:
+def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: float) -> str:
     if isinstance(exc, (PeerError, JobFailed)):
         retryable, retry_after = exc.retryable, exc.retry_after_seconds
         detail = str(exc)
@@ -271,6 +273,7 @@ def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: flo
     level = logging.ERROR if status == "dead" else logging.WARNING
     log.log(level, "job_failed", extra={**extra, "error": detail[:300], "new_status": status,
                                         "elapsed_ms": _ms(started)})
+    return status
 
 
 def _ms(started: float) -> float:

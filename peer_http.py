@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import requests
 
+import ponte_metrics
+
 log = logging.getLogger("ponte.peer")
 
 RETRYABLE_STATUSES = {408, 409, 423, 425, 429, 500, 502, 503, 504}
@@ -116,18 +118,22 @@ class PeerClient:
                 if attempt == 1 and refused:
                     continue
                 err = self.error_class(None, f"connection error: {type(exc).__name__}", True)
+                ponte_metrics.observe_peer_failure(self.peer, "connection")
                 err.may_have_reached = not (refused or
                                             isinstance(exc, requests.exceptions.ConnectTimeout))
                 raise err
             except requests.exceptions.Timeout:
                 err = self.error_class(None, f"timeout after {timeout}s", True)
+                ponte_metrics.observe_peer_failure(self.peer, "timeout")
                 err.may_have_reached = True
                 raise err
             except requests.exceptions.RequestException as exc:
                 err = self.error_class(None, f"request error: {type(exc).__name__}", True)
+                ponte_metrics.observe_peer_failure(self.peer, "request")
                 err.may_have_reached = True
                 raise err
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        ponte_metrics.observe_peer_call(self.peer, elapsed_ms / 1000, response.status_code)
         log.debug("peer_call", extra={"peer": self.peer, "method": method, "path": _path_only(path),
                                       "status": response.status_code, "elapsed_ms": elapsed_ms,
                                       "waited_seconds": round(waited_seconds, 3)})

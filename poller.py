@@ -23,6 +23,7 @@ import config
 import db_manager
 import outbox
 import ponte_logging
+import ponte_metrics
 from job_runner import JobContext
 from worker_pool import WorkerPool
 
@@ -240,6 +241,7 @@ def main() -> int:
         sys.stderr.write(str(exc) + "\n")
         return 2
     ponte_logging.setup_logging(settings, "poller")
+    ponte_metrics.setup(settings)
     try:
         conn = db_manager.connect(settings.database_path)
         db_manager.migrate(conn)

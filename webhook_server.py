@@ -26,9 +26,10 @@ import credentials
 import db_manager
 import outbox
 import ponte_logging
+import ponte_metrics
 import task_runs
 import web_common
-from web_common import json_error, require_bearer
+from web_common import bearer_token, json_error, require_bearer, token_matches
 
 log = logging.getLogger("ponte.web")
 
@@ -54,6 +55,7 @@ def create_app(settings=None, clock=None) -> Flask:
     app.config.update(PONTE_SETTINGS=settings, PONTE_CLOCK=clock or time.time,
                       MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False)
     app.json.ensure_ascii = False
+    ponte_metrics.setup(settings)
     try:
         db_manager.migrate(db_manager.connect(settings.database_path))
     except Exception as exc:  # /health will say why; the web must still answer
@@ -87,9 +89,12 @@ class RequestIds:
     def __call__(self, environ, start_response):
         given = environ.get("HTTP_X_REQUEST_ID", "")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        webhook = ponte_metrics.webhook_started(environ.get("PATH_INFO", ""))
+        answered = [500]  # the status of the answer, for ponte_webhooks_total
 
         def start_with_id(status, headers, exc_info=None):
             headers.append(("X-Request-Id", request_id))
+            answered[0] = int(status[:3]) if status[:3].isdigit() else 500
             return start_response(status, headers, exc_info)
 
         token = ponte_logging.request_id_var.set(request_id)
@@ -108,6 +113,7 @@ class RequestIds:
                                             web_common.error_body(*_ERROR_TEXT[413]))
             return self.wsgi_app(environ, start_with_id)
         finally:
+            ponte_metrics.webhook_finished(webhook, answered[0])
             ponte_logging.request_id_var.reset(token)
 
 
@@ -167,18 +173,15 @@ def _install_operator_routes(app: Flask) -> None:
 
     @app.get("/metrics")
     def metrics():
+        s = web_common.settings()
+        if s.metrics_token and not token_matches(bearer_token(), s.metrics_token):
+            return json_error(401, "unauthorized", "Token ausente ou inválido (METRICS_TOKEN).")
         conn = web_common.get_db()
-        stats = outbox.queue_stats(conn, web_common.now())
-        lines = ["# TYPE ponte_jobs gauge"]
-        lines += [f'ponte_jobs{{status="{k}"}} {v}' for k, v in stats.items()
-                  if k in ("pending", "running", "done", "dead", "due", "staged")]
-        lines += ["# TYPE ponte_oldest_due_job_seconds gauge",
-                  f"ponte_oldest_due_job_seconds {stats['oldest_due_seconds']}"]
-        beat = db_manager.last_beat(conn, "poller")
-        age = web_common.now() - beat["beat_at"] if beat else -1
-        lines += ["# TYPE ponte_poller_heartbeat_age_seconds gauge",
-                  f"ponte_poller_heartbeat_age_seconds {age:.3f}"]
-        return "\n".join(lines) + "\n", 200, {"Content-Type": "text/plain; version=0.0.4"}
+        try:
+            body = ponte_metrics.render(conn, s, web_common.now())
+        except FileNotFoundError:  # a starting process removed a dead one's file meanwhile
+            body = ponte_metrics.render(conn, s, web_common.now())
+        return body, 200, {"Content-Type": ponte_metrics.CONTENT_TYPE}
 
     @app.get("/admin/jobs")
     @require_bearer("admin_token")

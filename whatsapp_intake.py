@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import bot_control
 import db_manager
 import outbox
+import ponte_metrics
 import whatsapp_store
 from kommo_api import KommoMessage, KommoNote, KommoWebhook, parse_kommo_webhook
 from n8n_api import N8nAsyncAnswer
@@ -74,6 +75,7 @@ def record_delivery(conn, hook: KommoWebhook, raw: bytes, now: float,
             conn, INTAKE, key, {"body": raw.decode("utf-8", "replace"), "received_at": now,
                                 "request_id": request_id},
             ordering_key=INTAKE_ORDER, max_attempts=INTAKE_MAX_ATTEMPTS, now=now)
+        ponte_metrics.note_webhook_event("add_message" if hook.messages else "add_note", new)
         return "queued" if new else "duplicate"
     new = db_manager.record_event(
         conn, "kommo", key, "other", "ignored",
