@@ -52,18 +52,28 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 3600} h"
 
 
-def open_database(settings) -> sqlite3.Connection:
-    """The database, migrated as every process of ponte does at start; CommandFailed when
-    there is none yet (no ponte has run with this DATABASE_PATH)."""
+def open_database(settings, any_schema: bool = False) -> sqlite3.Connection:
+    """The database as it is: CommandFailed when there is none yet (no ponte has run with this
+    DATABASE_PATH) or, unless `any_schema`, when its schema is not the one this code knows.
+    Never migrates: a backup taken before an update must be of the old database, and a ponte
+    still running an older version must not find its tables changed under it."""
     path = Path(settings.database_path)
     if not path.exists():
         raise CommandFailed(f"não há banco em {path}: a ponte ainda não rodou com este "
                             "DATABASE_PATH (confira o .env, ou rode no contêiner da ponte).")
     try:
         conn = db_manager.connect(str(path))
-        db_manager.migrate(conn)
-    except db_manager.DatabaseError as exc:
+        version = db_manager.schema_version(conn)
+    except (db_manager.DatabaseError, sqlite3.Error) as exc:
         raise CommandFailed(str(exc)) from exc
+    expected = len(db_manager.MIGRATIONS)
+    if version != expected and not any_schema:
+        conn.close()
+        newer = "mais nova" if version > expected else "anterior"
+        raise CommandFailed(f"o banco está na versão {version} do esquema, de uma ponte {newer}; "
+                            f"este código conhece a {expected}. "
+                            + ("Suba a ponte (./ponte run) para atualizá-lo."
+                               if version < expected else "Use a versão mais nova da ponte."))
     return conn
 
 
@@ -183,7 +193,7 @@ def backup(settings, destination: str | None, now: float) -> Path:
         target = target / name
     if target.exists():
         raise CommandFailed(f"{target} já existe; escolha outro destino.")
-    source = open_database(settings)
+    source = open_database(settings, any_schema=True)
     partial = target.with_name(target.name + ".partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

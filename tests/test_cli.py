@@ -195,3 +195,20 @@ def test_backup_by_default_goes_beside_the_database_through_the_ponte_script(tmp
     [copy] = (tmp_path / "data" / "backups").glob("ponte-*.db")
     assert str(copy) in result.stdout and "Para restaurar: pare a ponte" in result.stdout
     assert not list((tmp_path / "data" / "backups").glob("*.partial"))
+
+
+def test_commands_never_migrate_and_a_backup_keeps_an_older_schema(settings, db, tmp_path):
+    # GIVEN a database left by an older ponte (one migration behind)
+    current = db_manager.schema_version(db)
+    db.execute(f"PRAGMA user_version = {current - 1}")
+    # WHEN the operator asks for the status, and makes a backup before updating
+    code, lines = ponte_cli.run(["status"], settings=settings, now=NOW)
+    assert code == 1
+    assert f"o banco está na versão {current - 1} do esquema, de uma ponte anterior" in lines[0]
+    assert "./ponte run" in lines[0]
+    code, lines = ponte_cli.run(["backup", f"{tmp_path / 'antes'}/"], settings=settings, now=NOW)
+    # THEN nothing was migrated, and the copy is the old database as it was
+    assert code == 0, lines
+    assert db_manager.schema_version(db) == current - 1
+    [copy] = (tmp_path / "antes").iterdir()
+    assert sqlite3.connect(copy).execute("PRAGMA user_version").fetchone()[0] == current - 1
