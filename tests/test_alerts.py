@@ -308,3 +308,27 @@ def test_the_console_shows_active_alerts(make_settings, serve, clock):
     page = console.get("/admin").text
     assert "Alertas ativos (1)" in page and "1 job(s) desistiram" in page
     assert "ALERT_WEBHOOK_URL" in page  # how to get them outside the console
+
+
+def test_kommo_refusing_a_reply_across_http_fires_then_resolves(make_settings, serve, clock,
+                                                                receiver):
+    # GIVEN Kommo answering 402 (account not paid) to a reply: the reply dies (not retryable)
+    bridge = BridgeA(make_settings, serve, clock, ALERT_WEBHOOK_URL=receiver.url)
+    bridge.kommo_fails(path_prefix="/api/v4/talks", status=402, count=1)
+    bridge.customer_says("oi")
+    bridge.run_jobs()
+    check_and_deliver(bridge)
+    firing = {n["alert"]: n for n in receiver.notices}
+    assert sorted(firing) == [AlertName.DEAD_JOBS, AlertName.KOMMO_REFUSING]
+    assert "conta sem pagamento (402)" in firing[AlertName.KOMMO_REFUSING]["message"]
+    assert firing[AlertName.KOMMO_REFUSING]["details"]["statuses"] == [402]
+    # WHEN Kommo takes the next reply
+    clock.advance(60)
+    bridge.customer_says("alô", message_id="m-2", created_at=int(clock()))
+    bridge.run_jobs()
+    check_and_deliver(bridge)
+    # THEN Kommo's alert resolves; the dead job's stays until an operator acts on it
+    assert bridge.chat_messages()
+    assert (receiver.notices[-1]["alert"], receiver.notices[-1]["status"]) == (
+        AlertName.KOMMO_REFUSING, "resolved")
+    assert [a["name"] for a in alerts.active(bridge.db)] == [AlertName.DEAD_JOBS]
