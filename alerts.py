@@ -5,8 +5,9 @@
 Conditions (`evaluate`): n8n failing, Kommo refusing (401/402/403/429), an account whose token
 was refused (one alert per provider), dead jobs, jobs overdue, Mercado Livre polls failing — all
 checked by the poller every ALERT_CHECK_SECONDS (`check`, a scheduled task) — and the poller
-stale, which the poller cannot see about itself: the web process checks it on every /health
-(Docker's HEALTHCHECK calls it every 30 s) with `check_poller`.
+stale, which the poller cannot see about itself: the web process checks it with `check_poller`
+on every /health (Docker's HEALTHCHECK calls it every 30 s) and every 30 s in each Gunicorn
+worker (`start_poller_watch`).
 
 State: one row per alert in the `alerts` table. A condition that starts writes `firing` (since
 now) and queues one notice; while it lasts nothing more is sent; when it clears the row turns
@@ -49,6 +50,8 @@ PEER_WINDOW_SECONDS = 900
 TASK_STALE_SECONDS = 3600
 # The web process tries a poller-stale notice again after this long when the receiver failed.
 WEB_RETRY_SECONDS = 60
+# How often each web worker looks at the poller's heartbeat on its own (start_poller_watch).
+POLLER_WATCH_SECONDS = 30
 
 
 class AlertName:
@@ -307,6 +310,18 @@ def check_poller(conn: sqlite3.Connection, settings, now: float,
     if settings.alert_webhook_url:
         _claim_and_deliver(conn, settings, now, deliver)
     return condition
+
+
+def start_poller_watch(settings, every_seconds: float = POLLER_WATCH_SECONDS,
+                       stop: threading.Event | None = None,
+                       clock: Callable[[], float] = time.time) -> threading.Thread:
+    """Web side, when nobody asks /health (`./ponte run` without a monitor): `check_poller`
+    every `every_seconds` in a thread of each Gunicorn worker (gunicorn_conf.post_worker_init).
+    Workers that see the same change fire one alert and send one notice (`sync` re-reads under
+    the write lock; one worker claims the notice)."""
+    return db_manager.start_periodic(settings.database_path, every_seconds,
+                                     lambda conn: check_poller(conn, settings, clock()),
+                                     "poller-watch", "poller_watch_failed", stop)
 
 
 def _claim_and_deliver(conn, settings, now: float, deliver) -> None:

@@ -73,5 +73,8 @@ logger_class = _ScrubbingLogger
 
 def post_worker_init(worker):
     """Gunicorn hook, in each worker once the app is loaded: checkpoint the WAL in a background
-    thread, so that no webhook ack waits for a checkpoint (see db_manager)."""
+    thread, so that no webhook ack waits for a checkpoint (see db_manager); and look at the
+    poller's heartbeat every 30 s (the alert the poller cannot raise about itself, see alerts)."""
+    import alerts  # here, not at import: the master process needs none of it
     _db_manager.start_checkpointer(_settings.database_path)
+    alerts.start_poller_watch(_settings)

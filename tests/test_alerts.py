@@ -16,6 +16,7 @@ import meli_auth
 import outbox
 import task_runs
 from alerts import AlertName
+from standins.support import wait_for
 from tests.bridge_a_harness import BridgeA
 from tests.meli_support import bridge_env
 from tests.test_admin_console import Console
@@ -332,3 +333,38 @@ def test_kommo_refusing_a_reply_across_http_fires_then_resolves(make_settings, s
     assert (receiver.notices[-1]["alert"], receiver.notices[-1]["status"]) == (
         AlertName.KOMMO_REFUSING, "resolved")
     assert [a["name"] for a in alerts.active(bridge.db)] == [AlertName.DEAD_JOBS]
+
+
+def test_each_web_worker_watches_the_poller_without_any_health_request(make_settings, clock,
+                                                                        receiver):
+    # GIVEN a poller whose last heartbeat is old, and nobody asking /health
+    settings = make_settings(ALERT_WEBHOOK_URL=receiver.url)
+    conn = db_manager.connect(settings.database_path)
+    db_manager.migrate(conn)
+    db_manager.beat(conn, "poller", now=clock() - 600)
+    stop = threading.Event()
+    # WHEN two web workers' watch threads run (gunicorn_conf.post_worker_init starts one each)
+    watches = [alerts.start_poller_watch(settings, every_seconds=0.02, stop=stop, clock=clock)
+               for _ in range(2)]
+    try:
+        wait_for(lambda: receiver.notices, 10, what="the poller-stale notice")
+        wait_for(lambda: alerts.active(conn) and alerts.active(conn)[0]["delivered_at"], 10,
+                 what="the notice recorded as delivered")
+        # THEN one notice, however many workers watch
+        assert [(n["alert"], n["status"]) for n in receiver.notices] == [
+            (AlertName.POLLER_STALE, "firing")]
+    finally:
+        stop.set()
+        for watch in watches:
+            watch.join(5)
+    _join_deliveries()
+    assert len(receiver.notices) == 1
+
+
+def test_gunicorn_workers_start_the_poller_watch(monkeypatch):
+    import gunicorn_conf
+    started = []
+    monkeypatch.setattr(alerts, "start_poller_watch", started.append)
+    monkeypatch.setattr(db_manager, "start_checkpointer", lambda path: None)
+    gunicorn_conf.post_worker_init(worker=None)
+    assert started == [gunicorn_conf._settings]
