@@ -581,6 +581,10 @@ def dumps(value: Any) -> str:
 
 # --- inbound events -----------------------------------------------------------------------------
 
+# Callables `observe(source, event_type, new)` told of every `record_event` (never raising).
+EVENT_OBSERVERS: list = []
+
+
 def record_event(conn: sqlite3.Connection, source: str, dedupe_key: str, event_type: str,
                  status: str, summary: dict | None = None, request_id: str | None = None,
                  now: float | None = None) -> bool:
@@ -590,6 +594,8 @@ def record_event(conn: sqlite3.Connection, source: str, dedupe_key: str, event_t
         " summary) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dedupe_key) DO NOTHING",
         (source, dedupe_key, event_type, status, now or time.time(), request_id,
          dumps(summary or {})))
+    for observe in EVENT_OBSERVERS:  # ponte_metrics counts webhooks by peer, event and outcome
+        observe(source, event_type, cur.rowcount == 1)
     return cur.rowcount == 1
 
 
