@@ -221,7 +221,8 @@ def _should_send(answer) -> bool:
 def handle_ask(ctx, job):
     """`n8n.ml_question`: ask the workflow; its answer goes to `ml.ai_answer`. An empty answer
     means the workflow posts it later; `should_send: false` means none. n8n failing
-    AI_ATTEMPTS times leaves the question to the agents with a private note."""
+    AI_ATTEMPTS times (or refusing for good) kills the job: `on_dead_ask` leaves the question
+    to the agents with a private note."""
     p = job.payload
     question = p["question"]
     qid = str(question["id"])
@@ -239,7 +240,10 @@ def handle_ask(ctx, job):
             raise
         log.warning("ml_ai_unavailable", extra={"peer": "n8n", "ml_question_id": qid,
                                                 "status": exc.status, "attempt": job.attempt})
-        return {"status": "ai_unavailable"}, [_unavailable_note(conversation_id, qid, exc)]
+        # Dead, not done: the n8n lane counts it as a failure (the `n8n_failing` alert and
+        # /admin see it), and on_dead_ask leaves the note for the agents.
+        exc.retryable = False
+        raise
     if not _should_send(answer):
         log.info("ml_ai_declined", extra={"ml_question_id": qid})
         return {"status": "not_sent"}
@@ -250,19 +254,23 @@ def handle_ask(ctx, job):
     return {"status": "answered"}, [publish_follow_up(qid, conversation_id, "\n\n".join(found))]
 
 
-def _unavailable_note(conversation_id: int, qid: str, exc: Exception | str) -> FollowUp:
-    if isinstance(exc, N8nError):
-        error = f"HTTP {exc.status}" if exc.status else "sem conexão ou tempo esgotado"
-    else:
-        error = str(exc)[:120]
-    return note_follow_up(conversation_id, texts.AI_UNAVAILABLE.format(error=error),
-                          f"ml-ai-failed:{qid}")
+def _error_words(error: str) -> str:
+    """A job's error as the agents read it: `n8n 503: …` → `HTTP 503`."""
+    status = re.match(r"n8n (\d{3}):", error)
+    if status:
+        return f"HTTP {status.group(1)}"
+    if error.startswith("n8n no-status"):
+        return "sem conexão ou tempo esgotado"
+    return error[:120]
 
 
 def on_dead_ask(ctx, job, error: str) -> list[FollowUp]:
-    """An AI call that died some other way (lease lost too often): the agents are told."""
+    """The workflow did not answer (n8n down or failing AI_ATTEMPTS times, or a job that died
+    some other way): no answer, and a private note tells the agents the question is theirs."""
     p = job.payload
-    return [_unavailable_note(int(p["conversation_id"]), str(p["question"]["id"]), error)]
+    return [note_follow_up(int(p["conversation_id"]),
+                           texts.AI_UNAVAILABLE.format(error=_error_words(error)),
+                           f"ml-ai-failed:{p['question']['id']}")]
 
 
 def publish_follow_up(qid: str, conversation_id: int, text: str) -> FollowUp:

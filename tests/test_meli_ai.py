@@ -382,10 +382,26 @@ def test_n8n_down_leaves_the_question_to_the_agents_with_a_note(make_ai, clock):
     assert b.answers() == []
     (note,) = b.notes()
     assert "agente de IA (n8n) não respondeu" in note and "HTTP 503" in note
+    # AND the operator hears of it: the job is dead and the n8n_failing alert's condition holds
+    assert b.jobs(kind="n8n.ml_question")[0]["status"] == "dead"
+    import alerts
+    assert "n8n_failing" in alerts.evaluate(b.conn, b.settings, clock())
     # AND the agents still answer as usual
     b.agent_replies(b.conversation()["id"], "Temos sim.")
     b.drain()
     assert b.answers() == ["Temos sim."]
+
+
+def test_n8n_unreachable_is_told_in_words(make_ai, clock):
+    b = make_ai(mode="sugerir", ML_AI_WEBHOOK_URL="http://127.0.0.1:9/webhook/x",
+                ML_AI_TIMEOUT_SECONDS="2")
+    b.ask_ai("Tem em estoque?")
+    b.poll()
+    for _ in range(meli_ai.AI_ATTEMPTS):
+        clock.advance(60)
+        b.drain()
+    (note,) = b.notes()
+    assert "(sem conexão ou tempo esgotado)" in note
 
 
 def test_the_agents_reply_wins_over_a_slower_ai(make_ai):
