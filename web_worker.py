@@ -6,12 +6,14 @@ Why: a sync worker reads a request with blocking calls, so one client that trick
 or its body holds the worker until Gunicorn's timeout kills it; two such clients held both
 workers and every Kommo ack waited ~30 s (issue 14). Here a slow client only holds a buffer.
 The app still runs one request at a time per worker, in the worker's main thread, exactly as
-under the sync worker (same parser, same WSGI environ, same access log, same hooks): the
-measured ingest path does not change (bench/bench_slow_clients.py, docs/benchmarks.md).
+under the sync worker (same parser, same WSGI environ, same access log, same hooks); only the
+close differs: the request was read whole, so the worker closes at once instead of waiting up to
+2 s for the client to close first (bench/bench_slow_clients.py, docs/benchmarks.md).
 
 Owns: accepting connections, buffering each request until it is complete (`RequestReader`),
-dropping clients that are too slow (408) or send too much (413/431), and handing complete
-requests to the sync worker's `handle`. Must not: run the app for an incomplete request, parse
+dropping clients that are too slow (408), too many or holding too much (503) or sending too much
+(413/431), reporting the drops (`slow_clients_dropped`), and handing complete requests to the
+sync worker's `handle`. Must not: run the app for an incomplete request, parse
 HTTP beyond what it takes to know where a request ends (Gunicorn's parser judges the request),
 or know anything about ponte's routes.
 """
