@@ -391,3 +391,20 @@ def test_clients_that_connect_and_send_nothing_never_take_a_pending_place(strict
         sending.close()
         for s in silent:
             s.close()
+
+
+def test_a_client_that_never_closes_after_its_answer_does_not_hold_the_worker(strict_web):
+    """Gunicorn's sync worker waits up to 2 s after each answer for the client to close; the
+    request was read whole here, so the only worker closes at once and serves the next one."""
+    lingering = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", strict_web.port), timeout=5)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            lingering.append(s)  # read nothing, close nothing
+        status, seconds = _post_webhook(strict_web.port, 10_006)
+        # not 3 × 2 s behind the lingering ones
+        assert status == 200 and seconds < 1.5, f"{status} after {seconds:.2f} s"
+    finally:
+        for s in lingering:
+            s.close()
