@@ -590,7 +590,7 @@ def test_bot_api_ids_and_bodies(ponte, contact_id, action, body, key):
     status, _ = ponte.check(method, path, [("Content-Type", "application/json"),
                                            ("Authorization", f"Bearer {key}")],
                             None if body is None else json_bytes(body), authentic=True)
-    if contact_id in ("²", "１２"):
+    if contact_id in ("²", "１２") and action != "command":
         assert status == 400  # an id only int() reads (or reads as another contact's)
 
 
