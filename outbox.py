@@ -139,8 +139,9 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
       own lane. Among lanes with room, the least busy (`lane_busy`: jobs running now) goes
       first, so a backlog of one peer never makes a newly due job of another peer wait for it;
       within a lane, the job due first goes first. Kinds not in `lanes` count as one lane.
-    - Urgent jobs (inbound deliveries: a seller's pause) are claimed alone: once one is
-      claimed, or while one runs (`urgent_only`), only urgent jobs are claimed.
+    - Urgent jobs (inbound deliveries: a seller's pause) are claimed alone, and while one
+      runs (`urgent_only`) only urgent jobs are claimed: nothing claimed after a pause runs
+      beside it.
     - `running_ids` are jobs the caller is running: never claimed again, even if their lease
       looks expired (the caller renews it).
 
@@ -164,7 +165,8 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
             lane = lanes.get(row["kind"])
             room[lane] = room.get(lane, 1) - 1
             busy[lane] = busy.get(lane, 0) + 1
-            urgent_only = urgent_only or row["kind"] in urgent_kinds
+            if row["kind"] in urgent_kinds:
+                break  # claimed alone (the urgent jobs behind it usually wait for it, too)
     return claimed
 
 

@@ -141,7 +141,10 @@ def test_claim_jobs_respects_lanes_and_never_runs_an_urgent_job_beside_others(db
     outbox.enqueue_job(db, "intake", "in-1", {}, now=clock())
     jobs = outbox.claim_jobs(db, clock(), LEASE, 10, urgent_kinds=("intake",), lanes=lanes,
                              lane_room={"n8n": 2, "ml": 2, "database": 5})
-    assert sorted(j.dedupe_key for j in jobs) == ["in-0", "in-1"]
+    assert [j.dedupe_key for j in jobs] == ["in-0"]
+    jobs = outbox.claim_jobs(db, clock(), LEASE, 10, urgent_kinds=("intake",), lanes=lanes,
+                             lane_room={"n8n": 2, "ml": 2, "database": 5}, urgent_only=True)
+    assert [j.dedupe_key for j in jobs] == ["in-1"]
     assert outbox.claim_jobs(db, clock(), LEASE, 10, urgent_kinds=("intake",), lanes=lanes,
                              lane_room={"n8n": 2, "ml": 2, "database": 5},
                              urgent_only=True) == []
