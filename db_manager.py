@@ -412,6 +412,55 @@ MIGRATIONS: list = [
     # 7: bridge B's state in its own tables (queried by meli_store), moved out of the JSON
     # values of `mappings` that jobs read, changed and wrote back
     _MELI_TABLES_7,
+    # 8: the seller's AI agent on Mercado Livre questions (queried by meli_ai_store)
+    """
+    CREATE TABLE ml_ai_answers (
+        ml_question_id TEXT PRIMARY KEY,
+        chatwoot_conversation_id INTEGER,
+        answer_text TEXT,
+        held_reason TEXT,
+        status TEXT NOT NULL DEFAULT 'none',
+        chatwoot_message_id INTEGER,
+        agent_replied_at REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX ml_ai_answers_updated ON ml_ai_answers(updated_at);
+    CREATE TABLE ml_ai_items (
+        ml_item_id TEXT PRIMARY KEY,
+        title TEXT,
+        price REAL,
+        currency_id TEXT,
+        available_quantity INTEGER,
+        permalink TEXT,
+        status TEXT,
+        attributes TEXT NOT NULL DEFAULT '[]',
+        description TEXT NOT NULL DEFAULT '',
+        fetched_at REAL NOT NULL
+    );
+    """,
+    # 9: operations — alert states (alerts.py) and the outcome of the poller's periodic tasks
+    # (task_runs: /health tells "polls keep failing" from them)
+    """
+    CREATE TABLE alerts (
+        name TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('firing', 'resolved')),
+        since_at REAL NOT NULL,
+        message TEXT NOT NULL,
+        details TEXT NOT NULL DEFAULT '{}',
+        last_sent_at REAL,
+        delivered_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE task_runs (
+        task TEXT PRIMARY KEY,
+        last_ok_at REAL,
+        last_failed_at REAL,
+        last_error TEXT NOT NULL DEFAULT '',
+        failures INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -9,15 +9,17 @@ Ordering keys: see meli_common.
 from __future__ import annotations
 
 import db_manager
+import meli_ai_store as ai_store
 import meli_store as store
 import meli_texts as texts
 import outbox
 from chatwoot_api import BRIDGE_ORIGIN_KEY, markdown_to_text
-from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, QUESTION_MAX_PAGES,
-                         QUESTION_PAGE, add_label, buyer_ordering_key, cache_item, cw,
-                         ensure_contact, find_message_by_source, fresh_item, iso, item_info, log,
-                         ml, note_follow_up, open_conversation, questions_inbox, refuse,
-                         reply_ordering_key, short_error, squash, thumbnail)
+from meli_common import (LABEL_ANSWERED, LABEL_ANSWERED_ON_ML, QUESTION_MAX_OFFSET,
+                         QUESTION_MAX_PAGES, QUESTION_PAGE, add_label, buyer_ordering_key,
+                         cache_item, cw, ensure_contact, find_message_by_source, fresh_item, iso,
+                         item_info, log, ml, next_page_offset, note_follow_up, open_conversation,
+                         questions_inbox, refuse, reply_deleted, reply_ordering_key, short_error,
+                         squash, thumbnail)
 from mercado_livre_api import (ANSWER_MAX_CHARS, MercadoLivreError, buyer_id_of_question,
                                parse_date, question_sort_key)
 from outbox import FollowUp
@@ -51,11 +53,14 @@ def poll_questions(ctx) -> dict:
         seen.update(str(q.get("id")) for q in questions)
         new = [q for q in questions if _needs_import(ctx, q.get("id"))]
         found.extend(new)
-        offset += QUESTION_PAGE
-        if len(questions) < QUESTION_PAGE or offset >= int(page.get("total") or 0):
+        # By what came back: Mercado Livre may page at 10 whatever limit was asked.
+        offset = next_page_offset(offset, len(questions),
+                                  {"total": page.get("total"), "limit": page.get("limit")},
+                                  QUESTION_PAGE)
+        if offset is None:
             complete = True
             break
-        if not new and not full:
+        if offset > QUESTION_MAX_OFFSET or (not new and not full):
             break
     enqueued = 0
     if found:
@@ -147,8 +152,10 @@ def handle_import_question(ctx, job):
     qid = str(q["id"])
     known = store.get_question(ctx.conn, qid)
     if known is not None and known.chatwoot_message_id:
+        # A re-run after a crash that recorded the message but lost the job's completion.
         return {"status": "already_imported",
-                "conversation_id": known.chatwoot_conversation_id}
+                "conversation_id": known.chatwoot_conversation_id}, \
+            _ask_ai(ctx, q, known.chatwoot_conversation_id)
     if q.get("status") not in (None, "UNANSWERED"):
         return {"status": "skipped", "question_status": q.get("status")}
     client = cw(ctx)
@@ -191,7 +198,15 @@ def handle_import_question(ctx, job):
     log.info("ml_question_imported", extra={"ml_question_id": qid,
                                             "chatwoot_conversation_id": conversation_id})
     return {"status": "imported", "conversation_id": conversation_id,
-            "message_id": int(existing["id"])}
+            "message_id": int(existing["id"])}, _ask_ai(ctx, q, conversation_id)
+
+
+def _ask_ai(ctx, question: dict, conversation_id: int) -> list[FollowUp]:
+    """The seller's AI agent is asked about the question just imported (when ML_AI_MODE is on)."""
+    import meli_ai  # meli_ai builds on this module (answer_question): imported when used
+
+    follow = meli_ai.ask_follow_up(ctx.settings, question, conversation_id)
+    return [follow] if follow else []
 
 
 def handle_fetch_question(ctx, job):
@@ -267,8 +282,21 @@ def handle_mirror_answer(ctx, job):
 
 
 def answer_question(ctx, job, reply: dict, qid: str):
-    """Publish an agent's reply as the question's answer, or refuse it with a note."""
+    """Publish an agent's reply as the question's answer, or refuse it with a note. A reply of
+    exactly `#ok` publishes the AI's pending suggestion instead (meli_ai); any other agent reply
+    marks the question so that a later AI answer is dropped. meli_ai publishes the AI's own
+    answers through here too (`reply["ai"]`)."""
     text = markdown_to_text(reply.get("content") or "")
+    approved = text.strip().casefold() == texts.AI_APPROVE_COMMAND
+    if approved:  # the agent sends the AI's suggestion as it is; "#ok" never goes out
+        suggestion = ai_store.get(ctx.conn, qid)
+        # APPROVED too: a re-run of this very reply (the checks below see it went out)
+        if suggestion is None or not suggestion.answer_text or suggestion.status not in (
+                ai_store.STATUS_SUGGESTED, ai_store.STATUS_APPROVED):
+            return refuse(reply, texts.AI_NOTHING_TO_APPROVE, "no_ai_suggestion")
+        text = suggestion.answer_text
+    elif not reply.get("ai"):
+        ai_store.mark_agent_replied(ctx.conn, qid, ctx.now())  # a late AI answer is dropped
     notes = []
     if reply.get("attachments"):
         notes.append(texts.ANSWER_NO_ATTACHMENTS.format(
@@ -283,6 +311,8 @@ def answer_question(ctx, job, reply: dict, qid: str):
     if ours and ours.chatwoot_message_id != int(reply["message_id"]):
         return refuse(reply, texts.ALREADY_ANSWERED_BY_US.format(
             message_id=ours.chatwoot_message_id), "already_answered")
+    if not ours and reply_deleted(ctx, reply):
+        return {"status": "deleted", "question_id": qid}
     if not ours:
         # In flight before the POST: a run that loses Mercado Livre's answer (timeout, crash,
         # job died and re-armed) knows its POST may have gone through; an error that may have
@@ -313,6 +343,10 @@ def answer_question(ctx, job, reply: dict, qid: str):
     if notes:
         follow_ups.append(note_follow_up(reply["conversation_id"], "\n".join(notes),
                                 f"attachments:{reply['message_id']}"))
+    if approved:
+        ai_store.set_status(ctx.conn, qid, ai_store.STATUS_APPROVED, ctx.now())
+        follow_ups.append(note_follow_up(reply["conversation_id"], texts.AI_APPROVED,
+                                         f"ml-ai-approved:{qid}"))
     log.info("ml_question_answered", extra={"ml_question_id": qid,
                                             "chatwoot_message_id": reply["message_id"]})
     return {"status": "answered", "question_id": qid}, follow_ups

@@ -1,7 +1,8 @@
 """Bridge B's HTTP routes: Chatwoot's API-inbox webhook, Mercado Livre notifications and the
 Mercado Livre OAuth start/callback.
 
-Owns: the `meli` blueprint. Webhooks only verify → parse → record (event + job in one
+Owns: the `meli` blueprint (with `POST /mercadolivre/send-response`, the AI's asynchronous
+answers to questions). Webhooks only verify → parse → record (event + job in one
 transaction) → answer 2xx; the OAuth callback is the one route that calls a peer (the code
 exchange happens while the seller's browser waits).
 Must not: call a peer from a webhook; hold bridge logic (meli_jobs) or wire formats.
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import logging
+import re
 
 from flask import Blueprint, Response, jsonify, redirect, request
 
 import config
 import db_manager
+import meli_ai
 import meli_auth
 import outbox
 import web_common
-from chatwoot_api import classify_chatwoot_event, verify_chatwoot_signature
+from chatwoot_api import classify_chatwoot_event, deleted_message, verify_chatwoot_signature
+from meli_store import deleted_event_key
 from mercado_livre_api import parse_notification
 from web_common import json_error, token_matches
 
@@ -33,9 +36,14 @@ NOTIFICATION_JOBS = {"questions": ("ml.fetch_question", "question_id"),
                      "orders_v2": ("ml.fetch_order", "order_id")}
 
 
+# A delivery id we keep as it is (Chatwoot sends a UUID); anything else is replaced by a hash.
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
+
+
 def _inbox_ids(s) -> tuple[int, ...]:
-    return tuple(int(i) for i in (s.chatwoot_questions_inbox_id, s.chatwoot_sales_inbox_id)
-                 if str(i).strip().isdigit())
+    ids = (web_common.ascii_id(str(i)) for i in (s.chatwoot_questions_inbox_id,
+                                                 s.chatwoot_sales_inbox_id))
+    return tuple(int(i) for i in ids if i is not None)
 
 
 def _chatwoot_authentic(s, raw: bytes, url_token: str) -> tuple[bool, str]:
@@ -45,6 +53,8 @@ def _chatwoot_authentic(s, raw: bytes, url_token: str) -> tuple[bool, str]:
     secrets = config.split_list(s.chatwoot_webhook_secret)
     if secrets and signature:
         timestamp = request.headers.get("X-Chatwoot-Timestamp")
+        if web_common.ascii_int(timestamp) is None:  # "²" passes str.isdigit(), not int()
+            return False, "signature"
         ok = any(verify_chatwoot_signature(secret, timestamp, raw, signature, web_common.now())
                  for secret in secrets)
         return ok, "signature"
@@ -71,9 +81,9 @@ def chatwoot_webhook(url_token: str = ""):
                               "Defina CHATWOOT_WEBHOOK_SECRET (ou CHATWOOT_WEBHOOK_TOKEN).")
         return json_error(401, "invalid_signature", "Assinatura do Chatwoot inválida ou vencida.")
     try:
-        body = json.loads(raw or b"null")
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python parses
-        return jsonify(ok=True, ignored="invalid_json")
+        body = web_common.parse_json(raw or b"null")
+    except web_common.BadBody as exc:  # 2xx: Chatwoot marks a message failed on an error
+        return jsonify(ok=True, ignored="invalid_json" if exc.code == "bad_json" else exc.code)
     try:
         reply, reason = classify_chatwoot_event(body, _inbox_ids(s))
     except Exception:  # a shape we did not foresee must not become a 500 Chatwoot retries
@@ -81,10 +91,24 @@ def chatwoot_webhook(url_token: str = ""):
         reply, reason = None, "malformed"
     if reason == "malformed":
         return jsonify(ok=True, ignored="malformed")
-    delivery = request.headers.get("X-Chatwoot-Delivery") or hashlib.sha256(raw).hexdigest()[:32]
+    delivery = request.headers.get("X-Chatwoot-Delivery") or ""
+    if not _DELIVERY_ID.match(delivery):
+        delivery = hashlib.sha256(raw).hexdigest()[:32]
     now = web_common.now()
     conn = web_common.get_db()
+    deleted = deleted_message(body, _inbox_ids(s)) if reply is None else None
     with db_manager.transaction(conn):
+        if deleted is not None:
+            # A reply whose forward job has not run yet finds this and is not sent.
+            db_manager.record_event(conn, "chatwoot", deleted_event_key(deleted.message_id),
+                                    "message_updated", "deleted",
+                                    {"chatwoot_message_id": deleted.message_id,
+                                     "chatwoot_conversation_id": deleted.conversation_id},
+                                    now=now)
+            log.info("chatwoot_message_deleted",
+                     extra={"peer": "chatwoot", "chatwoot_message_id": deleted.message_id,
+                            "chatwoot_conversation_id": deleted.conversation_id})
+            return jsonify(ok=True, deleted=True)
         if reply is None:
             db_manager.record_event(conn, "chatwoot", f"chatwoot-delivery:{delivery}",
                                     str(body.get("event") if isinstance(body, dict) else "?"),
@@ -110,16 +134,20 @@ def mercadolivre_notification():
     """Mercado Livre notification: always 200 fast (topics are switched off after slow or bad
     answers); the resource is fetched later with our own token."""
     s = web_common.settings()
+    # Whatever the Content-Type says: Mercado Livre does not retry an answered notification.
     body = web_common.request_json()
-    if not isinstance(body, dict):
+    if not isinstance(body, dict):  # not JSON, or text no store can hold
         return jsonify(ok=True, ignored="invalid_json")
+    # Without user_id a notification cannot be shown to be this seller's: ignored, like another
+    # seller's, whatever its topic (the poller still finds what it was about).
+    user_id = str(body.get("user_id") or "")
+    if not user_id or user_id != str(s.ml_seller_id).strip():
+        log.warning("ml_notification_other_user", extra={"peer": "mercadolivre",
+                                                         "ml_user_id": user_id[:40]})
+        return jsonify(ok=True, ignored="other_user" if user_id else "no_user_id")
     note = parse_notification(body)
     if note is None:
         return jsonify(ok=True, ignored="topic")
-    if s.ml_seller_id and note.user_id and note.user_id != str(s.ml_seller_id):
-        log.warning("ml_notification_other_user", extra={"peer": "mercadolivre",
-                                                         "ml_user_id": note.user_id})
-        return jsonify(ok=True, ignored="other_user")
     kind, field = NOTIFICATION_JOBS[note.topic]
     now = web_common.now()
     conn = web_common.get_db()
@@ -132,10 +160,46 @@ def mercadolivre_notification():
     return jsonify(ok=True, queued=new)
 
 
+@blueprint.post("/mercadolivre/send-response")
+@web_common.require_bearer("ml_ai_api_key")
+def ml_ai_send_response():
+    """n8n → ponte: the AI's answer to a question, produced after the workflow's webhook call
+    ended (the questions' `/send-response`). Queued behind the conversation's replies; an
+    agent's reply that came first wins."""
+    body, refusal = web_common.json_object_body()
+    if refusal:
+        return refusal
+    conn = web_common.get_db()
+    try:
+        with db_manager.transaction(conn):
+            result = meli_ai.record_async_answer(conn, web_common.settings(), body,
+                                                 web_common.now())
+    except ValueError as exc:
+        return json_error(400, "bad_request", str(exc))
+    except PermissionError:
+        return json_error(409, "ai_off", "ML_AI_MODE está desligado: respostas da IA não são "
+                                         "aceitas.")
+    except LookupError:
+        return json_error(404, "unknown_question",
+                          "Pergunta desconhecida para a ponte (ainda não está no Chatwoot).")
+    log.info("ml_ai_async_answer", extra={"peer": "n8n", "ml_question_id": result["question_id"],
+                                          "queued": result["queued"]})
+    return jsonify(ok=True, **result), 202
+
+
 @blueprint.get("/oauth/mercadolivre/start")
 def oauth_start():
-    """Send the seller's browser to Mercado Livre's consent page."""
+    """Send the seller to Mercado Livre's consent page — only with ADMIN_TOKEN. Every start
+    writes an OAuth state row (kept 7 days), so an anonymous request writes nothing: a browser
+    (no Authorization header) is sent to the console's Conexões page, whose login (throttled)
+    and "Conectar Mercado Livre" button (CSRF) start it; a script sends
+    `Authorization: Bearer ADMIN_TOKEN`."""
     s = web_common.settings()
+    given = web_common.bearer_token()
+    if not given and not request.headers.get("Authorization"):
+        return redirect("/admin/conexoes", code=303)
+    if not token_matches(given, s.admin_token):
+        return json_error(401, "unauthorized", "Token ausente ou inválido.")
     if not s.ml_client_id or not (s.ml_redirect_uri or s.public_base_url):
         return _page("Configuração incompleta",
                      "Defina ML_CLIENT_ID e ML_REDIRECT_URI (ou PUBLIC_BASE_URL) e tente de novo.",

@@ -129,6 +129,9 @@ class TokenSource(Protocol):
 # What the bridge reads and shows of an item.
 ITEM_FIELDS = ("id", "title", "price", "currency_id", "permalink", "thumbnail",
                "secure_thumbnail", "status")
+# What an AI answering a question reads of an item (its description comes apart).
+AI_ITEM_FIELDS = ("id", "title", "price", "currency_id", "available_quantity", "permalink",
+                  "status", "condition", "attributes")
 
 
 class MercadoLivreClient(PeerClient):
@@ -232,6 +235,30 @@ class MercadoLivreClient(PeerClient):
                 if isinstance(body, dict) and body.get("id") and row.get("code", 200) == 200:
                     out[body["id"]] = body
         return out
+
+    def get_item_details(self, item_id: str) -> dict:
+        """What an AI answering a question reads of an item: AI_ITEM_FIELDS."""
+        return self._request("GET", f"/items/{item_id}",
+                             params={"attributes": ",".join(AI_ITEM_FIELDS)}) or {}
+
+    def get_item_description(self, item_id: str) -> str:
+        """The item's description as plain text ('' when it has none)."""
+        try:
+            body = self._request("GET", f"/items/{item_id}/description") or {}
+        except MercadoLivreError as exc:
+            if exc.status == 404:
+                return ""
+            raise
+        return str(body.get("plain_text") or body.get("text") or "") if isinstance(body, dict) \
+            else ""
+
+    def search_buyer_questions(self, item_id: str, buyer_id: int | str,
+                               limit: int = 50) -> list[dict]:
+        """One buyer's questions on one item, oldest first (`item` + `from` filters)."""
+        params = {"item": item_id, "from": buyer_id, "api_version": 4,
+                  "sort_fields": "date_created", "sort_types": "ASC", "limit": limit}
+        return list((self._request("GET", "/questions/search", params=params) or {})
+                    .get("questions") or [])
 
     def get_user(self, user_id: int | str) -> dict:
         """A user's public profile (nickname)."""
@@ -368,8 +395,10 @@ class MLNotification:
     sent: str
 
 
-_TOPICS = {"questions": r"^/questions/(\d{1,19})$", "orders_v2": r"^/orders/(\d{1,19})$",
-           "orders": r"^/orders/(\d{1,19})$", "messages": r"^/?(?:messages/)?([0-9a-fA-F]{8,64})$"}
+# [0-9], not \d: \d matches any Unicode digit, and int("１２") is 12 — another question's id.
+_TOPICS = {"questions": r"^/questions/([0-9]{1,19})\Z", "orders_v2": r"^/orders/([0-9]{1,19})\Z",
+           "orders": r"^/orders/([0-9]{1,19})\Z",
+           "messages": r"^/?(?:messages/)?([0-9a-fA-F]{8,64})\Z"}
 
 
 def parse_notification(body: Any) -> MLNotification | None:
@@ -397,7 +426,7 @@ def parse_notification(body: Any) -> MLNotification | None:
 def parse_pack_resource(resource: str) -> tuple[str, str] | None:
     """`/packs/{pack}/sellers/{seller}` (or `/seller/`, or with `/conversations/...`) →
     (pack_id, seller_id)."""
-    match = re.match(r"^/?packs/(\d+)/sellers?/(\d+)", resource or "")
+    match = re.match(r"^/?packs/([0-9]+)/sellers?/([0-9]+)", resource or "")
     return (match.group(1), match.group(2)) if match else None
 
 
