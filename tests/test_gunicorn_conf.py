@@ -75,19 +75,27 @@ def test_each_worker_checkpoints_the_wal_in_the_background(gunicorn_conf, monkey
         web.close()
 
 
-def test_the_checkpointer_outlives_a_database_it_cannot_open_yet(tmp_path, caplog):
+def test_the_checkpointer_outlives_a_database_it_cannot_open_yet(tmp_path):
+    # Its own handler on the logger: an earlier test's logging setup may stop "ponte" records
+    # from reaching the root logger that pytest's caplog listens to.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    db_log = logging.getLogger("ponte.db")
+    db_log.addHandler(handler)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     stop = threading.Event()
     thread = db_manager.start_checkpointer(str(blocker / "p.db"), every_seconds=0.01, stop=stop)
-    time.sleep(0.2)  # ~20 failed turns
     try:
-        assert thread.is_alive()
-        warnings = [r for r in caplog.records if r.getMessage() == "wal_checkpoint_failed"]
+        # ~20 failed turns
+        assert wait_for(lambda: thread.is_alive() and records, timeout=5, interval=0.2)
+        warnings = [r for r in records if r.getMessage() == "wal_checkpoint_failed"]
         assert len(warnings) == 1  # once per failing streak, not once per turn
     finally:
         stop.set()
         thread.join(5)
+        db_log.removeHandler(handler)
 
 
 def test_workers_read_each_request_whole_before_running_the_app(gunicorn_conf, monkeypatch):
