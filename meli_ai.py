@@ -157,7 +157,13 @@ def item_context(ctx, item_id: str) -> dict:
         description = ml(ctx).get_item_description(item_id)
     except MercadoLivreError as exc:
         log.warning("ml_ai_item_unavailable", extra={"ml_item_id": item_id, "status": exc.status})
-        return cached.as_context() if cached else {"id": item_id}
+        if cached is not None:
+            return cached.as_context()
+        if exc.retryable:
+            # Busy, down or our rate limit full: ask again later rather than let the AI answer
+            # (and maybe publish) without the item's facts.
+            raise
+        return {"id": item_id}
     if not item.get("id"):
         return {"id": item_id}
     return ai_store.put_item(ctx.conn, item, description, ctx.now()).as_context()
@@ -172,6 +178,8 @@ def previous_questions(ctx, item_id: str, buyer_id: str, qid: str) -> list[dict]
     except MercadoLivreError as exc:
         log.warning("ml_ai_history_unavailable", extra={"ml_item_id": item_id,
                                                         "status": exc.status})
+        if exc.retryable:
+            raise  # as for the item: later, with the buyer's history
         return []
     out = []
     for q in found:
@@ -198,7 +206,7 @@ def request_body(ctx, question: dict, conversation_id: int) -> dict:
         "conversation_id": str(conversation_id), "contact_id": buyer,
         "message_text": question.get("text") or "",
         "timestamp": int(created.timestamp()) if created else int(ctx.now()),
-        "question": {"id": int(qid) if qid.isdigit() else qid, "text": question.get("text") or "",
+        "question": {"id": int(qid) if qid.isascii() and qid.isdigit() else qid, "text": question.get("text") or "",
                      "date_created": question.get("date_created")},
         "item": item_context(ctx, item_id),
         "previous_questions": previous_questions(ctx, item_id, buyer, qid),
@@ -371,7 +379,7 @@ def parse_async_answer(body) -> tuple[str, str, bool]:
     correlation = str(body.get("bridge_correlation_id") or body.get("correlation_id") or "")
     if not qid and correlation.startswith("ml-question:"):
         qid = correlation.split(":", 1)[1].strip()
-    if not qid.isdigit():
+    if not (qid.isascii() and qid.isdigit()):  # "²" and "１２" pass isdigit()
         raise ValueError("informe question_id (o id da pergunta no Mercado Livre)")
     should_send = _should_send(body)
     found = extract_answer({"response_text": body.get("response_text")}) or extract_answer(body)

@@ -194,6 +194,22 @@ def test_item_details_are_cached_between_questions(make_ai):
     assert b.n8n_calls()[1]["body"]["item"]["description"].startswith("Kit com 500")
 
 
+def test_mercado_livre_busy_makes_the_ai_wait_for_the_item_instead_of_answering_blind(make_ai,
+                                                                                     clock):
+    # GIVEN Mercado Livre answering 503 for the item's details once (the question is imported)
+    b = make_ai(mode="automatico")
+    b.ask_ai("Tem em estoque?")
+    b.fail_ml(f"/items/{ITEM}", 503, count=1)
+    b.poll()
+    # THEN the workflow is not asked without the item's facts ...
+    assert b.n8n_calls() == [] and b.answers() == []
+    # ... and once Mercado Livre answers, it is asked with them
+    clock.advance(60)
+    b.drain()
+    (call,) = b.n8n_calls()
+    assert call["body"]["item"]["title"].startswith("Espaçador") and len(b.answers()) == 1
+
+
 def test_ai_off_never_calls_the_workflow(make_ai):
     b = make_ai(mode="desligado")
     b.ask_ai("Tem em estoque?")
@@ -497,6 +513,7 @@ def test_async_route_checks_key_body_and_question(make_ai):
     assert _post_async(b, {"question_id": qid}).status_code == 400
     assert _post_async(b, {"output": "x"}).status_code == 400
     assert _post_async(b, {"question_id": 999, "output": "x"}).status_code == 404
+    assert _post_async(b, {"question_id": "１２", "output": "x"}).status_code == 400  # ASCII only
     declined = _post_async(b, {"question_id": qid, "should_send": False})
     assert declined.status_code == 202 and declined.json()["queued"] is False
     assert _post_async(b, {"question_id": qid, "output": "Sim!"}).status_code == 202
