@@ -76,12 +76,14 @@ def test_each_worker_checkpoints_the_wal_in_the_background(gunicorn_conf, monkey
 
 
 def test_the_checkpointer_outlives_a_database_it_cannot_open_yet(tmp_path):
-    # Its own handler on the logger: an earlier test's logging setup may stop "ponte" records
-    # from reaching the root logger that pytest's caplog listens to.
+    # Its own handler and level on the logger: an earlier test's logging setup (the fuzz runs
+    # with LOG_LEVEL=ERROR on the root logger) would drop the warning before any handler.
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     db_log = logging.getLogger("ponte.db")
+    old_level = db_log.level
+    db_log.setLevel(logging.WARNING)
     db_log.addHandler(handler)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
@@ -96,6 +98,7 @@ def test_the_checkpointer_outlives_a_database_it_cannot_open_yet(tmp_path):
         stop.set()
         thread.join(5)
         db_log.removeHandler(handler)
+        db_log.setLevel(old_level)
 
 
 def test_workers_read_each_request_whole_before_running_the_app(gunicorn_conf, monkeypatch):
