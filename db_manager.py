@@ -736,6 +736,18 @@ def last_beat(conn: sqlite3.Connection, process: str) -> dict | None:
     return d
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with `pid` runs on this machine (one we may not signal counts as
+    running): for rows and files named after the process that wrote them."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def acquire_lock(conn: sqlite3.Connection, name: str, owner: str, ttl_seconds: float,
                  now: float | None = None) -> bool:
     """Take the named cross-process lock if it is free or expired. Held for at most

@@ -224,13 +224,7 @@ def _worker_alive(name: str) -> bool:
     pid = int(pid_text)
     if pid == os.getpid():
         return started == str(_STARTED_AT)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return db_manager.process_alive(pid)
 
 
 def main() -> int:

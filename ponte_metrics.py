@@ -119,26 +119,17 @@ def enabled() -> bool:
 
 def remove_dead_files(path: str) -> int:
     """Remove the files of processes that are not running any more; returns how many."""
+    import db_manager  # not at import time: peer_http imports this module
     removed = 0
     for name in glob.glob(os.path.join(glob.escape(path), "*.db")):
         match = _FILE_PID.search(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not db_manager.process_alive(int(match.group(1))):
             try:
                 os.remove(name)
                 removed += 1
             except FileNotFoundError:
                 pass  # another process starting at the same time removed it
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _hook_record_event() -> None:
