@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
-import http.client
 import itertools
 import json
 import logging
@@ -54,6 +53,7 @@ if ROOT not in sys.path:
 
 import requests  # noqa: E402
 
+from bench_bridge_a import SECRET, post_webhook  # noqa: E402
 from benchlib import (Gunicorn, RssSampler, machine, max_in_window, n,  # noqa: E402
                       percentile, start_process, stop_process, update_doc, watchdog,
                       write_json)
@@ -67,7 +67,6 @@ JSON_PATH = os.path.join(ROOT, "docs", "benchmarks-concurrency.json")
 SECTION = "## Muitos clientes ao mesmo tempo (concorrência)"
 BASELINE_COMMIT = "9d9f3ad"  # 0.2.0: one job at a time
 BASELINE_LABEL = "0.2.0"
-SECRET = "bench-kommo-hook-secret-0123456789abcdef"
 N8N_KEY = "bench-n8n-shared-key-0123456789"
 N8N_LATENCY_SECONDS = 3.0
 KOMMO_LIMIT_PER_SECOND = 7
@@ -255,18 +254,6 @@ class Stack:
 
 
 # --- customers --------------------------------------------------------------------------------
-
-def post_webhook(port: int, body: bytes) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("POST", f"/webhooks/kommo/{SECRET}", body=body,
-                     headers={"Content-Type": "application/x-www-form-urlencoded"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
 
 _customer_numbers = itertools.count(1)
 

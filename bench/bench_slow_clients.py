@@ -37,9 +37,8 @@ for _path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from benchlib import (RssSampler, children_of, cpu_seconds, http_status,  # noqa: E402
-                      kill_started, machine, n, percentile, start_process, stop_process,
-                      update_doc, watchdog)
+from benchlib import (Gunicorn, RssSampler, cpu_seconds, http_status,  # noqa: E402
+                      kill_started, machine, n, percentile, update_doc, watchdog)
 from bench_bridge_a import (CONCURRENCY, SECRET, TRIVIAL_APP, clean_env,  # noqa: E402
                             run_load, trivial_request_factory,
                             webhook_request_factory)
@@ -59,32 +58,6 @@ DESIGNS = {
     "gthread": ["-k", "gthread", "--threads", "32"],
     "gevent": ["-k", "gevent", "--worker-connections", "1000"],
 }
-
-
-class Server:
-    """`python -m gunicorn -c gunicorn_conf.py [args] <app>` from the repository root."""
-
-    def __init__(self, app_spec: str, args: list[str], env: dict, log_path: str, ready: str,
-                 pythonpath: str | None = None):
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", *args]
-        if pythonpath:
-            cmd += ["--pythonpath", pythonpath]
-        cmd.append(app_spec)
-        self.port = int(env["PORT"])
-        self.proc = start_process(cmd, ROOT, env, log_path)
-        try:
-            wait_for(lambda: self.proc.poll() is None and http_status(self.port, ready), 30,
-                     what=f"gunicorn {args} {app_spec} (log: {log_path})")
-            wait_for(lambda: len(children_of(self.proc.pid)) >= 2, 30, what="2 workers")
-        except BaseException:
-            stop_process(self.proc)
-            raise
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] + children_of(self.proc.pid)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
 
 
 class SlowClients:
@@ -186,12 +159,12 @@ class Design:
         if pythonpath_extra:
             for env in (env_p, env_t):
                 env["PYTHONPATH"] = pythonpath_extra
-        self.trivial = Server("bench_trivial_app:app", args, env_t,
-                              os.path.join(base, "trivial.log"), "/ok",
-                              pythonpath=os.path.join(base, "trivial"))
+        self.trivial = Gunicorn("bench_trivial_app:app", env_t,
+                                os.path.join(base, "trivial.log"), "/ok",
+                                pythonpath=os.path.join(base, "trivial"), args=tuple(args))
         try:
-            self.ponte = Server("webhook_server:create_app()", args, env_p,
-                                os.path.join(base, "ponte.log"), "/")
+            self.ponte = Gunicorn("webhook_server:create_app()", env_p,
+                                  os.path.join(base, "ponte.log"), "/", args=tuple(args))
         except BaseException:
             self.trivial.stop()
             raise

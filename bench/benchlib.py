@@ -194,16 +194,17 @@ def watchdog(seconds: float, name: str, on_fire=None) -> None:
 
 
 class Gunicorn:
-    """`python -m gunicorn -c gunicorn_conf.py <app>` run from `cwd` (a checkout of ponte; the
-    repository root by default), ready once `ready_path` answers and the workers exist."""
+    """`python -m gunicorn -c gunicorn_conf.py [args] <app>` run from `cwd` (a checkout of
+    ponte; the repository root by default), ready once `ready_path` answers and the workers
+    exist."""
 
     def __init__(self, app_spec: str, env: dict, log_path: str, ready_path: str = "/",
-                 cwd: str = ROOT, pythonpath: str | None = None):
+                 cwd: str = ROOT, pythonpath: str | None = None, args: tuple[str, ...] = ()):
         import sys
 
         from standins.support import wait_for
 
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py"]
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", *args]
         if pythonpath:
             cmd += ["--pythonpath", pythonpath]
         cmd.append(app_spec)
