@@ -132,19 +132,25 @@ def urgent_kinds(handlers: dict[str, Handler]) -> tuple[str, ...]:
 def claim_jobs(ctx: JobContext, handlers: dict[str, Handler], on_dead: dict | None = None,
                worker: str | None = None, limit: int = 1,
                lane_room: dict[str, int] | None = None, lane_busy: dict[str, int] | None = None,
-               urgent_only: bool = False, running_ids: tuple[int, ...] = ()) -> list[Job]:
+               urgent_only: bool = False, running_ids: tuple[int, ...] = (),
+               lanes: dict[str, str] | None = None,
+               urgent: tuple[str, ...] | None = None) -> list[Job]:
     """Dead-letter the worn-out jobs, then claim up to `limit` due jobs (see
     `outbox.claim_jobs` for the order, lanes, urgent jobs and `running_ids`), in one write
-    transaction."""
+    transaction. `lanes` and `urgent` are derived from `handlers` unless the caller (the
+    pool, which claims on every turn of its loop) passes the ones it computed once."""
     s = ctx.settings
+    if lanes is None:
+        lanes = {k: lane_of(k, h) for k, h in handlers.items()}
+    if urgent is None:
+        urgent = urgent_kinds(handlers)
     with db_manager.transaction(ctx.conn):  # one write lock for both
         buried = outbox.bury_worn_out_jobs(ctx.conn, ctx.now(), s.job_max_attempts,
                                            s.job_max_age_seconds,
                                            on_dead=_dead_hook(ctx, on_dead or {}),
                                            running_ids=running_ids)
         jobs = outbox.claim_jobs(ctx.conn, ctx.now(), s.job_lease_seconds, limit, worker=worker,
-                                 urgent_kinds=urgent_kinds(handlers),
-                                 lanes={k: lane_of(k, h) for k, h in handlers.items()},
+                                 urgent_kinds=urgent, lanes=lanes,
                                  lane_room=lane_room, lane_busy=lane_busy,
                                  urgent_only=urgent_only, running_ids=running_ids)
     for dead in buried:

@@ -78,7 +78,7 @@ class WorkerPool:
         self.concurrency = max(1, settings.poller_concurrency)
         self.lanes = {kind: lane_of(kind, h) for kind, h in handlers.items()}
         self.limits = lane_limits(settings, set(self.lanes.values()))
-        self._urgent = set(urgent_kinds(handlers))
+        self._urgent = urgent_kinds(handlers)
         self._claim_ctx = JobContext(settings, conn, now=clock)
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                             thread_name_prefix="job-worker")
@@ -109,7 +109,8 @@ class WorkerPool:
         jobs = claim_jobs(self._claim_ctx, self.handlers, self.on_dead, worker=self.worker,
                           limit=free, lane_room=room, lane_busy=busy,
                           urgent_only=any(item.kind in self._urgent for item in running),
-                          running_ids=tuple(item.job_id for item in running))
+                          running_ids=tuple(item.job_id for item in running),
+                          lanes=self.lanes, urgent=self._urgent)
         for job in jobs:
             if self.lanes.get(job.kind) == DATABASE_LANE:
                 run_job(self._claim_ctx, job, self.handlers, self.on_dead)
@@ -128,11 +129,6 @@ class WorkerPool:
         passes); True if one did."""
         with self._changed:
             return self._changed.wait_for(lambda: self.finished != seen, timeout)
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no job is running; False if `timeout` passed first."""
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._in_flight, timeout)
 
     def in_flight(self) -> list[InFlight]:
         """The jobs running now, oldest first."""
