@@ -68,6 +68,12 @@ class Credential:
             return True
         return self.expires_at is not None and self.expires_at - now < seconds
 
+    def due_for_refresh(self, seconds: float, now: float) -> bool:
+        """Whether the poller should refresh this pair ahead of time: connected, refreshable,
+        with a known expiry less than `seconds` away."""
+        return self.ok and bool(self.refresh_token) and self.expires_at is not None \
+            and self.expires_within(seconds, now)
+
 
 class CredentialUnavailable(Exception):
     """No request may reach the peer: the account is disconnected or was never connected.

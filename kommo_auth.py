@@ -185,8 +185,7 @@ def refresh_if_due(ctx) -> None:
     if ctx.settings.kommo_access_token:
         return
     current = credentials.get(ctx.conn, PROVIDER)
-    if current and current.ok and current.refresh_token and current.expires_at is not None \
-            and current.expires_within(REFRESH_MARGIN_SECONDS * 3, ctx.now()):
+    if current and current.due_for_refresh(REFRESH_MARGIN_SECONDS * 3, ctx.now()):
         try:
             TokenSource(ctx.settings, ctx.conn, ctx.now).refresh(current.access_token)
         except KommoDisconnected:

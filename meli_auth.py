@@ -118,8 +118,7 @@ class MeliTokenSource:
 def refresh_if_due(ctx) -> None:
     """Poller task: refresh the pair ahead of expiry, off the request path."""
     current = credentials.get(ctx.conn, PROVIDER)
-    if current and current.ok and current.refresh_token and current.expires_at is not None \
-            and current.expires_within(REFRESH_MARGIN_SECONDS * 3, ctx.now()):
+    if current and current.due_for_refresh(REFRESH_MARGIN_SECONDS * 3, ctx.now()):
         ctx.clients.meli.token_source.refresh(current.access_token)
 
 
