@@ -74,8 +74,9 @@ _ACCOUNT_STATUS_LABELS = {"ok": "conectada", "disconnected": "desconectada",
 
 
 def accounts(conn: sqlite3.Connection, settings, now: float) -> list[dict]:
-    """Kommo's and Mercado Livre's account: connected or not, why, and when the access token
-    expires (`expires_at`, `expires_in_seconds`; None when unknown or long-lived)."""
+    """Kommo's and Mercado Livre's account: connected or not, why, whether a token is stored,
+    and when the access token expires (`expires_at`, `expires_in_seconds`; None when unknown
+    or long-lived)."""
     out = []
     for provider, label, bridge in (("kommo", "Kommo", "whatsapp"),
                                     ("mercadolivre", "Mercado Livre", "mercadolivre")):
@@ -102,6 +103,7 @@ def accounts(conn: sqlite3.Connection, settings, now: float) -> list[dict]:
         out.append({"provider": provider, "label": label, "bridge": bridge,
                     "bridge_enabled": settings.bridge_enabled(bridge), "configured": configured,
                     "mode": mode, "connected": status == "ok", "status": status,
+                    "stored": token is not None,
                     "status_label": _ACCOUNT_STATUS_LABELS.get(status, status), "detail": detail,
                     "expires_at": expires_at,
                     "expires_in_seconds": round(expires_at - now) if expires_at else None})

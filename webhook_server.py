@@ -22,7 +22,6 @@ import admin_data
 import alerts
 import bridges
 import config
-import credentials
 import db_manager
 import outbox
 import ponte_logging
@@ -289,8 +288,7 @@ def _account_health(conn, settings, now: float, warnings: list[str]) -> tuple[di
     accounts, unreachable = {}, set()
     for account in admin_data.accounts(conn, settings, now):
         provider = account["provider"]
-        stored = credentials.get(conn, provider) is not None
-        if not (account["bridge_enabled"] or stored):
+        if not (account["bridge_enabled"] or account["stored"]):
             continue
         accounts[provider] = account["status"]
         seeded = provider == "mercadolivre" and (settings.ml_access_token or
