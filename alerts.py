@@ -158,15 +158,14 @@ def _tokens_refused(conn, settings, now: float) -> list[Condition]:
 def _dead_jobs(conn) -> Condition | None:
     """Jobs that gave up (not the alert notices themselves: a dead receiver must not alert
     about itself forever)."""
-    rows = conn.execute("SELECT kind, COUNT(*) FROM jobs WHERE status = 'dead' AND kind != ?"
-                        " GROUP BY kind ORDER BY kind", (DELIVER_KIND,)).fetchall()
-    if not rows:
+    by_kind = outbox.dead_jobs_by_kind(conn, except_kind=DELIVER_KIND)
+    if not by_kind:
         return None
-    total = sum(r[1] for r in rows)
+    total = sum(by_kind.values())
     return Condition(AlertName.DEAD_JOBS,
                      f"{total} job(s) desistiram depois de todas as tentativas. Veja, repita ou "
                      "descarte em /admin/fila?status=dead.",
-                     {"dead": total, "by_kind": {r[0]: r[1] for r in rows}})
+                     {"dead": total, "by_kind": by_kind})
 
 
 def _jobs_overdue(conn, settings, now: float) -> Condition | None:

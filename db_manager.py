@@ -662,6 +662,12 @@ def record_event(conn: sqlite3.Connection, source: str, dedupe_key: str, event_t
     return cur.rowcount == 1
 
 
+def event_recorded(conn: sqlite3.Connection, dedupe_key: str) -> bool:
+    """Whether an inbound event with `dedupe_key` is recorded (and not pruned yet)."""
+    return conn.execute("SELECT 1 FROM events WHERE dedupe_key = ?",
+                        (dedupe_key,)).fetchone() is not None
+
+
 def count_events(conn: sqlite3.Connection, source: str | None = None,
                  status: str | None = None) -> int:
     """How many inbound events were recorded (optionally of one source and status)."""

@@ -471,8 +471,7 @@ def deleted_event_key(chatwoot_message_id) -> str:
 def reply_deleted(conn: sqlite3.Connection, chatwoot_message_id) -> bool:
     """True when the agent deleted this message in Chatwoot (its deletion event was recorded and
     not yet pruned)."""
-    return conn.execute("SELECT 1 FROM events WHERE dedupe_key = ?",
-                        (deleted_event_key(chatwoot_message_id),)).fetchone() is not None
+    return db_manager.event_recorded(conn, deleted_event_key(chatwoot_message_id))
 
 
 def get_reply(conn: sqlite3.Connection, chatwoot_message_id) -> CwReply | None:

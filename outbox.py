@@ -454,6 +454,13 @@ def _job_dict(row: sqlite3.Row) -> dict:
     return d
 
 
+def dead_jobs_by_kind(conn: sqlite3.Connection, except_kind: str | None = None) -> dict[str, int]:
+    """How many jobs are dead, per kind (leaving out `except_kind`), in kind order."""
+    return {kind: n for kind, n in conn.execute(
+        "SELECT kind, COUNT(*) FROM jobs WHERE status = 'dead' AND kind IS NOT ?"
+        " GROUP BY kind ORDER BY kind", (except_kind,))}
+
+
 def count_staged_jobs(conn: sqlite3.Connection) -> int:
     """How many jobs wait in `staged_jobs` for the poller to move them into `jobs` (copies of
     one key included, see `stage_job`)."""

@@ -256,8 +256,7 @@ class DatabaseCollector:
         yield GaugeMetricFamily("ponte_oldest_due_job_seconds", "Espera do job pronto mais "
                                 "antigo.", value=stats["oldest_due_seconds"])
         dead = GaugeMetricFamily("ponte_dead_jobs", "Jobs mortos, por tipo.", labels=["kind"])
-        for kind, count in conn.execute("SELECT kind, COUNT(*) FROM jobs WHERE status = 'dead'"
-                                        " GROUP BY kind ORDER BY kind"):
+        for kind, count in outbox.dead_jobs_by_kind(conn).items():
             dead.add_metric([kind], count)
         yield dead
         beat = db_manager.last_beat(conn, "poller")
