@@ -164,17 +164,13 @@ def _remember_sent(ctx: JobContext, job: Job, kommo_message_id: str) -> None:
 def _already_in_talk(ctx: JobContext, job: Job):
     """On a retry whose earlier attempt may have reached Kommo: the message already in the
     talk, or None (then send; unverified when Kommo would not tell, which is logged)."""
-    since = whatsapp_resend.unsure_since(ctx.conn, job)
-    if since is None:
-        return None
     p = job.payload
-    readback = whatsapp_resend.check_talk(
-        ctx.clients.kommo, p.get("talk_id"), p["text"], since,
-        accounted_for=lambda item_id: db_manager.mapping_get(
-            ctx.conn, "kommo-sent", item_id) not in (None, job.dedupe_key))
-    whatsapp_resend.log_outcome("reply", job, since, readback, contact_id=p.get("contact_id"),
-                                correlation_id=p.get("correlation_id"))
-    return readback.found
+    return whatsapp_resend.already_written(
+        ctx.conn, job, "reply", lambda since: whatsapp_resend.check_talk(
+            ctx.clients.kommo, p.get("talk_id"), p["text"], since,
+            accounted_for=lambda item_id: db_manager.mapping_get(
+                ctx.conn, "kommo-sent", item_id) not in (None, job.dedupe_key)),
+        contact_id=p.get("contact_id"), correlation_id=p.get("correlation_id"))
 
 
 def intake(ctx: JobContext, job: Job):
@@ -204,14 +200,11 @@ def add_note(ctx: JobContext, job: Job):
     if not lead_id:
         log.warning("note_without_lead", extra={"text_chars": len(job.payload["text"])})
         return {"skipped": "no lead"}
-    since = whatsapp_resend.unsure_since(ctx.conn, job)
-    if since is not None:
-        readback = whatsapp_resend.check_notes(ctx.clients.kommo, lead_id, job.payload["text"],
-                                               since)
-        whatsapp_resend.log_outcome("note", job, since, readback, lead_id=lead_id)
-        if readback.found is not None:
-            return {"noted": lead_id, "already_delivered": True,
-                    "kommo_note_id": readback.found.item_id}
+    found = whatsapp_resend.already_written(
+        ctx.conn, job, "note", lambda since: whatsapp_resend.check_notes(
+            ctx.clients.kommo, lead_id, job.payload["text"], since), lead_id=lead_id)
+    if found is not None:
+        return {"noted": lead_id, "already_delivered": True, "kommo_note_id": found.item_id}
     with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
         ctx.clients.kommo.add_lead_note(lead_id, job.payload["text"])
     return {"noted": lead_id}

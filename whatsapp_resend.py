@@ -134,6 +134,18 @@ def check_notes(kommo, lead_id: str, text: str, since_at: float) -> ReadBack:
     return _read(lambda since: kommo.lead_notes(lead_id, since), text, since_at, None)
 
 
+def already_written(conn, job: Job, what: str, check, **ids) -> KommoWritten | None:
+    """On a retry whose earlier attempt may have reached Kommo: what `check(since_at)` (a
+    `check_talk` or `check_notes`) found already written, or None (then write; the outcome is
+    logged as `<what>_...` with `ids`). Reads nothing on a first attempt."""
+    since = unsure_since(conn, job)
+    if since is None:
+        return None
+    readback = check(since)
+    log_outcome(what, job, since, readback, **ids)
+    return readback.found
+
+
 def log_outcome(what: str, job: Job, since_at: float, readback: ReadBack, **ids) -> None:
     """One log line per read-back: skipped (found), verified absent, or unverified."""
     extra = {"dedupe_key": job.dedupe_key, "attempt": job.attempt,
