@@ -2,11 +2,13 @@
 (the shared limiter itself: test_rate_limit.py)."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 from flask import Flask
 
+import peer_http
 from peer_http import PeerClient, PeerError, SharedRateLimiter
 from standins.support import free_port
 
@@ -109,3 +111,80 @@ def test_a_429_holds_the_clients_next_call_until_retry_after(client):
         client._request("GET", "/ok")
     assert err.value.status is None and err.value.retryable and not err.value.may_have_reached
     assert 6 <= err.value.retry_after_seconds <= 7 and "rate limit" in err.value.detail
+
+
+def _recording_proxy():
+    """A bare HTTP proxy on a free port: answers every request with a JSON body naming the
+    request line it got (a proxied request names the whole URL)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: list[str] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                seen.append(data.split(b"\r\n", 1)[0].decode())
+                body = b'{"via": "proxy"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, seen
+
+
+def test_a_proxy_set_in_the_environment_carries_the_calls(monkeypatch):
+    # The session reads the environment once (per call it cost a third of a call's CPU); a
+    # seller behind a proxy must still reach the peers through it.
+    server, seen = _recording_proxy()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        client = PeerClient("http://peer.example.invalid", timeout_seconds=5)
+        assert client._request("GET", "/api/ok") == {"via": "proxy"}
+        assert seen == ["GET http://peer.example.invalid/api/ok HTTP/1.1"]
+    finally:
+        server.close()
+
+
+def test_without_a_proxy_the_environment_is_read_once(monkeypatch, tmp_path):
+    # No proxy: nothing is looked up per call (a ~/.netrc never adds credentials), and a CA
+    # bundle named in the environment is the session's.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    session = peer_http.new_session()
+    assert session.trust_env is False and session.verify == str(bundle)
+
+
+def test_the_web_app_does_not_load_requests_until_a_peer_is_called(tmp_path):
+    # 4 MB per web worker (requests, urllib3, charset_normalizer) that the webhook routes never
+    # use: peer_http imports it on the first call.
+    import subprocess
+    import sys
+
+    code = ("import sys, webhook_server; webhook_server.create_app(); "
+            "print(sorted(m for m in ('requests', 'urllib3') if m in sys.modules))")
+    env = {"PATH": "/usr/bin:/bin", "PONTE_ENV_FILE": str(tmp_path / "none.env"),
+           "DATABASE_PATH": str(tmp_path / "p.db"), "LOG_DIR": str(tmp_path / "logs"),
+           "LOG_LEVEL": "ERROR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
