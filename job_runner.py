@@ -12,7 +12,7 @@ import logging
 import sqlite3
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import db_manager
@@ -34,6 +34,18 @@ class JobFailed(Exception):
         self.retryable = retryable
         self.retry_after_seconds = retry_after_seconds
         super().__init__(detail)
+
+
+@dataclass
+class JobDone:
+    """What a handler may return instead of `result` or `(result, follow_ups)`: also `writes`,
+    database writes that belong to the job's completion. They commit in the transaction that
+    marks the job done (one write transaction instead of two, and never one without the
+    other); when the lease was lost they are not made."""
+
+    result: dict | None = None
+    follow_ups: list[FollowUp] = field(default_factory=list)
+    writes: Callable[[sqlite3.Connection], None] | None = None
 
 
 class JobDeferred(Exception):
@@ -99,15 +111,17 @@ Handler = Callable[[JobContext, Job], Any]
 DeadHandler = Callable[[JobContext, Job, str], list]
 
 
-def _split_result(outcome: Any) -> tuple[dict | None, list[FollowUp]]:
+def _split_result(outcome: Any) -> JobDone:
+    if isinstance(outcome, JobDone):
+        return outcome
     if outcome is None:
-        return None, []
+        return JobDone()
     if isinstance(outcome, tuple):
         result, follow_ups = outcome
-        return result, list(follow_ups or [])
+        return JobDone(result, list(follow_ups or []))
     if isinstance(outcome, list):
-        return None, outcome
-    return outcome, []
+        return JobDone(None, outcome)
+    return JobDone(outcome)
 
 
 DATABASE_LANE = "database"
@@ -219,9 +233,10 @@ def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
 def _run_then_complete(ctx: JobContext, job: Job, handler: Handler) -> list | None:
     """The usual handler: talks to a peer outside any transaction, then the job is completed
     with its follow-ups. Returns the follow-ups, or None when the lease was lost."""
-    result, follow_ups = _split_result(handler(ctx, job))
-    if outbox.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
-        return follow_ups
+    done = _split_result(handler(ctx, job))
+    if outbox.complete_job(ctx.conn, job, done.result, done.follow_ups, now=ctx.now(),
+                           writes=done.writes):
+        return done.follow_ups
     return None
 
 
@@ -235,12 +250,13 @@ def _run_atomic(ctx: JobContext, job: Job, handler: Handler) -> list | None:
     not at all (a crash halfway leaves the job to run again from scratch)."""
     try:
         with db_manager.transaction(ctx.conn):
-            result, follow_ups = _split_result(handler(ctx, job))
-            if not outbox.complete_job(ctx.conn, job, result, follow_ups, now=ctx.now()):
+            done = _split_result(handler(ctx, job))
+            if not outbox.complete_job(ctx.conn, job, done.result, done.follow_ups,
+                                       now=ctx.now(), writes=done.writes):
                 raise _LeaseLost  # another worker took the job over: undo what we wrote
     except _LeaseLost:
         return None
-    return follow_ups
+    return done.follow_ups
 
 
 def _dead_hook(ctx: JobContext, on_dead: dict[str, DeadHandler]):

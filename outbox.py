@@ -303,9 +303,11 @@ def renew_leases(conn: sqlite3.Connection, jobs: list[tuple[int, str]],
 
 
 def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
-                 follow_ups: list[FollowUp] | tuple = (), now: float | None = None) -> bool:
-    """Mark `job` done and enqueue its follow-ups atomically. False (and nothing written) when
-    this worker lost its lease to another one."""
+                 follow_ups: list[FollowUp] | tuple = (), now: float | None = None,
+                 writes=None) -> bool:
+    """Mark `job` done and enqueue its follow-ups atomically, with the handler's own `writes`
+    (a callable given the connection) in the same transaction. False (and nothing written)
+    when this worker lost its lease to another one."""
     now = now or time.time()
     with transaction(conn):
         cur = conn.execute(
@@ -314,6 +316,8 @@ def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
             (now, now, dumps(result) if result is not None else None, job.id, job.lease_token))
         if cur.rowcount != 1:
             return False
+        if writes is not None:
+            writes(conn)
         _enqueue_follow_ups(conn, follow_ups, now)
     return True
 

@@ -18,7 +18,7 @@ import outbox
 import whatsapp_intake
 import whatsapp_resend
 import whatsapp_store
-from job_runner import JobContext, JobDeferred, JobFailed
+from job_runner import JobContext, JobDeferred, JobDone, JobFailed
 from n8n_api import extract_answer
 from outbox import FollowUp, Job
 from whatsapp_intake import (ADD_NOTE, BOT_COMMAND, FORWARD, INTAKE, SEND_REPLY,
@@ -76,37 +76,39 @@ def forward_message(ctx: JobContext, job: Job):
     """Send a burst of customer messages to n8n; a synchronous answer becomes reply jobs."""
     contact_id = job.payload["contact_id"]
     conn = ctx.conn
+    correlation = correlation_for(job.dedupe_key)
+    # One write transaction before the call: the burst is closed (later messages open a new
+    # job), and the correlation an asynchronous answer will carry is stored before n8n has it.
     with db_manager.transaction(conn):
         conversation = whatsapp_store.get_conversation(conn, contact_id=contact_id)
-        # Close the burst: later messages open a new job.
         if conversation and conversation["open_batch_key"] == job.dedupe_key:
             whatsapp_store.set_open_batch(conn, contact_id, None, None)
-    messages = whatsapp_store.batch_messages(conn, job.dedupe_key)
-    state = whatsapp_store.get_bot_state(conn, contact_id)
-    if not bot_control.may_answer(state, job.payload.get("pause_count", state["pause_count"])):
-        with db_manager.transaction(conn):
+        messages = whatsapp_store.batch_messages(conn, job.dedupe_key)
+        state = whatsapp_store.get_bot_state(conn, contact_id)
+        answering = bot_control.may_answer(state, job.payload.get("pause_count",
+                                                                  state["pause_count"]))
+        if not answering:
             whatsapp_store.set_batch_status(conn, job.dedupe_key, "skipped_paused")
+        elif messages and conversation is not None:
+            db_manager.mapping_put(conn, "n8n-correlation", correlation,
+                                   {"contact_id": contact_id, "pause_count": state["pause_count"],
+                                    "batch_key": job.dedupe_key}, now=ctx.now())
+    if not answering:
         log.info("n8n_forward_skipped_paused", extra={"contact_id": contact_id})
         return {"skipped": "paused", "messages": len(messages)}
     if not messages or conversation is None:
         return {"skipped": "no messages"}
-    correlation = correlation_for(job.dedupe_key)
-    with db_manager.transaction(conn):
-        db_manager.mapping_put(conn, "n8n-correlation", correlation,
-                               {"contact_id": contact_id, "pause_count": state["pause_count"],
-                                "batch_key": job.dedupe_key}, now=ctx.now())
     body = build_n8n_request(conversation, messages, correlation)
     answer = ctx.clients.n8n.send(body, idempotency_key=correlation)
     texts = extract_answer(answer) or []
     log.info("n8n_forwarded", extra={"peer": "n8n", "contact_id": contact_id,
                                      "messages": len(messages), "answers": len(texts),
                                      "correlation_id": correlation})
-    with db_manager.transaction(conn):
-        whatsapp_store.set_batch_status(conn, job.dedupe_key, "forwarded")
-    follow_ups = reply_follow_ups(contact_id, conversation, texts, correlation,
-                                  state["pause_count"], "n8n-sync")
-    return {"messages": len(messages), "answers": len(texts), "correlation_id": correlation}, \
-        follow_ups
+    return JobDone(
+        {"messages": len(messages), "answers": len(texts), "correlation_id": correlation},
+        reply_follow_ups(contact_id, conversation, texts, correlation, state["pause_count"],
+                         "n8n-sync"),
+        writes=lambda c: whatsapp_store.set_batch_status(c, job.dedupe_key, "forwarded"))
 
 
 def send_reply(ctx: JobContext, job: Job):
@@ -135,30 +137,32 @@ def send_reply(ctx: JobContext, job: Job):
         kommo.set_lead_text_field(p["lead_id"], s.kommo_reply_field_id, p["text"])
         with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
             kommo.run_salesbot(s.kommo_salesbot_id, p["lead_id"])
-        with db_manager.transaction(ctx.conn):
-            db_manager.mapping_put(ctx.conn, "kommo", key, ctx.now(), now=ctx.now())
-        return {"sent": "salesbot"}
+        ran_at = ctx.now()
+        return JobDone({"sent": "salesbot"}, writes=lambda conn: db_manager.mapping_put(
+            conn, "kommo", key, ran_at, now=ran_at))
     if not p.get("talk_id"):
         raise JobFailed("conversa sem talk_id: não há como responder pelo Chats API",
                         retryable=False)
     already = _already_in_talk(ctx, job)
     if already is not None:
-        _remember_sent(ctx, job, already.item_id)
-        return {"sent": "talk", "kommo_message_id": already.item_id, "already_delivered": True}
+        return JobDone({"sent": "talk", "kommo_message_id": already.item_id,
+                        "already_delivered": True},
+                       writes=_remember_sent(job, already.item_id, ctx.now()))
     with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
         answer = kommo.send_talk_message(p["talk_id"], p["text"])
     kommo_message_id = (answer or {}).get("id")
-    if kommo_message_id:
-        _remember_sent(ctx, job, kommo_message_id)
-    return {"sent": "talk", "kommo_message_id": kommo_message_id}
+    return JobDone({"sent": "talk", "kommo_message_id": kommo_message_id},
+                   writes=_remember_sent(job, kommo_message_id, ctx.now()) if kommo_message_id
+                   else None)
 
 
-def _remember_sent(ctx: JobContext, job: Job, kommo_message_id: str) -> None:
-    # If Kommo reports our own send back as an outgoing message, it is not a seller; and a
-    # read-back for another reply must not take this message for its own (same short text).
-    with db_manager.transaction(ctx.conn):
-        db_manager.mapping_put(ctx.conn, "kommo-sent", kommo_message_id, job.dedupe_key,
-                               now=ctx.now())
+def _remember_sent(job: Job, kommo_message_id: str, now: float):
+    """The write that records a reply's Kommo message as ours, committed with the job's
+    completion: if Kommo reports our own send back as an outgoing message, it is not a
+    seller; and a read-back for another reply must not take this message for its own (same
+    short text)."""
+    return lambda conn: db_manager.mapping_put(conn, "kommo-sent", kommo_message_id,
+                                               job.dedupe_key, now=now)
 
 
 def _already_in_talk(ctx: JobContext, job: Job):
