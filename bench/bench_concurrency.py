@@ -240,6 +240,13 @@ class Stack:
         poller = [self.poller.pid] if self.poller and self.poller.poll() is None else []
         return self.web.pids() + poller
 
+    def rss_peaks_kb(self, rss: RssSampler) -> dict:
+        """Each process's own peak (VmHWM) by role: where the stack's memory goes."""
+        roles = {self.web.proc.pid: "web_master"}
+        if self.poller is not None:
+            roles[self.poller.pid] = "poller"
+        return {roles.get(pid, f"web_worker_{pid}"): kb for pid, kb in sorted(rss.hwm_kb.items())}
+
     def jobs(self, sql: str, args=()) -> list:
         conn = sqlite3.connect(self.env["DATABASE_PATH"], timeout=5)
         try:
@@ -337,7 +344,8 @@ def scenario_burst(side: Side, tmp: str, customers: int, budget_s: float,
             "last_reply_s": times[-1] - t0 if complete else None,
             "exactly_one_reply": complete and all(c == 1 for c in per_talk.values()),
             "n8n_calls": len(peers.n8n_calls),
-            "rss_max_sum_kb": rss.max_sum_kb, **peers.kommo_figures()})
+            "rss_max_sum_kb": rss.max_sum_kb, "rss_peaks_kb": stack.rss_peaks_kb(rss),
+            **peers.kommo_figures()})
         if with_question:
             reached = question_in_chatwoot()
             out["question_s"] = reached - question_at if reached is not None else None
@@ -393,6 +401,7 @@ def scenario_instant(side: Side, tmp: str, spaced: int, burst: int, after: int,
 
         out.update({"spaced_e2e": stats("sp-", spaced), "after_burst_e2e": stats("af-", after),
                     "replies": len(peers.replies), "rss_max_sum_kb": rss.max_sum_kb,
+                    "rss_peaks_kb": stack.rss_peaks_kb(rss),
                     **peers.kommo_figures()})
     finally:
         if stack is not None:
@@ -458,7 +467,8 @@ def scenario_drain(side: Side, tmp: str, messages: int, budget_s: float) -> dict
                     "complete": len(peers.replies) >= messages,
                     "drain_s": span, "jobs_per_s": (len(finished) - 1) / span if span else None,
                     "by_kind": dict(stack.jobs("SELECT kind, COUNT(*) FROM jobs GROUP BY kind")),
-                    "rss_max_sum_kb": rss.max_sum_kb, **peers.kommo_figures()})
+                    "rss_max_sum_kb": rss.max_sum_kb, "rss_peaks_kb": stack.rss_peaks_kb(rss),
+            **peers.kommo_figures()})
     finally:
         if stack is not None:
             stack.stop()
@@ -495,6 +505,7 @@ def scenario_intake(side: Side, tmp: str, messages: int, budget_s: float) -> dic
             started_at = stack.start_poller()
             wait_for(lambda: stack.jobs(done_sql)[0][0] >= messages, budget_s, interval=0.05)
         out["rss_max_sum_kb"] = rss.max_sum_kb
+        out["rss_peaks_kb"] = stack.rss_peaks_kb(rss)
         finished = [r[0] for r in stack.jobs(
             "SELECT finished_at FROM jobs WHERE kind = 'kommo.intake' AND status = 'done' "
             "ORDER BY finished_at")]
