@@ -28,6 +28,7 @@ import alerts
 import bot_control
 import config
 import db_manager
+import ids
 import kommo_auth
 import meli_auth
 import outbox
@@ -65,7 +66,6 @@ NOTICES = {
     "expirou": "Sua sessão expirou. Entre de novo.",
 }
 
-_CONTACT_ID = re.compile(r"[0-9]{1,20}")  # ASCII digits: str.isdigit() takes "١٢٣" too
 _SAFE_NEXT = re.compile(r"^/admin(/[A-Za-z0-9/_-]*)?(\?[^\s]*)?$")
 
 
@@ -258,7 +258,7 @@ def contacts():
 
 
 def _bot_command(contact_id: str, name: str, reason: str):
-    if not _CONTACT_ID.fullmatch(contact_id):
+    if ids.ascii_id(contact_id) is None:
         return redirect("/admin/contatos?aviso=contato-invalido", code=303)
     # NUL is no text SQLite's functions or Kommo's notes keep.
     command = bot_control.command_from_name(name, reason.replace("\x00", "").strip()[:500])

@@ -24,6 +24,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 import config
+import ids
 import meli_ai_store as ai_store
 import meli_store as store
 import meli_texts as texts
@@ -206,7 +207,7 @@ def request_body(ctx, question: dict, conversation_id: int) -> dict:
         "conversation_id": str(conversation_id), "contact_id": buyer,
         "message_text": question.get("text") or "",
         "timestamp": int(created.timestamp()) if created else int(ctx.now()),
-        "question": {"id": int(qid) if qid.isascii() and qid.isdigit() else qid, "text": question.get("text") or "",
+        "question": {"id": int(qid) if ids.ascii_id(qid) else qid, "text": question.get("text") or "",
                      "date_created": question.get("date_created")},
         "item": item_context(ctx, item_id),
         "previous_questions": previous_questions(ctx, item_id, buyer, qid),
@@ -379,7 +380,7 @@ def parse_async_answer(body) -> tuple[str, str, bool]:
     correlation = str(body.get("bridge_correlation_id") or body.get("correlation_id") or "")
     if not qid and correlation.startswith("ml-question:"):
         qid = correlation.split(":", 1)[1].strip()
-    if not (qid.isascii() and qid.isdigit()):  # "²" and "１２" pass isdigit()
+    if ids.ascii_id(qid) is None:
         raise ValueError("informe question_id (o id da pergunta no Mercado Livre)")
     should_send = _should_send(body)
     found = extract_answer({"response_text": body.get("response_text")}) or extract_answer(body)

@@ -18,6 +18,7 @@ from pathlib import Path
 import bot_control
 import config
 import db_manager
+import ids
 import outbox
 import whatsapp_intake
 import whatsapp_store
@@ -170,7 +171,7 @@ def bot_lines(settings, conn, args: list[str], now: float) -> list[str]:
     if len(args) < 2 or args[0] not in BOT_ACTIONS:
         raise UsageError("use: ./ponte bot status|pausar|voltar CONTATO [motivo]")
     action, contact_id, reason = args[0], args[1].strip(), " ".join(args[2:]).strip()
-    if not contact_id.isascii() or not contact_id.isdigit():
+    if ids.ascii_id(contact_id) is None:
         raise UsageError(f"'{contact_id}' não é o id numérico de um contato do Kommo")
     if action == "status":
         return bot_control.status_text(whatsapp_store.get_bot_state(conn, contact_id)).splitlines()

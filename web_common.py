@@ -4,9 +4,10 @@ settings, the clock, JSON errors and bearer-token checks.
 Owns: `get_db()`, `connection()`, `settings()`, `now()`, `error_body()`, `wsgi_json()`,
 `request_json()`, `json_object_body()`, `json_error()`, `require_bearer()`, `bearer_token()`,
 and the one place that decides what inbound text and numbers ponte accepts: `parse_json()`,
-`storable()`, `form_bytes_storable()`, `ascii_id()`, `ascii_int()` (every route reads bodies, ids and
-numeric headers through them, so a hostile byte is a 4xx — or a peer's 200 `ignored` — and
-never a 500 or a row).
+`storable()`, `form_bytes_storable()`, and — re-exported from the Flask-free `ids`, which the
+CLI and the jobs share — `ascii_id()`, `ascii_int()` (every route reads bodies, ids and numeric
+headers through them, so a hostile byte is a 4xx — or a peer's 200 `ignored` — and never a
+500 or a row).
 Must not: hold routes or bridge logic.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 from flask import current_app, jsonify, request
 
 import db_manager
+from ids import ascii_id, ascii_int  # noqa: F401  (routes read ids through web_common)
 from ponte_logging import request_id_var
 
 _local = threading.local()
@@ -74,7 +76,6 @@ def wsgi_json(start_response, status: int, body: bytes | dict, headers=(), head=
 # SQLite's UTF-8 cannot encode: UnicodeEncodeError) and NUL (SQLite's text functions stop at it,
 # Chatwoot's PostgreSQL refuses it).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-_ASCII_ID = re.compile(r"[0-9]{1,20}\Z")
 
 
 class BadBody(ValueError):
@@ -152,27 +153,6 @@ def form_bytes_storable(raw: bytes) -> bool:
     form, on the hottest path): NUL is the one unstorable character decoding can produce
     (bad UTF-8 becomes U+FFFD, never a lone surrogate), and it comes as "%00" or a raw byte."""
     return b"%00" not in raw and b"\x00" not in raw
-
-
-def ascii_id(value) -> str | None:
-    """`value` as an id of ASCII digits (1 to 20 of them, nothing around; a JSON integer
-    too), or None.
-    `str.isdigit()` is not this test: it accepts "²" (which int() refuses) and "１２" (which
-    int() reads as 12 — another contact's id)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        return None
-    return value if _ASCII_ID.match(value) else None
-
-
-def ascii_int(value: str | None) -> int | None:
-    """A header or parameter holding a non-negative integer in ASCII digits (surrounding
-    spaces allowed), or None for anything else — "²", "１２", "+5", "1e3", ""."""
-    if value is None:
-        return None
-    text = ascii_id(value.strip())
-    return int(text) if text is not None else None
 
 
 def json_error(status: int, code: str, message: str):

@@ -108,11 +108,26 @@ def test_jobs_filters_by_state_and_shows_the_last_error_but_no_payload(settings,
     (["jobs", "--tipo"], "falta o valor de --tipo"),
     (["bot", "parar", "1"], "use: ./ponte bot status|pausar|voltar"),
     (["bot", "pausar", "maria"], "'maria' não é o id numérico"),
+    (["bot", "pausar", "１２"], "'１２' não é o id numérico"),  # int() reads it as 12
+    (["bot", "status", "²"], "'²' não é o id numérico"),
     (["status", "agora"], "status não aceita 'agora'"),
 ])
 def test_a_wrong_command_line_is_named_and_exits_2(settings, db, args, named):
     code, lines = ponte_cli.run(args, settings=settings, now=NOW)
     assert code == 2 and named in lines[0]
+
+
+def test_the_terminal_and_the_jobs_check_ids_without_loading_flask(tmp_path):
+    # ids.py is the one id check; web_common re-exports it for the routes, but importing
+    # web_common (Flask, werkzeug) from the CLI or a job would slow every ./ponte command.
+    code = ("import sys, ponte_cli, meli_ai, poller; "
+            "print(sorted(m for m in ('flask', 'werkzeug', 'web_common') if m in sys.modules))")
+    env = {"PATH": "/usr/bin:/bin", "PONTE_ENV_FILE": str(tmp_path / "none.env"),
+           "DATABASE_PATH": str(tmp_path / "p.db"), "LOG_DIR": str(tmp_path / "logs")}
+    out = subprocess.run([str(venv_bin() / "python"), "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_bot_pause_and_resume_from_the_terminal_reach_the_seller_like_the_api(settings, db):
