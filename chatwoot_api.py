@@ -2,7 +2,8 @@
 
 Owns: `ChatwootClient` (contacts, contact inboxes, conversations, messages with multipart
 attachments, message status, labels, custom attributes, status), `ChatwootError`, and the pure
-webhook functions `verify_chatwoot_signature` and `classify_chatwoot_event`.
+webhook functions `verify_chatwoot_signature` and `classify_chatwoot_event` (an agent's reply
+or a deleted message, each read from the body once).
 Must not: import db_manager, outbox, flask or another peer module; decide what to do with an event.
 """
 from __future__ import annotations
@@ -278,6 +279,15 @@ class AgentReply:
                 "attachments": [a.__dict__ for a in self.attachments]}
 
 
+@dataclass(frozen=True)
+class DeletedMessage:
+    """An agent's public message deleted in Chatwoot (`message_updated` whose
+    `content_attributes.deleted` is true): if its forward has not run, it must not."""
+
+    message_id: int
+    conversation_id: int
+
+
 MAX_ID = 2**63 - 1  # what SQLite (and Chatwoot's bigint ids) can hold
 
 
@@ -299,15 +309,37 @@ def _obj(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _content_attributes(body: dict) -> dict:
+    """The message's `content_attributes`: Chatwoot sends an object, or that object as a JSON
+    string; {} for anything else."""
+    value = body.get("content_attributes") or {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return _obj(value)
+
+
+def _in_inboxes(inbox_id: int, inbox_ids: tuple | list | set | None) -> bool:
+    """True when `inbox_ids` is empty (every inbox) or holds `inbox_id`."""
+    return not inbox_ids or inbox_id in {int(i) for i in inbox_ids if str(i).strip()}
+
+
 def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = None
-                            ) -> tuple[AgentReply | None, str]:
-    """(reply, "forward") for an agent's public reply in one of `inbox_ids`; otherwise
-    (None, reason) — private notes, incoming, activity, template, message_updated, our own
-    echoes (`source_id` prefix `meli:`), other inboxes, other events, and "malformed" for a
-    body whose fields do not have Chatwoot's types."""
+                            ) -> tuple[AgentReply | DeletedMessage | None, str]:
+    """What one webhook body is, read once: (reply, "forward") for an agent's public reply in
+    one of `inbox_ids`; (deleted, "message_deleted") for a `message_updated` that marks such a
+    public message deleted; otherwise (None, reason) — private notes, incoming, activity,
+    template, other message_updated, our own echoes (`source_id` prefix `meli:`), other
+    inboxes, other events, and "malformed" for a body whose fields do not have Chatwoot's
+    types."""
     if not isinstance(body, dict):
         return None, "not_an_object"
     event = body.get("event")
+    if event == "message_updated":
+        deleted = _deleted_message(body, inbox_ids)
+        return (deleted, "message_deleted") if deleted else (None, "event:message_updated")
     if event != "message_created":
         return None, f"event:{str(event)[:40]}"
     if body.get("private") is not False:  # private notes are outgoing+private: check first
@@ -316,13 +348,7 @@ def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = No
     if message_type != "outgoing":
         return None, f"message_type:{str(message_type)[:40]}"
     source_id = str(body.get("source_id") or "")
-    content_attributes = body.get("content_attributes") or {}
-    if isinstance(content_attributes, str):
-        try:
-            content_attributes = json.loads(content_attributes)
-        except ValueError:
-            content_attributes = {}
-    content_attributes = _obj(content_attributes)
+    content_attributes = _content_attributes(body)
     if source_id.startswith(ECHO_PREFIX) or content_attributes.get(BRIDGE_ORIGIN_KEY):
         return None, "echo"
     if not isinstance(body.get("sender") or {}, dict) or \
@@ -341,7 +367,7 @@ def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = No
     inbox_id, conversation_id, message_id = (_id(v) for v in raw_ids)
     if inbox_id is None or conversation_id is None or message_id is None:
         return None, "missing_ids" if None in raw_ids else "malformed"
-    if inbox_ids and inbox_id not in {int(i) for i in inbox_ids if str(i).strip()}:
+    if not _in_inboxes(inbox_id, inbox_ids):
         return None, "other_inbox"
     if content_attributes.get("deleted"):
         return None, "deleted"
@@ -376,37 +402,20 @@ def classify_chatwoot_event(body: Any, inbox_ids: tuple | list | set | None = No
         created_at=str(body.get("created_at") or "")), "forward"
 
 
-@dataclass(frozen=True)
-class DeletedMessage:
-    """An agent's public message deleted in Chatwoot (`message_updated` whose
-    `content_attributes.deleted` is true): if its forward has not run, it must not."""
-
-    message_id: int
-    conversation_id: int
-
-
-def deleted_message(body: Any, inbox_ids: tuple | list | set | None = None
-                    ) -> DeletedMessage | None:
-    """The DeletedMessage of a `message_updated` event for a public outgoing message in one of
+def _deleted_message(body: dict, inbox_ids: tuple | list | set | None
+                     ) -> DeletedMessage | None:
+    """The DeletedMessage of a `message_updated` body for a public outgoing message in one of
     `inbox_ids` that Chatwoot marked deleted; None for anything else."""
-    if not isinstance(body, dict) or body.get("event") != "message_updated":
-        return None
     if body.get("private") is not False or body.get("message_type") != "outgoing":
         return None
-    content_attributes = body.get("content_attributes") or {}
-    if isinstance(content_attributes, str):
-        try:
-            content_attributes = json.loads(content_attributes)
-        except ValueError:
-            return None
-    if not _obj(content_attributes).get("deleted"):
+    if not _content_attributes(body).get("deleted"):
         return None
     conversation = _obj(body.get("conversation"))
     inbox_id = _id(_obj(body.get("inbox")).get("id") or conversation.get("inbox_id"))
     conversation_id, message_id = _id(conversation.get("id")), _id(body.get("id"))
     if inbox_id is None or conversation_id is None or message_id is None:
         return None
-    if inbox_ids and inbox_id not in {int(i) for i in inbox_ids if str(i).strip()}:
+    if not _in_inboxes(inbox_id, inbox_ids):
         return None
     return DeletedMessage(message_id=message_id, conversation_id=conversation_id)
 

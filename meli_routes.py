@@ -22,7 +22,7 @@ import meli_ai
 import meli_auth
 import outbox
 import web_common
-from chatwoot_api import classify_chatwoot_event, deleted_message, verify_chatwoot_signature
+from chatwoot_api import DeletedMessage, classify_chatwoot_event, verify_chatwoot_signature
 from meli_store import deleted_event_key
 from mercado_livre_api import parse_notification
 from web_common import json_error, token_matches
@@ -83,10 +83,10 @@ def chatwoot_webhook(url_token: str = ""):
     except web_common.BadBody as exc:  # 2xx: Chatwoot marks a message failed on an error
         return jsonify(ok=True, ignored="invalid_json" if exc.code == "bad_json" else exc.code)
     try:
-        reply, reason = classify_chatwoot_event(body, _inbox_ids(s))
+        event, reason = classify_chatwoot_event(body, _inbox_ids(s))
     except Exception:  # a shape we did not foresee must not become a 500 Chatwoot retries
         log.warning("chatwoot_webhook_malformed", extra={"peer": "chatwoot"}, exc_info=True)
-        reply, reason = None, "malformed"
+        event, reason = None, "malformed"
     if reason == "malformed":
         return jsonify(ok=True, ignored="malformed")
     delivery = request.headers.get("X-Chatwoot-Delivery") or ""
@@ -94,9 +94,9 @@ def chatwoot_webhook(url_token: str = ""):
         delivery = hashlib.sha256(raw).hexdigest()[:32]
     now = web_common.now()
     conn = web_common.get_db()
-    deleted = deleted_message(body, _inbox_ids(s)) if reply is None else None
     with db_manager.transaction(conn):
-        if deleted is not None:
+        if isinstance(event, DeletedMessage):
+            deleted = event
             # A reply whose forward job has not run yet finds this and is not sent.
             db_manager.record_event(conn, "chatwoot", deleted_event_key(deleted.message_id),
                                     "message_updated", "deleted",
@@ -107,11 +107,12 @@ def chatwoot_webhook(url_token: str = ""):
                      extra={"peer": "chatwoot", "chatwoot_message_id": deleted.message_id,
                             "chatwoot_conversation_id": deleted.conversation_id})
             return jsonify(ok=True, deleted=True)
-        if reply is None:
+        if event is None:
             db_manager.record_event(conn, "chatwoot", f"chatwoot-delivery:{delivery}",
                                     str(body.get("event") if isinstance(body, dict) else "?"),
                                     "ignored", {"reason": reason}, now=now)
             return jsonify(ok=True, ignored=reason)
+        reply = event
         new = db_manager.record_event(conn, "chatwoot", f"chatwoot-msg:{reply.message_id}",
                                       "message_created", "queued",
                                       {"chatwoot_message_id": reply.message_id,

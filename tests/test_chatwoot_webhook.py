@@ -11,6 +11,7 @@ import requests
 import chatwoot_api
 import db_manager
 import outbox
+from meli_store import deleted_event_key
 from tests.conftest import PAYLOADS
 from tests.meli_support import WEBHOOK_SECRET, bridge, dumps, sign  # noqa: F401
 
@@ -123,6 +124,36 @@ def test_events_that_must_never_reach_mercado_livre(bridge, name, changes, reaso
     answer = _post(bridge, body)
     assert answer.status_code == 200
     assert answer.json()["ignored"] == reason
+    assert outbox.list_jobs(bridge.conn) == []
+
+
+@pytest.mark.parametrize("changes,answer_key,value", [
+    ({"content_attributes": {"deleted": True}}, "deleted", True),
+    ({"content_attributes": '{"deleted": true}'}, "deleted", True),  # a JSON string, too
+    ({"content_attributes": {"deleted": True}, "inbox": {"id": 99}}, "ignored",
+     "event:message_updated"),
+    ({"content_attributes": {"deleted": True}, "private": True}, "ignored",
+     "event:message_updated"),
+    ({"content_attributes": '{"deleted": tru'}, "ignored", "event:message_updated"),
+    ({"content_attributes": {"deleted": True}, "conversation": "abc"}, "ignored",
+     "event:message_updated"),
+], ids=["deleted", "deleted-as-json-text", "other-inbox", "private", "bad-json-text",
+        "no-conversation"])
+def test_message_updated_is_read_once_as_a_deletion_or_ignored(bridge, changes, answer_key,
+                                                               value):
+    # GIVEN Chatwoot's message_updated for the agent's public reply 9876 (conversation 42)
+    body = _reply_payload(event="message_updated", **changes)
+    # WHEN it is classified, and when it reaches the webhook
+    event, reason = chatwoot_api.classify_chatwoot_event(body, (7,))
+    answer = _post(bridge, body)
+    # THEN a deletion in our inbox is recorded for the reply's job to find; the rest ignored
+    assert answer.status_code == 200 and answer.json()[answer_key] == value
+    deleted = db_manager.event_recorded(bridge.conn, deleted_event_key(9876))
+    assert deleted is (answer_key == "deleted")
+    if deleted:
+        assert (event, reason) == (chatwoot_api.DeletedMessage(9876, 42), "message_deleted")
+    else:
+        assert (event, reason) == (None, "event:message_updated")
     assert outbox.list_jobs(bridge.conn) == []
 
 

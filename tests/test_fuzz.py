@@ -702,9 +702,10 @@ def test_ids_and_numeric_headers_are_ascii_only(value):
        secret=texts, timestamp=st.one_of(st.none(), texts), signature=st.one_of(st.none(), texts),
        raw=st.binary(max_size=100))
 def test_chatwoot_parsers_never_raise(body, inbox_ids, secret, timestamp, signature, raw):
-    reply, reason = chatwoot_api.classify_chatwoot_event(body, inbox_ids)
-    assert reply is not None or isinstance(reason, str)
-    chatwoot_api.deleted_message(body, inbox_ids)
+    event, reason = chatwoot_api.classify_chatwoot_event(body, inbox_ids)
+    assert {chatwoot_api.AgentReply: "forward", chatwoot_api.DeletedMessage: "message_deleted"
+            }.get(type(event)) == (reason if event is not None else None)
+    assert isinstance(reason, str)
     assert chatwoot_api.verify_chatwoot_signature(secret, timestamp, raw, signature,
                                                   time.time()) in (True, False)
 
