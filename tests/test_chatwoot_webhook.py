@@ -157,6 +157,15 @@ def test_message_updated_is_read_once_as_a_deletion_or_ignored(bridge, changes, 
     assert outbox.list_jobs(bridge.conn) == []
 
 
+def test_message_updated_with_attributes_nested_too_deep_is_malformed_not_a_500(bridge):
+    # content_attributes as JSON text deeper than Python parses: the deletion check raises
+    # RecursionError, inside the one classification the route guards.
+    body = _reply_payload(event="message_updated", content_attributes="[" * 100000)
+    answer = _post(bridge, body)
+    assert answer.status_code == 200 and answer.json()["ignored"] == "malformed"
+    assert _nothing_recorded(bridge)
+
+
 def test_private_note_is_ignored_even_when_its_conversation_shows_a_public_message(bridge):
     body = _payload("message_created_private_note")
     # conversation.messages[0] is the previous *public* agent message (chatwoot #14023)
