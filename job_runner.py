@@ -74,8 +74,10 @@ class Clients:
     def n8n(self):
         import n8n_api
         s = self.settings
-        return n8n_api.N8nClient(s.n8n_webhook_url, s.n8n_api_key,
-                                 timeout_seconds=s.n8n_timeout_seconds)
+        client = n8n_api.N8nClient(s.n8n_webhook_url, s.n8n_api_key,
+                                   timeout_seconds=s.n8n_timeout_seconds)
+        client.max_block_seconds = s.retry_after_max_seconds  # a 429 blocks it this long at most
+        return client
 
     @functools.cached_property
     def meli(self):
@@ -85,7 +87,9 @@ class Clients:
     @functools.cached_property
     def chatwoot(self):
         import chatwoot_api
-        return chatwoot_api.ChatwootClient.from_settings(self.settings)
+        client = chatwoot_api.ChatwootClient.from_settings(self.settings)
+        client.max_block_seconds = self.settings.retry_after_max_seconds
+        return client
 
 
 @dataclass

@@ -119,13 +119,14 @@ def build_client(settings, conn, now=time.time) -> KommoClient:
     """The Kommo client of a process, with tokens from the settings or the database."""
     return KommoClient(settings.kommo_base_url, TokenSource(settings, conn, now),
                        max_rps=settings.kommo_max_rps, rate_limit_path=settings.database_path,
-                       clock=now)
+                       clock=now, max_block_seconds=settings.retry_after_max_seconds)
 
 
 def _token_client(settings) -> KommoClient:
     # OAuth calls count against the same limit as every other call to Kommo.
     return KommoClient(settings.kommo_base_url, token_source=None,
-                       max_rps=settings.kommo_max_rps, rate_limit_path=settings.database_path)
+                       max_rps=settings.kommo_max_rps, rate_limit_path=settings.database_path,
+                       max_block_seconds=settings.retry_after_max_seconds)
 
 
 def _checked(answer: dict) -> dict:

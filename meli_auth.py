@@ -123,19 +123,24 @@ def refresh_if_due(ctx) -> None:
 
 
 def _token_client(settings) -> MercadoLivreClient:
-    return MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
-                              client_secret=settings.ml_client_secret,
-                              seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
-                              rate_limit_path=settings.database_path)
+    client = MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
+                                client_secret=settings.ml_client_secret,
+                                seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
+                                rate_limit_path=settings.database_path)
+    client.max_block_seconds = settings.retry_after_max_seconds
+    return client
 
 
 def build_client(settings, conn, now=time.time) -> MercadoLivreClient:
-    """The Mercado Livre client of a process, with tokens from the database."""
-    return MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
-                              client_secret=settings.ml_client_secret,
-                              seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
-                              token_source=MeliTokenSource(settings, conn, now),
-                              rate_limit_path=settings.database_path, clock=now)
+    """The Mercado Livre client of a process, with tokens from the database; a 429 blocks its
+    pools for RETRY_AFTER_MAX_SECONDS at most."""
+    client = MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
+                                client_secret=settings.ml_client_secret,
+                                seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
+                                token_source=MeliTokenSource(settings, conn, now),
+                                rate_limit_path=settings.database_path, clock=now)
+    client.max_block_seconds = settings.retry_after_max_seconds
+    return client
 
 
 def _checked(answer: dict) -> dict:

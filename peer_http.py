@@ -89,17 +89,22 @@ class PeerClient:
 
     def __init__(self, base_url: str, timeout_seconds: float = 15.0, max_rps: float = 0.0,
                  session: requests.Session | None = None, *, rate_limit_path: str = "",
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 max_block_seconds: float | None = None):
         """`max_rps` calls per second at most (0: no limit), shared by every client built with
         the same `rate_limit_path` (the database path) in any thread or process; without it,
         the limit is this client's only. `clock` is the jobs' clock: a 429's Retry-After is
-        measured on it (the outbox retries on it too); the window always counts real time."""
+        measured on it (the outbox retries on it too); the window always counts real time.
+        `max_block_seconds` (default `MAX_BLOCK_SECONDS`; RETRY_AFTER_MAX_SECONDS where a client
+        is built from the settings; a public attribute) caps how long a 429 blocks its pools."""
         self.base_url = (base_url or "").rstrip("/")
         self.timeout_seconds = timeout_seconds
         self.session = session or new_session()
         self.session.headers.setdefault("User-Agent", "ponte/0.1 (+https://github.com/ponte)")
         self.limiter = shared_limiter(rate_limit_path, self.peer, *calls_per_window(max_rps),
                                       block_clock=clock)
+        self.max_block_seconds = MAX_BLOCK_SECONDS if max_block_seconds is None \
+            else max_block_seconds
 
     def _limiter_for(self, method: str, path: str) -> "SharedRateLimiter":
         """The rate-limit pool a call counts against; subclasses split a peer into pools."""
@@ -197,8 +202,8 @@ class PeerClient:
                       path: str) -> None:
         """A 429: every caller of the pool waits until its Retry-After; counted and logged."""
         if err.retry_after_seconds is not None:
-            err.retry_after_seconds = min(err.retry_after_seconds, MAX_BLOCK_SECONDS)
-        blocked_until = limiter.block(err.retry_after_seconds)
+            err.retry_after_seconds = min(err.retry_after_seconds, self.max_block_seconds)
+        blocked_until = limiter.block(err.retry_after_seconds, self.max_block_seconds)
         log.warning("peer_rate_limited", extra={
             "peer": self.peer, "pool": limiter.pool, "method": method, "path": _path_only(path),
             "retry_after_seconds": err.retry_after_seconds, "blocked_until": round(blocked_until, 3)})
@@ -446,7 +451,9 @@ class SharedRateLimiter:
         slots = [s for s in state["slots"] if s[2] > now - span and s[1] <= now + span]
         state["slots"] = slots
         blocked_until = float(state.get("blocked_until", 0.0))
-        if blocked_until > block_now + MAX_BLOCK_SECONDS:  # by a clock far ahead of ours
+        # A block longer than any cap it was set with came from a clock far ahead of ours.
+        if blocked_until > block_now + max(MAX_BLOCK_SECONDS,
+                                           float(state.get("block_cap_seconds", 0.0))):
             blocked_until = state["blocked_until"] = 0.0
         if blocked_until > block_now:
             return blocked_until - block_now, False
@@ -465,15 +472,17 @@ class SharedRateLimiter:
                     s[2], s[3] = round(max(now, s[1]), 6), 1
                     break
 
-    def block(self, retry_after_seconds: float | None) -> float:
+    def block(self, retry_after_seconds: float | None,
+              max_seconds: float = MAX_BLOCK_SECONDS) -> float:
         """The peer answered 429: hold every caller of this pool until `retry_after_seconds`
-        from now (`DEFAULT_BLOCK_SECONDS` when unknown, at most `MAX_BLOCK_SECONDS`) and count
-        it. Returns the epoch second the pool is blocked until."""
+        from now (`DEFAULT_BLOCK_SECONDS` when unknown, at most `max_seconds`) and count it.
+        Returns the epoch second the pool is blocked until."""
         seconds = DEFAULT_BLOCK_SECONDS if retry_after_seconds is None else retry_after_seconds
-        seconds = min(max(seconds, 0.0), MAX_BLOCK_SECONDS)
+        seconds = min(max(seconds, 0.0), max_seconds)
         with self._locked() as state:
             until = max(float(state.get("blocked_until", 0.0)), self.block_clock() + seconds)
             state["blocked_until"] = until
+            state["block_cap_seconds"] = max_seconds
             state["rate_limited"] = state.get("rate_limited", 0) + 1
         return until
 

@@ -296,6 +296,49 @@ def test_a_long_retry_after_sends_the_job_back_to_the_outbox(serve, tmp_path, co
     assert 298 <= err.value.retry_after_seconds <= 300
 
 
+@pytest.mark.parametrize("builder, path", [
+    (kommo_auth.build_client, "/api/v4/leads/1/notes"),
+    (meli_auth.build_client, "/questions/1"),
+])
+def test_a_429_blocks_the_pool_for_retry_after_max_seconds_at_most(serve, tmp_path, conn,
+                                                                   builder, path):
+    # GIVEN RETRY_AFTER_MAX_SECONDS=30, and the peer asks for 600 s
+    app = Flask("peer-429-long")
+
+    @app.route("/<path:anything>", methods=["GET", "POST"])
+    def too_many(anything):
+        return {"message": "too many"}, 429, {"Retry-After": "600"}
+
+    url = serve(app).url
+    settings = _settings(_kommo_env(tmp_path, url, RETRY_AFTER_MAX_SECONDS=30,
+                                    ML_API_BASE_URL=url))
+    fake = FakeTime()
+    client = builder(settings, conn, now=fake.clock)
+    with pytest.raises(peer_http.PeerError) as err:
+        client._request("GET", path, auth=False)
+    # THEN the job waits 30 s, not 600 s, and so does every caller of the pool
+    assert err.value.status == 429 and err.value.retry_after_seconds == 30
+    blocked_until = rate_limit_stats(settings.database_path)[client.peer]["blocked_until"]
+    assert blocked_until == pytest.approx(fake.now + 30)
+
+
+@pytest.mark.parametrize("peer", ["kommo", "meli", "n8n", "chatwoot"])
+def test_every_client_of_the_jobs_follows_retry_after_max_seconds(tmp_path, conn, peer):
+    import job_runner
+    settings = _settings(_kommo_env(tmp_path, "http://x", RETRY_AFTER_MAX_SECONDS=30))
+    assert getattr(job_runner.Clients(settings, conn, time.time), peer).max_block_seconds == 30
+
+
+def test_a_configured_cap_above_the_default_holds(tmp_path):
+    fake = FakeTime()
+    limiter = _limiter(tmp_path / "kommo.json", fake=fake)
+    limiter.block(3600, max_seconds=7200)
+    # a block longer than the default cap is kept, not taken for a clock far ahead
+    with pytest.raises(RateLimitWait) as wait:
+        limiter.acquire()
+    assert wait.value.wait_seconds == pytest.approx(3600)
+
+
 _CALL_AFTER_BLOCK = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
