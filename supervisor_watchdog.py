@@ -57,18 +57,31 @@ def _give_up(payload: str, why: str) -> None:
     os.kill(os.getppid(), signal.SIGTERM)
 
 
+def read_event(stdin) -> tuple[str | None, dict, str] | None:
+    """The next event from Supervisor, each header read once: (event name, the payload's
+    fields, the payload), or None when Supervisor closed our stdin."""
+    line = stdin.readline()
+    if not line:
+        return None
+    header = _fields(line)
+    payload = stdin.read(int(header.get("len", 0))).strip()
+    return header.get("eventname"), _fields(payload), payload
+
+
 def main(clock=time.monotonic) -> None:
+    """Answer Supervisor's events until it closes our stdin."""
     crashes = CrashLoop()
     while True:
         sys.stdout.write("READY\n")
         sys.stdout.flush()
-        header = dict(token.split(":", 1) for token in sys.stdin.readline().split())
-        payload = sys.stdin.read(int(header.get("len", 0)))
-        event, payload = header.get("eventname"), payload.strip()
+        read = read_event(sys.stdin)
+        if read is None:
+            return
+        event, fields, payload = read
         if event == "PROCESS_STATE_FATAL":
             _give_up(payload, "um processo desistiu de iniciar")
-        elif event == "PROCESS_STATE_EXITED" and _fields(payload).get("expected") == "0":
-            program = _fields(payload).get("processname", "?")
+        elif event == "PROCESS_STATE_EXITED" and fields.get("expected") == "0":
+            program = fields.get("processname", "?")
             if crashes.died(program, clock()):
                 _give_up(payload, f"o programa '{program}' caiu {CRASH_LIMIT} vezes em "
                                   f"{CRASH_WINDOW_SECONDS:g} s")

@@ -226,6 +226,37 @@ def test_the_crash_loop_counts_each_program_within_its_window():
     assert loop.died("web", 62)
 
 
+def _supervisor_event(name: str, payload: str) -> str:
+    header = (f"ver:3.0 server:supervisor serial:1 pool:ponte_watchdog poolserial:1 "
+              f"eventname:{name} len:{len(payload)}\n")
+    return header + payload
+
+
+def test_the_watchdog_reads_each_event_once_and_gives_up_on_a_crash_loop(tmp_path,
+                                                                          monkeypatch):
+    import io
+
+    import supervisor_watchdog
+    # GIVEN Supervisor's events: a tick, a clean exit, then the poller dying 5 times at once
+    died = "processname:poller groupname:poller from_state:RUNNING expected:0 pid:{}"
+    events = [_supervisor_event("TICK_5", "when:1"),
+              _supervisor_event("PROCESS_STATE_EXITED",
+                                "processname:web groupname:web from_state:RUNNING "
+                                "expected:1 pid:9")]
+    events += [_supervisor_event("PROCESS_STATE_EXITED", died.format(100 + i)) for i in range(5)]
+    out, kills = io.StringIO(), []
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(events)))
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr(supervisor_watchdog.os, "kill", lambda pid, sig: kills.append(sig))
+    monkeypatch.setenv("PONTE_RUN_DIR", str(tmp_path))
+    # WHEN the watchdog answers them, until Supervisor closes its stdin
+    supervisor_watchdog.main(clock=lambda: 1000.0)
+    # THEN every event was acknowledged, and the fifth death stopped Supervisor, marked
+    assert out.getvalue() == "READY\nRESULT 2\nOK" * len(events) + "READY\n"
+    assert kills == [signal.SIGTERM]
+    assert (tmp_path / "fatal").read_text() == died.format(104)
+
+
 def test_a_supervisor_killed_by_a_signal_is_never_a_clean_stop(tmp_path):
     # GIVEN programs that just wait (marked, to find them after their Supervisor is gone)
     marker = f"ponte-test-{os.getpid()}-{time.time_ns()}"
