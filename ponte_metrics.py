@@ -17,7 +17,8 @@ The folder is PROMETHEUS_MULTIPROC_DIR when given, else `metrics/` beside the da
 poller find the same one). A process that starts removes the files of processes no longer alive
 (a restart is a counter reset, which Prometheus' rate() expects); files of live processes stay.
 
-Owns: `setup()`, the metric objects, the `observe_*` hooks, `render()`.
+Owns: `setup()`, the metric objects, the `observe_*` hooks, `render()` (and reading the
+multiprocess folder while other processes add and remove files in it).
 Must not: import our modules at import time (peer_http and job_runner import this one), or
 raise from a hook (a metric never breaks a job or a webhook).
 """
@@ -297,6 +298,22 @@ class DatabaseCollector:
         yield calls
 
 
+class ProcessFilesCollector:
+    """Every process's counters and histograms, added up from the multiprocess folder."""
+
+    def __init__(self, path: str):
+        from prometheus_client import multiprocess
+        self._files = multiprocess.MultiProcessCollector(None, path=path)
+
+    def collect(self):
+        try:
+            return self._files.collect()
+        except FileNotFoundError:
+            # A starting process removed a dead one's file (remove_dead_files) between the
+            # folder's listing and its reading: list it again, without that file.
+            return self._files.collect()
+
+
 def render(conn, settings, now: float) -> bytes:
     """The text of /metrics: every process's counters and histograms plus the database's
     gauges."""
@@ -304,6 +321,5 @@ def render(conn, settings, now: float) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(conn, settings, now))
     if _metrics is not None:
-        from prometheus_client import multiprocess
-        multiprocess.MultiProcessCollector(registry, path=metrics_dir(settings.database_path))
+        registry.register(ProcessFilesCollector(metrics_dir(settings.database_path)))
     return generate_latest(registry)

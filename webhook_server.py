@@ -176,10 +176,7 @@ def _install_operator_routes(app: Flask) -> None:
         if s.metrics_token and not token_matches(bearer_token(), s.metrics_token):
             return json_error(401, "unauthorized", "Token ausente ou inválido (METRICS_TOKEN).")
         conn = web_common.get_db()
-        try:
-            body = ponte_metrics.render(conn, s, web_common.now())
-        except FileNotFoundError:  # a starting process removed a dead one's file meanwhile
-            body = ponte_metrics.render(conn, s, web_common.now())
+        body = ponte_metrics.render(conn, s, web_common.now())
         return body, 200, {"Content-Type": ponte_metrics.CONTENT_TYPE}
 
     @app.get("/admin/jobs")

@@ -172,6 +172,32 @@ def test_counters_of_another_process_add_up(settings, clock):
     assert value(found, "ponte_job_duration_seconds_count", kind="test.other_process") >= 3
 
 
+def test_a_file_that_vanishes_while_metrics_are_read_still_gives_200(settings, clock,
+                                                                    monkeypatch):
+    from prometheus_client import multiprocess
+    # GIVEN this process's counters, and a dead process's file in the shared folder
+    client = create_app(settings, clock=clock).test_client()
+    ponte_metrics.observe_job("test.vanishing_file", "done", 0.1)
+    folder = ponte_metrics.metrics_dir(settings.database_path)
+    doomed = os.path.join(folder, "counter_999999999.db")
+    with open(doomed, "wb") as f:
+        f.write(b"\0" * 16)
+    read = multiprocess.MmapedDict.read_all_values_from_file
+
+    def read_after_a_starting_process_removed_it(path):
+        if path == doomed and os.path.exists(doomed):
+            os.remove(doomed)  # listed by the scrape, removed by remove_dead_files meanwhile
+        return read(path)
+
+    monkeypatch.setattr(multiprocess.MmapedDict, "read_all_values_from_file",
+                        staticmethod(read_after_a_starting_process_removed_it))
+    # WHEN /metrics is scraped THEN it answers 200 with every live counter and gauge
+    found = scrape(client)
+    assert not os.path.exists(doomed)
+    assert value(found, "ponte_job_runs_total", kind="test.vanishing_file", outcome="done") >= 1
+    assert ("ponte_jobs", frozenset({("status", "pending")})) in found
+
+
 def test_files_of_dead_processes_are_removed_at_start_and_live_ones_kept(tmp_path):
     live = tmp_path / f"counter_{os.getpid()}.db"
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
