@@ -16,14 +16,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from ids import ascii_id
 from peer_http import PeerClient, PeerError
 
 ECHO_PREFIX = "meli:"
 BRIDGE_ORIGIN_KEY = "ponte_origin"
 SIGNATURE_TOLERANCE_SECONDS = 300
 FORWARDED_SENDER_TYPES = ("user", "agent_bot", "captain_assistant")
-# ASCII digits only: str.isdigit() accepts "²" (int() raises) and "１２" (int() reads 12).
-_ASCII_DIGITS = re.compile(r"[0-9]{1,20}\Z")
 
 
 class ChatwootError(PeerError):
@@ -228,7 +227,7 @@ def verify_chatwoot_signature(secret: str, timestamp: str | None, raw_body: byte
     if not secret or not timestamp or not signature:
         return False
     timestamp = timestamp.strip()
-    if not _ASCII_DIGITS.match(timestamp) or abs(now - int(timestamp)) > tolerance_seconds:
+    if ascii_id(timestamp) is None or abs(now - int(timestamp)) > tolerance_seconds:
         return False
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + raw_body, hashlib.sha256)
     return hmac.compare_digest("sha256=" + mac.hexdigest(), signature.strip().lower())
@@ -298,7 +297,7 @@ def _id(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and _ASCII_DIGITS.match(value.strip()):
+    elif isinstance(value, str) and ascii_id(value.strip()) is not None:
         number = int(value.strip())
     else:
         return None

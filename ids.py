@@ -1,10 +1,10 @@
 """The one test of what ponte takes as a numeric id: ASCII digits only.
 
 Owns: `ascii_id()`, `ascii_int()` — used by the web routes (through web_common), the `./ponte`
-terminal commands, the admin console and the jobs alike, so a contact, question or inbox id is
-judged the same way wherever it comes in.
-Must not: import Flask, requests or anything of ours (the CLI and the poller's jobs import it
-and must stay light); touch the database.
+terminal commands, the admin console, the jobs and chatwoot_api's webhook parsers alike, so a
+contact, question, inbox id or timestamp is judged the same way wherever it comes in.
+Must not: import Flask, requests or anything of ours (the CLI, the poller's jobs and the peer
+modules import it and must stay light); touch the database.
 """
 from __future__ import annotations
 
