@@ -4,11 +4,14 @@ Owns: the `tokens` table's SQL (`get`, `store`, `mark_disconnected`, `seed`), th
 record and its statuses, and `refresh()`: the rotation of a single-use refresh token, once for
 every thread and process asking at the same time (a `locks` row, the credential re-read inside
 the lock, the rotated pair persisted before anyone uses it; a refused refresh marks the account
-disconnected). Also `WaitsForReconnection`, mixed into each peer's "disconnected" error so that
-a job waiting for the seller to reconnect goes back to the queue without spending an attempt.
-Must not: know a peer's URLs, payloads or error classes (kommo_auth and meli_auth pass an
-`exchange` callable and turn `CredentialUnavailable` into their own error); hold OAuth state
-(each auth module keeps its own); log or repr a token.
+disconnected; a refresh whose answer was lost is sent again once at most, after a wait).
+`StoredTokenSource`, the part of each peer's token source that is the same for both (seed,
+read, refresh, the peer's errors). Also `WaitsForReconnection`, mixed into each peer's
+"disconnected" error so that a job waiting for the seller to reconnect goes back to the queue
+without spending an attempt.
+Must not: know a peer's URLs, payloads or error classes (kommo_auth and meli_auth subclass
+`StoredTokenSource` with their exchange, texts and errors); hold OAuth state (each auth module
+keeps its own); log or repr a token (the mappings it writes hold fingerprints only).
 """
 from __future__ import annotations
 
@@ -36,6 +39,14 @@ LOCK_POLL_SECONDS = 0.02
 # The token endpoint's answers that mean "this refresh token will never work again".
 REFUSED_STATUSES = (400, 401)
 SEED_NAMESPACE = "credential-seed"
+# A refresh whose answer was lost (5xx, timeout, reset) may have rotated the single-use refresh
+# token. It is sent again once, and only this long after: longer than a token call's timeout,
+# so the lost request can no longer be in flight at the peer (a refresh token used twice at
+# once may revoke the whole grant), and long enough for a short incident to pass.
+REFRESH_IN_DOUBT_WAIT_SECONDS = 300
+IN_DOUBT_NAMESPACE = "credential-refresh-in-doubt"
+NOT_CONNECTED = "not_connected"
+DISCONNECTED = "disconnected"
 
 
 class CredentialStatus:
@@ -87,6 +98,17 @@ class CredentialUnavailable(Exception):
 
 class RefreshBusy(Exception):
     """Another thread or process held the refresh lock for longer than we could wait."""
+
+
+class RefreshInDoubt(Exception):
+    """The last refresh's answer was lost: the same refresh token is not sent again before
+    `retry_after_seconds` (nothing was sent now)."""
+
+    def __init__(self, provider: str, retry_after_seconds: float):
+        self.provider = provider
+        self.retry_after_seconds = retry_after_seconds
+        super().__init__(f"{provider}: token refresh answer lost, next try in "
+                         f"{retry_after_seconds:.0f}s")
 
 
 class WaitsForReconnection(JobDeferred):
@@ -168,8 +190,7 @@ def seed(conn, provider: str, access_token: str, refresh_token: str, now: float,
     starting point: once rotated, the same seed never overwrites the rotated pair (it was
     used), but a different one does (the operator pasted a new pair).
     """
-    fingerprint = hashlib.sha256(
-        f"{provider}\n{origin}\n{access_token}\n{refresh_token}".encode()).hexdigest()[:32]
+    fingerprint = _fingerprint(provider, origin, access_token, refresh_token)
     with db_manager.transaction(conn):  # re-read under the write lock: other processes seed too
         current = get(conn, provider)
         seeded = db_manager.mapping_get(conn, SEED_NAMESPACE, provider)
@@ -194,9 +215,10 @@ def seed(conn, provider: str, access_token: str, refresh_token: str, now: float,
 
 def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[str], dict],
             now: Callable[[], float], *, default_expires_in: float, refused_detail: str,
-            no_refresh_detail: str, margin_seconds: float = 0.0,
+            no_refresh_detail: str, in_doubt_detail: str = "", margin_seconds: float = 0.0,
             lock_ttl_seconds: float = LOCK_TTL_SECONDS,
             lock_wait_seconds: float = LOCK_WAIT_SECONDS,
+            in_doubt_wait_seconds: float = REFRESH_IN_DOUBT_WAIT_SECONDS,
             sleep: Callable[[float], None] = time.sleep,
             monotonic: Callable[[], float] = time.monotonic) -> Credential:
     """Replace `stale_access_token` with a working one, calling the peer's token endpoint at
@@ -208,8 +230,18 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
     runs, and the new pair is stored before it is returned. A refusal (HTTP 400/401, e.g.
     `invalid_grant`) marks the account disconnected with `refused_detail` ("{reason}" is
     replaced by the peer's error code or status); so does needing a refresh without a refresh
-    token (`no_refresh_detail`). Raises CredentialUnavailable (disconnected: nothing was sent),
-    RefreshBusy, or the exchange's own error for a failure that may pass (a 5xx, a timeout).
+    token (`no_refresh_detail`).
+
+    An exchange whose answer was lost (its error's `may_have_reached`: a 5xx, a timeout, a
+    reset) may have rotated the single-use refresh token, so it is remembered: until
+    `in_doubt_wait_seconds` later, every refresh with that same refresh token raises
+    RefreshInDoubt without sending anything (the waiter that gets the lock next included);
+    then it is sent once more. If that answer is lost too, or refused, the account is marked
+    disconnected with `in_doubt_detail` (default `refused_detail`): the same refresh token is
+    never sent a third time.
+
+    Raises CredentialUnavailable (disconnected: nothing was sent), RefreshBusy,
+    RefreshInDoubt, or the exchange's own error for a failure that may pass.
     """
     lock_name = f"token-refresh:{provider}"
     # Unique per call; pid and thread say who held it when someone reads the locks table.
@@ -231,13 +263,32 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
                                  refresh_token="", access_token=current.access_token):
                 raise CredentialUnavailable(provider, no_refresh_detail)
             return _usable(conn, provider)  # a new authorization arrived meanwhile
+        doubt = _in_doubt(conn, provider, current.refresh_token)
+        if doubt is not None:
+            wait_seconds = doubt["at"] + in_doubt_wait_seconds - now()
+            if wait_seconds > 0:
+                raise RefreshInDoubt(provider, wait_seconds)
+            log.warning("credential_refresh_resent", extra={"provider": provider,
+                                                            "lost_reason": doubt["reason"]})
         try:
             answer = exchange(current.refresh_token)
         except Exception as exc:
-            if getattr(exc, "status", None) not in REFUSED_STATUSES:
-                raise
-            reason = getattr(exc, "code", "") or f"HTTP {exc.status}"
-            detail = refused_detail.replace("{reason}", reason)
+            status = getattr(exc, "status", None)
+            if status in REFUSED_STATUSES:
+                reason = getattr(exc, "code", "") or f"HTTP {status}"
+                detail = refused_detail
+            elif getattr(exc, "may_have_reached", False):
+                reason = f"HTTP {status}" if status else "sem resposta"
+                if doubt is None:  # the first lost answer: wait, then send it once more
+                    _record_doubt(conn, provider, current.refresh_token, reason, now())
+                    raise
+                detail = ""
+            else:
+                raise  # never reached the peer (a refused connection): the token is unspent
+            if doubt is not None:
+                reason = f"{doubt['reason']}; depois {reason}"
+                detail = in_doubt_detail or refused_detail
+            detail = detail.replace("{reason}", reason)
             if mark_disconnected(conn, provider, detail, now(),
                                  refresh_token=current.refresh_token):
                 raise CredentialUnavailable(provider, detail) from exc
@@ -245,6 +296,28 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
         return store_answer(conn, provider, answer, now(), default_expires_in)
     finally:
         db_manager.release_lock(conn, lock_name, owner)
+
+
+def _in_doubt(conn, provider: str, refresh_token: str) -> dict | None:
+    """The lost refresh recorded for this very refresh token, if any."""
+    doubt = db_manager.mapping_get(conn, IN_DOUBT_NAMESPACE, provider)
+    if doubt and doubt.get("refresh") == _fingerprint(provider, refresh_token):
+        return doubt
+    return None
+
+
+def _record_doubt(conn, provider: str, refresh_token: str, reason: str, now: float) -> None:
+    # Written under the refresh lock, before it is released: the next holder reads it.
+    with db_manager.transaction(conn):
+        db_manager.mapping_put(conn, IN_DOUBT_NAMESPACE, provider, {
+            "refresh": _fingerprint(provider, refresh_token), "at": now, "reason": reason},
+            now=now)
+    log.warning("credential_refresh_in_doubt", extra={"provider": provider, "reason": reason})
+
+
+def _fingerprint(*parts: str) -> str:
+    """A stable digest that names a token without holding it."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def _usable(conn, provider: str) -> Credential:
@@ -261,3 +334,112 @@ def _rotated(current: Credential, stale_access_token: str, margin_seconds: float
     """Someone else already replaced the stale token with one that is good for a while."""
     return current.access_token != stale_access_token and \
         not current.expires_within(margin_seconds, now)
+
+
+# --- what each peer's token source shares -------------------------------------------------------
+
+def checked_answer(answer, error: Callable[[str], Exception]) -> dict:
+    """A token endpoint's `answer` when it holds both tokens; otherwise raises `error(detail)`,
+    marked as possibly having reached the peer (it answered 2xx: it may have rotated the
+    refresh token it was given)."""
+    if isinstance(answer, dict) and answer.get("access_token") and answer.get("refresh_token"):
+        return answer
+    exc = error("token answer without both tokens")
+    exc.may_have_reached = True
+    raise exc
+
+
+class StoredTokenSource:
+    """What a peer client asks for its access token, over the tokens table. Every call reads
+    the stored credential, so a disconnection seen by any process stops them all; the
+    environment's credential is seeded on first use; refreshes go through `refresh()`.
+
+    A peer's subclass sets `provider`, `refresh_margin_seconds`, `default_expires_in_seconds`
+    and the pt-BR details, and implements `_seed`, `_exchange`, `_unavailable` (its
+    "disconnected" error, a `WaitsForReconnection`) and `_retry_later` (its retryable error,
+    nothing sent)."""
+
+    provider = ""
+    refresh_margin_seconds = 300.0
+    default_expires_in_seconds = 3600.0
+    not_connected_detail = ""
+    refused_detail = ""
+    no_refresh_detail = ""
+    in_doubt_detail = ""
+
+    def __init__(self, settings, conn, now: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self.conn = conn
+        self.now = now
+        self.sleep = sleep
+        self._seeded = False
+
+    def credential(self) -> Credential:
+        """The stored credential (seeded from the environment on first use). Raises the peer's
+        disconnected error when no request may be made."""
+        if not self._seeded:
+            self._seed()
+        self._seeded = True
+        current = get(self.conn, self.provider)
+        if current is None or not (current.access_token or
+                                   (current.refresh_token and not self.needs_access_token)):
+            raise self._unavailable(self.not_connected_detail, NOT_CONNECTED)
+        if not current.ok:
+            raise self._unavailable(current.detail or self.not_connected_detail, DISCONNECTED)
+        return current
+
+    def fresh_credential(self) -> Credential:
+        """The stored credential, refreshed first when it expires within the margin. While a
+        lost refresh is waited for (RefreshInDoubt), an access token that has not expired yet
+        is still used."""
+        current = self.credential()
+        if not current.expires_within(self.refresh_margin_seconds, self.now()):
+            return current
+        try:
+            return self._refresh(current.access_token)
+        except RefreshInDoubt as exc:
+            if current.access_token and not current.expires_within(0, self.now()):
+                return current
+            raise self._retry_later(str(exc), exc.retry_after_seconds) from None
+
+    def refresh_credential(self, stale_access_token: str) -> Credential:
+        """Replace `stale_access_token` (single flight across threads and processes; see
+        `refresh`). A disconnected account is not refreshed: only a new authorization brings
+        it back."""
+        try:
+            return self._refresh(stale_access_token)
+        except RefreshInDoubt as exc:
+            raise self._retry_later(str(exc), exc.retry_after_seconds) from None
+
+    def _refresh(self, stale_access_token: str) -> Credential:
+        self.credential()
+        try:
+            return refresh(self.conn, self.provider, stale_access_token, self._exchange,
+                           self.now, default_expires_in=self.default_expires_in_seconds,
+                           refused_detail=self.refused_detail,
+                           no_refresh_detail=self.no_refresh_detail,
+                           in_doubt_detail=self.in_doubt_detail,
+                           margin_seconds=self.refresh_margin_seconds, sleep=self.sleep)
+        except CredentialUnavailable as exc:
+            raise self._unavailable(exc.detail, DISCONNECTED) from None
+        except RefreshBusy:
+            raise self._retry_later("token refresh lock busy", None) from None
+
+    # Kommo: a stored refresh token without an access token is not a connection.
+    needs_access_token = False
+
+    def _seed(self) -> None:
+        """Store the environment's credential (see `seed`), if the settings hold one."""
+
+    def _exchange(self, refresh_token: str) -> dict:
+        """The peer's token call for `refresh_token`; returns a `checked_answer`."""
+        raise NotImplementedError
+
+    def _unavailable(self, detail: str, code: str) -> Exception:
+        """The peer's "disconnected" error (`code`: NOT_CONNECTED or DISCONNECTED)."""
+        raise NotImplementedError
+
+    def _retry_later(self, detail: str, retry_after_seconds: float | None) -> Exception:
+        """The peer's retryable error for a call that was not sent."""
+        raise NotImplementedError

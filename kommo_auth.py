@@ -1,10 +1,11 @@
 """Kommo credentials: the long-lived token or the OAuth pair, through credentials' one store
 and refresh.
 
-Owns: `TokenSource` (what `KommoClient` asks for a token: it seeds KOMMO_ACCESS_TOKEN into the
-store, refreshes the OAuth pair through `credentials.refresh`, and refuses to let any request
-leave while the account is disconnected), `KommoDisconnected`, the OAuth `state` (made, checked
-and consumed once, pruned) and the code exchange of `/oauth/callback`.
+Owns: `TokenSource` (what `KommoClient` asks for a token; over `credentials.StoredTokenSource`,
+with Kommo's token call, texts and errors: it seeds KOMMO_ACCESS_TOKEN into the store, refreshes
+the OAuth pair, and refuses to let any request leave while the account is disconnected),
+`KommoDisconnected`, the OAuth `state` (made, checked and consumed once, pruned) and the code
+exchange of `/oauth/callback`.
 Must not: hold routes or SQL (credentials owns the tokens table); log tokens. It is used by the
 poller's jobs, the setup commands and the OAuth callback.
 """
@@ -34,6 +35,10 @@ LONG_LIVED_REFUSED_DETAIL = ("O Kommo recusou o token de longa duração (401). 
                              "no Kommo e troque KOMMO_ACCESS_TOKEN (ou conecte pelo OAuth em "
                              "/oauth/status); até lá a ponte não chama o Kommo e as respostas "
                              "esperam.")
+IN_DOUBT_DETAIL = ("A renovação do token do Kommo ficou sem resposta ({reason}) e o refresh token, "
+                   "que só vale uma vez, pode ter sido trocado sem que a ponte recebesse o novo. "
+                   "Conecte de novo pelo OAuth em /oauth/status; até lá a ponte não chama o Kommo "
+                   "e as respostas esperam.")
 
 
 class KommoDisconnected(KommoError, credentials.WaitsForReconnection):
@@ -45,41 +50,31 @@ class KommoDisconnected(KommoError, credentials.WaitsForReconnection):
         self.available_at = available_at
 
 
-class TokenSource:
+class TokenSource(credentials.StoredTokenSource):
     """Gives the Kommo access token for the next call. One per client (so per thread); every
-    call reads the stored credential, so a disconnection seen by any process stops them all."""
+    call reads the stored credential, so a disconnection seen by any process stops them all.
+    KOMMO_ACCESS_TOKEN is stored on first use (it replaces any other credential)."""
+
+    provider = PROVIDER
+    refresh_margin_seconds = REFRESH_MARGIN_SECONDS
+    default_expires_in_seconds = DEFAULT_EXPIRES_IN_SECONDS
+    not_connected_detail = NOT_CONNECTED_DETAIL
+    refused_detail = REFUSED_DETAIL
+    no_refresh_detail = LONG_LIVED_REFUSED_DETAIL
+    in_doubt_detail = IN_DOUBT_DETAIL
+    needs_access_token = True
 
     def __init__(self, settings, conn, now=time.time, sleep=time.sleep):
-        self.settings = settings
-        self.conn = conn
-        self.now = now
-        self.sleep = sleep
-        self._seeded = False
+        super().__init__(settings, conn, now, sleep)
         self._last_access_token = ""
 
     @property
     def uses_long_lived_token(self) -> bool:
         return bool(self.settings.kommo_access_token)
 
-    def credential(self) -> Credential:
-        """The stored credential (KOMMO_ACCESS_TOKEN is stored on first use). Raises
-        KommoDisconnected when no request may be made."""
-        if not self._seeded and self.uses_long_lived_token:
-            credentials.seed(self.conn, PROVIDER, self.settings.kommo_access_token, "",
-                             self.now(), authoritative=True, origin=self.settings.kommo_base_url)
-        self._seeded = True
-        current = credentials.get(self.conn, PROVIDER)
-        if current is None or not current.access_token:
-            raise self._unavailable(NOT_CONNECTED_DETAIL)
-        if not current.ok:
-            raise self._unavailable(current.detail or NOT_CONNECTED_DETAIL)
-        return current
-
     def access_token(self) -> str:
         """The stored token, refreshed first when the OAuth pair is near expiry."""
-        current = self.credential()
-        if current.refresh_token and current.expires_within(REFRESH_MARGIN_SECONDS, self.now()):
-            current = self.refresh(current.access_token)
+        current = self.fresh_credential()
         self._last_access_token = current.access_token
         return current.access_token
 
@@ -93,16 +88,12 @@ class TokenSource:
 
     def refresh(self, stale_access_token: str) -> Credential:
         """Replace `stale_access_token` (single flight across threads and processes)."""
-        try:
-            return credentials.refresh(
-                self.conn, PROVIDER, stale_access_token, self._exchange, self.now,
-                default_expires_in=DEFAULT_EXPIRES_IN_SECONDS, refused_detail=REFUSED_DETAIL,
-                no_refresh_detail=LONG_LIVED_REFUSED_DETAIL,
-                margin_seconds=REFRESH_MARGIN_SECONDS, sleep=self.sleep)
-        except credentials.CredentialUnavailable as exc:
-            raise self._unavailable(exc.detail) from None
-        except credentials.RefreshBusy:
-            raise KommoError(None, "token refresh lock busy", retryable=True) from None
+        return self.refresh_credential(stale_access_token)
+
+    def _seed(self) -> None:
+        if self.uses_long_lived_token:
+            credentials.seed(self.conn, PROVIDER, self.settings.kommo_access_token, "",
+                             self.now(), authoritative=True, origin=self.settings.kommo_base_url)
 
     def _exchange(self, refresh_token: str) -> dict:
         return _checked(_token_client(self.settings).exchange_token({
@@ -111,8 +102,11 @@ class TokenSource:
             "grant_type": "refresh_token", "refresh_token": refresh_token,
             "redirect_uri": self.settings.kommo_redirect_uri}))
 
-    def _unavailable(self, detail: str) -> KommoDisconnected:
+    def _unavailable(self, detail: str, code: str = "") -> KommoDisconnected:
         return KommoDisconnected(detail, self.now() + DISCONNECTED_RETRY_SECONDS)
+
+    def _retry_later(self, detail: str, retry_after_seconds: float | None) -> KommoError:
+        return KommoError(None, detail, retryable=True, retry_after_seconds=retry_after_seconds)
 
 
 def build_client(settings, conn, now=time.time) -> KommoClient:
@@ -130,10 +124,8 @@ def _token_client(settings) -> KommoClient:
 
 
 def _checked(answer: dict) -> dict:
-    if not isinstance(answer, dict) or not answer.get("access_token") or \
-            not answer.get("refresh_token"):
-        raise KommoError(None, "token answer without tokens", retryable=False)
-    return answer
+    return credentials.checked_answer(answer,
+                                      lambda detail: KommoError(None, detail, retryable=False))
 
 
 def store_token_answer(conn, answer: dict, now: float) -> Credential:

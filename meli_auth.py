@@ -1,9 +1,10 @@
 """Mercado Livre credentials: OAuth start/callback helpers, and the token source over
 credentials' one store and refresh.
 
-Owns: `MeliTokenSource` (what `MercadoLivreClient` asks for a token: it seeds the environment's
-pair into the store, refreshes through `credentials.refresh`, and lets no request leave while
-the account is disconnected), `MeliDisconnected`, `build_client()`, `start_authorization()` /
+Owns: `MeliTokenSource` (what `MercadoLivreClient` asks for a token; over
+`credentials.StoredTokenSource`, with Mercado Livre's token call, texts and errors: it seeds the
+environment's pair into the store, refreshes it, and lets no request leave while the account is
+disconnected), `MeliDisconnected`, `build_client()`, `start_authorization()` /
 `complete_authorization()` for the two OAuth routes (state in `ml_oauth_state`, PKCE), and
 `refresh_if_due()` for the poller. Mercado Livre refresh tokens are single-use ("only the last
 one generated works"); `credentials.refresh` rotates them once for all threads and processes.
@@ -35,6 +36,10 @@ REFUSED_DETAIL = ("O Mercado Livre recusou o refresh token ({reason}): autorize 
 NO_REFRESH_DETAIL = ("O Mercado Livre recusou o token (401) e não há refresh token: autorize "
                      "de novo em /oauth/mercadolivre/start; até lá a ponte não chama o Mercado "
                      "Livre.")
+IN_DOUBT_DETAIL = ("A renovação do token do Mercado Livre ficou sem resposta ({reason}) e o "
+                   "refresh token, que só vale uma vez, pode ter sido trocado sem que a ponte "
+                   "recebesse o novo: autorize de novo em /oauth/mercadolivre/start; até lá a "
+                   "ponte não chama o Mercado Livre.")
 
 
 class OAuthError(Exception):
@@ -57,62 +62,48 @@ class MeliDisconnected(MercadoLivreError, credentials.WaitsForReconnection):
         self.available_at = available_at
 
 
-class MeliTokenSource:
+class MeliTokenSource(credentials.StoredTokenSource):
     """Gives the Mercado Livre access token for the next call, refreshing it when due. Every
-    call reads the stored credential, so a disconnection seen by any process stops them all."""
+    call reads the stored credential, so a disconnection seen by any process stops them all;
+    the environment's pair is stored on first use (see `credentials.seed`)."""
+
+    provider = PROVIDER
+    refresh_margin_seconds = REFRESH_MARGIN_SECONDS
+    default_expires_in_seconds = DEFAULT_EXPIRES_IN_SECONDS
+    not_connected_detail = NOT_CONNECTED_DETAIL
+    refused_detail = REFUSED_DETAIL
+    no_refresh_detail = NO_REFRESH_DETAIL
+    in_doubt_detail = IN_DOUBT_DETAIL
 
     def __init__(self, settings, conn, now=time.time, sleep=time.sleep,
                  token_client: MercadoLivreClient | None = None):
-        self.settings = settings
-        self.conn = conn
-        self.now = now
-        self.sleep = sleep
+        super().__init__(settings, conn, now, sleep)
         self.token_client = token_client or _token_client(settings)
-        self._seeded = False
-
-    def credential(self) -> Credential:
-        """The stored credential (the environment's pair is stored on first use, see
-        `credentials.seed`). Raises MeliDisconnected when no request may be made."""
-        s = self.settings
-        if not self._seeded and (s.ml_access_token or s.ml_refresh_token):
-            credentials.seed(self.conn, PROVIDER, s.ml_access_token or "",
-                             s.ml_refresh_token or "", self.now(), authoritative=False)
-        self._seeded = True
-        current = credentials.get(self.conn, PROVIDER)
-        if current is None or not (current.access_token or current.refresh_token):
-            raise self._unavailable(NOT_CONNECTED_DETAIL, "not_connected")
-        if not current.ok:
-            raise self._unavailable(current.detail or NOT_CONNECTED_DETAIL)
-        return current
 
     def access_token(self) -> str:
         """The stored access token (refreshed first when it expires within 5 minutes)."""
-        current = self.credential()
-        if current.expires_within(REFRESH_MARGIN_SECONDS, self.now()):
-            return self.refresh(current.access_token)
-        return current.access_token
+        return self.fresh_credential().access_token
 
     def refresh(self, stale_access_token: str) -> str:
         """Replace `stale_access_token` (single flight across threads and processes); returns
         the access token to use. A disconnected account is not refreshed: only a new
         authorization (/oauth/mercadolivre/start) brings it back."""
-        self.credential()
-        try:
-            return credentials.refresh(
-                self.conn, PROVIDER, stale_access_token, self._exchange, self.now,
-                default_expires_in=DEFAULT_EXPIRES_IN_SECONDS, refused_detail=REFUSED_DETAIL,
-                no_refresh_detail=NO_REFRESH_DETAIL, margin_seconds=REFRESH_MARGIN_SECONDS,
-                sleep=self.sleep).access_token
-        except credentials.CredentialUnavailable as exc:
-            raise self._unavailable(exc.detail) from None
-        except credentials.RefreshBusy:
-            raise MercadoLivreError(None, "token refresh lock busy", True) from None
+        return self.refresh_credential(stale_access_token).access_token
+
+    def _seed(self) -> None:
+        s = self.settings
+        if s.ml_access_token or s.ml_refresh_token:
+            credentials.seed(self.conn, PROVIDER, s.ml_access_token or "",
+                             s.ml_refresh_token or "", self.now(), authoritative=False)
 
     def _exchange(self, refresh_token: str) -> dict:
         return _checked(self.token_client.refresh_token(refresh_token))
 
-    def _unavailable(self, detail: str, code: str = "disconnected") -> MeliDisconnected:
+    def _unavailable(self, detail: str, code: str = credentials.DISCONNECTED) -> MeliDisconnected:
         return MeliDisconnected(detail, self.now() + DISCONNECTED_RETRY_SECONDS, code)
+
+    def _retry_later(self, detail: str, retry_after_seconds: float | None) -> MercadoLivreError:
+        return MercadoLivreError(None, detail, True, retry_after_seconds=retry_after_seconds)
 
 
 def refresh_if_due(ctx) -> None:
@@ -144,10 +135,7 @@ def build_client(settings, conn, now=time.time) -> MercadoLivreClient:
 
 
 def _checked(answer: dict) -> dict:
-    if not isinstance(answer, dict) or not answer.get("access_token") or \
-            not answer.get("refresh_token"):
-        raise MercadoLivreError(None, "token answer without both tokens", True)
-    return answer
+    return credentials.checked_answer(answer, lambda detail: MercadoLivreError(None, detail, True))
 
 
 def store_token_answer(conn, answer: dict, now: float) -> Credential:
