@@ -6,7 +6,8 @@ every thread and process asking at the same time (a `locks` row, the credential 
 the lock, the rotated pair persisted before anyone uses it; a refused refresh marks the account
 disconnected; a refresh whose answer was lost is sent again once at most, after a wait).
 `StoredTokenSource`, the part of each peer's token source that is the same for both (seed,
-read, refresh, the peer's errors). Also `WaitsForReconnection`, mixed into each peer's
+read, refresh, the peer's errors), and the count of 401s to a token that cannot be refreshed
+(`record_refusal`: one 401 does not disconnect a long-lived token). Also `WaitsForReconnection`, mixed into each peer's
 "disconnected" error so that a job waiting for the seller to reconnect goes back to the queue
 without spending an attempt.
 Must not: know a peer's URLs, payloads or error classes (kommo_auth and meli_auth subclass
@@ -45,6 +46,7 @@ SEED_NAMESPACE = "credential-seed"
 # once may revoke the whole grant), and long enough for a short incident to pass.
 REFRESH_IN_DOUBT_WAIT_SECONDS = 300
 IN_DOUBT_NAMESPACE = "credential-refresh-in-doubt"
+REFUSALS_NAMESPACE = "credential-refusals"
 NOT_CONNECTED = "not_connected"
 DISCONNECTED = "disconnected"
 
@@ -334,6 +336,48 @@ def _rotated(current: Credential, stale_access_token: str, margin_seconds: float
     """Someone else already replaced the stale token with one that is good for a while."""
     return current.access_token != stale_access_token and \
         not current.expires_within(margin_seconds, now)
+
+
+# --- a token that cannot be refreshed: 401s counted before calling it revoked ------------------
+
+def token_refusals(conn, provider: str, access_token: str) -> dict | None:
+    """The 401s counted against `access_token` since a call last accepted it: `{"count",
+    "first_at", "last_at"}`, or None."""
+    seen = db_manager.mapping_get(conn, REFUSALS_NAMESPACE, provider)
+    if seen and seen.get("token") == _fingerprint(provider, access_token):
+        return seen
+    return None
+
+
+def record_refusal(conn, provider: str, access_token: str, now: float, *, detail: str,
+                   strikes: int, min_span_seconds: float, forget_after_seconds: float) -> bool:
+    """Count one 401 to `access_token`, a token with nothing to refresh it (one 401 may be the
+    peer's own incident). Once `strikes` 401s in a row span `min_span_seconds` or more, the
+    account is marked disconnected with `detail` (True is returned); a 401 more than
+    `forget_after_seconds` after the previous one starts a new count, and so does a call that
+    was accepted (`forget_refusals`)."""
+    with db_manager.transaction(conn):  # counted under the write lock: every process counts
+        seen = token_refusals(conn, provider, access_token)
+        if seen is None or now - seen["last_at"] > forget_after_seconds:
+            seen = {"token": _fingerprint(provider, access_token), "count": 0, "first_at": now}
+        seen["count"] += 1
+        seen["last_at"] = now
+        db_manager.mapping_put(conn, REFUSALS_NAMESPACE, provider, seen, now=now)
+    log.warning("credential_refused", extra={"provider": provider, "refusals": seen["count"],
+                                             "refused_since": int(seen["first_at"])})
+    if seen["count"] >= strikes and now - seen["first_at"] >= min_span_seconds:
+        return mark_disconnected(conn, provider, detail, now, refresh_token="",
+                                 access_token=access_token)
+    return False
+
+
+def forget_refusals(conn, provider: str, access_token: str, now: float) -> None:
+    """A call with `access_token` was accepted: the 401s counted against it were not a
+    revocation."""
+    with db_manager.transaction(conn):
+        if token_refusals(conn, provider, access_token) is not None:
+            db_manager.mapping_put(conn, REFUSALS_NAMESPACE, provider, None, now=now)
+            log.info("credential_refusals_forgotten", extra={"provider": provider})
 
 
 # --- what each peer's token source shares -------------------------------------------------------

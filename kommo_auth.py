@@ -3,15 +3,18 @@ and refresh.
 
 Owns: `TokenSource` (what `KommoClient` asks for a token; over `credentials.StoredTokenSource`,
 with Kommo's token call, texts and errors: it seeds KOMMO_ACCESS_TOKEN into the store, refreshes
-the OAuth pair, and refuses to let any request leave while the account is disconnected),
-`KommoDisconnected`, the OAuth `state` (made, checked and consumed once, pruned) and the code
+the OAuth pair, and refuses to let any request leave while the account is disconnected; a 401
+to the long-lived token disconnects only once 401s have lasted, see LONG_LIVED_401_*),
+`KommoDisconnected`, `KommoTokenUnconfirmed`, the OAuth `state` (made, checked and consumed once, pruned) and the code
 exchange of `/oauth/callback`.
 Must not: hold routes or SQL (credentials owns the tokens table); log tokens. It is used by the
 poller's jobs, the setup commands and the OAuth callback.
 """
 from __future__ import annotations
 
+import logging
 import secrets
+import sqlite3
 import time
 import urllib.parse
 
@@ -19,6 +22,8 @@ import credentials
 import db_manager
 from credentials import Credential
 from kommo_api import KommoClient, KommoError
+
+log = logging.getLogger("ponte.kommo.auth")
 
 PROVIDER = "kommo"
 REFRESH_MARGIN_SECONDS = 600  # refresh ahead of expiry so no call runs with a dying token
@@ -31,10 +36,28 @@ NOT_CONNECTED_DETAIL = ("Kommo não autorizado: defina KOMMO_ACCESS_TOKEN (token
                         "duração) ou conecte pelo OAuth em /oauth/status.")
 REFUSED_DETAIL = ("O Kommo recusou a renovação do token ({reason}). Conecte de novo pelo OAuth "
                   "em /oauth/status; até lá a ponte não chama o Kommo e as respostas esperam.")
-LONG_LIVED_REFUSED_DETAIL = ("O Kommo recusou o token de longa duração (401). Gere um novo token "
-                             "no Kommo e troque KOMMO_ACCESS_TOKEN (ou conecte pelo OAuth em "
-                             "/oauth/status); até lá a ponte não chama o Kommo e as respostas "
-                             "esperam.")
+# Kommo has answered 401 during its own incidents, so one 401 to the long-lived token (which
+# nothing can refresh) is not taken for a revocation: the account is marked disconnected once
+# at least LONG_LIVED_401_STRIKES 401s in a row span LONG_LIVED_401_MIN_SPAN_SECONDS, with no
+# call accepted between them. Meanwhile, after each 401 no call goes to Kommo for
+# LONG_LIVED_401_RECHECK_SECONDS (the jobs wait without spending attempts), and a 401 that
+# comes more than LONG_LIVED_401_FORGET_SECONDS after the previous one starts a new count.
+LONG_LIVED_401_STRIKES = 3
+LONG_LIVED_401_MIN_SPAN_SECONDS = 600
+LONG_LIVED_401_RECHECK_SECONDS = 120
+LONG_LIVED_401_FORGET_SECONDS = 1800
+# Answers that come before Kommo looks at the token, so they say nothing about it.
+_SAYS_NOTHING_ABOUT_THE_TOKEN = (401, 429)
+LONG_LIVED_REFUSED_DETAIL = (
+    "O Kommo recusou o token de longa duração (401) em todas as chamadas por "
+    f"{LONG_LIVED_401_MIN_SPAN_SECONDS // 60} minutos. Gere um novo token no Kommo e troque "
+    "KOMMO_ACCESS_TOKEN (ou conecte pelo OAuth em /oauth/status); até lá a ponte não chama o "
+    "Kommo e as respostas esperam.")
+UNCONFIRMED_DETAIL = (
+    "O Kommo recusou o token de longa duração (401). A ponte tenta de novo em "
+    f"{LONG_LIVED_401_RECHECK_SECONDS // 60} minutos e só o dá por revogado se as recusas "
+    f"durarem {LONG_LIVED_401_MIN_SPAN_SECONDS // 60} minutos; se ele foi revogado, gere outro "
+    "no Kommo e troque KOMMO_ACCESS_TOKEN.")
 IN_DOUBT_DETAIL = ("A renovação do token do Kommo ficou sem resposta ({reason}) e o refresh token, "
                    "que só vale uma vez, pode ter sido trocado sem que a ponte recebesse o novo. "
                    "Conecte de novo pelo OAuth em /oauth/status; até lá a ponte não chama o Kommo "
@@ -47,6 +70,16 @@ class KommoDisconnected(KommoError, credentials.WaitsForReconnection):
 
     def __init__(self, detail: str, available_at: float):
         super().__init__(401, detail, True, retry_after_seconds=DISCONNECTED_RETRY_SECONDS)
+        self.available_at = available_at
+
+
+class KommoTokenUnconfirmed(KommoError, credentials.WaitsForReconnection):
+    """Kommo answered 401 to the long-lived token, not yet for long enough to call it revoked
+    (see LONG_LIVED_401_*): nothing was sent. A job that meets it waits until `available_at`
+    without spending an attempt."""
+
+    def __init__(self, available_at: float, retry_after_seconds: float):
+        super().__init__(401, UNCONFIRMED_DETAIL, True, retry_after_seconds=retry_after_seconds)
         self.available_at = available_at
 
 
@@ -67,24 +100,64 @@ class TokenSource(credentials.StoredTokenSource):
     def __init__(self, settings, conn, now=time.time, sleep=time.sleep):
         super().__init__(settings, conn, now, sleep)
         self._last_access_token = ""
+        self._unconfirmed_token = ""  # given out while 401s are counted against it
 
     @property
     def uses_long_lived_token(self) -> bool:
         return bool(self.settings.kommo_access_token)
 
     def access_token(self) -> str:
-        """The stored token, refreshed first when the OAuth pair is near expiry."""
+        """The stored token, refreshed first when the OAuth pair is near expiry. Raises
+        KommoTokenUnconfirmed (nothing sent) within LONG_LIVED_401_RECHECK_SECONDS of a 401
+        to the long-lived token."""
         current = self.fresh_credential()
+        self._unconfirmed_token = ""
+        if not current.refresh_token:
+            refusals = credentials.token_refusals(self.conn, PROVIDER, current.access_token)
+            if refusals is not None:
+                self._hold_after_401(refusals["last_at"])
+                self._unconfirmed_token = current.access_token
         self._last_access_token = current.access_token
         return current.access_token
 
     def refresh_after_401(self) -> bool:
         """Kommo answered 401 to the token last given: refresh the OAuth pair once (True: a new
-        token is ready). A refused long-lived token, or a refused refresh, marks the account
-        disconnected and raises KommoDisconnected."""
+        token is ready); a refused refresh marks the account disconnected and raises
+        KommoDisconnected. A long-lived token has nothing to refresh it: the 401 is counted
+        (`credentials.record_refusal`) and raises KommoTokenUnconfirmed, or KommoDisconnected
+        once the 401s have lasted (see LONG_LIVED_401_*)."""
         current = self.credential()
-        self.refresh(self._last_access_token or current.access_token)
+        refused = self._last_access_token or current.access_token
+        if not current.refresh_token and current.access_token == refused:
+            now = self.now()
+            if credentials.record_refusal(
+                    self.conn, PROVIDER, refused, now, detail=LONG_LIVED_REFUSED_DETAIL,
+                    strikes=LONG_LIVED_401_STRIKES,
+                    min_span_seconds=LONG_LIVED_401_MIN_SPAN_SECONDS,
+                    forget_after_seconds=LONG_LIVED_401_FORGET_SECONDS):
+                raise self._unavailable(LONG_LIVED_REFUSED_DETAIL)
+            self._hold_after_401(now)
+        self.refresh(refused)
         return True
+
+    def observe_answer(self, response, *args, **kwargs) -> None:
+        """A `requests` response hook on the client's session: Kommo answered a call made with
+        a long-lived token it had answered 401 to, and did not refuse it: the 401s were not a
+        revocation, forget them."""
+        if self._unconfirmed_token and response.status_code < 500 and \
+                response.status_code not in _SAYS_NOTHING_ABOUT_THE_TOKEN:
+            try:
+                credentials.forget_refusals(self.conn, PROVIDER, self._unconfirmed_token,
+                                            self.now())
+            except sqlite3.Error:  # the call itself succeeded; the next accepted one forgets
+                log.warning("credential_refusals_not_forgotten", extra={"provider": PROVIDER})
+                return
+            self._unconfirmed_token = ""
+
+    def _hold_after_401(self, refused_at: float) -> None:
+        until = refused_at + LONG_LIVED_401_RECHECK_SECONDS
+        if self.now() < until:
+            raise KommoTokenUnconfirmed(until, until - self.now())
 
     def refresh(self, stale_access_token: str) -> Credential:
         """Replace `stale_access_token` (single flight across threads and processes)."""
@@ -111,9 +184,12 @@ class TokenSource(credentials.StoredTokenSource):
 
 def build_client(settings, conn, now=time.time) -> KommoClient:
     """The Kommo client of a process, with tokens from the settings or the database."""
-    return KommoClient(settings.kommo_base_url, TokenSource(settings, conn, now),
-                       max_rps=settings.kommo_max_rps, rate_limit_path=settings.database_path,
-                       clock=now, max_block_seconds=settings.retry_after_max_seconds)
+    source = TokenSource(settings, conn, now)
+    client = KommoClient(settings.kommo_base_url, source, max_rps=settings.kommo_max_rps,
+                         rate_limit_path=settings.database_path, clock=now,
+                         max_block_seconds=settings.retry_after_max_seconds)
+    client.session.hooks["response"].append(source.observe_answer)
+    return client
 
 
 def _token_client(settings) -> KommoClient:

@@ -16,6 +16,7 @@ import requests
 
 import credentials
 import db_manager
+import kommo_auth
 import meli_jobs
 import outbox
 import whatsapp_intake
@@ -349,6 +350,9 @@ def test_kommo_refused_refresh_then_no_call_until_the_oauth_callback(make_settin
     assert credentials.get(bridge.db, "kommo").ok
 
 
+RECHECK = kommo_auth.LONG_LIVED_401_RECHECK_SECONDS
+
+
 def test_kommo_refused_long_lived_token_waits_for_a_new_kommo_access_token(make_settings, serve,
                                                                            clock):
     bridge = BridgeA(make_settings, serve, clock)
@@ -357,9 +361,26 @@ def test_kommo_refused_long_lived_token_waits_for_a_new_kommo_access_token(make_
     standin.valid_tokens.clear()
     bridge.customer_says("oi", message_id="m1")
     bridge.run_jobs()
-    # THEN the one refused call marks the account disconnected and the answer waits
+    # THEN one 401 is not taken for a revocation: still connected, the answer waits without
+    # spending an attempt, and nothing more is sent for a while
+    assert _kommo_requests(bridge) == 1 and credentials.get(bridge.db, "kommo").ok
+    assert [(j["status"], j["attempts"]) for j in _reply_jobs(bridge)] == [("pending", 0)]
+    first_401_at = clock()
+    clock.advance(RECHECK - 1)
+    bridge.run_jobs()
     assert _kommo_requests(bridge) == 1
+    # WHEN Kommo goes on refusing it, each time the answer is tried again
+    clock.advance(1)
+    while credentials.get(bridge.db, "kommo").ok:
+        assert clock() - first_401_at <= kommo_auth.LONG_LIVED_401_MIN_SPAN_SECONDS
+        bridge.run_jobs()
+        clock.advance(RECHECK)
+    # THEN the account is disconnected once the 401s have lasted 10 minutes, one call each time
+    assert clock() - RECHECK - first_401_at == kommo_auth.LONG_LIVED_401_MIN_SPAN_SECONDS
+    refused_calls = _kommo_requests(bridge)
+    assert refused_calls == kommo_auth.LONG_LIVED_401_MIN_SPAN_SECONDS // RECHECK + 1
     assert "KOMMO_ACCESS_TOKEN" in credentials.get(bridge.db, "kommo").detail
+    assert [(j["status"], j["attempts"]) for j in _reply_jobs(bridge)] == [("pending", 0)]
     assert bridge.api("get", "/oauth/status").get_json()["connected"] is False
     bridge.customer_says("mais uma", message_id="m2")
     clock.advance(WAIT)
@@ -367,7 +388,8 @@ def test_kommo_refused_long_lived_token_waits_for_a_new_kommo_access_token(make_
     bridge.poller = type(bridge.poller)(bridge.settings, bridge.db, clock=clock)  # a restart
     clock.advance(WAIT)
     bridge.run_jobs()
-    assert _kommo_requests(bridge) == 1 and bridge.kommo_state()["token_calls"] == []
+    assert _kommo_requests(bridge) == refused_calls
+    assert bridge.kommo_state()["token_calls"] == []
     assert outbox.list_jobs(bridge.db, status="dead") == []
     # WHEN the operator puts a new token in the environment and restarts
     standin.valid_tokens.add("novo-token-de-longa-duracao")
@@ -378,6 +400,53 @@ def test_kommo_refused_long_lived_token_waits_for_a_new_kommo_access_token(make_
     # THEN both answers go out
     assert len(bridge.chat_messages()) == 2 and bridge.lead_notes() == []
     assert credentials.get(bridge.db, "kommo").ok
+
+
+def test_kommo_a_long_lived_token_answered_again_forgets_its_401s(make_settings, serve, clock):
+    bridge = BridgeA(make_settings, serve, clock)
+    standin = bridge.kommo_app.config["STATE"]
+    token = next(iter(standin.valid_tokens))
+    # GIVEN Kommo answers 401 to KOMMO_ACCESS_TOKEN for a while (an incident on its side)
+    standin.valid_tokens.clear()
+    bridge.customer_says("oi", message_id="m1")
+    bridge.run_jobs()
+    clock.advance(RECHECK)
+    bridge.run_jobs()
+    assert _kommo_requests(bridge) == 2 and bridge.chat_messages() == []
+    # WHEN Kommo takes it again
+    standin.valid_tokens.add(token)
+    clock.advance(RECHECK)
+    bridge.run_jobs()
+    # THEN the answer goes out, and the 401s before are forgotten
+    assert len(bridge.chat_messages()) == 1
+    assert credentials.token_refusals(bridge.db, "kommo", token) is None
+    # WHEN, later, Kommo refuses it again for less than 10 minutes
+    standin.valid_tokens.clear()
+    bridge.customer_says("voltei", message_id="m2", contact_id="90002", lead_id="50002",
+                         talk_id="1820")
+    second_401s_from = clock()
+    while clock() - second_401s_from < kommo_auth.LONG_LIVED_401_MIN_SPAN_SECONDS:
+        bridge.run_jobs()
+        # THEN the count started again: 401s from the first incident do not add up
+        assert credentials.get(bridge.db, "kommo").ok
+        clock.advance(RECHECK)
+    bridge.run_jobs()
+    assert not credentials.get(bridge.db, "kommo").ok
+
+
+def test_refusals_far_apart_start_a_new_count(db, clock):
+    credentials.store(db, "kommo", "long-lived", "", None, clock())
+    rule = dict(detail="recusado", strikes=3, min_span_seconds=600, forget_after_seconds=1800)
+
+    def refused_at(offset):
+        return credentials.record_refusal(db, "kommo", "long-lived", clock() + offset, **rule)
+
+    assert not refused_at(0)
+    assert not refused_at(2000)  # 33 minutes later: a new count
+    assert not refused_at(2300)
+    assert not refused_at(2500)  # three in a row, but only 500 s apart
+    assert refused_at(2600)
+    assert credentials.get(db, "kommo").detail == "recusado"
 
 
 def _meli_tasks(b: Bridge) -> None:
