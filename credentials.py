@@ -238,9 +238,9 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
     reset) may have rotated the single-use refresh token, so it is remembered: until
     `in_doubt_wait_seconds` later, every refresh with that same refresh token raises
     RefreshInDoubt without sending anything (the waiter that gets the lock next included);
-    then it is sent once more. If that answer is lost too, or refused, the account is marked
-    disconnected with `in_doubt_detail` (default `refused_detail`): the same refresh token is
-    never sent a third time.
+    then it is sent once more. If that answer is lost too, or refused, or its process dies
+    before knowing, the account is marked disconnected with `in_doubt_detail` (default
+    `refused_detail`): the same refresh token is never sent a third time.
 
     Raises CredentialUnavailable (disconnected: nothing was sent), RefreshBusy,
     RefreshInDoubt, or the exchange's own error for a failure that may pass.
@@ -267,37 +267,49 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
             return _usable(conn, provider)  # a new authorization arrived meanwhile
         doubt = _in_doubt(conn, provider, current.refresh_token)
         if doubt is not None:
+            if doubt.get("resent"):  # a resend whose outcome nobody recorded: its process died
+                return _refused(conn, provider, current, in_doubt_detail or refused_detail,
+                                f"{doubt['reason']}; depois processo interrompido", now(), None)
             wait_seconds = doubt["at"] + in_doubt_wait_seconds - now()
             if wait_seconds > 0:
                 raise RefreshInDoubt(provider, wait_seconds)
-            log.warning("credential_refresh_resent", extra={"provider": provider,
-                                                            "lost_reason": doubt["reason"]})
+            _record_doubt(conn, provider, current.refresh_token, doubt["reason"], doubt["at"],
+                          resent=True)
         try:
             answer = exchange(current.refresh_token)
         except Exception as exc:
             status = getattr(exc, "status", None)
             if status in REFUSED_STATUSES:
-                reason = getattr(exc, "code", "") or f"HTTP {status}"
-                detail = refused_detail
+                reason, detail = getattr(exc, "code", "") or f"HTTP {status}", refused_detail
             elif getattr(exc, "may_have_reached", False):
-                reason = f"HTTP {status}" if status else "sem resposta"
+                reason = f"HTTP {status}" if status else "conexão interrompida ou tempo esgotado"
+                detail = ""
                 if doubt is None:  # the first lost answer: wait, then send it once more
                     _record_doubt(conn, provider, current.refresh_token, reason, now())
                     raise
-                detail = ""
-            else:
-                raise  # never reached the peer (a refused connection): the token is unspent
+            else:  # never reached the peer (a refused connection): the token is unspent
+                if doubt is not None:
+                    _record_doubt(conn, provider, current.refresh_token, doubt["reason"],
+                                  doubt["at"])
+                raise
             if doubt is not None:
                 reason = f"{doubt['reason']}; depois {reason}"
                 detail = in_doubt_detail or refused_detail
-            detail = detail.replace("{reason}", reason)
-            if mark_disconnected(conn, provider, detail, now(),
-                                 refresh_token=current.refresh_token):
-                raise CredentialUnavailable(provider, detail) from exc
-            return _usable(conn, provider)  # refused because a new pair replaced it meanwhile
+            return _refused(conn, provider, current, detail, reason, now(), exc)
         return store_answer(conn, provider, answer, now(), default_expires_in)
     finally:
         db_manager.release_lock(conn, lock_name, owner)
+
+
+def _refused(conn, provider: str, current: Credential, detail: str, reason: str, now: float,
+             cause: Exception | None) -> Credential:
+    """`current`'s refresh token will not be sent again: mark the account disconnected with
+    `detail` ("{reason}" replaced) and raise CredentialUnavailable, unless a new pair was
+    stored meanwhile (returned)."""
+    detail = detail.replace("{reason}", reason)
+    if mark_disconnected(conn, provider, detail, now, refresh_token=current.refresh_token):
+        raise CredentialUnavailable(provider, detail) from cause
+    return _usable(conn, provider)  # a new authorization replaced it meanwhile
 
 
 def _in_doubt(conn, provider: str, refresh_token: str) -> dict | None:
@@ -308,13 +320,17 @@ def _in_doubt(conn, provider: str, refresh_token: str) -> dict | None:
     return None
 
 
-def _record_doubt(conn, provider: str, refresh_token: str, reason: str, now: float) -> None:
+def _record_doubt(conn, provider: str, refresh_token: str, reason: str, lost_at: float, *,
+                  resent: bool = False) -> None:
+    """Remember that the answer to `refresh_token`'s exchange was lost at `lost_at`; `resent`:
+    it is being sent once more (so a process that dies meanwhile leaves it known)."""
     # Written under the refresh lock, before it is released: the next holder reads it.
     with db_manager.transaction(conn):
         db_manager.mapping_put(conn, IN_DOUBT_NAMESPACE, provider, {
-            "refresh": _fingerprint(provider, refresh_token), "at": now, "reason": reason},
-            now=now)
-    log.warning("credential_refresh_in_doubt", extra={"provider": provider, "reason": reason})
+            "refresh": _fingerprint(provider, refresh_token), "at": lost_at, "reason": reason,
+            "resent": resent}, now=lost_at)
+    log.warning("credential_refresh_resent" if resent else "credential_refresh_in_doubt",
+                extra={"provider": provider, "reason": reason})
 
 
 def _fingerprint(*parts: str) -> str:

@@ -136,7 +136,8 @@ class TokenSource(credentials.StoredTokenSource):
                     min_span_seconds=LONG_LIVED_401_MIN_SPAN_SECONDS,
                     forget_after_seconds=LONG_LIVED_401_FORGET_SECONDS):
                 raise self._unavailable(LONG_LIVED_REFUSED_DETAIL)
-            self._hold_after_401(now)
+            raise KommoTokenUnconfirmed(now + LONG_LIVED_401_RECHECK_SECONDS,
+                                        LONG_LIVED_401_RECHECK_SECONDS)
         self.refresh(refused)
         return True
 

@@ -234,3 +234,42 @@ def test_a_refresh_that_never_left_is_not_in_doubt(db, clock):
     with pytest.raises(Refused):
         refresh()
     assert refresh().access_token == "access-1" and sent == ["refresh-0", "refresh-0"]
+
+
+def test_a_resend_whose_process_died_is_not_sent_a_third_time(db, clock):
+    credentials.store(db, "kommo", "access-0", "refresh-0", clock() - 1, clock())
+    sent = []
+
+    class Lost(Exception):
+        may_have_reached = True  # a read timeout: the peer may have rotated it
+
+    class NeverLeft(Exception):
+        may_have_reached = False
+
+    def exchange(refresh_token):
+        sent.append(refresh_token)
+        raise [Lost(), NeverLeft(), SystemExit()][len(sent) - 1]
+
+    def refresh():
+        return credentials.refresh(db, "kommo", "access-0", exchange, clock,
+                                   default_expires_in=60, refused_detail="recusado ({reason})",
+                                   no_refresh_detail="sem refresh token",
+                                   in_doubt_detail="sem resposta ({reason})")
+
+    with pytest.raises(Lost):
+        refresh()
+    clock.advance(WAIT)
+    # a resend that never left (a refused connection) leaves the one resend to spend
+    with pytest.raises(NeverLeft):
+        refresh()
+    # the process dies during the resend
+    with pytest.raises(SystemExit):
+        refresh()
+    assert db.execute("SELECT COUNT(*) FROM locks").fetchone()[0] == 0
+    # the next try does not send it again: reconnection is needed
+    with pytest.raises(credentials.CredentialUnavailable) as err:
+        refresh()
+    assert err.value.detail == ("sem resposta (conexão interrompida ou tempo esgotado; depois "
+                                "processo interrompido)")
+    assert sent == ["refresh-0"] * 3
+    assert credentials.get(db, "kommo").status == CredentialStatus.DISCONNECTED
