@@ -151,9 +151,10 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
     claimed: list[Job] = []
     with transaction(conn):
         _move_staged_jobs(conn, now)
+        pending = _pending_kinds(conn)
         while len(claimed) < limit:
             row = _pick(conn, now, urgent_kinds, urgent_only, lanes, room, busy,
-                        running_ids + tuple(job.id for job in claimed))
+                        running_ids + tuple(job.id for job in claimed), pending)
             if row is None:
                 break
             token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -174,61 +175,85 @@ def _in(column: str, values) -> tuple[str, list]:
     return f"{column} IN ({','.join('?' * len(values))})", list(values)
 
 
+# The kinds that have pending jobs, one index seek per kind (a skip scan of the partial index
+# jobs_ready_by_kind): the claim then looks only where there is work, and each kind's next job
+# is a seek in that index too. Walking the pending jobs in due order instead cost a step per
+# pending job of other kinds (0.45 ms a claim behind a backlog of 800).
+_PENDING_KINDS = """
+    WITH RECURSIVE k(kind) AS (
+        SELECT (SELECT MIN(kind) FROM jobs INDEXED BY jobs_ready_by_kind
+                WHERE status = 'pending')
+        UNION ALL
+        SELECT (SELECT MIN(kind) FROM jobs INDEXED BY jobs_ready_by_kind
+                WHERE status = 'pending' AND kind > k.kind)
+        FROM k WHERE k.kind IS NOT NULL)
+    SELECT kind FROM k WHERE kind IS NOT NULL"""
+
+
+def _pending_kinds(conn: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in conn.execute(_PENDING_KINDS)]
+
+
 def _pick(conn: sqlite3.Connection, now: float, urgent_kinds: tuple[str, ...],
           urgent_only: bool, lanes: dict[str, str], room: dict, busy: dict,
-          running_ids: tuple[int, ...]) -> sqlite3.Row | None:
+          running_ids: tuple[int, ...], pending_kinds: list[str]) -> sqlite3.Row | None:
     """The next runnable job's row, or None (see `claim_jobs` for the order)."""
-    closed = tuple(kind for kind, lane in lanes.items() if room.get(lane, 1) <= 0)
     where, args = "", []
     if running_ids:
         clause, values = _in("j.id", running_ids)
         where, args = f" AND NOT {clause}", values
+    # A job whose worker died (its lease expired) goes first.
+    expired_where, expired_args = where, list(args)
+    closed = tuple(kind for kind, lane in lanes.items() if room.get(lane, 1) <= 0)
     if closed:
         clause, values = _in("j.kind", closed)
-        where, args = f"{where} AND NOT {clause}", args + values
+        expired_where, expired_args = f"{expired_where} AND NOT {clause}", expired_args + values
     if urgent_only:
-        if not urgent_kinds:
-            return None
-        clause, values = _in("j.kind", urgent_kinds)
-        where, args = f"{where} AND {clause}", args + values
-    # Separate queries instead of one OR, so each can walk its index in order.
-    row = conn.execute(
-        f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?{where}"
-        f" AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1", [now] + args).fetchone()
-    for kind in urgent_kinds:
-        if row is not None:
-            return row
-        if kind not in closed:
+        clause, values = _in("j.kind", urgent_kinds or ("",))
+        expired_where, expired_args = f"{expired_where} AND {clause}", expired_args + values
+    expired = conn.execute(
+        f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
+        f"{expired_where} AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1",
+        [now] + expired_args).fetchone()
+    if expired is not None:
+        return expired
+
+    def next_of(kinds) -> sqlite3.Row | None:
+        """The due, unblocked job of `kinds` that is due first (one index seek per kind)."""
+        best = None
+        for kind in kinds:
             row = conn.execute(
                 f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?{where}"
                 f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
                 f" LIMIT 1", [kind] + args + [now]).fetchone()
-    if row is not None or urgent_only:
-        return row
-    # One candidate per open lane (and one for the kinds of no lane); the least busy lane wins.
-    open_lanes: dict[str, list[str]] = {}
-    for kind, lane in lanes.items():
-        if room.get(lane, 1) > 0:
-            open_lanes.setdefault(lane, []).append(kind)
-    groups = [(busy.get(lane, 0), f" AND {_in('j.kind', kinds)[0]}", _in("j.kind", kinds)[1])
-              for lane, kinds in open_lanes.items()]
-    if lanes:
-        clause, values = _in("j.kind", tuple(lanes))
-        groups.append((busy.get(None, 0), f" AND NOT {clause}", values))
-    else:
-        groups.append((0, "", []))
+            if row is not None and (best is None or (row["available_at"], row["id"]) <
+                                    (best["available_at"], best["id"])):
+                best = row
+        return best
+
+    open_kinds = [kind for kind in pending_kinds if room.get(lanes.get(kind), 1) > 0]
+    for kind in urgent_kinds:
+        if kind in open_kinds:
+            row = next_of([kind])
+            if row is not None:
+                return row
+    if urgent_only:
+        return None
+    # One candidate per open lane (kinds of no lane count as one); the least busy lane wins,
+    # then the job due first.
+    by_lane: dict[str | None, list[str]] = {}
+    for kind in open_kinds:
+        by_lane.setdefault(lanes.get(kind), []).append(kind)
     best = None
-    for lane_busy, lane_where, lane_args in sorted(groups, key=lambda g: g[0]):
+    for lane_busy, kinds in sorted(((busy.get(lane, 0), kinds)
+                                    for lane, kinds in by_lane.items()), key=lambda g: g[0]):
         if best is not None and lane_busy > best[0]:
             break  # a less busy lane already has a due job
-        candidate = conn.execute(
-            f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.available_at <= ?"
-            f"{where}{lane_where} AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id LIMIT 1",
-            [now] + args + lane_args).fetchone()
-        if candidate is not None and (best is None or (candidate["available_at"],
-                                                       candidate["id"]) < best[1]):
-            best = (lane_busy, (candidate["available_at"], candidate["id"]), candidate)
-    return best[2] if best else None
+        row = next_of(kinds)
+        if row is not None and (best is None or (row["available_at"], row["id"]) <
+                                (best[1]["available_at"], best[1]["id"])):
+            best = (lane_busy, row)
+    return best[1] if best else None
 
 
 def _job(row: sqlite3.Row, token: str, attempt: int) -> Job:
