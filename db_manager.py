@@ -469,11 +469,12 @@ class DatabaseError(Exception):
 
 
 def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES,
-            cache_kib: int | None = None) -> sqlite3.Connection:
+            cache_kib: int | None = None, cached_statements: int = 128) -> sqlite3.Connection:
     """Open the database (creating its folder), in WAL mode with a busy timeout and foreign keys.
     The web passes `WEB_WAL_AUTOCHECKPOINT_PAGES` (see there). `cache_kib` bounds the page
-    cache (SQLite's default is 2 MiB per connection; the poller's many worker connections each
-    touch a few rows).
+    cache (SQLite's default is 2 MiB per connection) and `cached_statements` how many prepared
+    statements the connection keeps: the poller's many worker connections each touch a few
+    rows with a few statements.
 
     The connection is in autocommit mode: writes go through `transaction()`.
     """
@@ -481,7 +482,8 @@ def connect(path: str, wal_autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES,
         if path != ":memory:" and not path.startswith("file:"):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False, uri=path.startswith("file:"))
+                               check_same_thread=False, uri=path.startswith("file:"),
+                               cached_statements=cached_statements)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _set_wal(conn)

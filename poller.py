@@ -25,6 +25,7 @@ import outbox
 import ponte_logging
 import ponte_metrics
 from job_runner import JobContext
+import worker_pool
 from worker_pool import WorkerPool
 
 log = logging.getLogger("ponte.poller")
@@ -236,6 +237,7 @@ def main() -> int:
         return 2
     ponte_logging.setup_logging(settings, "poller")
     ponte_metrics.setup(settings)
+    worker_pool.limit_malloc_arenas()
     try:
         conn = db_manager.connect(settings.database_path)
         db_manager.migrate(conn)
