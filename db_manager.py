@@ -561,16 +561,18 @@ def _execute_when_unlocked(conn: sqlite3.Connection, sql: str, pause: float,
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction taken with BEGIN IMMEDIATE (the write lock up front, so two writers
     never deadlock on an upgrade); commits on success, rolls back on any exception."""
-    if conn.in_transaction:  # nested use joins the outer transaction
-        yield conn
-        return
     # The threads of one process (the poller's workers) queue here for the write lock, woken in
     # turn, instead of each polling SQLite for it: 32 threads polling starved each other and
-    # the loop that hands out jobs (draining 1,200 jobs took 15 s instead of 5).
+    # the loop that hands out jobs (draining 1,200 jobs took 15 s instead of 5). They queue
+    # before touching `conn`: a worker's connection is taken from the pool on first use, and
+    # queued workers should not each hold one.
     if not _PROCESS_WRITE_LOCK.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
         raise sqlite3.OperationalError("database is locked (another thread of this process "
                                        "held the write lock for too long)")
     try:
+        if conn.in_transaction:  # nested use joins the outer transaction
+            yield conn
+            return
         _begin_immediate(conn)
         try:
             yield conn

@@ -7,6 +7,7 @@ Must not: know what any job does (that is the bridges' handlers) or schedule any
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -104,6 +105,16 @@ class JobContext:
     def __post_init__(self):
         if self.clients is None:
             self.clients = Clients(self.settings, self.conn, self.now)
+
+    @contextlib.contextmanager
+    def away_from_database(self):
+        """Around a call that waits seconds on a peer (an AI answering): the job's database
+        connection goes back to the pool meanwhile (when it is leased from one, and no
+        transaction is open), so waiting jobs do not each hold one."""
+        release = getattr(self.conn, "release", None)
+        if release is not None:
+            release()
+        yield
 
 
 # A handler may set `handler.atomic = True` when it only writes to the database (see

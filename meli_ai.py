@@ -243,7 +243,8 @@ def handle_ask(ctx, job):
         return {"status": "skipped", "reason": settled}
     body = request_body(ctx, question, conversation_id)
     try:
-        answer = ai_client(ctx).send(body, idempotency_key=f"ml-ai:{qid}")
+        with ctx.away_from_database():
+            answer = ai_client(ctx).send(body, idempotency_key=f"ml-ai:{qid}")
     except N8nError as exc:
         if exc.retryable and job.attempt < AI_ATTEMPTS:
             raise

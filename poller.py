@@ -93,6 +93,7 @@ class Poller:
         db_manager.beat(conn or self.conn, "poller", self.clock(), {
             "worker": self.worker, "concurrency": self.pool.concurrency,
             "in_flight": len(running), "busy_since": oldest.started_at if oldest else None,
+            "db_connections": self.pool.connections.opened,
             "oldest_job": {"job_id": oldest.job_id, "kind": oldest.kind} if oldest else None})
 
     def prune(self, older_than: float | None = None,

@@ -240,7 +240,8 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
             info = beat["info"]
             report["poller"] = {"heartbeat_age_seconds": age, "pid": beat["pid"],
                                 "jobs_running": info.get("in_flight", 0),
-                                "concurrency": info.get("concurrency")}
+                                "concurrency": info.get("concurrency"),
+                                "db_connections": info.get("db_connections")}
             if age > settings.poller_heartbeat_max_age_seconds:
                 problems.append(f"heartbeat do poller atrasado ({age}s)")
             busy_since = info.get("busy_since")  # when the oldest running job started

@@ -99,7 +99,8 @@ def forward_message(ctx: JobContext, job: Job):
     if not messages or conversation is None:
         return {"skipped": "no messages"}
     body = build_n8n_request(conversation, messages, correlation)
-    answer = ctx.clients.n8n.send(body, idempotency_key=correlation)
+    with ctx.away_from_database():
+        answer = ctx.clients.n8n.send(body, idempotency_key=correlation)
     texts = extract_answer(answer) or []
     log.info("n8n_forwarded", extra={"peer": "n8n", "contact_id": contact_id,
                                      "messages": len(messages), "answers": len(texts),

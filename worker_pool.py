@@ -2,10 +2,12 @@
 customer's slow AI answer never makes every other conversation (or Mercado Livre) wait.
 
 Owns: `WorkerPool` — how many jobs run at once (POLLER_CONCURRENCY) and per lane
-(POLLER_LANE_LIMITS), each worker thread's own database connection and peer clients, what is in
-flight (for the heartbeat and /health), and the claim → submit → wait cycle.
+(POLLER_LANE_LIMITS), the workers' database connections (`ConnectionPool`: one per job while
+it uses the database, none while it waits on a slow peer) and each worker thread's peer
+clients, what is in flight (for the heartbeat and /health), and the claim → submit → wait
+cycle.
 Must not: know what a job does (the bridges' handlers), schedule periodic tasks (poller), or
-share a database connection between two threads.
+let two jobs use one database connection at the same time.
 
 Why threads: the work is waiting on peers (an n8n call takes seconds), and both sqlite3 and
 requests release the GIL while they wait. Order per conversation is the outbox's (one running
@@ -43,6 +45,66 @@ WORKER_CACHED_STATEMENTS = 24
 # its own free memory: 32 workers left ~2 MB more resident than two arenas shared by all.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+
+
+class ConnectionPool:
+    """The workers' database connections: taken by a job when it first touches the database,
+    given back when it ends or waits on a slow peer (`LeasedConnection.release`). 24 jobs
+    waiting on an AI answer then hold no connection, instead of one each (a connection keeps
+    its parsed schema, ~170 KB with ponte's tables)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._idle: list[sqlite3.Connection] = []
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        conn = db_manager.connect(self.path, cache_kib=WORKER_CACHE_KIB,
+                                  cached_statements=WORKER_CACHED_STATEMENTS)
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def give(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            self._idle.append(conn)
+
+    @property
+    def opened(self) -> int:
+        """How many connections the pool has opened (its high-water mark)."""
+        with self._lock:
+            return len(self._all)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+            self._idle.clear()
+
+
+class LeasedConnection:
+    """A worker's `ctx.conn`: a connection from the pool, taken on first use, used like a
+    `sqlite3.Connection`; `release()` gives it back unless a transaction is open on it."""
+
+    def __init__(self, pool: ConnectionPool):
+        self._pool = pool
+        self._conn: sqlite3.Connection | None = None
+
+    def __getattr__(self, name: str):  # execute, in_transaction, ... of the leased connection
+        if self._conn is None:
+            self._conn = self._pool.take()
+        return getattr(self._conn, name)
+
+    def release(self) -> None:
+        """Give the connection back (a later use takes one again, maybe another)."""
+        if self._conn is not None and not self._conn.in_transaction:
+            conn, self._conn = self._conn, None
+            self._pool.give(conn)
 
 
 @dataclass(frozen=True)
@@ -99,7 +161,7 @@ class WorkerPool:
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                             thread_name_prefix="job-worker")
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self.connections = ConnectionPool(settings.database_path)
         self._changed = threading.Condition()
         self._in_flight: dict[int, InFlight] = {}
         self.finished = 0  # jobs finished by the workers so far (`wait_finished`)
@@ -174,9 +236,7 @@ class WorkerPool:
     def shutdown(self) -> None:
         """Wait for the running jobs (warm stop), then close the workers' connections."""
         self._executor.shutdown(wait=True)
-        for conn in self._connections:
-            conn.close()
-        self._connections.clear()
+        self.connections.close()
 
     # --- the workers' side ---------------------------------------------------------------------
     def _start(self, job: Job) -> None:
@@ -187,8 +247,9 @@ class WorkerPool:
         self._executor.submit(self._run, job)
 
     def _run(self, job: Job) -> None:
+        ctx = self._context()
         try:
-            run_job(self._context(), job, self.handlers, self.on_dead)
+            run_job(ctx, job, self.handlers, self.on_dead)
         except (sqlite3.Error, db_manager.DatabaseError) as exc:
             log.critical("job_worker_database_failure", extra={"job_id": job.id,
                                                                "error": str(exc)})
@@ -196,19 +257,17 @@ class WorkerPool:
         except BaseException:  # run_job records every job failure; this is a bug in ponte
             log.exception("job_worker_crashed", extra={"job_id": job.id})
         finally:
+            ctx.conn.release()
             with self._changed:
                 self._in_flight.pop(job.id, None)
                 self.finished += 1
                 self._changed.notify_all()
 
     def _context(self) -> JobContext:
-        """This worker thread's context: its own connection and its own peer clients (the rate
-        limits they share live outside the process, in peer_http)."""
+        """This worker thread's context: its own peer clients (the rate limits they share live
+        outside the process, in peer_http) and a connection leased from the pool per job."""
         ctx = getattr(self._local, "ctx", None)
         if ctx is None:
-            conn = db_manager.connect(self.settings.database_path, cache_kib=WORKER_CACHE_KIB,
-                                      cached_statements=WORKER_CACHED_STATEMENTS)
-            with self._changed:
-                self._connections.append(conn)
-            ctx = self._local.ctx = JobContext(self.settings, conn, now=self.clock)
+            ctx = self._local.ctx = JobContext(self.settings, LeasedConnection(self.connections),
+                                               now=self.clock)
         return ctx

@@ -90,6 +90,26 @@ def test_a_slow_ai_holds_only_its_own_lane(make_settings, serve, clock):
     assert all(len(bridge.chat_messages(talk_id=_contact(n)["talk_id"])) == 1 for n in range(6))
 
 
+def test_customers_waiting_on_the_ai_hold_no_database_connection(make_settings, serve, clock):
+    # GIVEN a pool of 16 (12 for n8n) and an AI that takes 0.6 s
+    bridge = BridgeA(make_settings, serve, clock, POLLER_CONCURRENCY=16)
+    bridge.n8n_mode(delay=AI_SECONDS)
+    with bridge.poller_running():
+        # WHEN ten customers write at once
+        for n in range(10):
+            bridge.customer_says(f"oi do cliente {n}", **_contact(n))
+        wait_for(lambda: len(bridge.kommo_state()["sent"]) == 10, timeout=10, interval=0.05,
+                 what="ten replies")
+        bridge.poller.heartbeat()
+    # THEN all ten were with the AI at the same time (the last asked before the first answered)
+    starts = sorted(calls[0]["at"] for calls in _calls_by_contact(bridge).values())
+    assert len(starts) == 10 and starts[-1] - starts[0] < AI_SECONDS
+    # ... while the workers, in /health, had opened fewer database connections than there were
+    # jobs waiting on the AI: a job gives its connection back while it waits
+    poller = bridge.api("get", "/health").get_json()["poller"]
+    assert 1 <= poller["db_connections"] < 10, poller
+
+
 def test_mercado_livre_question_reaches_chatwoot_while_the_ai_is_busy(make_settings, serve,
                                                                       tmp_path):
     # GIVEN both bridges on one poller (the daemon loop, real clock), and an AI that takes 4 s
