@@ -6,8 +6,9 @@ second (429 above). ponte's REAL processes (Gunicorn web via gunicorn_conf.py +
 checkout ("esta versão", with POLLER_CONCURRENCY from the environment or --concurrency) and once
 from a temporary `git worktree` of 0.2.0 (commit 9d9f3ad, the single-threaded poller), so every
 figure has the 0.2.0 value of the same run beside it. The stand-ins (standins/kommo.py, n8n.py,
-mercadolivre.py, chatwoot.py) run on threads of this process; times are the ones they record on
-arrival (server side), on the same clock as the moment the first webhook is sent.
+mercadolivre.py, chatwoot.py) run on threads of this process (but see `drain`); times are the
+ones they record on arrival (server side), on the same clock as the moment the first webhook is
+sent.
 
 Scenarios (each bounded by --budget seconds; past it the figure is "> budget" and the run moves
 on):
@@ -19,7 +20,9 @@ on):
   instant   n8n answering at once, Kommo at 7/s: webhook → n8n call, p50/p99, for messages one
             every 200–400 ms, then for messages sent right after a burst of 20.
   drain     instant peers with no rate limit (KOMMO_MAX_RPS=0): N webhooks recorded with the
-            poller stopped, then the poller started: jobs done per second.
+            poller stopped, then the poller started: jobs done per second. Kommo and n8n run
+            in processes of their own here (standins/serve.py, keep-alive), as real peers do:
+            on threads of this process their own cost per call was most of what was measured.
   intake    the same recording, with a one-hour debounce: the poller applies the webhooks
             without calling any peer (ponte's own pace).
 In every scenario: the most Kommo requests the stand-in saw in any 1-second window, the 429s,
@@ -139,17 +142,49 @@ class Side:
 
 # --- stand-ins and ponte's processes ----------------------------------------------------------
 
-class Peers:
-    """The four stand-ins of one scenario, on threads of this process, with what ponte needs
-    to reach them (`env`) and the Kommo request log (time and status of every request)."""
+class SeparatePeer:
+    """A Kommo or n8n stand-in in a process of its own (standins/serve.py: keep-alive, a pool of
+    threads), read over HTTP: `url`, `stop()`."""
 
-    def __init__(self, web_port: int, n8n_latency_seconds: float, kommo_max_rps: float):
-        self.kommo_app = kommo_standin.create_app(max_rps=kommo_max_rps)
-        self.kommo_log = RequestLog(self.kommo_app.wsgi_app)
-        self.kommo_app.wsgi_app = self.kommo_log
-        self.n8n_app = n8n_standin.create_app(api_key=N8N_KEY, mode="sync",
-                                              latency_seconds=n8n_latency_seconds)
-        self.kommo, self.n8n = ServedApp(self.kommo_app), ServedApp(self.n8n_app)
+    def __init__(self, tmp: str, peer: str, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = start_process([sys.executable, "-m", "standins.serve", peer, "--port",
+                                   str(self.port), *args], ROOT, dict(os.environ),
+                                  os.path.join(tmp, f"standin-{peer}.log"))
+        # Any answer (a 404 too) means it is up.
+        wait_for(lambda: requests.get(self.url + "/", timeout=1).status_code, 15,
+                 interval=0.05, what=f"o stand-in {peer}", ignoring=(requests.RequestException,))
+
+    def get(self, path: str) -> dict:
+        return requests.get(self.url + path, timeout=10).json()
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=5)
+
+
+class Peers:
+    """The four stand-ins of one scenario, with what ponte needs to reach them (`env`) and the
+    Kommo request log (time and status of every request). Mercado Livre and Chatwoot run on
+    threads of this process; so do Kommo and n8n, unless `separate_dir` is given: then each
+    runs in a process of its own (the drain, where their cost per call would otherwise be what
+    is measured: this process's one GIL, and a TCP handshake per call to Werkzeug)."""
+
+    def __init__(self, web_port: int, n8n_latency_seconds: float, kommo_max_rps: float,
+                 separate_dir: str | None = None):
+        self.separate = separate_dir is not None
+        if self.separate:
+            os.makedirs(separate_dir, exist_ok=True)
+            self.kommo = SeparatePeer(separate_dir, "kommo", "--max-rps", str(kommo_max_rps))
+            self.n8n = SeparatePeer(separate_dir, "n8n", "--api-key", N8N_KEY, "--latency",
+                                    str(n8n_latency_seconds))
+        else:
+            self.kommo_app = kommo_standin.create_app(max_rps=kommo_max_rps)
+            self.kommo_log = RequestLog(self.kommo_app.wsgi_app)
+            self.kommo_app.wsgi_app = self.kommo_log
+            self.n8n_app = n8n_standin.create_app(api_key=N8N_KEY, mode="sync",
+                                                  latency_seconds=n8n_latency_seconds)
+            self.kommo, self.n8n = ServedApp(self.kommo_app), ServedApp(self.n8n_app)
         self.meli = demo_meli.start(f"http://127.0.0.1:{web_port}")
         self.ml_url, self.cw_url = self.meli.ml_url, self.meli.cw_url
         by_name = {served.app.name: served.app for served in self.meli.servers}
@@ -165,13 +200,22 @@ class Peers:
     @property
     def replies(self) -> list[dict]:
         """Messages that reached a Kommo talk (send_message accepted), with their time."""
+        if self.separate:
+            return self.kommo.get("/_standin/state")["sent"]
         return list(self.kommo_app.config["STATE"].sent)
 
     @property
     def n8n_calls(self) -> list[dict]:
+        if self.separate:
+            return self.n8n.get("/_standin/calls")["calls"]
         return list(self.n8n_app.config["STATE"]["calls"])
 
     def kommo_figures(self) -> dict:
+        if self.separate:
+            rate = self.kommo.get("/_standin/rate")
+            return {"kommo_requests": rate["requests"],
+                    "kommo_max_in_1s": rate["max_in_any_window"],
+                    "kommo_429": rate["rate_limited"]}
         entries = list(self.kommo_log.entries)
         return {"kommo_requests": len(entries),
                 "kommo_max_in_1s": max_in_window([e["at"] for e in entries]),
@@ -410,27 +454,22 @@ def scenario_instant(side: Side, tmp: str, spaced: int, burst: int, after: int,
     return out
 
 
-def peer_cost_ms(count: int = 100) -> dict:
-    """What one call to the instant n8n and Kommo stand-ins costs, one after another from this
-    process (throwaway copies, so the scenario's logs stay clean): the ceiling a drain against
-    them cannot pass, whatever ponte does."""
-    n8n_app = ServedApp(n8n_standin.create_app(api_key=N8N_KEY))
-    kommo_app = ServedApp(kommo_standin.create_app(max_rps=0))
-    try:
-        session = requests.Session()
-        t0 = time.perf_counter()
-        for _ in range(count):
-            session.post(n8n_app.url + "/webhook/ponte", json={"message_text": "oi"}, timeout=10,
-                         headers={"Authorization": f"Bearer {N8N_KEY}"})
-        t1 = time.perf_counter()
-        for _ in range(count):
-            session.post(kommo_app.url + "/api/v4/talks/1/send_message", json={"text": "oi"},
-                         timeout=10,
-                         headers={"Authorization": f"Bearer {kommo_standin.DEFAULT_TOKEN}"})
-        t2 = time.perf_counter()
-    finally:
-        n8n_app.stop()
-        kommo_app.stop()
+def peer_cost_ms(peers: Peers, count: int = 100) -> dict:
+    """What one call to the scenario's instant n8n and Kommo stand-ins costs, one after another
+    from this process: the ceiling a drain against them cannot pass, whatever ponte does.
+    Called before the scenario; the Kommo stand-in forgets these calls afterwards."""
+    session = requests.Session()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        session.post(peers.n8n.url + "/webhook/ponte", json={"message_text": "oi"}, timeout=10,
+                     headers={"Authorization": f"Bearer {N8N_KEY}"})
+    t1 = time.perf_counter()
+    for _ in range(count):
+        session.post(peers.kommo.url + "/api/v4/talks/1/send_message", json={"text": "oi"},
+                     timeout=10,
+                     headers={"Authorization": f"Bearer {kommo_standin.DEFAULT_TOKEN}"})
+    t2 = time.perf_counter()
+    session.post(peers.kommo.url + "/_standin/reset", timeout=10)
     return {"n8n_standin_ms_per_call": 1000 * (t1 - t0) / count,
             "kommo_standin_ms_per_call": 1000 * (t2 - t1) / count}
 
@@ -439,10 +478,11 @@ def scenario_drain(side: Side, tmp: str, messages: int, budget_s: float) -> dict
     """`messages` webhooks recorded with the poller stopped; then the poller drains them
     against instant peers with no rate limit. Jobs per second from the jobs' finish times."""
     port = free_port()
-    out: dict = {"messages": messages, "budget_s": budget_s, **peer_cost_ms()}
-    peers = Peers(port, 0.0, 0)
+    out: dict = {"messages": messages, "budget_s": budget_s}
+    peers = Peers(port, 0.0, 0, separate_dir=os.path.join(tmp, "peers"))
     stack = None
     try:
+        out.update(peer_cost_ms(peers))
         stack = Stack(side, tmp, stack_env(side, tmp, port, peers, KOMMO_MAX_RPS=0),
                       start_poller=False)
         sent = send_at_once(port, [customer_body("dr", i)[1] for i in range(messages)])

@@ -81,3 +81,45 @@ def test_concurrency_report_puts_both_versions_side_by_side_and_says_past_the_bu
     assert "> 120 s / > 120 s (0 de 20 no prazo)" in row100
     assert "| 1,2 s | 59,9 s | ≤ 3 s |" in text
     assert "POLLER_CONCURRENCY=16" in text and "não medido" in text  # instant, drain
+
+
+def test_a_standin_served_in_its_own_process_keeps_the_connection_alive(tmp_path):
+    # The drain's peers run apart from the bench (standins/serve.py), answering on one kept-alive
+    # connection as a real peer does: two calls, one TCP connection.
+    import socket
+    import subprocess
+    import time
+
+    import requests
+
+    from standins.support import free_port, wait_for
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "standins.serve", "n8n", "--port", str(port),
+                             "--api-key", "k"], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: requests.get(url + "/_standin/calls", timeout=1).ok, 15, interval=0.05,
+                 what="the stand-in", ignoring=(requests.RequestException,))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            request = (b"POST /webhook/ponte HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            answers = []
+            for _ in range(2):
+                sock.sendall(request)
+                data, deadline = b"", time.monotonic() + 5
+                while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+                    data += sock.recv(65536)
+                answers.append(data.split(b"\r\n", 1)[0])
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += sock.recv(65536)
+        assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"]
+        assert len(requests.get(url + "/_standin/calls", timeout=5).json()["calls"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(10)
