@@ -190,6 +190,11 @@ _PENDING_KINDS = """
     SELECT kind FROM k WHERE kind IS NOT NULL"""
 
 
+_NEXT_OF_KIND = (f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?"
+                 f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
+                 f" LIMIT 1")
+
+
 def _pending_kinds(conn: sqlite3.Connection) -> list[str]:
     return [row[0] for row in conn.execute(_PENDING_KINDS)]
 
@@ -198,36 +203,32 @@ def _pick(conn: sqlite3.Connection, now: float, urgent_kinds: tuple[str, ...],
           urgent_only: bool, lanes: dict[str, str], room: dict, busy: dict,
           running_ids: tuple[int, ...], pending_kinds: list[str]) -> sqlite3.Row | None:
     """The next runnable job's row, or None (see `claim_jobs` for the order)."""
-    where, args = "", []
-    if running_ids:
-        clause, values = _in("j.id", running_ids)
-        where, args = f" AND NOT {clause}", values
+    # `running_ids` are filtered here, not in SQL: a statement whose text changes with the
+    # number of running jobs would be prepared anew on every claim.
     # A job whose worker died (its lease expired) goes first.
-    expired_where, expired_args = where, list(args)
+    where, args = "", []
     closed = tuple(kind for kind, lane in lanes.items() if room.get(lane, 1) <= 0)
     if closed:
         clause, values = _in("j.kind", closed)
-        expired_where, expired_args = f"{expired_where} AND NOT {clause}", expired_args + values
+        where, args = f" AND NOT {clause}", values
     if urgent_only:
         clause, values = _in("j.kind", urgent_kinds or ("",))
-        expired_where, expired_args = f"{expired_where} AND {clause}", expired_args + values
-    expired = conn.execute(
-        f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
-        f"{expired_where} AND {_NOT_BLOCKED} ORDER BY j.locked_until LIMIT 1",
-        [now] + expired_args).fetchone()
-    if expired is not None:
-        return expired
+        where, args = f"{where} AND {clause}", args + values
+    for expired in conn.execute(
+            f"SELECT * FROM jobs AS j WHERE j.status = 'running' AND j.locked_until <= ?"
+            f"{where} AND {_NOT_BLOCKED} ORDER BY j.locked_until", [now] + args):
+        if expired["id"] not in running_ids:
+            return expired
 
     def next_of(kinds) -> sqlite3.Row | None:
         """The due, unblocked job of `kinds` that is due first (one index seek per kind)."""
         best = None
         for kind in kinds:
-            row = conn.execute(
-                f"SELECT * FROM jobs AS j WHERE j.status = 'pending' AND j.kind = ?{where}"
-                f" AND j.available_at <= ? AND {_NOT_BLOCKED} ORDER BY j.available_at, j.id"
-                f" LIMIT 1", [kind] + args + [now]).fetchone()
-            if row is not None and (best is None or (row["available_at"], row["id"]) <
-                                    (best["available_at"], best["id"])):
+            row = conn.execute(_NEXT_OF_KIND, (kind, now)).fetchone()
+            if row is None or row["id"] in running_ids:  # (its worker is handing it back)
+                continue
+            if best is None or (row["available_at"], row["id"]) < (best["available_at"],
+                                                                   best["id"]):
                 best = row
         return best
 
