@@ -7,12 +7,13 @@ Must not: call a peer (job_runner runs the handlers) or open connections (db_man
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import secrets
 import sqlite3
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +158,7 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
                         running_ids + tuple(job.id for job in claimed), pending)
             if row is None:
                 break
-            token = f"{worker or os.getpid()}:{uuid.uuid4().hex[:12]}"
+            token = f"{worker or os.getpid()}:{_LEASE_PREFIX}{next(_LEASE_SERIALS)}"
             conn.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
                 " locked_by = ?, updated_at = ? WHERE id = ?",
@@ -169,6 +170,12 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
             if row["kind"] in urgent_kinds:
                 break  # claimed alone (the urgent jobs behind it usually wait for it, too)
     return claimed
+
+
+# A lease token only has to differ from every other claim's: a random prefix per process (a pid
+# can come back after a restart) and a counter. (uuid4 per claim cost 3 % of the poller's CPU.)
+_LEASE_PREFIX = secrets.token_hex(4)
+_LEASE_SERIALS = itertools.count(1)
 
 
 def _in(column: str, values) -> tuple[str, list]:
