@@ -163,7 +163,7 @@ def claim_jobs(ctx: JobContext, handlers: dict[str, Handler], on_dead: dict | No
                lane_room: dict[str, int] | None = None, lane_busy: dict[str, int] | None = None,
                urgent_only: bool = False, running_ids: tuple[int, ...] = (),
                lanes: dict[str, str] | None = None,
-               urgent: tuple[str, ...] | None = None) -> list[Job]:
+               urgent: tuple[str, ...] | None = None, urgent_together: int = 1) -> list[Job]:
     """Dead-letter the worn-out jobs, then claim up to `limit` due jobs (see
     `outbox.claim_jobs` for the order, lanes, urgent jobs and `running_ids`), in one write
     transaction. `lanes` and `urgent` are derived from `handlers` unless the caller (the
@@ -181,7 +181,8 @@ def claim_jobs(ctx: JobContext, handlers: dict[str, Handler], on_dead: dict | No
         jobs = outbox.claim_jobs(ctx.conn, ctx.now(), s.job_lease_seconds, limit, worker=worker,
                                  urgent_kinds=urgent, lanes=lanes,
                                  lane_room=lane_room, lane_busy=lane_busy,
-                                 urgent_only=urgent_only, running_ids=running_ids)
+                                 urgent_only=urgent_only, running_ids=running_ids,
+                                 urgent_together=urgent_together)
     for dead in buried:
         log.error("job_failed", extra={"job_id": dead.id, "kind": dead.kind,
                                        "new_status": "dead", "error": "lease expired too often"})

@@ -129,7 +129,7 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
                worker: str | None = None, urgent_kinds: tuple[str, ...] = (),
                lanes: dict[str, str] | None = None, lane_room: dict[str, int] | None = None,
                lane_busy: dict[str, int] | None = None, urgent_only: bool = False,
-               running_ids: tuple[int, ...] = ()) -> list[Job]:
+               running_ids: tuple[int, ...] = (), urgent_together: int = 1) -> list[Job]:
     """Claim up to `limit` runnable jobs in one transaction, in this order: running with an
     expired lease (its worker died), then pending and due — of one of `urgent_kinds` first.
 
@@ -142,7 +142,9 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
       within a lane, the job due first goes first. Kinds not in `lanes` count as one lane.
     - Urgent jobs (inbound deliveries: a seller's pause) are claimed alone, and while one
       runs (`urgent_only`) only urgent jobs are claimed: nothing claimed after a pause runs
-      beside it.
+      beside it. A caller that runs urgent jobs one after another, in claim order, may take
+      with the first up to `urgent_together - 1` more: the urgent jobs right behind it in its
+      ordering key, while they are due (applying 600 recorded webhooks: 19 claims, not 600).
     - `running_ids` are jobs the caller is running: never claimed again, even if their lease
       looks expired (the caller renews it).
 
@@ -150,6 +152,15 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
     Staged jobs (`stage_job`) become jobs first."""
     lanes, room, busy = lanes or {}, dict(lane_room or {}), dict(lane_busy or {})
     claimed: list[Job] = []
+
+    def claim(row: sqlite3.Row) -> None:
+        token = f"{worker or os.getpid()}:{_LEASE_PREFIX}{next(_LEASE_SERIALS)}"
+        conn.execute(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
+            " locked_by = ?, updated_at = ? WHERE id = ?",
+            (now + lease_seconds, token, now, row["id"]))
+        claimed.append(_job(row, token, row["attempts"] + 1))
+
     with transaction(conn):
         _move_staged_jobs(conn, now)
         pending = _pending_kinds(conn)
@@ -158,18 +169,26 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
                         running_ids + tuple(job.id for job in claimed), pending)
             if row is None:
                 break
-            token = f"{worker or os.getpid()}:{_LEASE_PREFIX}{next(_LEASE_SERIALS)}"
-            conn.execute(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, locked_until = ?,"
-                " locked_by = ?, updated_at = ? WHERE id = ?",
-                (now + lease_seconds, token, now, row["id"]))
-            claimed.append(_job(row, token, row["attempts"] + 1))
+            claim(row)
             lane = lanes.get(row["kind"])
             room[lane] = room.get(lane, 1) - 1
             busy[lane] = busy.get(lane, 0) + 1
             if row["kind"] in urgent_kinds:
+                if urgent_together > 1 and len(claimed) == 1 and row["ordering_key"]:
+                    for follower in _next_in_order(conn, row, urgent_together - 1):
+                        if follower["kind"] not in urgent_kinds or follower["status"] != \
+                                "pending" or follower["available_at"] > now:
+                            break
+                        claim(follower)
                 break  # claimed alone (the urgent jobs behind it usually wait for it, too)
     return claimed
+
+
+def _next_in_order(conn: sqlite3.Connection, row: sqlite3.Row, count: int) -> list:
+    """The next `count` open jobs of `row`'s ordering key, in order."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE ordering_key = ? AND id > ? AND status IN ('pending',"
+        " 'running') ORDER BY id LIMIT ?", (row["ordering_key"], row["id"], count)).fetchall()
 
 
 # A lease token only has to differ from every other claim's: a random prefix per process (a pid

@@ -36,6 +36,9 @@ DEFAULT_LANE_SHARE = 0.75
 # Kommo takes at most 7 requests a second (peer_http's shared limit): more workers than that
 # would only wait in the limiter, holding workers the other peers could use.
 DEFAULT_LANE_LIMITS = {"kommo": 8}
+# How many urgent database-only jobs (recorded webhooks to apply, in arrival order) one claim
+# may take.
+URGENT_BATCH = 32
 # A job reads and writes a few rows with a few statements: a small page cache and statement
 # cache per worker connection keep 32 of them from adding SQLite's default 2 MiB (pages) and
 # 128 prepared statements each to the poller's memory.
@@ -157,6 +160,10 @@ class WorkerPool:
         self.lanes = {kind: lane_of(kind, h) for kind, h in handlers.items()}
         self.limits = lane_limits(settings, set(self.lanes.values()))
         self._urgent = urgent_kinds(handlers)
+        # Urgent jobs that only write to the database run right here, in turn: one claim may
+        # take a run of them. One at a time if any urgent kind would run on a worker.
+        self._urgent_together = (URGENT_BATCH if all(self.lanes.get(kind) == DATABASE_LANE
+                                                     for kind in self._urgent) else 1)
         self._claim_ctx = JobContext(settings, conn, now=clock)
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                             thread_name_prefix="job-worker")
@@ -188,7 +195,8 @@ class WorkerPool:
                           limit=free, lane_room=room, lane_busy=busy,
                           urgent_only=any(item.kind in self._urgent for item in running),
                           running_ids=tuple(item.job_id for item in running),
-                          lanes=self.lanes, urgent=self._urgent)
+                          lanes=self.lanes, urgent=self._urgent,
+                          urgent_together=self._urgent_together)
         for job in jobs:
             if self.lanes.get(job.kind) == DATABASE_LANE:
                 run_job(self._claim_ctx, job, self.handlers, self.on_dead)

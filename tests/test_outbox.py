@@ -150,6 +150,37 @@ def test_claim_jobs_respects_lanes_and_never_runs_an_urgent_job_beside_others(db
                              urgent_only=True) == []
 
 
+def test_a_run_of_urgent_jobs_in_one_order_is_claimed_together_and_with_nothing_else(db, clock):
+    lanes = {"n8n.forward": "n8n", "intake": "database"}
+    outbox.enqueue_job(db, "n8n.forward", "ai-0", {}, now=clock())
+    for n in range(5):
+        outbox.enqueue_job(db, "intake", f"in-{n}", {}, ordering_key="intake", now=clock(),
+                           available_at=clock() + (60 if n == 3 else 0))
+    room = {"n8n": 5, "database": 5}
+
+    def claim(limit):
+        return [j.dedupe_key for j in outbox.claim_jobs(
+            db, clock(), LEASE, limit, urgent_kinds=("intake",), lanes=lanes, lane_room=room,
+            urgent_together=3)]
+
+    # a caller that runs urgent jobs in turn takes the run behind the first, in order, and
+    # however few free workers it has; nothing else comes with them
+    assert claim(1) == ["in-0", "in-1", "in-2"]
+    # in-3 is not due yet: in-4 waits for it (same order), and the n8n job may go
+    for key in ("in-0", "in-1", "in-2"):
+        outbox.complete_job(db, next(j for j in _running(db) if j.dedupe_key == key),
+                            now=clock())
+    assert claim(5) == ["ai-0"]
+    outbox.complete_job(db, _running(db)[0], now=clock())
+    clock.advance(61)
+    assert claim(5) == ["in-3", "in-4"]
+
+
+def _running(db):
+    return [outbox._job(row, row["locked_by"], row["attempts"])
+            for row in db.execute("SELECT * FROM jobs WHERE status = 'running'")]
+
+
 def test_ordering_key_runs_jobs_of_one_conversation_in_order(db, clock):
     for i in range(3):
         outbox.enqueue_job(db, "k", f"c1-{i}", {"i": i}, ordering_key="contact:1",
