@@ -691,8 +691,10 @@ def markdown(res: dict, m: dict, quick: bool) -> str:
         f"(`ML_POLL_QUESTIONS_SECONDS=1`); conta-se da criação dela no dublê até a mensagem no "
         f"Chatwoot. Cada cenário tem {budget:.0f} s; o que passa disso aparece como "
         f"\"> {budget:.0f} s\". Fila: {sizes['drain']} webhooks gravados com o poller parado, "
-        "depois o poller liga (Kommo sem limite, `KOMMO_MAX_RPS=0`); jobs concluídos ÷ tempo "
-        "entre o primeiro e o último `finished_at`; os webhooks sem parceiro, do mesmo jeito "
+        "depois o poller liga (Kommo sem limite, `KOMMO_MAX_RPS=0`; aqui os dublês do n8n e "
+        "do Kommo rodam cada um no seu processo, com conexões mantidas abertas, como parceiros "
+        "de verdade — `standins/serve.py`); jobs concluídos ÷ tempo entre o primeiro e o "
+        "último `finished_at`; os webhooks sem parceiro, do mesmo jeito "
         "com debounce de 1 h (nenhum job chama o n8n ou o Kommo).", ""])
 
 
