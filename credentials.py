@@ -266,7 +266,14 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
                 raise CredentialUnavailable(provider, no_refresh_detail)
             return _usable(conn, provider)  # a new authorization arrived meanwhile
         doubt = _in_doubt(conn, provider, current.refresh_token)
-        if doubt is not None:
+        if doubt is not None and doubt.get("sending"):
+            # A first send whose outcome nobody recorded: its process died during the call.
+            doubt = {**doubt, "reason": "processo interrompido durante a renovação"}
+        if doubt is None:
+            # Recorded before the call: if this process dies during it, the next holder of the
+            # lock knows the token may have been spent (and waits before its one resend).
+            _record_doubt(conn, provider, current.refresh_token, "", now(), sending=True)
+        else:
             if doubt.get("resent"):  # a resend whose outcome nobody recorded: its process died
                 return _refused(conn, provider, current, in_doubt_detail or refused_detail,
                                 f"{doubt['reason']}; depois processo interrompido", now(), None)
@@ -291,6 +298,9 @@ def refresh(conn, provider: str, stale_access_token: str, exchange: Callable[[st
                 if doubt is not None:
                     _record_doubt(conn, provider, current.refresh_token, doubt["reason"],
                                   doubt["at"])
+                else:
+                    with db_manager.transaction(conn):
+                        db_manager.mapping_delete(conn, IN_DOUBT_NAMESPACE, provider)
                 raise
             if doubt is not None:
                 reason = f"{doubt['reason']}; depois {reason}"
@@ -321,16 +331,18 @@ def _in_doubt(conn, provider: str, refresh_token: str) -> dict | None:
 
 
 def _record_doubt(conn, provider: str, refresh_token: str, reason: str, lost_at: float, *,
-                  resent: bool = False) -> None:
+                  resent: bool = False, sending: bool = False) -> None:
     """Remember that the answer to `refresh_token`'s exchange was lost at `lost_at`; `resent`:
-    it is being sent once more (so a process that dies meanwhile leaves it known)."""
+    it is being sent once more, `sending`: it is being sent the first time (either way a
+    process that dies meanwhile leaves it known)."""
     # Written under the refresh lock, before it is released: the next holder reads it.
     with db_manager.transaction(conn):
         db_manager.mapping_put(conn, IN_DOUBT_NAMESPACE, provider, {
             "refresh": _fingerprint(provider, refresh_token), "at": lost_at, "reason": reason,
-            "resent": resent}, now=lost_at)
-    log.warning("credential_refresh_resent" if resent else "credential_refresh_in_doubt",
-                extra={"provider": provider, "reason": reason})
+            "resent": resent, "sending": sending}, now=lost_at)
+    if not sending:
+        log.warning("credential_refresh_resent" if resent else "credential_refresh_in_doubt",
+                    extra={"provider": provider, "reason": reason})
 
 
 def _fingerprint(*parts: str) -> str:

@@ -793,6 +793,11 @@ def mapping_get(conn: sqlite3.Connection, namespace: str, key: str) -> Any:
     return json.loads(row[0]) if row else None
 
 
+def mapping_delete(conn: sqlite3.Connection, namespace: str, key: str) -> None:
+    """Forget the value stored under (namespace, key), if any."""
+    conn.execute("DELETE FROM mappings WHERE namespace = ? AND key = ?", (namespace, str(key)))
+
+
 def mapping_put(conn: sqlite3.Connection, namespace: str, key: str, value: Any,
                 now: float | None = None) -> None:
     """Store (replace) a JSON value under (namespace, key)."""

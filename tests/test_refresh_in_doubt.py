@@ -273,3 +273,37 @@ def test_a_resend_whose_process_died_is_not_sent_a_third_time(db, clock):
                                 "processo interrompido)")
     assert sent == ["refresh-0"] * 3
     assert credentials.get(db, "kommo").status == CredentialStatus.DISCONNECTED
+
+
+def test_a_first_send_whose_process_died_is_resent_once_after_the_wait_and_never_again(db,
+                                                                                    clock):
+    credentials.store(db, "kommo", "access-0", "refresh-0", clock() - 1, clock())
+    sent = []
+
+    class Lost(Exception):
+        may_have_reached = True
+
+    def exchange(refresh_token):
+        sent.append(refresh_token)
+        raise [SystemExit(), Lost()][len(sent) - 1]
+
+    def refresh():
+        return credentials.refresh(db, "kommo", "access-0", exchange, clock,
+                                   default_expires_in=60, refused_detail="recusado ({reason})",
+                                   no_refresh_detail="sem refresh token",
+                                   in_doubt_detail="sem resposta ({reason})")
+
+    # the process dies during the very first send: nothing else was recorded about it
+    with pytest.raises(SystemExit):
+        refresh()
+    # the next holder does not send the same refresh token again at once ...
+    with pytest.raises(credentials.RefreshInDoubt):
+        refresh()
+    assert sent == ["refresh-0"]
+    # ... but once, after the wait; a lost answer then asks for reconnection: no third send
+    clock.advance(WAIT)
+    with pytest.raises(credentials.CredentialUnavailable) as err:
+        refresh()
+    assert err.value.detail == ("sem resposta (processo interrompido durante a renovação; "
+                                "depois conexão interrompida ou tempo esgotado)")
+    assert sent == ["refresh-0"] * 2
