@@ -37,12 +37,26 @@ class JobFailed(Exception):
         super().__init__(detail)
 
 
+class JobOutcome:
+    """How one run of a job ended (`run_job`'s answer, and the metrics' label)."""
+
+    DONE = "done"
+    RETRY = "retry"  # failed, back to pending for a later attempt
+    DEAD = "dead"
+    DEFERRED = "deferred"  # given back without spending the attempt
+    LEASE_LOST = "lease_lost"  # another worker took it over
+    ERROR = "error"  # ponte itself failed (a database error, raised)
+    # The job left the way of the jobs behind it in its ordering key.
+    FINISHED = (DONE, DEAD)
+
+
 @dataclass
 class JobDone:
     """What a handler may return instead of `result` or `(result, follow_ups)`: also `writes`,
-    database writes that belong to the job's completion. They commit in the transaction that
-    marks the job done (one write transaction instead of two, and never one without the
-    other); when the lease was lost they are not made."""
+    database writes that record what the handler did outside (a message sent). They commit in
+    the transaction that marks the job done (one write transaction instead of two); when the
+    lease was lost they are still made, for the job's new owner to read (an `atomic` handler's
+    are undone with everything else it wrote)."""
 
     result: dict | None = None
     follow_ups: list[FollowUp] = field(default_factory=list)
@@ -202,16 +216,17 @@ def run_next_job(ctx: JobContext, handlers: dict[str, Handler],
 
 
 def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
-            on_dead: dict[str, DeadHandler] | None = None) -> None:
+            on_dead: dict[str, DeadHandler] | None = None) -> str:
     """Run a claimed job to completion or failure; every failure is recorded on the job (a
-    database that fails is raised: the poller must stop)."""
+    database that fails is raised: the poller must stop). Returns the outcome: one of
+    `JobOutcome`'s values."""
     on_dead = on_dead or {}
     token = ponte_logging.job_context_var.set({"job_id": job.id, "kind": job.kind,
                                                "attempt": job.attempt})
     # A job recorded by a webhook carries its request id: the job's log lines join that request.
     request_token = ponte_logging.request_id_var.set(job.payload.get("request_id"))
     started = time.monotonic()
-    outcome = "error"  # for ponte_job_runs_total: done, retry, dead, deferred, lease_lost
+    outcome = JobOutcome.ERROR  # also ponte_job_runs_total's label
     try:
         handler = handlers.get(job.kind)
         if handler is None:
@@ -219,31 +234,33 @@ def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
         run = _run_atomic if getattr(handler, "atomic", False) else _run_then_complete
         follow_ups = run(ctx, job, handler)
         if follow_ups is not None:
-            outcome = "done"
+            outcome = JobOutcome.DONE
             log.info("job_done", extra={"elapsed_ms": _ms(started),
                                         "follow_ups": len(follow_ups)})
         else:
-            outcome = "lease_lost"
+            outcome = JobOutcome.LEASE_LOST
             log.warning("job_lease_lost", extra={"elapsed_ms": _ms(started)})
     except JobDeferred as deferred:
         if ctx.now() - job.created_at >= ctx.settings.job_max_age_seconds:
             # Waiting counts toward the age limit too (an account disconnected for days): the
             # job dies where an operator sees it, with its note to the human, instead of
             # going out days late.
-            outcome = "dead" if _fail(ctx, job, JobFailed(
+            outcome = JobOutcome.DEAD if _fail(ctx, job, JobFailed(
                 f"waited past JOB_MAX_AGE_SECONDS: {deferred}", retryable=False),
-                on_dead, started) == "dead" else "retry"
+                on_dead, started) == "dead" else JobOutcome.RETRY
         else:
             outbox.release_job(ctx.conn, job, deferred.available_at, ctx.now(),
                                reason=str(deferred))
-            outcome = "deferred"
+            outcome = JobOutcome.DEFERRED
             log.info("job_deferred", extra={"until": deferred.available_at})
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
-        outcome = "dead" if _fail(ctx, job, exc, on_dead, started) == "dead" else "retry"
+        outcome = JobOutcome.DEAD if _fail(ctx, job, exc, on_dead, started) == "dead" \
+            else JobOutcome.RETRY
     finally:
         ponte_metrics.observe_job(job.kind, outcome, time.monotonic() - started)
         ponte_logging.request_id_var.reset(request_token)
         ponte_logging.job_context_var.reset(token)
+    return outcome
 
 
 def _run_then_complete(ctx: JobContext, job: Job, handler: Handler) -> list | None:

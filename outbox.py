@@ -171,7 +171,8 @@ def claim_jobs(conn: sqlite3.Connection, now: float, lease_seconds: float, limit
                 break
             claim(row)
             lane = lanes.get(row["kind"])
-            room[lane] = room.get(lane, 1) - 1
+            if lane is not None:  # the kinds of no lane have no room to run out of
+                room[lane] = room.get(lane, 1) - 1
             busy[lane] = busy.get(lane, 0) + 1
             if row["kind"] in urgent_kinds:
                 if urgent_together > 1 and len(claimed) == 1 and row["ordering_key"]:
@@ -258,7 +259,8 @@ def _pick(conn: sqlite3.Connection, now: float, urgent_kinds: tuple[str, ...],
                 best = row
         return best
 
-    open_kinds = [kind for kind in pending_kinds if room.get(lanes.get(kind), 1) > 0]
+    open_kinds = [kind for kind in pending_kinds
+                  if kind not in lanes or room.get(lanes[kind], 1) > 0]
     for kind in urgent_kinds:
         if kind in open_kinds:
             row = next_of([kind])
@@ -358,18 +360,19 @@ def complete_job(conn: sqlite3.Connection, job: Job, result: dict | None = None,
                  follow_ups: list[FollowUp] | tuple = (), now: float | None = None,
                  writes=None) -> bool:
     """Mark `job` done and enqueue its follow-ups atomically, with the handler's own `writes`
-    (a callable given the connection) in the same transaction. False (and nothing written)
-    when this worker lost its lease to another one."""
+    (a callable given the connection) in the same transaction. False when this worker lost
+    its lease to another one: then only `writes` are made (they record what the handler did
+    outside, a message sent say, which the job's new owner must know)."""
     now = now or time.time()
     with transaction(conn):
         cur = conn.execute(
             "UPDATE jobs SET status = 'done', finished_at = ?, updated_at = ?, locked_until = NULL,"
             " result = ?, last_error = NULL WHERE id = ? AND locked_by = ? AND status = 'running'",
             (now, now, dumps(result) if result is not None else None, job.id, job.lease_token))
-        if cur.rowcount != 1:
-            return False
         if writes is not None:
             writes(conn)
+        if cur.rowcount != 1:
+            return False
         _enqueue_follow_ups(conn, follow_ups, now)
     return True
 

@@ -132,15 +132,14 @@ def send_reply(ctx: JobContext, job: Job):
         if last and ctx.now() - last < SALESBOT_SPACING_SECONDS:
             raise JobDeferred(last + SALESBOT_SPACING_SECONDS)
         already = _already_in_talk(ctx, job)
-        if already is not None:
-            return {"sent": "salesbot", "already_delivered": True}
+        if already is not None:  # the bot ran (an earlier attempt): the next one keeps its gap
+            return JobDone({"sent": "salesbot", "already_delivered": True},
+                           writes=_salesbot_ran(key, ctx.now()))
         # Writing the field again is harmless; running the bot again sends the text again.
         kommo.set_lead_text_field(p["lead_id"], s.kommo_reply_field_id, p["text"])
         with whatsapp_resend.kommo_write(ctx.conn, job, ctx.now()):
             kommo.run_salesbot(s.kommo_salesbot_id, p["lead_id"])
-        ran_at = ctx.now()
-        return JobDone({"sent": "salesbot"}, writes=lambda conn: db_manager.mapping_put(
-            conn, "kommo", key, ran_at, now=ran_at))
+        return JobDone({"sent": "salesbot"}, writes=_salesbot_ran(key, ctx.now()))
     if not p.get("talk_id"):
         raise JobFailed("conversa sem talk_id: não há como responder pelo Chats API",
                         retryable=False)
@@ -155,6 +154,12 @@ def send_reply(ctx: JobContext, job: Job):
     return JobDone({"sent": "talk", "kommo_message_id": kommo_message_id},
                    writes=_remember_sent(job, kommo_message_id, ctx.now()) if kommo_message_id
                    else None)
+
+
+def _salesbot_ran(key: str, at: float):
+    """The write that records when the Salesbot last ran on a lead (the next run keeps
+    SALESBOT_SPACING_SECONDS from it), committed with the job's completion."""
+    return lambda conn: db_manager.mapping_put(conn, "kommo", key, at, now=at)
 
 
 def _remember_sent(job: Job, kommo_message_id: str, now: float):

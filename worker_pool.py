@@ -25,7 +25,8 @@ from typing import Callable
 import config
 import db_manager
 import outbox
-from job_runner import DATABASE_LANE, JobContext, claim_jobs, lane_of, run_job, urgent_kinds
+from job_runner import (DATABASE_LANE, JobContext, JobOutcome, claim_jobs, lane_of, run_job,
+                        urgent_kinds)
 from outbox import Job
 
 log = logging.getLogger("ponte.pool")
@@ -103,11 +104,20 @@ class LeasedConnection:
             self._conn = self._pool.take()
         return getattr(self._conn, name)
 
-    def release(self) -> None:
-        """Give the connection back (a later use takes one again, maybe another)."""
-        if self._conn is not None and not self._conn.in_transaction:
-            conn, self._conn = self._conn, None
-            self._pool.give(conn)
+    def release(self, job_ended: bool = False) -> None:
+        """Give the connection back (a later use takes one again, maybe another). Mid-job a
+        connection with a transaction open is kept; at the end of a job (`job_ended`) such a
+        transaction (a COMMIT that failed) is rolled back first, so the next job cannot join
+        it and never commit."""
+        if self._conn is None:
+            return
+        if self._conn.in_transaction:
+            if not job_ended:
+                return
+            log.critical("job_left_transaction_open")
+            self._conn.execute("ROLLBACK")
+        conn, self._conn = self._conn, None
+        self._pool.give(conn)
 
 
 @dataclass(frozen=True)
@@ -197,11 +207,17 @@ class WorkerPool:
                           running_ids=tuple(item.job_id for item in running),
                           lanes=self.lanes, urgent=self._urgent,
                           urgent_together=self._urgent_together)
+        held_up = False
         for job in jobs:
-            if self.lanes.get(job.kind) == DATABASE_LANE:
-                run_job(self._claim_ctx, job, self.handlers, self.on_dead)
-            else:
+            if self.lanes.get(job.kind) != DATABASE_LANE:
                 self._start(job)
+            elif held_up:
+                # An earlier delivery of the run will be tried again: the ones behind it wait
+                # for it, as they would have had they not been claimed with it.
+                outbox.release_job(self._claim_ctx.conn, job, self.clock(), self.clock())
+            elif run_job(self._claim_ctx, job, self.handlers, self.on_dead) not in \
+                    JobOutcome.FINISHED and job.kind in self._urgent:
+                held_up = True
         return len(jobs)
 
     def wait(self, timeout: float | None = None) -> None:
@@ -265,7 +281,10 @@ class WorkerPool:
         except BaseException:  # run_job records every job failure; this is a bug in ponte
             log.exception("job_worker_crashed", extra={"job_id": job.id})
         finally:
-            ctx.conn.release()
+            try:
+                ctx.conn.release(job_ended=True)
+            except sqlite3.Error as exc:  # the database itself fails: the poller must stop
+                self.fatal = self.fatal or exc
             with self._changed:
                 self._in_flight.pop(job.id, None)
                 self.finished += 1

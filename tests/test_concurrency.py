@@ -328,9 +328,55 @@ def test_a_newly_due_job_of_an_idle_peer_gets_the_next_free_worker(make_settings
     assert len(started) == 13
 
 
+def test_deliveries_claimed_behind_one_that_fails_wait_for_its_retry(make_settings, clock):
+    # GIVEN three recorded Kommo deliveries, in arrival order; applying the first fails once
+    settings = make_settings()
+    conn = db_manager.connect(settings.database_path)
+    db_manager.migrate(conn)
+    applied = []
+
+    def intake(ctx, job):
+        if job.dedupe_key == "d1" and job.attempt == 1:
+            raise KeyError("a defect that the next attempt does not meet")
+        applied.append(job.dedupe_key)
+
+    intake.atomic = intake.urgent = True
+    poller = Poller(settings, conn, clock=clock, handlers={"kommo.intake": intake}, on_dead={})
+    for key in ("d1", "d2", "d3"):
+        outbox.enqueue_job(conn, "kommo.intake", key, {}, ordering_key="kommo-intake",
+                           now=clock())
+    # WHEN the poller's loop claims them as one run and the first fails
+    poller.drain()
+    # THEN the two behind it were not applied before it (a #pausar stays before the messages
+    # that came after it) ...
+    assert applied == []
+    # ... and all three go, in order, once its retry is due
+    clock.advance(3600)
+    poller.drain()
+    assert applied == ["d1", "d2", "d3"]
+
+
 def test_an_unknown_lane_in_the_settings_stops_the_poller(make_settings, db):
     import config
     import pytest
     settings = make_settings(POLLER_LANE_LIMITS="mercadolivre=4")
     with pytest.raises(config.ConfigError, match="faixa desconhecida mercadolivre"):
         Poller(settings, db)
+
+
+def test_a_connection_given_back_at_the_end_of_a_job_never_carries_its_transaction(
+        make_settings):
+    from worker_pool import ConnectionPool, LeasedConnection
+    settings = make_settings()
+    db_manager.migrate(db_manager.connect(settings.database_path))
+    pool = ConnectionPool(settings.database_path)
+    leased = LeasedConnection(pool)
+    leased.execute("BEGIN IMMEDIATE")  # e.g. a COMMIT that failed left it open
+    leased.execute("INSERT INTO locks (name, owner, locked_until) VALUES ('x', 'y', 0)")
+    leased.release()  # mid-job (waiting on the AI, say): kept, transaction and all
+    assert leased.in_transaction and pool.opened == 1
+    leased.release(job_ended=True)  # the job ended: rolled back before the next job gets it
+    again = LeasedConnection(pool)
+    assert not again.in_transaction and pool.opened == 1
+    assert again.execute("SELECT COUNT(*) FROM locks").fetchone()[0] == 0
+    pool.close()

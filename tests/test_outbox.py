@@ -181,6 +181,28 @@ def _running(db):
             for row in db.execute("SELECT * FROM jobs WHERE status = 'running'")]
 
 
+def test_without_lanes_a_claim_takes_up_to_its_limit(db, clock):
+    for n in range(6):
+        outbox.enqueue_job(db, "k", f"j{n}", {}, now=clock())
+    assert [j.dedupe_key for j in outbox.claim_jobs(db, clock(), LEASE, 5)] == \
+        ["j0", "j1", "j2", "j3", "j4"]
+
+
+def test_a_lost_lease_still_records_what_the_handler_did_outside(db, clock):
+    outbox.enqueue_job(db, "k", "j", {}, now=clock())
+    job = outbox.claim_next_job(db, clock(), LEASE)
+    clock.advance(LEASE + 1)
+    taken_over = outbox.claim_next_job(db, clock(), LEASE)  # another worker took it over
+    assert taken_over.id == job.id
+    # the first worker's completion is refused, but its record of a message sent is kept
+    assert not outbox.complete_job(db, job, {}, [FollowUp("k2", "f", {})], now=clock(),
+                                   writes=lambda conn: db_manager.mapping_put(
+                                       conn, "kommo-sent", "m-1", "j", now=clock()))
+    assert db_manager.mapping_get(db, "kommo-sent", "m-1") == "j"
+    assert outbox.get_job(db, dedupe_key="f") is None
+    assert outbox.get_job(db, dedupe_key="j")["status"] == "running"
+
+
 def test_ordering_key_runs_jobs_of_one_conversation_in_order(db, clock):
     for i in range(3):
         outbox.enqueue_job(db, "k", f"c1-{i}", {"i": i}, ordering_key="contact:1",
