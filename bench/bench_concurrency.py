@@ -136,8 +136,10 @@ class Side:
     def commit(self) -> str:
         out = subprocess.run(["git", "-C", self.path, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True)
+        # The figures the benchmarks themselves wrote (docs/benchmarks*) are not code changes.
         dirty = subprocess.run(["git", "-C", self.path, "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True)
+                                "--untracked-files=no", "--", ".", ":(exclude)docs/benchmarks*"],
+                               capture_output=True, text=True)
         return out.stdout.strip() + ("+mudanças" if dirty.stdout.strip() else "")
 
 
