@@ -236,6 +236,13 @@ def test_a_refresh_that_never_left_is_not_in_doubt(db, clock):
     assert refresh().access_token == "access-1" and sent == ["refresh-0", "refresh-0"]
 
 
+def _refresh_in_doubt(db, clock, exchange):
+    return credentials.refresh(db, "kommo", "access-0", exchange, clock, default_expires_in=60,
+                               refused_detail="recusado ({reason})",
+                               no_refresh_detail="sem refresh token",
+                               in_doubt_detail="sem resposta ({reason})")
+
+
 def test_a_resend_whose_process_died_is_not_sent_a_third_time(db, clock):
     credentials.store(db, "kommo", "access-0", "refresh-0", clock() - 1, clock())
     sent = []
@@ -251,10 +258,7 @@ def test_a_resend_whose_process_died_is_not_sent_a_third_time(db, clock):
         raise [Lost(), NeverLeft(), SystemExit()][len(sent) - 1]
 
     def refresh():
-        return credentials.refresh(db, "kommo", "access-0", exchange, clock,
-                                   default_expires_in=60, refused_detail="recusado ({reason})",
-                                   no_refresh_detail="sem refresh token",
-                                   in_doubt_detail="sem resposta ({reason})")
+        return _refresh_in_doubt(db, clock, exchange)
 
     with pytest.raises(Lost):
         refresh()
@@ -287,23 +291,17 @@ def test_a_first_send_whose_process_died_is_resent_once_after_the_wait_and_never
         sent.append(refresh_token)
         raise [SystemExit(), Lost()][len(sent) - 1]
 
-    def refresh():
-        return credentials.refresh(db, "kommo", "access-0", exchange, clock,
-                                   default_expires_in=60, refused_detail="recusado ({reason})",
-                                   no_refresh_detail="sem refresh token",
-                                   in_doubt_detail="sem resposta ({reason})")
-
     # the process dies during the very first send: nothing else was recorded about it
     with pytest.raises(SystemExit):
-        refresh()
+        _refresh_in_doubt(db, clock, exchange)
     # the next holder does not send the same refresh token again at once ...
     with pytest.raises(credentials.RefreshInDoubt):
-        refresh()
+        _refresh_in_doubt(db, clock, exchange)
     assert sent == ["refresh-0"]
     # ... but once, after the wait; a lost answer then asks for reconnection: no third send
     clock.advance(WAIT)
     with pytest.raises(credentials.CredentialUnavailable) as err:
-        refresh()
+        _refresh_in_doubt(db, clock, exchange)
     assert err.value.detail == ("sem resposta (processo interrompido durante a renovação; "
                                 "depois conexão interrompida ou tempo esgotado)")
     assert sent == ["refresh-0"] * 2
