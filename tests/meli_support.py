@@ -123,6 +123,18 @@ class Bridge:
         self.ml_post("/_standin/fail", {"path_prefix": path_prefix, "status": status,
                                         "count": count, **kw})
 
+    def sync_dies_after_chatwoot_took_the_message(self, buyer_id: int) -> str:
+        """A sale whose buyer writes once; Chatwoot stores that message but its answer is lost,
+        and the sync job (one attempt per job: JOB_MAX_ATTEMPTS=1) dies. Returns the pack."""
+        pack = self.sale(buyer_id=buyer_id)["conversation_id"]
+        self.buyer_writes(pack, "Cadê meu pedido?")
+        requests.post(f"{self.cw.url}/_standin/fail",
+                      json={"path_prefix": "/api/v1/accounts/1/conversations/", "method": "POST",
+                            "status": 503, "after": 1, "apply": True}, timeout=5)
+        self.poll()
+        assert self.jobs(status="dead", kind="ml.sync_pack")
+        return pack
+
     # --- Chatwoot stand-in ----------------------------------------------------------------------
 
     def cw_state(self) -> dict:

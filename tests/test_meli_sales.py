@@ -597,15 +597,8 @@ def test_reply_that_died_before_reaching_mercado_livre_says_it_was_not_delivered
 def test_sync_that_died_after_chatwoot_took_the_message_does_not_duplicate_it(make_settings,
                                                                                serve, clock):
     # GIVEN one attempt per job, and Chatwoot stores the buyer's message but loses its answer
-    import requests
     b = Bridge(make_settings, serve, clock, JOB_MAX_ATTEMPTS=1)
-    pack = b.sale(buyer_id=8803)["conversation_id"]
-    b.buyer_writes(pack, "Cadê meu pedido?")
-    requests.post(f"{b.cw.url}/_standin/fail",
-                  json={"path_prefix": "/api/v1/accounts/1/conversations/", "method": "POST",
-                        "status": 503, "after": 1, "apply": True}, timeout=5)
-    b.poll()
-    assert b.jobs(status="dead", kind="ml.sync_pack")
+    pack = b.sync_dies_after_chatwoot_took_the_message(buyer_id=8803)
     # WHEN later polls queue fresh sync jobs (attempt 1 again)
     for _ in range(2):
         b.clock.advance(120)

@@ -174,24 +174,29 @@ def _launch(tmp_path: Path, *args: str, via_ponte: bool = False, **env) -> subpr
     return proc
 
 
-def test_a_start_where_a_program_gives_up_exits_1_naming_it(tmp_path):
-    # GIVEN a poller that dies at once, every time (past every check made before the start)
-    conf = ROOT / f"supervisord-test-fatal-{os.getpid()}.conf"
+def _start_with_poller_command(tmp_path, name: str, command: str, timeout: float):
+    """Start ponte with Supervisor running `command` as the poller; (exit code, output)."""
+    conf = ROOT / f"supervisord-test-{name}-{os.getpid()}.conf"
     text = (ROOT / "supervisord.conf").read_text()
     assert "command=python poller.py\n" in text
-    conf.write_text(text.replace("command=python poller.py\n",
-                                 "command=python -c 'raise SystemExit(7)'\n"))
+    conf.write_text(text.replace("command=python poller.py\n", f"command={command}\n"))
     try:
-        # WHEN ponte starts
         proc = _launch(tmp_path, "--conf", str(conf))
         try:
-            code = proc.wait(90)
+            code = proc.wait(timeout)
         finally:
             _kill(proc)
     finally:
         conf.unlink(missing_ok=True)
+    return code, proc.stdout.read()
+
+
+def test_a_start_where_a_program_gives_up_exits_1_naming_it(tmp_path):
+    # GIVEN a poller that dies at once, every time (past every check made before the start)
+    # WHEN ponte starts
+    code, output = _start_with_poller_command(tmp_path, "fatal",
+                                              "python -c 'raise SystemExit(7)'", 90)
     # THEN Supervisor gives up on it, stops the web too, and the start fails with code 1
-    output = proc.stdout.read()
     assert code == 1, output
     assert "o programa 'poller' desistiu de iniciar" in output
 
@@ -199,19 +204,8 @@ def test_a_start_where_a_program_gives_up_exits_1_naming_it(tmp_path):
 def test_a_program_that_keeps_dying_after_it_started_stops_the_start_with_exit_1(tmp_path):
     # GIVEN a poller that runs past Supervisor's startsecs, then dies: never FATAL, restarted
     # forever (what a web whose port was taken after the launcher's check does)
-    conf = ROOT / f"supervisord-test-loop-{os.getpid()}.conf"
-    text = (ROOT / "supervisord.conf").read_text()
-    conf.write_text(text.replace("command=python poller.py\n", "command=python -c 'import time; "
-                                 "time.sleep(2.5); raise SystemExit(1)'\n"))
-    try:
-        proc = _launch(tmp_path, "--conf", str(conf))
-        try:
-            code = proc.wait(120)
-        finally:
-            _kill(proc)
-    finally:
-        conf.unlink(missing_ok=True)
-    output = proc.stdout.read()
+    code, output = _start_with_poller_command(
+        tmp_path, "loop", "python -c 'import time; time.sleep(2.5); raise SystemExit(1)'", 120)
     assert code == 1, output
     assert "o programa 'poller' caiu 5 vezes em 60 s" in output
     assert "o programa 'poller' não para de cair" in output
