@@ -91,24 +91,19 @@ _KOMMO_REFUSAL_TEXT = {"401": "token recusado (401)", "402": "conta sem pagament
 
 def evaluate(conn: sqlite3.Connection, settings, now: float) -> dict[str, Condition]:
     """Every condition the poller checks that holds now, by alert name (never POLLER_STALE)."""
-    found: list[Condition | None] = [_n8n_failing(conn, settings, now),
-                                     _kommo_refusing(conn, settings, now),
+    lanes = {entry["lane"]: entry for entry in
+             admin_data.peer_health(conn, settings, now, PEER_WINDOW_SECONDS)}
+    found: list[Condition | None] = [_n8n_failing(lanes.get("n8n")),
+                                     _kommo_refusing(conn, now, lanes.get("kommo")),
                                      _dead_jobs(conn), _jobs_overdue(conn, settings, now),
                                      _polls_failing(conn, now)]
     found += _tokens_refused(conn, settings, now)
     return {c.name: c for c in found if c is not None}
 
 
-def _lane(conn, settings, now: float, name: str) -> dict | None:
-    for entry in admin_data.peer_health(conn, settings, now, PEER_WINDOW_SECONDS):
-        if entry["lane"] == name:
-            return entry
-    return None
-
-
-def _n8n_failing(conn, settings, now: float) -> Condition | None:
-    """n8n's latest outcome in the window is a failure (no success after it)."""
-    lane = _lane(conn, settings, now, "n8n")
+def _n8n_failing(lane: dict | None) -> Condition | None:
+    """n8n's latest outcome in the window is a failure (no success after it); `lane` is its
+    entry of admin_data.peer_health."""
     if not lane or not lane["failed"] or (lane["last_ok_at"] or 0) > lane["last_error_at"]:
         return None
     return Condition(AlertName.N8N_FAILING,
@@ -119,8 +114,9 @@ def _n8n_failing(conn, settings, now: float) -> Condition | None:
                       "last_error_at": lane["last_error_at"], "last_ok_at": lane["last_ok_at"]})
 
 
-def _kommo_refusing(conn, settings, now: float) -> Condition | None:
-    """Kommo's latest answers refuse us: 401, 402, 403 or 429, with no success after them."""
+def _kommo_refusing(conn, now: float, lane: dict | None) -> Condition | None:
+    """Kommo's latest answers refuse us: 401, 402, 403 or 429, with no success after them
+    (`lane`: Kommo's entry of admin_data.peer_health)."""
     refusals = [(row[1], row[2]) for row in conn.execute(
         "SELECT kind, last_error, updated_at FROM jobs WHERE status IN ('pending', 'dead')"
         " AND last_error LIKE 'kommo 4%' AND updated_at >= ? ORDER BY updated_at",
@@ -128,7 +124,6 @@ def _kommo_refusing(conn, settings, now: float) -> Condition | None:
         if _KOMMO_REFUSAL.match(row[1] or "") and admin_data.lane_of_kind(row[0]) == "kommo"]
     if not refusals:
         return None
-    lane = _lane(conn, settings, now, "kommo")
     last_error, last_at = refusals[-1]
     if lane and (lane["last_ok_at"] or 0) > last_at:
         return None
@@ -183,8 +178,7 @@ def _jobs_overdue(conn, settings, now: float) -> Condition | None:
 def _polls_failing(conn, now: float) -> Condition | None:
     """A periodic task (Mercado Livre polls, token refresh) failed FAILING_AFTER times in a
     row, recently."""
-    failing = [t for t in task_runs.failing(conn)
-               if (t["last_failed_at"] or 0) >= now - TASK_STALE_SECONDS]
+    failing = task_runs.failing(conn, since=now - TASK_STALE_SECONDS)
     if not failing:
         return None
     return Condition(AlertName.POLLS_FAILING,
@@ -213,11 +207,6 @@ def active(conn: sqlite3.Connection) -> list[dict]:
     """The alerts firing now, oldest first: name, message, since_at, details, delivered_at."""
     return [_row(r) for r in conn.execute(
         "SELECT * FROM alerts WHERE status = 'firing' ORDER BY since_at, name")]
-
-
-def all_alerts(conn: sqlite3.Connection) -> list[dict]:
-    """Every alert row (firing or resolved), latest change first."""
-    return [_row(r) for r in conn.execute("SELECT * FROM alerts ORDER BY updated_at DESC")]
 
 
 def _row(r) -> dict:

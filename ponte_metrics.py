@@ -113,11 +113,6 @@ def setup(settings) -> bool:
         return True
 
 
-def enabled() -> bool:
-    """Whether `setup()` succeeded in this process."""
-    return _metrics is not None
-
-
 def remove_dead_files(path: str) -> int:
     """Remove the files of processes that are not running any more; returns how many."""
     import db_manager  # not at import time: peer_http imports this module

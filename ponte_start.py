@@ -23,10 +23,11 @@ import tempfile
 from pathlib import Path
 
 import config
+import supervisor_watchdog
 
 ROOT = Path(__file__).resolve().parent
 EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG, EXIT_NOT_READY = 0, 1, 2, 3
-FATAL_MARK = "fatal"  # written by supervisor_watchdog.py: "processname:web groupname:web ..."
+FATAL_MARK = supervisor_watchdog.FATAL_MARK  # "processname:web groupname:web ..."
 PID_FILE = "supervisord.pid"
 SERVICE_UID = 10001  # the container's user (Dockerfile)
 
@@ -132,7 +133,7 @@ def supervise(conf: Path, folder: Path) -> int:
         signal.signal(signum, forward)
     code = _wait_reaping(proc)
     if mark.exists():
-        fields = dict(t.split(":", 1) for t in mark.read_text().split() if ":" in t)
+        fields = supervisor_watchdog.fields(mark.read_text())
         program = fields.get("processname", "um programa")
         what = "não para de cair" if fields.get("from_state") == "RUNNING" else \
             "desistiu de iniciar"

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict, deque
 from pathlib import Path
 
-FATAL_MARK = "fatal"  # ponte_start.FATAL_MARK
+FATAL_MARK = "fatal"  # read by ponte_start.py
 CRASH_LIMIT = 5
 CRASH_WINDOW_SECONDS = 60.0
 
@@ -36,7 +36,8 @@ class CrashLoop:
         return len(exits) >= self.limit
 
 
-def _fields(payload: str) -> dict:
+def fields(payload: str) -> dict:
+    """The `key:value` tokens of a Supervisor header or payload (and of the fatal mark)."""
     return dict(token.split(":", 1) for token in payload.split() if ":" in token)
 
 
@@ -63,9 +64,9 @@ def read_event(stdin) -> tuple[str | None, dict, str] | None:
     line = stdin.readline()
     if not line:
         return None
-    header = _fields(line)
+    header = fields(line)
     payload = stdin.read(int(header.get("len", 0))).strip()
-    return header.get("eventname"), _fields(payload), payload
+    return header.get("eventname"), fields(payload), payload
 
 
 def main(clock=time.monotonic) -> None:

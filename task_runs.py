@@ -48,6 +48,9 @@ def all_runs(conn: sqlite3.Connection) -> list[dict]:
         " ORDER BY task")]
 
 
-def failing(conn: sqlite3.Connection, at_least: int = FAILING_AFTER) -> list[dict]:
-    """The tasks whose last `at_least` runs (or more) all failed."""
-    return [run for run in all_runs(conn) if run["failures"] >= at_least]
+def failing(conn: sqlite3.Connection, at_least: int = FAILING_AFTER,
+            since: float | None = None) -> list[dict]:
+    """The tasks whose last `at_least` runs (or more) all failed (the last of them at `since`
+    or later, when given)."""
+    return [run for run in all_runs(conn) if run["failures"] >= at_least
+            and (since is None or (run["last_failed_at"] or 0) >= since)]

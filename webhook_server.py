@@ -272,9 +272,6 @@ def health_report(settings, now: float) -> tuple[dict, bool]:
     return report, not problems
 
 
-# A peer whose jobs only failed for this long (no success in between) makes /health "degraded".
-PEER_FAILING_WINDOW_SECONDS = 15 * 60
-
 _NOT_CONNECTED_TEXT = {"never_connected": "nunca foi conectada",
                        "disconnected": "está desconectada"}
 
@@ -306,14 +303,13 @@ def _peer_warnings(conn, settings, now: float, skip_bridges: set) -> list[str]:
     polls) that keeps failing — unless its bridge's account is already reported."""
     found = []
     skip_lanes = {lane for b in skip_bridges for lane in admin_data.BRIDGE_LANES.get(b, ())}
-    for peer in admin_data.peer_health(conn, settings, now, PEER_FAILING_WINDOW_SECONDS):
+    for peer in admin_data.peer_health(conn, settings, now, alerts.PEER_WINDOW_SECONDS):
         if peer["status"] == admin_data.PeerStatus.FAILING and peer["lane"] not in skip_lanes:
             found.append(f"{peer['label']}: {peer['failed']} job(s) com falha e nenhum sucesso "
-                         f"nos últimos {PEER_FAILING_WINDOW_SECONDS // 60} min (último erro: "
+                         f"nos últimos {alerts.PEER_WINDOW_SECONDS // 60} min (último erro: "
                          f"{(peer['last_error'] or '')[:160]})")
     if "mercadolivre" not in skip_bridges:  # every recorded task is Mercado Livre's
-        for task in task_runs.failing(conn):
-            if (task["last_failed_at"] or 0) >= now - alerts.TASK_STALE_SECONDS:
-                found.append(f"{task['label']} falhou {task['failures']} vezes seguidas "
-                             f"(último erro: {task['last_error'][:160]})")
+        for task in task_runs.failing(conn, since=now - alerts.TASK_STALE_SECONDS):
+            found.append(f"{task['label']} falhou {task['failures']} vezes seguidas "
+                         f"(último erro: {task['last_error'][:160]})")
     return found
