@@ -38,16 +38,20 @@ class ChatwootClient(PeerClient):
     error_class = ChatwootError
 
     def __init__(self, base_url: str, api_token: str, account_id: str | int,
-                 timeout_seconds: float = 15.0, session=None):
-        super().__init__(base_url, timeout_seconds=timeout_seconds, session=session)
+                 timeout_seconds: float = 15.0, session=None,
+                 max_block_seconds: float | None = None):
+        super().__init__(base_url, timeout_seconds=timeout_seconds, session=session,
+                         max_block_seconds=max_block_seconds)
         self.api_token = api_token
         self.account_id = str(account_id)
 
     @classmethod
     def from_settings(cls, settings) -> "ChatwootClient":
-        """The client configured by CHATWOOT_* settings."""
+        """The client configured by CHATWOOT_* settings (a 429 blocks it for
+        RETRY_AFTER_MAX_SECONDS at most)."""
         return cls(settings.chatwoot_base_url, settings.chatwoot_api_token,
-                   settings.chatwoot_account_id)
+                   settings.chatwoot_account_id,
+                   max_block_seconds=settings.retry_after_max_seconds)
 
     def _auth_headers(self) -> dict[str, str]:
         # Dash form: nginx (and Werkzeug) drop headers with underscores; Rails reads both.

@@ -89,10 +89,9 @@ class Clients:
     def n8n(self):
         import n8n_api
         s = self.settings
-        client = n8n_api.N8nClient(s.n8n_webhook_url, s.n8n_api_key,
-                                   timeout_seconds=s.n8n_timeout_seconds)
-        client.max_block_seconds = s.retry_after_max_seconds  # a 429 blocks it this long at most
-        return client
+        return n8n_api.N8nClient(s.n8n_webhook_url, s.n8n_api_key,
+                                 timeout_seconds=s.n8n_timeout_seconds,
+                                 max_block_seconds=s.retry_after_max_seconds)
 
     @functools.cached_property
     def meli(self):
@@ -102,9 +101,7 @@ class Clients:
     @functools.cached_property
     def chatwoot(self):
         import chatwoot_api
-        client = chatwoot_api.ChatwootClient.from_settings(self.settings)
-        client.max_block_seconds = self.settings.retry_after_max_seconds
-        return client
+        return chatwoot_api.ChatwootClient.from_settings(self.settings)
 
 
 @dataclass

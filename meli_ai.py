@@ -139,7 +139,8 @@ def ai_client(ctx) -> N8nClient:
     if client is None:
         s = ctx.settings
         client = N8nClient(s.ml_ai_webhook_url, s.ml_ai_api_key,
-                           timeout_seconds=s.ml_ai_timeout_seconds)
+                           timeout_seconds=s.ml_ai_timeout_seconds,
+                           max_block_seconds=s.retry_after_max_seconds)
         ctx.clients._ml_ai_n8n = client
     return client
 

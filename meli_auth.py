@@ -117,8 +117,8 @@ def _token_client(settings) -> MercadoLivreClient:
     client = MercadoLivreClient(settings.ml_api_base_url, client_id=settings.ml_client_id,
                                 client_secret=settings.ml_client_secret,
                                 seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
-                                rate_limit_path=settings.database_path)
-    client.max_block_seconds = settings.retry_after_max_seconds
+                                rate_limit_path=settings.database_path,
+                                max_block_seconds=settings.retry_after_max_seconds)
     return client
 
 
@@ -129,8 +129,8 @@ def build_client(settings, conn, now=time.time) -> MercadoLivreClient:
                                 client_secret=settings.ml_client_secret,
                                 seller_id=settings.ml_seller_id, site_id=settings.ml_site_id,
                                 token_source=MeliTokenSource(settings, conn, now),
-                                rate_limit_path=settings.database_path, clock=now)
-    client.max_block_seconds = settings.retry_after_max_seconds
+                                rate_limit_path=settings.database_path, clock=now,
+                                max_block_seconds=settings.retry_after_max_seconds)
     return client
 
 

@@ -144,10 +144,12 @@ class MercadoLivreClient(PeerClient):
                  seller_id: str = "", site_id: str = "MLB",
                  token_source: TokenSource | None = None, timeout_seconds: float = 15.0,
                  messaging_rpm: int = MESSAGING_CALLS_PER_MINUTE, session=None,
-                 rate_limit_path: str = "", clock=time.time):
+                 rate_limit_path: str = "", clock=time.time,
+                 max_block_seconds: float | None = None):
         # No published number outside messaging: the general pool only honours 429s.
         super().__init__(base_url, timeout_seconds=timeout_seconds, session=session,
-                         rate_limit_path=rate_limit_path, clock=clock)
+                         rate_limit_path=rate_limit_path, clock=clock,
+                         max_block_seconds=max_block_seconds)
         self.client_id = str(client_id)
         self.client_secret = client_secret
         self.seller_id = str(seller_id)

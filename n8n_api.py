@@ -35,8 +35,9 @@ class N8nClient(PeerClient):
     error_class = N8nError
 
     def __init__(self, webhook_url: str, api_key: str, timeout_seconds: float = 60.0,
-                 session=None):
-        super().__init__(webhook_url, timeout_seconds=timeout_seconds, session=session)
+                 session=None, max_block_seconds: float | None = None):
+        super().__init__(webhook_url, timeout_seconds=timeout_seconds, session=session,
+                         max_block_seconds=max_block_seconds)
         self.api_key = api_key
 
     def _auth_headers(self) -> dict[str, str]:

@@ -498,3 +498,11 @@ def test_mercado_livre_messaging_reads_and_writes_are_two_pools_of_500_a_minute(
     write.block(30)
     assert write.stats()["blocked_until"] > time.time() + 25
     assert read.stats()["blocked_until"] == 0 and not math.isnan(read.acquire())
+
+
+def test_the_mercado_livre_ai_client_follows_retry_after_max_seconds(tmp_path, conn):
+    import job_runner
+    import meli_ai
+    settings = _settings(_kommo_env(tmp_path, "http://x", RETRY_AFTER_MAX_SECONDS=30))
+    ctx = job_runner.JobContext(settings, conn)
+    assert meli_ai.ai_client(ctx).max_block_seconds == 30
