@@ -16,7 +16,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from ids import ascii_id
+from ids import ascii_int
 from peer_http import PeerClient, PeerError
 
 ECHO_PREFIX = "meli:"
@@ -231,7 +231,8 @@ def verify_chatwoot_signature(secret: str, timestamp: str | None, raw_body: byte
     if not secret or not timestamp or not signature:
         return False
     timestamp = timestamp.strip()
-    if ascii_id(timestamp) is None or abs(now - int(timestamp)) > tolerance_seconds:
+    seconds = ascii_int(timestamp)
+    if seconds is None or abs(now - seconds) > tolerance_seconds:
         return False
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + raw_body, hashlib.sha256)
     return hmac.compare_digest("sha256=" + mac.hexdigest(), signature.strip().lower())
@@ -301,11 +302,11 @@ def _id(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and ascii_id(value.strip()) is not None:
-        number = int(value.strip())
+    elif isinstance(value, str):
+        number = ascii_int(value)
     else:
         return None
-    return number if 0 < number <= MAX_ID else None
+    return number if number is not None and 0 < number <= MAX_ID else None
 
 
 def _obj(value: Any) -> dict:

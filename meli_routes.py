@@ -41,9 +41,9 @@ _DELIVERY_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
 
 
 def _inbox_ids(s) -> tuple[int, ...]:
-    ids = (web_common.ascii_id(str(i)) for i in (s.chatwoot_questions_inbox_id,
-                                                 s.chatwoot_sales_inbox_id))
-    return tuple(int(i) for i in ids if i is not None)
+    ids = (web_common.ascii_int(str(i)) for i in (s.chatwoot_questions_inbox_id,
+                                                  s.chatwoot_sales_inbox_id))
+    return tuple(i for i in ids if i is not None)
 
 
 def _chatwoot_authentic(s, raw: bytes, url_token: str) -> tuple[bool, str]:
