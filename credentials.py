@@ -404,7 +404,7 @@ def forget_refusals(conn, provider: str, access_token: str, now: float) -> None:
     revocation."""
     with db_manager.transaction(conn):
         if token_refusals(conn, provider, access_token) is not None:
-            db_manager.mapping_put(conn, REFUSALS_NAMESPACE, provider, None, now=now)
+            db_manager.mapping_delete(conn, REFUSALS_NAMESPACE, provider)
             log.info("credential_refusals_forgotten", extra={"provider": provider})
 
 

@@ -242,17 +242,16 @@ def run_job(ctx: JobContext, job: Job, handlers: dict[str, Handler],
             # Waiting counts toward the age limit too (an account disconnected for days): the
             # job dies where an operator sees it, with its note to the human, instead of
             # going out days late.
-            outcome = JobOutcome.DEAD if _fail(ctx, job, JobFailed(
+            outcome = _fail(ctx, job, JobFailed(
                 f"waited past JOB_MAX_AGE_SECONDS: {deferred}", retryable=False),
-                on_dead, started) == "dead" else JobOutcome.RETRY
+                on_dead, started)
         else:
             outbox.release_job(ctx.conn, job, deferred.available_at, ctx.now(),
                                reason=str(deferred))
             outcome = JobOutcome.DEFERRED
             log.info("job_deferred", extra={"until": deferred.available_at})
     except Exception as exc:  # every failure is recorded on the job, never raised to the loop
-        outcome = JobOutcome.DEAD if _fail(ctx, job, exc, on_dead, started) == "dead" \
-            else JobOutcome.RETRY
+        outcome = _fail(ctx, job, exc, on_dead, started)
     finally:
         ponte_metrics.observe_job(job.kind, outcome, time.monotonic() - started)
         ponte_logging.request_id_var.reset(request_token)
@@ -307,6 +306,7 @@ def _dead_hook(ctx: JobContext, on_dead: dict[str, DeadHandler]):
 
 
 def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: float) -> str:
+    """Record a failed run on the job; the outcome: JobOutcome.DEAD or JobOutcome.RETRY."""
     if isinstance(exc, (PeerError, JobFailed)):
         retryable, retry_after = exc.retryable, exc.retry_after_seconds
         detail = str(exc)
@@ -325,7 +325,7 @@ def _fail(ctx: JobContext, job: Job, exc: Exception, on_dead: dict, started: flo
     level = logging.ERROR if status == "dead" else logging.WARNING
     log.log(level, "job_failed", extra={**extra, "error": detail[:300], "new_status": status,
                                         "elapsed_ms": _ms(started)})
-    return status
+    return JobOutcome.DEAD if status == "dead" else JobOutcome.RETRY
 
 
 def _ms(started: float) -> float:

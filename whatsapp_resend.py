@@ -55,7 +55,9 @@ def kommo_write(conn, job: Job, now: float):
     """Around one Kommo write that must not happen twice: the marker is committed before the
     call; a failure that surely did not reach Kommo is recorded as such, so the retry writes
     again without a read-back."""
-    previous = db_manager.mapping_get(conn, SEND_MARKERS, job.dedupe_key) or {}
+    # A first attempt has no marker yet (unsure_since assumes the same).
+    previous = (db_manager.mapping_get(conn, SEND_MARKERS, job.dedupe_key) or {}) \
+        if job.attempt > 1 else {}
     first = previous["first_started_at"] if previous.get("state") == STARTED else now
     with db_manager.transaction(conn):
         db_manager.mapping_put(conn, SEND_MARKERS, job.dedupe_key,
