@@ -58,8 +58,8 @@ if ROOT not in sys.path:
 import requests  # noqa: E402
 
 from bench_bridge_a import SECRET, post_webhook  # noqa: E402
-from benchlib import (Gunicorn, RssSampler, machine, max_in_window, n,  # noqa: E402
-                      percentile, start_process, stop_process, update_doc, watchdog,
+from benchlib import (Gunicorn, RssSampler, http_status, machine, max_in_window,  # noqa: E402
+                      n, percentile, start_process, stop_process, update_doc, watchdog,
                       write_json)
 from standins import demo_meli  # noqa: E402
 from standins import kommo as kommo_standin  # noqa: E402
@@ -155,9 +155,16 @@ class SeparatePeer:
         self.proc = start_process([sys.executable, "-m", "standins.serve", peer, "--port",
                                    str(self.port), *args], ROOT, dict(os.environ),
                                   os.path.join(tmp, f"standin-{peer}.log"))
-        # Any answer (a 404 too) means it is up.
-        wait_for(lambda: requests.get(self.url + "/", timeout=1).status_code, 15,
-                 interval=0.05, what=f"o stand-in {peer}", ignoring=(requests.RequestException,))
+        def up():  # any answer (a 404 too); a stand-in that died fails at once
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"o stand-in {peer} saiu (log: {tmp}/standin-{peer}.log)")
+            return http_status(self.port, "/")
+
+        try:
+            wait_for(up, 15, interval=0.05, what=f"o stand-in {peer}")
+        except BaseException:
+            stop_process(self.proc, timeout=5)
+            raise
 
     def get(self, path: str) -> dict:
         return requests.get(self.url + path, timeout=10).json()
